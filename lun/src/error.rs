@@ -1,0 +1,58 @@
+use thiserror::Error;
+
+/// Everything that can go wrong talking to a LUN. Each variant names the LUN
+/// (as the user wrote it) and, where there is one, the offset.
+#[derive(Debug, Error)]
+pub enum LunError {
+    #[error("{lun}: I/O error at offset {offset} (+{len} bytes): {source}")]
+    Io {
+        lun: String,
+        offset: u64,
+        len: u64,
+        source: std::io::Error,
+    },
+    #[error("{lun}: {what}: {source}")]
+    Open {
+        lun: String,
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{lun}: access at offset {offset} (+{len} bytes) is beyond the end of the LUN ({size} bytes)")]
+    OutOfRange {
+        lun: String,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+    #[error("{lun}: {what} is not supported by this LUN")]
+    Unsupported { lun: String, what: &'static str },
+    #[error("{lun}: {what}")]
+    InvalidArgument { lun: String, what: String },
+    #[error("{url}: not a LUN URL: {reason} (expected a path, file:///path, nbd://host[:port]/export or nbd+unix:///export?socket=/path)")]
+    BadUrl { url: String, reason: String },
+    #[error("{lun}: NBD protocol error: {what}")]
+    Protocol { lun: String, what: String },
+    #[error("{lun}: the NBD server refused {what}: {message}")]
+    Refused {
+        lun: String,
+        what: String,
+        message: String,
+    },
+    #[error("{lun}: the server reported error {errno} ({message}) at offset {offset}")]
+    Remote {
+        lun: String,
+        offset: u64,
+        errno: u32,
+        message: String,
+    },
+    #[error("{lun}: connection lost: {what}")]
+    Disconnected { lun: String, what: String },
+    #[error("{lun}: injected fault at offset {offset} ({op})")]
+    Injected {
+        lun: String,
+        offset: u64,
+        op: &'static str,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, LunError>;
