@@ -1,1 +1,17 @@
-pub fn x() {}
+//! The datastore filesystem: on-disk format ([`format`]), the volume across
+//! extents ([`volume`]), allocation ([`alloc`]), the metadata transaction
+//! ([`txn`]), files and directories ([`fs`]), the checker ([`fsck`]) and the
+//! FUSE front end ([`fuse`]).
+
+pub mod alloc;
+pub mod error;
+pub mod format;
+pub mod fs;
+pub mod fsck;
+pub mod fuse;
+pub mod txn;
+pub mod volume;
+
+pub use error::{FsError, Result};
+pub use fs::{Fs, SetAttr, Usage};
+pub use volume::{MkfsOptions, Volume};

@@ -1,0 +1,1697 @@
+//! The filesystem: files as pointer trees, directories as linear-hash files,
+//! and the namespace operations. Every operation runs as one transaction
+//! under the state lock; file data of already-mapped blocks moves without it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use crate::alloc::Alloc;
+use crate::error::{FsError, Result};
+use crate::format::*;
+use crate::txn::Meta;
+use crate::volume::{MkfsOptions, Volume};
+
+/// Regular files smaller than this many sub-blocks live in sub-blocks.
+const SB_FILE_LEAVES: u64 = 16;
+/// Average entries per directory bucket before a bucket is split.
+const DIR_SPLIT_LOAD: u64 = 24;
+
+pub struct State {
+    pub meta: Meta,
+    pub alloc: Alloc,
+    /// Open handles per file descriptor; an unlinked file lives until its last close.
+    open: HashMap<u64, u32>,
+    orphans: HashSet<u64>,
+    next_gen: u64,
+}
+
+/// A mounted (or opened for checking) filesystem.
+pub struct Fs {
+    pub vol: Volume,
+    st: Mutex<State>,
+    data_locks: Mutex<HashMap<u64, Arc<RwLock<()>>>>,
+}
+
+pub fn now() -> (i64, u32) {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (d.as_secs() as i64, d.subsec_nanos())
+}
+
+fn posix(e: i32) -> FsError {
+    FsError::posix(e)
+}
+
+pub fn kind_of(mode: u32) -> u8 {
+    ((mode & S_IFMT) >> 12) as u8
+}
+
+/// One piece of a read or write: `len` bytes at `buf_off` of the caller's
+/// buffer go to/come from logical byte `at` (None: a hole).
+#[derive(Debug)]
+pub struct Seg {
+    pub buf_off: usize,
+    pub len: usize,
+    pub at: Option<u64>,
+}
+
+/// Statistics for statfs and `vmfs info`.
+#[derive(Debug, Clone)]
+pub struct Usage {
+    pub block_size: u64,
+    pub total_blocks: u64,
+    pub free_blocks: u64,
+    pub fd_clusters: u64,
+    pub fds_used: u64,
+    pub fds_free: u64,
+}
+
+impl State {
+    // ------------------------------------------------------------ inodes
+
+    pub fn iget(&mut self, vol: &Volume, addr: u64) -> Result<Inode> {
+        if addr == 0 || addr & !PTR_ADDR_MASK != 0 {
+            return Err(posix(libc::ENOENT));
+        }
+        let b = self.meta.get(vol, addr, MAGIC_FD)?;
+        let body = &b[LOCK_SECTOR..];
+        if get32(body, 32) == 0 {
+            return Err(posix(libc::ENOENT)); // a freed descriptor
+        }
+        Inode::decode(body, addr).map_err(|reason| {
+            let (lun, off) = vol.where_is(addr * MD as u64);
+            corrupt(
+                &lun,
+                off + LOCK_SECTOR as u64,
+                format!("file descriptor {addr:#x}"),
+                reason,
+            )
+        })
+    }
+
+    pub fn iput(&mut self, vol: &Volume, ino: &Inode) -> Result<()> {
+        let b = self.meta.get_mut(vol, ino.addr, MAGIC_FD)?;
+        ino.encode(&mut b[LOCK_SECTOR..]);
+        Ok(())
+    }
+
+    fn ialloc(&mut self, vol: &Volume, mode: u32, uid: u32, gid: u32) -> Result<Inode> {
+        let addr = self.alloc.alloc_res(vol, &mut self.meta, ResType::Fd)?;
+        self.next_gen += 1;
+        let mut ino = Inode::new(addr, mode, uid, gid, now(), self.next_gen);
+        if mode & S_IFMT == S_IFDIR {
+            ino.layout = Layout::Tree {
+                sub: true,
+                depth: 0,
+            };
+        }
+        self.meta.create(addr, MAGIC_FD, 0);
+        self.iput(vol, &ino)?;
+        Ok(ino)
+    }
+
+    /// Free a descriptor and everything it owns.
+    fn ifree(&mut self, vol: &Volume, ino: &mut Inode) -> Result<()> {
+        self.free_range(vol, ino, 0, u64::MAX)?;
+        let b = self.meta.get_mut(vol, ino.addr, MAGIC_FD)?;
+        let gen = ino.generation;
+        init_body(&mut b[LOCK_SECTOR..], MAGIC_FD, ino.addr, 0);
+        put64(&mut b[LOCK_SECTOR..], 56, gen);
+        self.alloc
+            .free_res(vol, &mut self.meta, ResType::Fd, ino.addr)
+    }
+
+    // ------------------------------------------------------------ pointer trees
+
+    pub fn leaf_size(vol: &Volume, ino: &Inode) -> u64 {
+        match ino.layout {
+            Layout::Tree { sub: true, .. } => u64::from(vol.header.sub_block_size),
+            _ => vol.block_size(),
+        }
+    }
+
+    fn span(level: u8) -> u64 {
+        (PB_PTRS as u64).pow(u32::from(level))
+    }
+
+    fn pb_ptr(&mut self, vol: &Volume, pb: u64, i: usize) -> Result<u64> {
+        Ok(get64(self.meta.get(vol, pb, MAGIC_PTR)?, 64 + i * 8))
+    }
+
+    fn check_ptr(vol: &Volume, ino: &Inode, p: u64) -> Result<u64> {
+        let a = p & PTR_ADDR_MASK;
+        if a * MD as u64 >= vol.header.total_blocks() * vol.block_size() {
+            let (lun, off) = vol.where_is(ino.addr * MD as u64);
+            return Err(corrupt(
+                &lun,
+                off,
+                format!("file descriptor {:#x}", ino.addr),
+                format!("pointer {a:#x} is beyond the volume"),
+            ));
+        }
+        Ok(p)
+    }
+
+    /// The pointer of leaf `li` (0: a hole).
+    pub fn get_ptr(&mut self, vol: &Volume, ino: &Inode, li: u64) -> Result<u64> {
+        let Layout::Tree { depth, .. } = ino.layout else {
+            return Ok(0);
+        };
+        let span = Self::span(depth);
+        let root = li / span;
+        if root >= FD_PTRS as u64 {
+            return Ok(0);
+        }
+        let mut p = ino.ptr(root as usize);
+        let mut rem = li % span;
+        let mut lvl = depth;
+        while lvl > 0 {
+            if p == 0 {
+                return Ok(0);
+            }
+            let pb = Self::check_ptr(vol, ino, p)? & PTR_ADDR_MASK;
+            lvl -= 1;
+            let s = Self::span(lvl);
+            p = self.pb_ptr(vol, pb, (rem / s) as usize)?;
+            rem %= s;
+        }
+        Self::check_ptr(vol, ino, p)
+    }
+
+    fn alloc_leaf(&mut self, vol: &Volume, sub: bool) -> Result<u64> {
+        if sub {
+            self.alloc.alloc_res(vol, &mut self.meta, ResType::SubBlock)
+        } else {
+            Ok(self.alloc.alloc_fb(vol, &mut self.meta)? * vol.blocks_per_4k())
+        }
+    }
+
+    fn free_leaf(&mut self, vol: &Volume, sub: bool, addr: u64) -> Result<()> {
+        if sub {
+            self.alloc
+                .free_res(vol, &mut self.meta, ResType::SubBlock, addr)
+        } else {
+            self.alloc
+                .free_fb(vol, &mut self.meta, addr / vol.blocks_per_4k())
+        }
+    }
+
+    fn new_pb(&mut self, vol: &Volume, ino: &mut Inode) -> Result<u64> {
+        let a = self
+            .alloc
+            .alloc_res(vol, &mut self.meta, ResType::PtrBlock)?;
+        self.meta.create(a, MAGIC_PTR, ino.addr);
+        ino.alloc_bytes += MD as u64;
+        Ok(a)
+    }
+
+    /// Map leaf `li`, allocating what is missing. Returns the leaf's 4K
+    /// address and whether it is fresh (its unwritten parts must be zeroed
+    /// before anything points at it durably).
+    pub fn map_alloc(&mut self, vol: &Volume, ino: &mut Inode, li: u64) -> Result<(u64, bool)> {
+        let Layout::Tree { sub, mut depth } = ino.layout else {
+            return Err(FsError::Invalid("map_alloc on an inline file".into()));
+        };
+        while li >= FD_PTRS as u64 * Self::span(depth) {
+            if depth >= 4 {
+                return Err(posix(libc::EFBIG));
+            }
+            let pb = self.new_pb(vol, ino)?;
+            let b = self.meta.get_mut(vol, pb, MAGIC_PTR)?;
+            for i in 0..FD_PTRS {
+                put64(b, 64 + i * 8, ino.ptr(i));
+            }
+            ino.area[..FD_PTRS * 8].fill(0);
+            ino.set_ptr(0, pb);
+            depth += 1;
+            ino.layout = Layout::Tree { sub, depth };
+        }
+        let span = Self::span(depth);
+        let root = (li / span) as usize;
+        let mut rem = li % span;
+        // `node` = None: the descriptor's own pointers; Some(pb): a pointer block.
+        let mut node: Option<u64> = None;
+        let mut idx = root;
+        let mut lvl = depth;
+        loop {
+            let p = match node {
+                None => ino.ptr(idx),
+                Some(pb) => self.pb_ptr(vol, pb, idx)?,
+            };
+            let p = if p != 0 {
+                Self::check_ptr(vol, ino, p)?
+            } else {
+                0
+            };
+            if lvl == 0 {
+                let leaf_sz = Self::leaf_size(vol, ino);
+                let (addr, fresh, newp) = if p == 0 {
+                    let a = self.alloc_leaf(vol, sub)?;
+                    ino.alloc_bytes += leaf_sz;
+                    (a, true, Some(a))
+                } else if p & PTR_UNWRITTEN != 0 {
+                    (p & PTR_ADDR_MASK, true, Some(p & PTR_ADDR_MASK))
+                } else {
+                    (p, false, None)
+                };
+                if let Some(np) = newp {
+                    self.set_ptr(vol, ino, node, idx, np)?;
+                }
+                return Ok((addr, fresh));
+            }
+            let child = if p == 0 {
+                let pb = self.new_pb(vol, ino)?;
+                self.set_ptr(vol, ino, node, idx, pb)?;
+                pb
+            } else {
+                p & PTR_ADDR_MASK
+            };
+            lvl -= 1;
+            let s = Self::span(lvl);
+            idx = (rem / s) as usize;
+            rem %= s;
+            node = Some(child);
+        }
+    }
+
+    fn set_ptr(
+        &mut self,
+        vol: &Volume,
+        ino: &mut Inode,
+        node: Option<u64>,
+        idx: usize,
+        v: u64,
+    ) -> Result<()> {
+        match node {
+            None => ino.set_ptr(idx, v),
+            Some(pb) => put64(self.meta.get_mut(vol, pb, MAGIC_PTR)?, 64 + idx * 8, v),
+        }
+        Ok(())
+    }
+
+    /// Mark leaf `li` allocated-but-unwritten (fallocate), if it is a hole.
+    fn prealloc_leaf(&mut self, vol: &Volume, ino: &mut Inode, li: u64) -> Result<()> {
+        if self.get_ptr(vol, ino, li)? != 0 {
+            return Ok(());
+        }
+        let (addr, _) = self.map_alloc(vol, ino, li)?;
+        // map_alloc stored a plain pointer; mark it unwritten in place.
+        self.rewrite_ptr(vol, ino, li, addr | PTR_UNWRITTEN)
+    }
+
+    fn rewrite_ptr(&mut self, vol: &Volume, ino: &mut Inode, li: u64, v: u64) -> Result<()> {
+        let Layout::Tree { depth, .. } = ino.layout else {
+            return Ok(());
+        };
+        let span = Self::span(depth);
+        let mut node = None;
+        let mut idx = (li / span) as usize;
+        let mut rem = li % span;
+        let mut lvl = depth;
+        while lvl > 0 {
+            let p = match node {
+                None => ino.ptr(idx),
+                Some(pb) => self.pb_ptr(vol, pb, idx)?,
+            };
+            lvl -= 1;
+            let s = Self::span(lvl);
+            node = Some(p & PTR_ADDR_MASK);
+            idx = (rem / s) as usize;
+            rem %= s;
+        }
+        self.set_ptr(vol, ino, node, idx, v)
+    }
+
+    /// Free leaves `[from, to)`; pointer blocks left empty are freed too.
+    pub fn free_range(&mut self, vol: &Volume, ino: &mut Inode, from: u64, to: u64) -> Result<()> {
+        let Layout::Tree { sub, depth } = ino.layout else {
+            return Ok(());
+        };
+        let span = Self::span(depth);
+        let leaf_sz = Self::leaf_size(vol, ino);
+        for r in 0..FD_PTRS {
+            let base = r as u64 * span;
+            if base >= to || base + span <= from {
+                continue;
+            }
+            let p = ino.ptr(r);
+            if p == 0 {
+                continue;
+            }
+            let p = Self::check_ptr(vol, ino, p)?;
+            if depth == 0 {
+                self.free_leaf(vol, sub, p & PTR_ADDR_MASK)?;
+                ino.alloc_bytes = ino.alloc_bytes.saturating_sub(leaf_sz);
+                ino.set_ptr(r, 0);
+            } else if self.free_in_pb(
+                vol,
+                ino,
+                p & PTR_ADDR_MASK,
+                depth,
+                base,
+                from,
+                to,
+                sub,
+                leaf_sz,
+            )? {
+                ino.set_ptr(r, 0);
+            }
+        }
+        if from == 0 && to == u64::MAX {
+            ino.layout = if ino.is_dir() {
+                Layout::Tree {
+                    sub: true,
+                    depth: 0,
+                }
+            } else {
+                Layout::Inline
+            };
+            ino.area.fill(0);
+        }
+        Ok(())
+    }
+
+    /// Returns true when the pointer block was freed (it became empty).
+    #[allow(clippy::too_many_arguments)]
+    fn free_in_pb(
+        &mut self,
+        vol: &Volume,
+        ino: &mut Inode,
+        pb: u64,
+        lvl: u8,
+        base: u64,
+        from: u64,
+        to: u64,
+        sub: bool,
+        leaf_sz: u64,
+    ) -> Result<bool> {
+        let s = Self::span(lvl - 1);
+        let mut any_left = false;
+        for i in 0..PB_PTRS {
+            let p = self.pb_ptr(vol, pb, i)?;
+            if p == 0 {
+                continue;
+            }
+            let cb = base + i as u64 * s;
+            if cb >= to || cb + s <= from {
+                any_left = true;
+                continue;
+            }
+            let p = Self::check_ptr(vol, ino, p)?;
+            let cleared = if lvl == 1 {
+                self.free_leaf(vol, sub, p & PTR_ADDR_MASK)?;
+                ino.alloc_bytes = ino.alloc_bytes.saturating_sub(leaf_sz);
+                true
+            } else {
+                self.free_in_pb(
+                    vol,
+                    ino,
+                    p & PTR_ADDR_MASK,
+                    lvl - 1,
+                    cb,
+                    from,
+                    to,
+                    sub,
+                    leaf_sz,
+                )?
+            };
+            if cleared {
+                put64(self.meta.get_mut(vol, pb, MAGIC_PTR)?, 64 + i * 8, 0);
+            } else {
+                any_left = true;
+            }
+        }
+        if !any_left {
+            self.meta.forget(pb);
+            self.alloc
+                .free_res(vol, &mut self.meta, ResType::PtrBlock, pb)?;
+            ino.alloc_bytes = ino.alloc_bytes.saturating_sub(MD as u64);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    // ------------------------------------------------------------ file data
+
+    /// Plan a read of `[off, off+len)` (already clamped to the size).
+    pub fn plan(&mut self, vol: &Volume, ino: &Inode, off: u64, len: usize) -> Result<Vec<Seg>> {
+        let leaf_sz = Self::leaf_size(vol, ino);
+        let mut segs = Vec::new();
+        let mut done = 0usize;
+        while done < len {
+            let pos = off + done as u64;
+            let li = pos / leaf_sz;
+            let in_leaf = pos % leaf_sz;
+            let n = ((leaf_sz - in_leaf) as usize).min(len - done);
+            let p = self.get_ptr(vol, ino, li)?;
+            let at = (p != 0 && p & PTR_UNWRITTEN == 0).then(|| p * MD as u64 + in_leaf);
+            segs.push(Seg {
+                buf_off: done,
+                len: n,
+                at,
+            });
+            done += n;
+        }
+        Ok(segs)
+    }
+
+    /// Read with the state lock held (metadata-sized reads: directories, small files).
+    pub fn read_locked(
+        &mut self,
+        vol: &Volume,
+        ino: &Inode,
+        off: u64,
+        len: usize,
+    ) -> Result<Vec<u8>> {
+        let end = (off + len as u64).min(ino.size);
+        if off >= end {
+            return Ok(Vec::new());
+        }
+        let len = (end - off) as usize;
+        if ino.layout == Layout::Inline {
+            return Ok(ino.area[off as usize..off as usize + len].to_vec());
+        }
+        let mut out = vec![0u8; len];
+        for s in self.plan(vol, ino, off, len)? {
+            if let Some(at) = s.at {
+                vol.read(at, &mut out[s.buf_off..s.buf_off + s.len])?;
+            }
+        }
+        Ok(out)
+    }
+
+    fn to_tree(&mut self, vol: &Volume, ino: &mut Inode, new_end: u64) -> Result<()> {
+        let content = ino.area[..ino.size as usize].to_vec();
+        ino.area.fill(0);
+        let sb = u64::from(vol.header.sub_block_size);
+        let sub = ino.is_dir() || new_end <= SB_FILE_LEAVES * sb;
+        ino.layout = Layout::Tree { sub, depth: 0 };
+        if content.iter().any(|&b| b != 0) {
+            self.write_locked(vol, ino, 0, &content)?;
+        }
+        Ok(())
+    }
+
+    fn sub_to_fb(&mut self, vol: &Volume, ino: &mut Inode) -> Result<()> {
+        let content = self.read_locked(vol, ino, 0, ino.size as usize)?;
+        let size = ino.size;
+        self.free_range(vol, ino, 0, u64::MAX)?;
+        ino.layout = Layout::Tree {
+            sub: false,
+            depth: 0,
+        };
+        ino.size = size;
+        if content.iter().any(|&b| b != 0) {
+            self.write_locked(vol, ino, 0, &content)?;
+        }
+        Ok(())
+    }
+
+    /// Write with the state lock held: allocates as needed; fresh leaves get
+    /// their unwritten parts zeroed before the data, all before commit.
+    pub fn write_locked(
+        &mut self,
+        vol: &Volume,
+        ino: &mut Inode,
+        off: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        let end = off
+            .checked_add(data.len() as u64)
+            .ok_or_else(|| posix(libc::EFBIG))?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        if ino.layout == Layout::Inline {
+            if end <= INLINE_MAX as u64 {
+                ino.area[off as usize..end as usize].copy_from_slice(data);
+                ino.size = ino.size.max(end);
+                return Ok(());
+            }
+            self.to_tree(vol, ino, end)?;
+        }
+        if let Layout::Tree { sub: true, .. } = ino.layout {
+            let sb = u64::from(vol.header.sub_block_size);
+            if !ino.is_dir() && end > SB_FILE_LEAVES * sb && sb < vol.block_size() {
+                self.sub_to_fb(vol, ino)?;
+            }
+        }
+        let leaf_sz = Self::leaf_size(vol, ino);
+        let mut done = 0usize;
+        while done < data.len() {
+            let pos = off + done as u64;
+            let li = pos / leaf_sz;
+            let in_leaf = pos % leaf_sz;
+            let n = ((leaf_sz - in_leaf) as usize).min(data.len() - done);
+            let (addr, fresh) = self.map_alloc(vol, ino, li)?;
+            let base = addr * MD as u64;
+            if fresh {
+                vol.zero(base, in_leaf)?;
+                vol.zero(base + in_leaf + n as u64, leaf_sz - in_leaf - n as u64)?;
+            }
+            vol.write(base + in_leaf, &data[done..done + n])?;
+            done += n;
+        }
+        ino.size = ino.size.max(end);
+        Ok(())
+    }
+
+    /// Zero `[off, end)` inside already-mapped leaves (no allocation).
+    fn zero_mapped(&mut self, vol: &Volume, ino: &mut Inode, off: u64, end: u64) -> Result<()> {
+        if off >= end {
+            return Ok(());
+        }
+        if ino.layout == Layout::Inline {
+            let e = end.min(INLINE_MAX as u64) as usize;
+            if (off as usize) < e {
+                ino.area[off as usize..e].fill(0);
+            }
+            return Ok(());
+        }
+        for s in self.plan(vol, ino, off, (end - off) as usize)? {
+            if let Some(at) = s.at {
+                vol.zero(at, s.len as u64)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn truncate(&mut self, vol: &Volume, ino: &mut Inode, size: u64) -> Result<()> {
+        if size < ino.size {
+            let leaf_sz = Self::leaf_size(vol, ino);
+            // Zero the tail of the last kept leaf so a later extension reads zeros.
+            let tail_end = ino.size.min(size.next_multiple_of(leaf_sz));
+            self.zero_mapped(vol, ino, size, tail_end)?;
+            if ino.layout != Layout::Inline {
+                self.free_range(vol, ino, size.div_ceil(leaf_sz), u64::MAX)?;
+                if size == 0 && !ino.is_dir() {
+                    self.free_range(vol, ino, 0, u64::MAX)?;
+                }
+            }
+        }
+        if size > (FD_PTRS as u64) * Self::span(4) * vol.block_size() {
+            return Err(posix(libc::EFBIG));
+        }
+        ino.size = size;
+        Ok(())
+    }
+
+    pub fn punch(&mut self, vol: &Volume, ino: &mut Inode, off: u64, len: u64) -> Result<()> {
+        let end = off.saturating_add(len).min(ino.size);
+        if off >= end {
+            return Ok(());
+        }
+        if ino.layout == Layout::Inline {
+            return self.zero_mapped(vol, ino, off, end);
+        }
+        let leaf_sz = Self::leaf_size(vol, ino);
+        let first_full = off.div_ceil(leaf_sz);
+        let last_full = end / leaf_sz; // exclusive
+        if first_full < last_full {
+            self.zero_mapped(vol, ino, off, first_full * leaf_sz)?;
+            self.free_range(vol, ino, first_full, last_full)?;
+            self.zero_mapped(vol, ino, last_full * leaf_sz, end)?;
+        } else {
+            self.zero_mapped(vol, ino, off, end)?;
+        }
+        Ok(())
+    }
+
+    pub fn preallocate(
+        &mut self,
+        vol: &Volume,
+        ino: &mut Inode,
+        off: u64,
+        len: u64,
+        keep_size: bool,
+    ) -> Result<()> {
+        let end = off.checked_add(len).ok_or_else(|| posix(libc::EFBIG))?;
+        if ino.layout == Layout::Inline {
+            if end <= INLINE_MAX as u64 {
+                if !keep_size {
+                    ino.size = ino.size.max(end);
+                }
+                return Ok(());
+            }
+            self.to_tree(vol, ino, end)?;
+        }
+        if let Layout::Tree { sub: true, .. } = ino.layout {
+            let sb = u64::from(vol.header.sub_block_size);
+            if !ino.is_dir() && end > SB_FILE_LEAVES * sb && sb < vol.block_size() {
+                self.sub_to_fb(vol, ino)?;
+            }
+        }
+        let leaf_sz = Self::leaf_size(vol, ino);
+        let need = (end.div_ceil(leaf_sz) - off / leaf_sz) * leaf_sz / vol.block_size();
+        if need > self.alloc.free_blocks() {
+            return Err(FsError::NoSpace(format!(
+                "fallocate of {len} bytes needs {need} blocks"
+            )));
+        }
+        for li in off / leaf_sz..end.div_ceil(leaf_sz) {
+            self.prealloc_leaf(vol, ino, li)?;
+        }
+        if !keep_size {
+            ino.size = ino.size.max(end);
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ directories
+
+    fn dir_block(
+        &mut self,
+        vol: &Volume,
+        dir: &mut Inode,
+        idx: u64,
+        alloc: bool,
+    ) -> Result<Option<u64>> {
+        let leaf_sz = Self::leaf_size(vol, dir);
+        let li = idx * MD as u64 / leaf_sz;
+        let sub = (idx * MD as u64 % leaf_sz) / MD as u64;
+        if alloc {
+            let (a, fresh) = self.map_alloc(vol, dir, li)?;
+            if fresh {
+                vol.zero(a * MD as u64, leaf_sz)?;
+            }
+            dir.size = dir.size.max((idx + 1) * MD as u64);
+            return Ok(Some(a + sub));
+        }
+        let p = self.get_ptr(vol, dir, li)?;
+        Ok((p != 0).then_some((p & PTR_ADDR_MASK) + sub))
+    }
+
+    fn dir_block_ro(&mut self, vol: &Volume, dir: &Inode, idx: u64) -> Result<u64> {
+        let mut d = dir.clone();
+        self.dir_block(vol, &mut d, idx, false)?.ok_or_else(|| {
+            let (lun, off) = vol.where_is(dir.addr * MD as u64);
+            corrupt(
+                &lun,
+                off,
+                format!("directory {:#x}", dir.addr),
+                format!("block {idx} is missing (a hole)"),
+            )
+        })
+    }
+
+    fn bucket_read(
+        &mut self,
+        vol: &Volume,
+        dir: &Inode,
+        idx: u64,
+    ) -> Result<(u64, Vec<DirEntry>, u32)> {
+        let a = self.dir_block_ro(vol, dir, idx)?;
+        let b = self.meta.get(vol, a, MAGIC_DIRBKT)?;
+        let next = get32(b, 36);
+        let es = bucket_entries(b).map_err(|r| {
+            let (lun, off) = vol.where_is(a * MD as u64);
+            corrupt(
+                &lun,
+                off,
+                format!("directory bucket {idx} of directory {:#x}", dir.addr),
+                r,
+            )
+        })?;
+        Ok((a, es, next))
+    }
+
+    fn bucket_write(&mut self, vol: &Volume, addr: u64, es: &[DirEntry], next: u32) -> Result<()> {
+        let b = self.meta.get_mut(vol, addr, MAGIC_DIRBKT)?;
+        let ok = bucket_store(b, es);
+        put32(b, 36, next);
+        debug_assert!(ok);
+        Ok(())
+    }
+
+    /// (hdr addr, level, split, entries)
+    fn dir_hdr(&mut self, vol: &Volume, dir: &Inode) -> Result<(u64, u32, u32, u64)> {
+        let a = self.dir_block_ro(vol, dir, 0)?;
+        let b = self.meta.get(vol, a, MAGIC_DIRHDR)?;
+        let (level, split, n) = (get32(b, 32), get32(b, 36), get64(b, 40));
+        if level > 30
+            || u64::from(split) >= 1u64 << level.max(0) && level > 0
+            || (level == 0 && split > 0)
+        {
+            let (lun, off) = vol.where_is(a * MD as u64);
+            return Err(corrupt(
+                &lun,
+                off,
+                format!("directory header of {:#x}", dir.addr),
+                format!("level {level} split {split}"),
+            ));
+        }
+        Ok((a, level, split, n))
+    }
+
+    fn bucket_of(level: u32, split: u32, h: u64) -> u64 {
+        let b = h & ((1u64 << level) - 1);
+        if b < u64::from(split) {
+            h & ((1u64 << (level + 1)) - 1)
+        } else {
+            b
+        }
+    }
+
+    pub fn dir_init(&mut self, vol: &Volume, dir: &mut Inode, parent: u64) -> Result<()> {
+        let h = self.dir_block(vol, dir, 0, true)?.expect("allocated");
+        let b = self.meta.create(h, MAGIC_DIRHDR, dir.addr);
+        put64(b, 48, parent);
+        let k = self.dir_block(vol, dir, 1, true)?.expect("allocated");
+        self.meta.create(k, MAGIC_DIRBKT, dir.addr);
+        dir.parent = parent;
+        Ok(())
+    }
+
+    pub fn dir_lookup(
+        &mut self,
+        vol: &Volume,
+        dir: &Inode,
+        name: &[u8],
+    ) -> Result<Option<DirEntry>> {
+        let h = name_hash(name);
+        let (_, level, split, _) = self.dir_hdr(vol, dir)?;
+        let mut idx = 1 + Self::bucket_of(level, split, h);
+        for _ in 0..1_000_000 {
+            let (_, es, next) = self.bucket_read(vol, dir, idx)?;
+            if let Some(e) = es.into_iter().find(|e| e.hash == h && e.name == name) {
+                return Ok(Some(e));
+            }
+            if next == 0 {
+                return Ok(None);
+            }
+            idx = DIR_OVF_BASE + u64::from(next) - 1;
+        }
+        Err(FsError::Invalid(format!(
+            "directory {:#x}: overflow chain loops",
+            dir.addr
+        )))
+    }
+
+    pub fn dir_list(&mut self, vol: &Volume, dir: &Inode) -> Result<Vec<DirEntry>> {
+        let (_, level, split, _) = self.dir_hdr(vol, dir)?;
+        let nb = (1u64 << level) + u64::from(split);
+        let mut out = Vec::new();
+        for b in 0..nb {
+            let mut idx = 1 + b;
+            let mut hops = 0;
+            loop {
+                let (_, es, next) = self.bucket_read(vol, dir, idx)?;
+                out.extend(es);
+                if next == 0 {
+                    break;
+                }
+                hops += 1;
+                if hops > 1_000_000 {
+                    return Err(FsError::Invalid(format!(
+                        "directory {:#x}: overflow chain loops",
+                        dir.addr
+                    )));
+                }
+                idx = DIR_OVF_BASE + u64::from(next) - 1;
+            }
+        }
+        Ok(out)
+    }
+
+    fn ovf_alloc(&mut self, vol: &Volume, dir: &mut Inode, hdr: u64) -> Result<(u32, u64)> {
+        let b = self.meta.get(vol, hdr, MAGIC_DIRHDR)?;
+        let (onext, ofree) = (get32(b, 56), get32(b, 60));
+        let k = if ofree != 0 {
+            let a = self.dir_block_ro(vol, dir, DIR_OVF_BASE + u64::from(ofree) - 1)?;
+            let nf = get32(self.meta.get(vol, a, MAGIC_DIRBKT)?, 36);
+            put32(self.meta.get_mut(vol, hdr, MAGIC_DIRHDR)?, 60, nf);
+            ofree
+        } else {
+            put32(self.meta.get_mut(vol, hdr, MAGIC_DIRHDR)?, 56, onext + 1);
+            onext + 1
+        };
+        let a = self
+            .dir_block(vol, dir, DIR_OVF_BASE + u64::from(k) - 1, true)?
+            .expect("allocated");
+        self.meta.create(a, MAGIC_DIRBKT, dir.addr);
+        Ok((k, a))
+    }
+
+    fn ovf_release(&mut self, vol: &Volume, dir: &Inode, hdr: u64, k: u32) -> Result<()> {
+        let a = self.dir_block_ro(vol, dir, DIR_OVF_BASE + u64::from(k) - 1)?;
+        let head = get32(self.meta.get(vol, hdr, MAGIC_DIRHDR)?, 60);
+        self.bucket_write(vol, a, &[], head)?;
+        put32(self.meta.get_mut(vol, hdr, MAGIC_DIRHDR)?, 60, k);
+        Ok(())
+    }
+
+    /// Store `es` as the chain of bucket `b`, reusing or releasing overflow blocks.
+    fn write_chain(
+        &mut self,
+        vol: &Volume,
+        dir: &mut Inode,
+        hdr: u64,
+        b: u64,
+        es: Vec<DirEntry>,
+    ) -> Result<()> {
+        let (a, _, mut next) = self.bucket_read(vol, dir, 1 + b)?;
+        while next != 0 {
+            let (_, _, n2) = self.bucket_read(vol, dir, DIR_OVF_BASE + u64::from(next) - 1)?;
+            self.ovf_release(vol, dir, hdr, next)?;
+            next = n2;
+        }
+        let mut groups: Vec<Vec<DirEntry>> = vec![Vec::new()];
+        let mut used = 0;
+        for e in es {
+            if DB_ENTRIES + used + e.disk_len() > MD {
+                groups.push(Vec::new());
+                used = 0;
+            }
+            used += e.disk_len();
+            groups.last_mut().expect("one").push(e);
+        }
+        let mut addrs = vec![a];
+        let mut ks = vec![0u32];
+        for _ in 1..groups.len() {
+            let (k, oa) = self.ovf_alloc(vol, dir, hdr)?;
+            addrs.push(oa);
+            ks.push(k);
+        }
+        for (i, g) in groups.iter().enumerate() {
+            let next = ks.get(i + 1).copied().unwrap_or(0);
+            self.bucket_write(vol, addrs[i], g, next)?;
+        }
+        Ok(())
+    }
+
+    pub fn dir_insert(
+        &mut self,
+        vol: &Volume,
+        dir: &mut Inode,
+        name: &[u8],
+        fd: u64,
+        kind: u8,
+    ) -> Result<()> {
+        if name.is_empty() || name.len() > NAME_MAX {
+            return Err(posix(libc::ENAMETOOLONG));
+        }
+        let e = DirEntry {
+            hash: name_hash(name),
+            fd,
+            kind,
+            name: name.to_vec(),
+        };
+        let (hdr, level, split, n) = self.dir_hdr(vol, dir)?;
+        let b = Self::bucket_of(level, split, e.hash);
+        let mut idx = 1 + b;
+        loop {
+            let (a, mut es, next) = self.bucket_read(vol, dir, idx)?;
+            let used: usize = es.iter().map(DirEntry::disk_len).sum();
+            if DB_ENTRIES + used + e.disk_len() <= MD {
+                es.push(e);
+                self.bucket_write(vol, a, &es, next)?;
+                break;
+            }
+            if next == 0 {
+                let (k, oa) = self.ovf_alloc(vol, dir, hdr)?;
+                self.bucket_write(vol, oa, &[e], 0)?;
+                self.bucket_write(vol, a, &es, k)?;
+                break;
+            }
+            idx = DIR_OVF_BASE + u64::from(next) - 1;
+        }
+        put64(self.meta.get_mut(vol, hdr, MAGIC_DIRHDR)?, 40, n + 1);
+        let nb = (1u64 << level) + u64::from(split);
+        if n + 1 > nb * DIR_SPLIT_LOAD {
+            self.dir_split(vol, dir, hdr, level, split)?;
+        }
+        Ok(())
+    }
+
+    fn dir_split(
+        &mut self,
+        vol: &Volume,
+        dir: &mut Inode,
+        hdr: u64,
+        level: u32,
+        split: u32,
+    ) -> Result<()> {
+        let s = u64::from(split);
+        let newb = s + (1u64 << level);
+        // Gather the chain of bucket s.
+        let mut all = Vec::new();
+        let mut idx = 1 + s;
+        loop {
+            let (_, es, next) = self.bucket_read(vol, dir, idx)?;
+            all.extend(es);
+            if next == 0 {
+                break;
+            }
+            idx = DIR_OVF_BASE + u64::from(next) - 1;
+        }
+        let a = self
+            .dir_block(vol, dir, 1 + newb, true)?
+            .expect("allocated");
+        self.meta.create(a, MAGIC_DIRBKT, dir.addr);
+        let mask = (1u64 << (level + 1)) - 1;
+        let (stay, go): (Vec<_>, Vec<_>) = all.into_iter().partition(|e| e.hash & mask == s);
+        self.write_chain(vol, dir, hdr, s, stay)?;
+        self.write_chain(vol, dir, hdr, newb, go)?;
+        let (nl, ns) = if split + 1 == 1u32 << level {
+            (level + 1, 0)
+        } else {
+            (level, split + 1)
+        };
+        let h = self.meta.get_mut(vol, hdr, MAGIC_DIRHDR)?;
+        put32(h, 32, nl);
+        put32(h, 36, ns);
+        Ok(())
+    }
+
+    pub fn dir_remove(
+        &mut self,
+        vol: &Volume,
+        dir: &mut Inode,
+        name: &[u8],
+    ) -> Result<Option<DirEntry>> {
+        let h = name_hash(name);
+        let (hdr, level, split, n) = self.dir_hdr(vol, dir)?;
+        let mut idx = 1 + Self::bucket_of(level, split, h);
+        loop {
+            let (a, mut es, next) = self.bucket_read(vol, dir, idx)?;
+            if let Some(p) = es.iter().position(|e| e.hash == h && e.name == name) {
+                let e = es.remove(p);
+                self.bucket_write(vol, a, &es, next)?;
+                put64(
+                    self.meta.get_mut(vol, hdr, MAGIC_DIRHDR)?,
+                    40,
+                    n.saturating_sub(1),
+                );
+                return Ok(Some(e));
+            }
+            if next == 0 {
+                return Ok(None);
+            }
+            idx = DIR_OVF_BASE + u64::from(next) - 1;
+        }
+    }
+
+    pub fn dir_count(&mut self, vol: &Volume, dir: &Inode) -> Result<u64> {
+        self.dir_entries(vol, dir)
+    }
+
+    fn dir_entries(&mut self, vol: &Volume, dir: &Inode) -> Result<u64> {
+        Ok(self.dir_hdr(vol, dir)?.3)
+    }
+
+    fn set_dotdot(&mut self, vol: &Volume, dir: &mut Inode, parent: u64) -> Result<()> {
+        let (hdr, ..) = self.dir_hdr(vol, dir)?;
+        put64(self.meta.get_mut(vol, hdr, MAGIC_DIRHDR)?, 48, parent);
+        dir.parent = parent;
+        Ok(())
+    }
+}
+
+/// Attributes a caller may set.
+#[derive(Debug, Default, Clone)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<(i64, u32)>,
+    pub mtime: Option<(i64, u32)>,
+    pub ctime: Option<(i64, u32)>,
+}
+
+impl Fs {
+    /// Format and return the mounted-in-library filesystem.
+    pub fn mkfs(luns: Vec<Arc<dyn lun::Lun>>, opts: &MkfsOptions) -> Result<Fs> {
+        let vol = Volume::mkfs(luns, opts)?;
+        let fs = Fs::from_volume(vol)?;
+        let root = fs.op(|st, vol| {
+            let mut root = st.ialloc(vol, S_IFDIR | 0o755, 0, 0)?;
+            root.nlink = 2;
+            let a = root.addr;
+            st.dir_init(vol, &mut root, a)?;
+            st.iput(vol, &root)?;
+            Ok(a)
+        })?;
+        let mut fs = fs;
+        fs.vol.header.root_fd = root;
+        fs.vol.write_headers(None)?;
+        Ok(fs)
+    }
+
+    /// Open a validated volume; reads and checks the allocation metadata.
+    pub fn open(luns: Vec<Arc<dyn lun::Lun>>) -> Result<Fs> {
+        let vol = Volume::open(luns)?;
+        if vol.header.root_fd == 0 {
+            return Err(FsError::Invalid(
+                "the volume has no root directory: mkfs did not finish; run mkfs again".into(),
+            ));
+        }
+        let fs = Fs::from_volume(vol)?;
+        {
+            let mut st = fs.lock();
+            let root = st.iget(&fs.vol, fs.vol.header.root_fd)?;
+            if !root.is_dir() {
+                return Err(FsError::Invalid(
+                    "the root file descriptor is not a directory".into(),
+                ));
+            }
+            st.dir_hdr(&fs.vol, &root)?;
+        }
+        Ok(fs)
+    }
+
+    fn from_volume(vol: Volume) -> Result<Fs> {
+        let mut meta = Meta::default();
+        let alloc = Alloc::load(&vol, &mut meta)?;
+        let seed = now();
+        Ok(Fs {
+            vol,
+            st: Mutex::new(State {
+                meta,
+                alloc,
+                open: HashMap::new(),
+                orphans: HashSet::new(),
+                next_gen: (seed.0 as u64) << 20 ^ u64::from(seed.1),
+            }),
+            data_locks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn root(&self) -> u64 {
+        self.vol.header.root_fd
+    }
+
+    /// Run `f` as one transaction: commit on success, nothing written on error.
+    pub fn op<R>(&self, f: impl FnOnce(&mut State, &Volume) -> Result<R>) -> Result<R> {
+        let mut st = self.lock();
+        match f(&mut st, &self.vol) {
+            Ok(r) => {
+                if let Err(e) = st.meta.commit(&self.vol) {
+                    st.meta.clear();
+                    if let Ok(a) = Alloc::load(&self.vol, &mut st.meta) {
+                        st.alloc = a;
+                    }
+                    return Err(e);
+                }
+                Ok(r)
+            }
+            Err(e) => {
+                st.meta.abort();
+                match Alloc::load(&self.vol, &mut st.meta) {
+                    Ok(a) => st.alloc = a,
+                    Err(e2) => {
+                        tracing::error!("reloading allocation state after a failed operation: {e2}")
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn data_lock(&self, ino: u64) -> Arc<RwLock<()>> {
+        self.data_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(ino)
+            .or_default()
+            .clone()
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Inode> {
+        let mut st = self.lock();
+        st.iget(&self.vol, ino)
+    }
+
+    pub fn lookup(&self, dir: u64, name: &[u8]) -> Result<Inode> {
+        let mut st = self.lock();
+        self.lookup_locked(&mut st, dir, name)
+    }
+
+    pub fn lookup_locked(&self, st: &mut State, dir: u64, name: &[u8]) -> Result<Inode> {
+        let d = st.iget(&self.vol, dir)?;
+        if !d.is_dir() {
+            return Err(posix(libc::ENOTDIR));
+        }
+        if name == b"." {
+            return Ok(d);
+        }
+        if name == b".." {
+            return st.iget(&self.vol, d.parent);
+        }
+        match st.dir_lookup(&self.vol, &d, name)? {
+            Some(e) => st.iget(&self.vol, e.fd),
+            None => Err(posix(libc::ENOENT)),
+        }
+    }
+
+    pub fn readdir(&self, dir: u64) -> Result<Vec<DirEntry>> {
+        let mut st = self.lock();
+        let d = st.iget(&self.vol, dir)?;
+        if !d.is_dir() {
+            return Err(posix(libc::ENOTDIR));
+        }
+        st.dir_list(&self.vol, &d)
+    }
+
+    fn check_name(name: &[u8]) -> Result<()> {
+        if name.is_empty()
+            || name == b"."
+            || name == b".."
+            || name.contains(&b'/')
+            || name.contains(&0)
+        {
+            return Err(posix(libc::EINVAL));
+        }
+        if name.len() > NAME_MAX {
+            return Err(posix(libc::ENAMETOOLONG));
+        }
+        Ok(())
+    }
+
+    /// Create a node of any type other than a directory.
+    pub fn create(
+        &self,
+        dir: u64,
+        name: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        rdev: u32,
+        target: Option<&[u8]>,
+    ) -> Result<Inode> {
+        Self::check_name(name)?;
+        self.op(|st, vol| {
+            let mut d = st.iget(vol, dir)?;
+            if !d.is_dir() {
+                return Err(posix(libc::ENOTDIR));
+            }
+            if d.nlink == 0 {
+                return Err(posix(libc::ENOENT));
+            }
+            if st.dir_lookup(vol, &d, name)?.is_some() {
+                return Err(posix(libc::EEXIST));
+            }
+            let is_dir = mode & S_IFMT == S_IFDIR;
+            let mut mode = mode;
+            let gid = if d.mode & libc::S_ISGID != 0 {
+                if is_dir {
+                    mode |= libc::S_ISGID;
+                }
+                d.gid
+            } else {
+                gid
+            };
+            let mut ino = st.ialloc(vol, mode, uid, gid)?;
+            ino.rdev = rdev;
+            if is_dir {
+                ino.nlink = 2;
+                st.dir_init(vol, &mut ino, d.addr)?;
+                d.nlink += 1;
+            }
+            if let Some(t) = target {
+                st.write_locked(vol, &mut ino, 0, t)?;
+            }
+            st.iput(vol, &ino)?;
+            st.dir_insert(vol, &mut d, name, ino.addr, kind_of(mode))?;
+            let t = now();
+            d.mtime = t;
+            d.ctime = t;
+            st.iput(vol, &d)?;
+            Ok(ino)
+        })
+    }
+
+    pub fn link(&self, ino: u64, dir: u64, name: &[u8]) -> Result<Inode> {
+        Self::check_name(name)?;
+        self.op(|st, vol| {
+            let mut i = st.iget(vol, ino)?;
+            if i.is_dir() {
+                return Err(posix(libc::EPERM));
+            }
+            let mut d = st.iget(vol, dir)?;
+            if !d.is_dir() {
+                return Err(posix(libc::ENOTDIR));
+            }
+            if i.nlink >= 65000 {
+                return Err(posix(libc::EMLINK));
+            }
+            if st.dir_lookup(vol, &d, name)?.is_some() {
+                return Err(posix(libc::EEXIST));
+            }
+            st.dir_insert(vol, &mut d, name, i.addr, kind_of(i.mode))?;
+            i.nlink += 1;
+            let t = now();
+            i.ctime = t;
+            d.mtime = t;
+            d.ctime = t;
+            st.iput(vol, &i)?;
+            st.iput(vol, &d)?;
+            st.orphans.remove(&i.addr);
+            Ok(i)
+        })
+    }
+
+    /// Drop one link of `i`; free it when no link and no open handle remains.
+    fn drop_link(st: &mut State, vol: &Volume, i: &mut Inode) -> Result<()> {
+        i.nlink = i.nlink.saturating_sub(if i.is_dir() { 2 } else { 1 });
+        i.ctime = now();
+        if i.nlink == 0 {
+            if st.open.get(&i.addr).copied().unwrap_or(0) > 0 {
+                st.orphans.insert(i.addr);
+                st.iput(vol, i)?;
+            } else {
+                st.ifree(vol, i)?;
+            }
+        } else {
+            st.iput(vol, i)?;
+        }
+        Ok(())
+    }
+
+    pub fn unlink(&self, dir: u64, name: &[u8], rmdir: bool) -> Result<()> {
+        if name == b"." {
+            return Err(posix(libc::EINVAL));
+        }
+        if name == b".." {
+            return Err(posix(libc::ENOTEMPTY));
+        }
+        self.op(|st, vol| {
+            let mut d = st.iget(vol, dir)?;
+            if !d.is_dir() {
+                return Err(posix(libc::ENOTDIR));
+            }
+            let e = st
+                .dir_lookup(vol, &d, name)?
+                .ok_or_else(|| posix(libc::ENOENT))?;
+            let mut i = st.iget(vol, e.fd)?;
+            if rmdir {
+                if !i.is_dir() {
+                    return Err(posix(libc::ENOTDIR));
+                }
+                if st.dir_entries(vol, &i)? > 0 {
+                    return Err(posix(libc::ENOTEMPTY));
+                }
+                d.nlink -= 1;
+            } else if i.is_dir() {
+                return Err(posix(libc::EISDIR));
+            }
+            st.dir_remove(vol, &mut d, name)?;
+            let t = now();
+            d.mtime = t;
+            d.ctime = t;
+            st.iput(vol, &d)?;
+            Self::drop_link(st, vol, &mut i)
+        })
+    }
+
+    /// Is `anc` an ancestor of (or equal to) `dir`?
+    fn is_ancestor(
+        st: &mut State,
+        vol: &Volume,
+        anc: u64,
+        mut dir: u64,
+        root: u64,
+    ) -> Result<bool> {
+        for _ in 0..100_000 {
+            if dir == anc {
+                return Ok(true);
+            }
+            if dir == root {
+                return Ok(false);
+            }
+            dir = st.iget(vol, dir)?.parent;
+        }
+        Err(FsError::Invalid("directory parent chain loops".into()))
+    }
+
+    pub fn rename(
+        &self,
+        pdir: u64,
+        name: &[u8],
+        ndir: u64,
+        nname: &[u8],
+        noreplace: bool,
+        exchange: bool,
+    ) -> Result<()> {
+        Self::check_name(nname)?;
+        if name == b"." || name == b".." {
+            return Err(posix(libc::EINVAL));
+        }
+        let root = self.root();
+        self.op(|st, vol| {
+            let mut src_dir = st.iget(vol, pdir)?;
+            let e = st
+                .dir_lookup(vol, &src_dir, name)?
+                .ok_or_else(|| posix(libc::ENOENT))?;
+            let mut dst_dir = if ndir == pdir {
+                src_dir.clone()
+            } else {
+                st.iget(vol, ndir)?
+            };
+            if !dst_dir.is_dir() {
+                return Err(posix(libc::ENOTDIR));
+            }
+            let mut src = st.iget(vol, e.fd)?;
+            let existing = st.dir_lookup(vol, &dst_dir, nname)?;
+            if src.is_dir() && Self::is_ancestor(st, vol, src.addr, ndir, root)? {
+                return Err(posix(libc::EINVAL));
+            }
+            if let Some(x) = &existing {
+                if x.fd == src.addr {
+                    return Ok(()); // same file: nothing to do
+                }
+                if noreplace {
+                    return Err(posix(libc::EEXIST));
+                }
+            } else if exchange {
+                return Err(posix(libc::ENOENT));
+            }
+            let t = now();
+            if exchange {
+                let x = existing.expect("checked");
+                let mut other = st.iget(vol, x.fd)?;
+                if other.is_dir() && Self::is_ancestor(st, vol, other.addr, pdir, root)? {
+                    return Err(posix(libc::EINVAL));
+                }
+                st.dir_remove(vol, &mut src_dir, name)?;
+                if ndir == pdir {
+                    st.dir_remove(vol, &mut src_dir, nname)?;
+                    st.dir_insert(vol, &mut src_dir, nname, src.addr, kind_of(src.mode))?;
+                    st.dir_insert(vol, &mut src_dir, name, other.addr, kind_of(other.mode))?;
+                } else {
+                    st.dir_remove(vol, &mut dst_dir, nname)?;
+                    st.dir_insert(vol, &mut dst_dir, nname, src.addr, kind_of(src.mode))?;
+                    st.dir_insert(vol, &mut src_dir, name, other.addr, kind_of(other.mode))?;
+                    if src.is_dir() != other.is_dir() {
+                        let (gain, lose) = if src.is_dir() {
+                            (&mut dst_dir, &mut src_dir)
+                        } else {
+                            (&mut src_dir, &mut dst_dir)
+                        };
+                        gain.nlink += 1;
+                        lose.nlink -= 1;
+                    }
+                    if src.is_dir() {
+                        st.set_dotdot(vol, &mut src, ndir)?;
+                    }
+                    if other.is_dir() {
+                        st.set_dotdot(vol, &mut other, pdir)?;
+                    }
+                }
+                src.ctime = t;
+                other.ctime = t;
+                st.iput(vol, &src)?;
+                st.iput(vol, &other)?;
+            } else {
+                if let Some(x) = &existing {
+                    let mut victim = st.iget(vol, x.fd)?;
+                    match (src.is_dir(), victim.is_dir()) {
+                        (true, false) => return Err(posix(libc::ENOTDIR)),
+                        (false, true) => return Err(posix(libc::EISDIR)),
+                        (true, true) => {
+                            if st.dir_entries(vol, &victim)? > 0 {
+                                return Err(posix(libc::ENOTEMPTY));
+                            }
+                        }
+                        _ => {}
+                    }
+                    st.dir_remove(vol, &mut dst_dir, nname)?;
+                    if victim.is_dir() {
+                        dst_dir.nlink -= 1;
+                    }
+                    Self::drop_link(st, vol, &mut victim)?;
+                }
+                if ndir == pdir {
+                    st.dir_remove(vol, &mut dst_dir, name)?;
+                } else {
+                    st.dir_remove(vol, &mut src_dir, name)?;
+                }
+                st.dir_insert(vol, &mut dst_dir, nname, src.addr, kind_of(src.mode))?;
+                if src.is_dir() && ndir != pdir {
+                    src_dir.nlink -= 1;
+                    dst_dir.nlink += 1;
+                    st.set_dotdot(vol, &mut src, ndir)?;
+                }
+                src.ctime = t;
+                st.iput(vol, &src)?;
+            }
+            if ndir != pdir {
+                src_dir.mtime = t;
+                src_dir.ctime = t;
+                st.iput(vol, &src_dir)?;
+            }
+            dst_dir.mtime = t;
+            dst_dir.ctime = t;
+            st.iput(vol, &dst_dir)?;
+            Ok(())
+        })
+    }
+
+    pub fn setattr(&self, ino: u64, a: &SetAttr) -> Result<Inode> {
+        let lock = self.data_lock(ino);
+        let _g = a
+            .size
+            .map(|_| lock.write().unwrap_or_else(|p| p.into_inner()));
+        self.op(|st, vol| {
+            let mut i = st.iget(vol, ino)?;
+            let t = now();
+            if let Some(m) = a.mode {
+                i.mode = (i.mode & S_IFMT) | (m & 0o7777);
+            }
+            if let Some(u) = a.uid {
+                i.uid = u;
+            }
+            if let Some(g) = a.gid {
+                i.gid = g;
+            }
+            if let Some(s) = a.size {
+                if i.is_dir() {
+                    return Err(posix(libc::EISDIR));
+                }
+                st.truncate(vol, &mut i, s)?;
+                i.mtime = t;
+            }
+            if let Some(x) = a.atime {
+                i.atime = x;
+            }
+            if let Some(x) = a.mtime {
+                i.mtime = x;
+            }
+            i.ctime = a.ctime.unwrap_or(t);
+            st.iput(vol, &i)?;
+            Ok(i)
+        })
+    }
+
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        let mut st = self.lock();
+        let i = st.iget(&self.vol, ino)?;
+        if i.mode & S_IFMT != S_IFLNK {
+            return Err(posix(libc::EINVAL));
+        }
+        st.read_locked(&self.vol, &i, 0, i.size as usize)
+    }
+
+    pub fn open_file(&self, ino: u64) -> Result<Inode> {
+        let mut st = self.lock();
+        let i = st.iget(&self.vol, ino)?;
+        *st.open.entry(ino).or_default() += 1;
+        Ok(i)
+    }
+
+    /// The last close of an unlinked file frees it.
+    pub fn release(&self, ino: u64) -> Result<()> {
+        let free = {
+            let mut st = self.lock();
+            let n = st.open.entry(ino).or_default();
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                st.open.remove(&ino);
+                st.orphans.remove(&ino)
+            } else {
+                false
+            }
+        };
+        if free {
+            self.op(|st, vol| {
+                let mut i = st.iget(vol, ino)?;
+                if i.nlink == 0 {
+                    st.ifree(vol, &mut i)?;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    pub fn read(&self, ino: u64, off: u64, len: usize) -> Result<Vec<u8>> {
+        let lock = self.data_lock(ino);
+        let _g = lock.read().unwrap_or_else(|p| p.into_inner());
+        let (segs, inline, n) = {
+            let mut st = self.lock();
+            let i = st.iget(&self.vol, ino)?;
+            if i.is_dir() {
+                return Err(posix(libc::EISDIR));
+            }
+            let end = off.saturating_add(len as u64).min(i.size);
+            if off >= end {
+                return Ok(Vec::new());
+            }
+            let n = (end - off) as usize;
+            if i.layout == Layout::Inline {
+                (
+                    Vec::new(),
+                    Some(i.area[off as usize..off as usize + n].to_vec()),
+                    n,
+                )
+            } else {
+                (st.plan(&self.vol, &i, off, n)?, None, n)
+            }
+        };
+        if let Some(v) = inline {
+            return Ok(v);
+        }
+        let mut out = vec![0u8; n];
+        for s in segs {
+            if let Some(at) = s.at {
+                self.vol.read(at, &mut out[s.buf_off..s.buf_off + s.len])?;
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> Result<Inode> {
+        let lock = self.data_lock(ino);
+        let _g = lock.read().unwrap_or_else(|p| p.into_inner());
+        // Fast path: every byte lands in a written, mapped leaf: data moves
+        // without the state lock, then the size and times are committed.
+        let plan = {
+            let mut st = self.lock();
+            let i = st.iget(&self.vol, ino)?;
+            if i.is_dir() {
+                return Err(posix(libc::EISDIR));
+            }
+            if i.layout == Layout::Inline {
+                None
+            } else {
+                let segs = st.plan(&self.vol, &i, off, data.len())?;
+                segs.iter().all(|s| s.at.is_some()).then_some(segs)
+            }
+        };
+        if let Some(segs) = plan {
+            for s in &segs {
+                self.vol
+                    .write(s.at.expect("mapped"), &data[s.buf_off..s.buf_off + s.len])?;
+            }
+            return self.op(|st, vol| {
+                let mut i = st.iget(vol, ino)?;
+                i.size = i.size.max(off + data.len() as u64);
+                let t = now();
+                i.mtime = t;
+                i.ctime = t;
+                st.iput(vol, &i)?;
+                Ok(i)
+            });
+        }
+        self.op(|st, vol| {
+            let mut i = st.iget(vol, ino)?;
+            st.write_locked(vol, &mut i, off, data)?;
+            let t = now();
+            i.mtime = t;
+            i.ctime = t;
+            st.iput(vol, &i)?;
+            Ok(i)
+        })
+    }
+
+    /// fallocate: mode bits as in fallocate(2).
+    pub fn fallocate(&self, ino: u64, off: u64, len: u64, mode: i32) -> Result<()> {
+        let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
+        let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
+        if mode
+            & !(libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE)
+            != 0
+            || (punch && !keep)
+            || (punch && zero)
+        {
+            return Err(posix(libc::EOPNOTSUPP));
+        }
+        if len == 0 {
+            return Err(posix(libc::EINVAL));
+        }
+        let lock = self.data_lock(ino);
+        let _g = lock.write().unwrap_or_else(|p| p.into_inner());
+        self.op(|st, vol| {
+            let mut i = st.iget(vol, ino)?;
+            if i.is_dir() {
+                return Err(posix(libc::EISDIR));
+            }
+            if punch || zero {
+                st.punch(vol, &mut i, off, len)?;
+            }
+            if !punch {
+                st.preallocate(vol, &mut i, off, len, keep)?;
+            }
+            let t = now();
+            i.mtime = t;
+            i.ctime = t;
+            st.iput(vol, &i)?;
+            Ok(())
+        })
+    }
+
+    /// Make everything written so far durable.
+    pub fn sync(&self) -> Result<()> {
+        self.vol.flush()
+    }
+
+    pub fn usage(&self) -> Usage {
+        let st = self.lock();
+        let fds: Vec<_> = st
+            .alloc
+            .clusters
+            .iter()
+            .filter(|c| c.rtype == ResType::Fd)
+            .collect();
+        let fds_free: u64 = fds.iter().map(|c| u64::from(c.free)).sum();
+        let fds_total: u64 = fds.iter().map(|c| u64::from(c.count)).sum();
+        Usage {
+            block_size: self.vol.block_size(),
+            total_blocks: self.vol.header.total_blocks(),
+            free_blocks: st.alloc.free_blocks(),
+            fd_clusters: fds.len() as u64,
+            fds_used: fds_total - fds_free,
+            fds_free,
+        }
+    }
+
+    /// True when `extend` refuses a LUN that already holds a datastore (tests).
+    pub fn extend_check_refuses_datastore(&mut self, l: Arc<dyn lun::Lun>) -> bool {
+        matches!(
+            self.vol.extend(l),
+            Err(FsError::Invalid(_)) | Err(FsError::Extent { .. })
+        )
+    }
+
+    /// Re-read allocation summaries (after fsck rewrote bitmaps).
+    pub fn reload_alloc(&self) -> Result<()> {
+        let mut st = self.lock();
+        st.meta.clear();
+        st.alloc = Alloc::load(&self.vol, &mut st.meta)?;
+        Ok(())
+    }
+
+    /// Grow by one extent (the volume must not be mounted elsewhere).
+    pub fn extend(&mut self, new: Arc<dyn lun::Lun>) -> Result<()> {
+        self.vol.extend(new)?;
+        let mut st = self.st.lock().unwrap_or_else(|p| p.into_inner());
+        st.alloc = Alloc::load(&self.vol, &mut st.meta)?;
+        Ok(())
+    }
+}
