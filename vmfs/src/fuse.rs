@@ -1,1 +1,642 @@
+//! The FUSE front end (fuser): many threads, 1 MiB requests, kernel
+//! permission checks (`default_permissions`), and entry/attribute timeouts of
+//! one second so that, once several hosts mount one datastore, a change on
+//! one is seen by the others within a second.
 
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
+    SessionACL, TimeOrNow, WriteFlags,
+};
+
+use crate::error::FsError;
+use crate::format::*;
+use crate::fs::{Fs, SetAttr};
+
+const TTL: Duration = Duration::from_secs(1);
+
+pub struct VmfsFuse {
+    fs: Arc<Fs>,
+    dirs: Mutex<HashMap<u64, Vec<(u64, u8, Vec<u8>)>>>,
+    next_fh: AtomicU64,
+}
+
+fn errno(e: &FsError) -> Errno {
+    let n = e.errno();
+    if n == libc::EIO {
+        tracing::error!("{e}");
+    }
+    Errno::from_i32(n)
+}
+
+fn systime(t: (i64, u32)) -> SystemTime {
+    if t.0 >= 0 {
+        UNIX_EPOCH + Duration::new(t.0 as u64, t.1)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.0.unsigned_abs()) + Duration::from_nanos(u64::from(t.1))
+    }
+}
+
+fn from_systime(t: SystemTime) -> (i64, u32) {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
+        Err(e) => {
+            let d = e.duration();
+            let (s, n) = (d.as_secs() as i64, d.subsec_nanos());
+            if n == 0 {
+                (-s, 0)
+            } else {
+                (-s - 1, 1_000_000_000 - n)
+            }
+        }
+    }
+}
+
+fn kind(mode: u32) -> FileType {
+    match mode & S_IFMT {
+        S_IFDIR => FileType::Directory,
+        S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        libc::S_IFSOCK => FileType::Socket,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn kind_from_dt(k: u8) -> FileType {
+    kind(u32::from(k) << 12)
+}
+
+fn time_or_now(t: Option<TimeOrNow>) -> Option<(i64, u32)> {
+    t.map(|t| match t {
+        TimeOrNow::SpecificTime(s) => from_systime(s),
+        TimeOrNow::Now => crate::fs::now(),
+    })
+}
+
+impl VmfsFuse {
+    pub fn new(fs: Arc<Fs>) -> VmfsFuse {
+        VmfsFuse {
+            fs,
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    fn ino(&self, i: INodeNo) -> u64 {
+        if i.0 == 1 {
+            self.fs.root()
+        } else {
+            i.0
+        }
+    }
+
+    fn fuse_ino(&self, addr: u64) -> INodeNo {
+        INodeNo(if addr == self.fs.root() { 1 } else { addr })
+    }
+
+    fn attr(&self, i: &Inode) -> FileAttr {
+        let blocks = if i.layout == Layout::Inline {
+            i.size.div_ceil(512)
+        } else {
+            i.alloc_bytes / 512
+        };
+        FileAttr {
+            ino: self.fuse_ino(i.addr),
+            size: i.size,
+            blocks,
+            atime: systime(i.atime),
+            mtime: systime(i.mtime),
+            ctime: systime(i.ctime),
+            crtime: systime(i.crtime),
+            kind: kind(i.mode),
+            perm: (i.mode & 0o7777) as u16,
+            nlink: i.nlink,
+            uid: i.uid,
+            gid: i.gid,
+            rdev: i.rdev,
+            blksize: 1 << 16,
+            flags: 0,
+        }
+    }
+
+    fn entry(&self, r: crate::Result<Inode>, reply: ReplyEntry) {
+        match r {
+            Ok(i) => reply.entry(&TTL, &self.attr(&i), Generation(i.generation)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+}
+
+impl Filesystem for VmfsFuse {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_background(64);
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        if let Err(e) = self.fs.sync() {
+            tracing::error!("final flush at unmount failed: {e}");
+        }
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.entry(self.fs.lookup(self.ino(parent), name.as_bytes()), reply)
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.fs.getattr(self.ino(ino)) {
+            Ok(i) => reply.attr(&TTL, &self.attr(&i)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let a = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: time_or_now(atime),
+            mtime: time_or_now(mtime),
+            ctime: ctime.map(from_systime),
+        };
+        match self.fs.setattr(self.ino(ino), &a) {
+            Ok(i) => reply.attr(&TTL, &self.attr(&i)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.fs.readlink(self.ino(ino)) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let fmt = mode & S_IFMT;
+        let mode = if fmt == 0 { mode | S_IFREG } else { mode };
+        if mode & S_IFMT == S_IFDIR {
+            return reply.error(Errno::EINVAL);
+        }
+        self.entry(
+            self.fs.create(
+                self.ino(parent),
+                name.as_bytes(),
+                mode,
+                req.uid(),
+                req.gid(),
+                rdev,
+                None,
+            ),
+            reply,
+        )
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        self.entry(
+            self.fs.create(
+                self.ino(parent),
+                name.as_bytes(),
+                S_IFDIR | (mode & 0o7777),
+                req.uid(),
+                req.gid(),
+                0,
+                None,
+            ),
+            reply,
+        )
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.fs.unlink(self.ino(parent), name.as_bytes(), false) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.fs.unlink(self.ino(parent), name.as_bytes(), true) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let t = target.as_os_str().as_bytes();
+        if t.is_empty() || t.len() >= 4096 {
+            return reply.error(Errno::ENAMETOOLONG);
+        }
+        self.entry(
+            self.fs.create(
+                self.ino(parent),
+                link_name.as_bytes(),
+                S_IFLNK | 0o777,
+                req.uid(),
+                req.gid(),
+                0,
+                Some(t),
+            ),
+            reply,
+        )
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+            return reply.error(Errno::EINVAL);
+        }
+        let r = self.fs.rename(
+            self.ino(parent),
+            name.as_bytes(),
+            self.ino(newparent),
+            newname.as_bytes(),
+            flags.contains(RenameFlags::RENAME_NOREPLACE),
+            flags.contains(RenameFlags::RENAME_EXCHANGE),
+        );
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        self.entry(
+            self.fs
+                .link(self.ino(ino), self.ino(newparent), newname.as_bytes()),
+            reply,
+        )
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let ino = self.ino(ino);
+        match self.fs.open_file(ino) {
+            Ok(i) if i.is_dir() && flags.0 & libc::O_ACCMODE != libc::O_RDONLY => {
+                let _ = self.fs.release(ino);
+                reply.error(Errno::EISDIR)
+            }
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lo: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.fs.read(self.ino(ino), offset, size as usize) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _wf: WriteFlags,
+        _flags: OpenFlags,
+        _lo: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.fs.write(self.ino(ino), offset, data) {
+            Ok(_) => reply.written(data.len() as u32),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lo: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok()
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lo: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.fs.release(self.ino(ino)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.fs.sync() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let ino = self.ino(ino);
+        match self.fs.getattr(ino) {
+            Ok(i) if i.is_dir() => {
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                reply.opened(FileHandle(fh), FopenFlags::empty())
+            }
+            Ok(_) => reply.error(Errno::ENOTDIR),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let dir = self.ino(ino);
+        let mut dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
+        if offset == 0 || !dirs.contains_key(&fh.0) {
+            // A snapshot per open handle: stable offsets while others change the directory.
+            let d = match self.fs.getattr(dir) {
+                Ok(d) => d,
+                Err(e) => return reply.error(errno(&e)),
+            };
+            let mut list = vec![
+                (d.addr, 4u8, b".".to_vec()),
+                (d.parent, 4u8, b"..".to_vec()),
+            ];
+            match self.fs.readdir(dir) {
+                Ok(es) => list.extend(es.into_iter().map(|e| (e.fd, e.kind, e.name))),
+                Err(e) => return reply.error(errno(&e)),
+            }
+            dirs.insert(fh.0, list);
+        }
+        let list = &dirs[&fh.0];
+        for (i, (a, k, name)) in list.iter().enumerate().skip(offset as usize) {
+            if reply.add(
+                self.fuse_ino(*a),
+                i as u64 + 1,
+                kind_from_dt(*k),
+                OsStr::from_bytes(name),
+            ) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh.0);
+        reply.ok()
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.fs.sync() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let u = self.fs.usage();
+        let fds_per_block = (u.block_size - 4096) / 4096;
+        let files = u.fds_used + u.fds_free + u.free_blocks * fds_per_block;
+        reply.statfs(
+            u.total_blocks,
+            u.free_blocks,
+            u.free_blocks,
+            files,
+            files - u.fds_used,
+            u.block_size as u32,
+            NAME_MAX as u32,
+            u.block_size as u32,
+        )
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let mode = if mode & S_IFMT == 0 {
+            mode | S_IFREG
+        } else {
+            mode
+        };
+        match self.fs.create(
+            self.ino(parent),
+            name.as_bytes(),
+            mode,
+            req.uid(),
+            req.gid(),
+            0,
+            None,
+        ) {
+            Ok(i) => {
+                let _ = self.fs.open_file(i.addr);
+                reply.created(
+                    &TTL,
+                    &self.attr(&i),
+                    Generation(i.generation),
+                    FileHandle(0),
+                    FopenFlags::empty(),
+                )
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        match self.fs.fallocate(self.ino(ino), offset, length, mode) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+}
+
+/// Mount and serve until unmounted (`fusermount3 -u`) or until `stop` is
+/// signalled; flushes the volume before returning.
+pub fn serve(
+    fs: Arc<Fs>,
+    mountpoint: &Path,
+    threads: usize,
+    stop: std::sync::mpsc::Receiver<()>,
+) -> crate::Result<()> {
+    let label = if fs.vol.header.label.is_empty() {
+        crate::volume::uuid_str(&fs.vol.header.uuid)
+    } else {
+        fs.vol.header.label.clone()
+    };
+    let mut cfg = Config::default();
+    cfg.mount_options = vec![
+        MountOption::FSName(format!("vmfs:{label}")),
+        MountOption::Subtype("vmfs".into()),
+        MountOption::DefaultPermissions,
+    ];
+    // SAFETY: geteuid has no preconditions.
+    cfg.acl = if unsafe { libc::geteuid() } == 0 {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    cfg.n_threads = Some(threads.max(1));
+    cfg.clone_fd = true;
+    let session = fuser::spawn_mount(VmfsFuse::new(fs.clone()), mountpoint, &cfg)
+        .map_err(|e| FsError::Invalid(format!("cannot mount on {}: {e}", mountpoint.display())))?;
+    tracing::info!("mounted on {}", mountpoint.display());
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
+    let waiter = std::thread::spawn(move || {
+        let _ = done_tx.send(session.join());
+    });
+    loop {
+        if stop.recv_timeout(Duration::from_millis(200)).is_ok() {
+            tracing::info!("signal received: unmounting {}", mountpoint.display());
+            let st = std::process::Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(mountpoint)
+                .status();
+            if !st.map(|s| s.success()).unwrap_or(false) {
+                let c = std::ffi::CString::new(mountpoint.as_os_str().as_bytes())
+                    .map_err(|_| FsError::Invalid("mountpoint has a NUL".into()))?;
+                // SAFETY: c is a valid NUL-terminated path.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+        match done_rx.recv_timeout(Duration::from_millis(10)) {
+            Ok(r) => {
+                let _ = waiter.join();
+                fs.sync()?;
+                tracing::info!("unmounted {}", mountpoint.display());
+                return r.map_err(|e| {
+                    FsError::Invalid(format!("FUSE session ended with an error: {e}"))
+                });
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(_) => return Ok(()),
+        }
+    }
+}
