@@ -91,6 +91,10 @@ impl State {
     }
 
     pub fn iput(&mut self, vol: &Volume, ino: &Inode) -> Result<()> {
+        if ino.layout == Layout::Inline && ino.size > INLINE_MAX as u64 {
+            // Never write a descriptor the decoder would reject.
+            return Err(FsError::Invalid(format!("internal error: inline file {:#x} of {} bytes", ino.addr, ino.size)));
+        }
         let b = self.meta.get_mut(vol, ino.addr, MAGIC_FD)?;
         ino.encode(&mut b[LOCK_SECTOR..]);
         Ok(())
@@ -592,6 +596,9 @@ impl State {
         }
         if size > (FD_PTRS as u64) * Self::span(4) * vol.block_size() {
             return Err(posix(libc::EFBIG));
+        }
+        if ino.layout == Layout::Inline && size > INLINE_MAX as u64 {
+            self.to_tree(vol, ino, size)?;
         }
         ino.size = size;
         Ok(())
@@ -1133,6 +1140,9 @@ impl Fs {
     }
 
     pub fn lookup_locked(&self, st: &mut State, dir: u64, name: &[u8]) -> Result<Inode> {
+        if name.len() > NAME_MAX {
+            return Err(posix(libc::ENAMETOOLONG));
+        }
         let d = st.iget(&self.vol, dir)?;
         if !d.is_dir() {
             return Err(posix(libc::ENOTDIR));
