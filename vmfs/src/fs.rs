@@ -93,7 +93,10 @@ impl State {
     pub fn iput(&mut self, vol: &Volume, ino: &Inode) -> Result<()> {
         if ino.layout == Layout::Inline && ino.size > INLINE_MAX as u64 {
             // Never write a descriptor the decoder would reject.
-            return Err(FsError::Invalid(format!("internal error: inline file {:#x} of {} bytes", ino.addr, ino.size)));
+            return Err(FsError::Invalid(format!(
+                "internal error: inline file {:#x} of {} bytes",
+                ino.addr, ino.size
+            )));
         }
         let b = self.meta.get_mut(vol, ino.addr, MAGIC_FD)?;
         ino.encode(&mut b[LOCK_SECTOR..]);
@@ -1687,6 +1690,31 @@ impl Fs {
             self.vol.extend(l),
             Err(FsError::Invalid(_)) | Err(FsError::Extent { .. })
         )
+    }
+
+    /// The extents holding a file's data blocks.
+    pub fn extents_of(&self, ino: u64) -> Result<std::collections::BTreeSet<usize>> {
+        let mut st = self.lock();
+        let i = st.iget(&self.vol, ino)?;
+        let leaf = State::leaf_size(&self.vol, &i);
+        let mut out = std::collections::BTreeSet::new();
+        for li in 0..i.size.div_ceil(leaf) {
+            let p = st.get_ptr(&self.vol, &i, li)?;
+            if p != 0 {
+                out.insert(self.vol.locate((p & PTR_ADDR_MASK) * MD as u64)?.0);
+            }
+        }
+        Ok(out)
+    }
+
+    /// 4K addresses of a directory's header and first bucket.
+    pub fn dir_blocks(&self, dir: u64) -> Result<(u64, u64)> {
+        let mut st = self.lock();
+        let d = st.iget(&self.vol, dir)?;
+        Ok((
+            st.dir_block_ro(&self.vol, &d, 0)?,
+            st.dir_block_ro(&self.vol, &d, 1)?,
+        ))
     }
 
     /// Re-read allocation summaries (after fsck rewrote bitmaps).

@@ -544,3 +544,59 @@ pub fn count_lookup_reads(fs: &Fs, dir: u64, name: &[u8]) -> Result<u64> {
     fs.lookup(dir, name)?;
     Ok(fs.lock().meta.reads)
 }
+
+/// Where one metadata object of each kind lives: (kind, extent, byte offset
+/// of its checksummed body on that extent's LUN). For tests and inspection.
+pub fn locate_objects(fs: &Fs) -> Result<Vec<(&'static str, usize, u64)>> {
+    let vol = &fs.vol;
+    let h = &vol.header;
+    let at = |addr4k: u64, body: usize| -> Result<(usize, u64)> {
+        let (i, o) = vol.locate(addr4k * MD as u64)?;
+        Ok((i, o + body as u64))
+    };
+    let mut out = vec![
+        ("volume header", 0, 0),
+        (
+            "file-block cluster",
+            0,
+            u64::from(h.extents[0].fbc_off) + LOCK_SECTOR as u64,
+        ),
+    ];
+    out.push(("resource table", 0, h.rt_off + LOCK_SECTOR as u64));
+    let clusters = fs.lock().alloc.clusters.clone();
+    if let Some(c) = clusters.first() {
+        let (i, o) = at(c.addr, LOCK_SECTOR)?;
+        out.push(("resource cluster", i, o));
+    }
+    let (dh, db) = fs.dir_blocks(fs.root())?;
+    let (i, o) = at(dh, 0)?;
+    out.push(("directory header", i, o));
+    let (i, o) = at(db, 0)?;
+    out.push(("directory bucket", i, o));
+    let mut st = fs.lock();
+    let root = st.iget(vol, fs.root())?;
+    let mut fd = None;
+    let mut pb = None;
+    for e in st.dir_list(vol, &root)? {
+        let ino = st.iget(vol, e.fd)?;
+        if ino.is_dir() {
+            continue;
+        }
+        fd.get_or_insert(ino.addr);
+        if let Layout::Tree { depth, .. } = ino.layout {
+            if depth > 0 && pb.is_none() {
+                pb = (0..FD_PTRS).map(|k| ino.ptr(k)).find(|&p| p != 0);
+            }
+        }
+    }
+    drop(st);
+    if let Some(a) = fd {
+        let (i, o) = at(a, LOCK_SECTOR)?;
+        out.push(("file descriptor", i, o));
+    }
+    if let Some(p) = pb {
+        let (i, o) = at(p & PTR_ADDR_MASK, 0)?;
+        out.push(("pointer block", i, o));
+    }
+    Ok(out)
+}

@@ -1,0 +1,67 @@
+//! POSIX behaviour of the FUSE mount, checked by the real tools: pjdfstest
+//! (0 failures) and fsx (100,000 operations by default; FSX_OPS to change).
+
+use std::process::Command;
+
+use vmfs::{Fs, MkfsOptions};
+use vmfs_tests::*;
+
+fn mounted(d: &std::path::Path) -> Mounted {
+    let urls = vec![
+        file_lun(d, "a.img", 512 << 20),
+        file_lun(d, "b.img", 512 << 20),
+    ];
+    Fs::mkfs(open_luns(&urls), &MkfsOptions::default()).unwrap();
+    Mounted::new(&urls, &d.join("mnt"))
+}
+
+#[test]
+fn pjdfstest_passes() {
+    require("pjdfstest");
+    let d = tempfile::tempdir().unwrap();
+    let m = mounted(d.path());
+    let conf = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/pjdfstest.toml");
+    let o = Command::new("pjdfstest")
+        .arg("-c")
+        .arg(conf)
+        .arg("-p")
+        .arg(&m.path)
+        .current_dir(&m.path)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    let summary = out
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("Summary:"))
+        .unwrap_or("no summary");
+    println!("pjdfstest {summary}");
+    let failed: Vec<&str> = out.lines().filter(|l| l.contains("FAILED")).collect();
+    assert!(
+        o.status.success() && summary.contains(" 0 failed"),
+        "pjdfstest: {summary}\n{}",
+        failed.join("\n")
+    );
+    m.unmount();
+}
+
+#[test]
+fn fsx_passes() {
+    require("fsx");
+    let d = tempfile::tempdir().unwrap();
+    let m = mounted(d.path());
+    let ops = std::env::var("FSX_OPS").unwrap_or_else(|_| "100000".into());
+    let o = Command::new("fsx")
+        .args(["-N", &ops, "-S", "20261123", "-P"])
+        .arg(d.path())
+        .arg(m.path.join("fsx.file"))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && out.contains("All operations completed A-OK"),
+        "fsx failed:\n{}",
+        &out[out.len().saturating_sub(4000)..]
+    );
+    m.unmount();
+}
