@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install everything the datastore and its tests need on a fresh Debian machine.
+# Idempotent: quick when everything is already there.
+set -euo pipefail
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+need_apt=()
+command -v fusermount3 >/dev/null || need_apt+=(fuse3)
+command -v qemu-nbd    >/dev/null || need_apt+=(qemu-utils)
+command -v nbdkit      >/dev/null || need_apt+=(nbdkit)
+command -v pkg-config  >/dev/null || need_apt+=(pkg-config)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: installing ${need_apt[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+# POSIX test tools from crates.io, pinned.
+command -v pjdfstest >/dev/null || cargo install --locked pjdfstest --version 0.2.2
+command -v fsx       >/dev/null || cargo install --locked fsx --version 0.3.2
+
+# pjdfstest switches to these identities (tests/conf/pjdfstest.toml).
+getent group tests  >/dev/null || $SUDO groupadd tests
+getent passwd tests >/dev/null || $SUDO useradd -g tests -M -s /usr/sbin/nologin tests
+
+[ -e /dev/fuse ] || { echo "setup: /dev/fuse is missing: this machine cannot mount FUSE filesystems" >&2; exit 1; }
