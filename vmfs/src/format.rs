@@ -7,7 +7,7 @@
 //! 32-byte header: magic, version, crc32 of the body, and the block's own
 //! address, so a misdirected or torn write is caught on read.
 
-use crate::error::{FsError, Result};
+use crate::error::FsError;
 
 pub const MD: usize = 4096;
 pub const LOCK_SECTOR: usize = 512;
@@ -625,8 +625,6 @@ pub fn corrupt(lun: &str, offset: u64, object: String, reason: String) -> FsErro
         reason,
     }
 }
-
-pub fn _unused(_: Result<()>) {}
 
 #[cfg(test)]
 mod tests {

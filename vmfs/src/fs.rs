@@ -515,6 +515,24 @@ impl State {
         Ok(())
     }
 
+    /// Make the layout able to hold `end` bytes: inline while it fits, then
+    /// sub-block leaves, then file-block leaves. True when still inline.
+    fn prepare_layout(&mut self, vol: &Volume, ino: &mut Inode, end: u64) -> Result<bool> {
+        if ino.layout == Layout::Inline {
+            if end <= INLINE_MAX as u64 {
+                return Ok(true);
+            }
+            self.to_tree(vol, ino, end)?;
+        }
+        if let Layout::Tree { sub: true, .. } = ino.layout {
+            let sb = u64::from(vol.header.sub_block_size);
+            if !ino.is_dir() && end > SB_FILE_LEAVES * sb && sb < vol.block_size() {
+                self.sub_to_fb(vol, ino)?;
+            }
+        }
+        Ok(false)
+    }
+
     /// Write with the state lock held: allocates as needed; fresh leaves get
     /// their unwritten parts zeroed before the data, all before commit.
     pub fn write_locked(
@@ -530,19 +548,10 @@ impl State {
         if data.is_empty() {
             return Ok(());
         }
-        if ino.layout == Layout::Inline {
-            if end <= INLINE_MAX as u64 {
-                ino.area[off as usize..end as usize].copy_from_slice(data);
-                ino.size = ino.size.max(end);
-                return Ok(());
-            }
-            self.to_tree(vol, ino, end)?;
-        }
-        if let Layout::Tree { sub: true, .. } = ino.layout {
-            let sb = u64::from(vol.header.sub_block_size);
-            if !ino.is_dir() && end > SB_FILE_LEAVES * sb && sb < vol.block_size() {
-                self.sub_to_fb(vol, ino)?;
-            }
+        if self.prepare_layout(vol, ino, end)? {
+            ino.area[off as usize..end as usize].copy_from_slice(data);
+            ino.size = ino.size.max(end);
+            return Ok(());
         }
         let leaf_sz = Self::leaf_size(vol, ino);
         let mut done = 0usize;
@@ -637,20 +646,11 @@ impl State {
         keep_size: bool,
     ) -> Result<()> {
         let end = off.checked_add(len).ok_or_else(|| posix(libc::EFBIG))?;
-        if ino.layout == Layout::Inline {
-            if end <= INLINE_MAX as u64 {
-                if !keep_size {
-                    ino.size = ino.size.max(end);
-                }
-                return Ok(());
+        if self.prepare_layout(vol, ino, end)? {
+            if !keep_size {
+                ino.size = ino.size.max(end);
             }
-            self.to_tree(vol, ino, end)?;
-        }
-        if let Layout::Tree { sub: true, .. } = ino.layout {
-            let sb = u64::from(vol.header.sub_block_size);
-            if !ino.is_dir() && end > SB_FILE_LEAVES * sb && sb < vol.block_size() {
-                self.sub_to_fb(vol, ino)?;
-            }
+            return Ok(());
         }
         let leaf_sz = Self::leaf_size(vol, ino);
         let need = (end.div_ceil(leaf_sz) - off / leaf_sz) * leaf_sz / vol.block_size();
@@ -1002,11 +1002,8 @@ impl State {
         }
     }
 
+    /// Entries in a directory (from its header).
     pub fn dir_count(&mut self, vol: &Volume, dir: &Inode) -> Result<u64> {
-        self.dir_entries(vol, dir)
-    }
-
-    fn dir_entries(&mut self, vol: &Volume, dir: &Inode) -> Result<u64> {
         Ok(self.dir_hdr(vol, dir)?.3)
     }
 
@@ -1306,7 +1303,7 @@ impl Fs {
                 if !i.is_dir() {
                     return Err(posix(libc::ENOTDIR));
                 }
-                if st.dir_entries(vol, &i)? > 0 {
+                if st.dir_count(vol, &i)? > 0 {
                     return Err(posix(libc::ENOTEMPTY));
                 }
                 d.nlink -= 1;
@@ -1427,7 +1424,7 @@ impl Fs {
                         (true, false) => return Err(posix(libc::ENOTDIR)),
                         (false, true) => return Err(posix(libc::EISDIR)),
                         (true, true) => {
-                            if st.dir_entries(vol, &victim)? > 0 {
+                            if st.dir_count(vol, &victim)? > 0 {
                                 return Err(posix(libc::ENOTEMPTY));
                             }
                         }

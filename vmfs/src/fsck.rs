@@ -286,13 +286,7 @@ fn check_dir_layout(st: &mut State, vol: &Volume, d: &Inode, entries: &[DirEntry
             ));
         }
     }
-    match st.dir_list(vol, d).map(|v| v.len()) {
-        Ok(n) => {
-            let _ = n;
-        }
-        Err(e) => r.errors.push(e.to_string()),
-    }
-    if let Ok(hdr_count) = dir_count(st, vol, d) {
+    if let Ok(hdr_count) = st.dir_count(vol, d) {
         if hdr_count != entries.len() as u64 {
             r.errors.push(format!(
                 "directory {:#x}: header counts {hdr_count} entries, {} found",
@@ -301,10 +295,6 @@ fn check_dir_layout(st: &mut State, vol: &Volume, d: &Inode, entries: &[DirEntry
             ));
         }
     }
-}
-
-fn dir_count(st: &mut State, vol: &Volume, d: &Inode) -> Result<u64> {
-    st.dir_count(vol, d)
 }
 
 /// Compare bitmaps with ownership; returns allocated-but-unreachable FDs.
@@ -445,13 +435,8 @@ fn do_repair(fs: &Fs, w: &Walk, orphans: &[u64], r: &mut Report) -> Result<()> {
             "file descriptor {o:#x} linked as /lost+found/{name}"
         ));
     }
-    // 4. Rebuild bitmaps from ownership (re-walk so adopted files count).
-    if !adopted.is_empty() {
-        let again = check(fs, false, None)?;
-        let _ = again;
-    }
+    // 4. Rebuild bitmaps from ownership, counting what the adopted files own.
     let fresh = {
-        // Ownership after adoption: walk again cheaply by re-running the walk.
         let mut r2 = Report::default();
         let mut w2 = Walk {
             fb: w.fb.clone(),
@@ -482,49 +467,23 @@ fn do_repair(fs: &Fs, w: &Walk, orphans: &[u64], r: &mut Report) -> Result<()> {
         }
         w2
     };
-    let vol = &fs.vol;
-    let n = fs.op(|st, vol_| {
+    let n = fs.op(|st, vol| {
         let mut fixed = 0;
         for c in st.alloc.fbc.clone() {
-            let b = st.meta.get(vol_, c.addr, MAGIC_FBC)?[LOCK_SECTOR..].to_vec();
-            let mut nb = b.clone();
-            let mut free = 0;
-            for j in 0..c.count as usize {
-                let owned = fresh.fb.contains_key(&(c.first + j as u64));
-                bit_set(&mut nb[CL_BITMAP..], j, owned);
-                if !owned {
-                    free += 1;
-                }
-            }
-            put32(&mut nb, CL_FREE, free);
-            if nb != b {
-                st.meta.get_mut(vol_, c.addr, MAGIC_FBC)?[LOCK_SECTOR..].copy_from_slice(&nb);
-                fixed += 1;
-            }
+            fixed += rebuild_bitmap(st, vol, c.addr, MAGIC_FBC, c.count, |j| {
+                fresh.fb.contains_key(&(c.first + j as u64))
+            })? as u32;
         }
         for c in st.alloc.clusters.clone() {
-            let b = st.meta.get(vol_, c.addr, MAGIC_RCLUSTER)?[LOCK_SECTOR..].to_vec();
-            let mut nb = b.clone();
             let per = u64::from(c.res_size) / MD as u64;
-            let mut free = 0;
-            for j in 0..c.count as usize {
-                let owned = fresh
+            fixed += rebuild_bitmap(st, vol, c.addr, MAGIC_RCLUSTER, c.count, |j| {
+                fresh
                     .res
-                    .contains_key(&(c.rtype, c.addr + 1 + j as u64 * per));
-                bit_set(&mut nb[CL_BITMAP..], j, owned);
-                if !owned {
-                    free += 1;
-                }
-            }
-            put32(&mut nb, CL_FREE, free);
-            if nb != b {
-                st.meta.get_mut(vol_, c.addr, MAGIC_RCLUSTER)?[LOCK_SECTOR..].copy_from_slice(&nb);
-                fixed += 1;
-            }
+                    .contains_key(&(c.rtype, c.addr + 1 + j as u64 * per))
+            })? as u32;
         }
         Ok(fixed)
     })?;
-    let _ = vol;
     if n > 0 {
         r.repaired.push(format!(
             "rebuilt {n} allocation bitmaps from what the files own"
@@ -532,6 +491,29 @@ fn do_repair(fs: &Fs, w: &Walk, orphans: &[u64], r: &mut Report) -> Result<()> {
     }
     fs.reload_alloc()?;
     Ok(())
+}
+
+/// Set a cluster's bitmap and free count from `owned`; true if it changed.
+fn rebuild_bitmap(
+    st: &mut State,
+    vol: &Volume,
+    addr: u64,
+    magic: u32,
+    count: u32,
+    owned: impl Fn(usize) -> bool,
+) -> Result<bool> {
+    let b = st.meta.get(vol, addr, magic)?[LOCK_SECTOR..].to_vec();
+    let mut nb = b.clone();
+    let mut free = 0;
+    for j in 0..count as usize {
+        bit_set(&mut nb[CL_BITMAP..], j, owned(j));
+        free += u32::from(!owned(j));
+    }
+    put32(&mut nb, CL_FREE, free);
+    if nb != b {
+        st.meta.get_mut(vol, addr, magic)?[LOCK_SECTOR..].copy_from_slice(&nb);
+    }
+    Ok(nb != b)
 }
 
 /// How many metadata blocks a cold lookup reads (tests the O(1) claim).

@@ -38,6 +38,13 @@ fn errno(e: &FsError) -> Errno {
     Errno::from_i32(n)
 }
 
+fn done(reply: ReplyEmpty, r: crate::Result<()>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
 fn systime(t: (i64, u32)) -> SystemTime {
     if t.0 >= 0 {
         UNIX_EPOCH + Duration::new(t.0 as u64, t.1)
@@ -256,17 +263,17 @@ impl Filesystem for VmfsFuse {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.fs.unlink(self.ino(parent), name.as_bytes(), false) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        done(
+            reply,
+            self.fs.unlink(self.ino(parent), name.as_bytes(), false),
+        )
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.fs.unlink(self.ino(parent), name.as_bytes(), true) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        done(
+            reply,
+            self.fs.unlink(self.ino(parent), name.as_bytes(), true),
+        )
     }
 
     fn symlink(
@@ -308,18 +315,17 @@ impl Filesystem for VmfsFuse {
         if flags.contains(RenameFlags::RENAME_WHITEOUT) {
             return reply.error(Errno::EINVAL);
         }
-        let r = self.fs.rename(
-            self.ino(parent),
-            name.as_bytes(),
-            self.ino(newparent),
-            newname.as_bytes(),
-            flags.contains(RenameFlags::RENAME_NOREPLACE),
-            flags.contains(RenameFlags::RENAME_EXCHANGE),
-        );
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        done(
+            reply,
+            self.fs.rename(
+                self.ino(parent),
+                name.as_bytes(),
+                self.ino(newparent),
+                newname.as_bytes(),
+                flags.contains(RenameFlags::RENAME_NOREPLACE),
+                flags.contains(RenameFlags::RENAME_EXCHANGE),
+            ),
+        )
     }
 
     fn link(
@@ -405,10 +411,7 @@ impl Filesystem for VmfsFuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        match self.fs.release(self.ino(ino)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        done(reply, self.fs.release(self.ino(ino)))
     }
 
     fn fsync(
@@ -419,10 +422,7 @@ impl Filesystem for VmfsFuse {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.fs.sync() {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        done(reply, self.fs.sync())
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -500,10 +500,7 @@ impl Filesystem for VmfsFuse {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.fs.sync() {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        done(reply, self.fs.sync())
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -570,10 +567,10 @@ impl Filesystem for VmfsFuse {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.fs.fallocate(self.ino(ino), offset, length, mode) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        done(
+            reply,
+            self.fs.fallocate(self.ino(ino), offset, length, mode),
+        )
     }
 }
 
