@@ -287,3 +287,47 @@ fn repair_fixes_leaks_and_link_counts() {
     let o = vmfs(&["fsck", sa]);
     assert_eq!(o.status.code(), Some(0), "after repair: {}", text(&o));
 }
+
+/// A foreground mount stops cleanly on SIGTERM and on SIGINT: unmounted,
+/// data flushed, fsck clean.
+#[test]
+fn signals_unmount_cleanly() {
+    let d = tempfile::tempdir().unwrap();
+    let a = img(d.path(), "a.img", 64 << 20);
+    let sa = a.to_str().unwrap();
+    assert!(vmfs(&["mkfs", sa]).status.success());
+    let mnt = d.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = |m: &Path| {
+        let m = std::fs::canonicalize(m).unwrap();
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some(m.to_str().unwrap()))
+    };
+    for (k, sig) in [libc::SIGTERM, libc::SIGINT].into_iter().enumerate() {
+        let mut child = Command::new(VMFS)
+            .args(["mount", "--foreground", sa, mnt.to_str().unwrap()])
+            .env("VMFS_LOG", "warn")
+            .spawn()
+            .unwrap();
+        let t = std::time::Instant::now();
+        while !mounted(&mnt) {
+            assert!(t.elapsed().as_secs() < 20, "mount did not appear");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        std::fs::write(mnt.join(format!("f{k}")), vec![k as u8 + 1; 2 << 20]).unwrap();
+        // SAFETY: sending a signal to our own child.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let st = child.wait().unwrap();
+        assert!(st.success(), "signal {sig}: exit {st}");
+        assert!(!mounted(&mnt), "still mounted after signal {sig}");
+    }
+    let o = vmfs(&["fsck", sa]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let fs = vmfs::Fs::open(vec![lun::open(sa).unwrap()]).unwrap();
+    for k in 0..2u8 {
+        let i = fs.lookup(fs.root(), format!("f{k}").as_bytes()).unwrap();
+        assert_eq!(fs.read(i.addr, 0, 2 << 20).unwrap(), vec![k + 1; 2 << 20]);
+    }
+}
