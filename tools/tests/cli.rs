@@ -331,3 +331,50 @@ fn signals_unmount_cleanly() {
         assert_eq!(fs.read(i.addr, 0, 2 << 20).unwrap(), vec![k + 1; 2 << 20]);
     }
 }
+
+/// An NBD "server" that answers garbage, one that hangs up mid-handshake,
+/// and one that is not there: fsck and mount exit 2 with a clear message.
+#[test]
+fn broken_nbd_servers_are_clear_errors() {
+    use std::io::Write;
+    let d = tempfile::tempdir().unwrap();
+    let mnt = d.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    for (k, reply) in [&b"HTTP/1.1 400 Bad Request\r\n\r\n"[..], &b"NBDMAGIC"[..]]
+        .into_iter()
+        .enumerate()
+    {
+        let sock = d.path().join(format!("s{k}.sock"));
+        let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let reply = reply.to_vec();
+        std::thread::spawn(move || {
+            for c in l.incoming().take(2) {
+                let mut c = c.unwrap();
+                let _ = c.write_all(&reply);
+            }
+        });
+        let url = format!("nbd+unix:///x?socket={}", sock.display());
+        for args in [
+            vec!["fsck", url.as_str()],
+            vec!["mount", "--foreground", url.as_str(), mnt.to_str().unwrap()],
+        ] {
+            let o = vmfs(&args);
+            let t = text(&o);
+            assert_eq!(o.status.code(), Some(2), "{args:?}: {t}");
+            assert!(
+                t.contains("NBD") || t.contains("connection"),
+                "{args:?}: {t}"
+            );
+            assert!(
+                t.contains(&sock.display().to_string()),
+                "message names the LUN: {t}"
+            );
+        }
+    }
+    let o = vmfs(&[
+        "info",
+        &format!("nbd+unix:///x?socket={}/absent.sock", d.path().display()),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("cannot connect"), "{}", text(&o));
+}
