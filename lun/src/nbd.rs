@@ -772,7 +772,8 @@ impl Lun for NbdLun {
         }
         if self.info.flags & TF_SEND_WRITE_ZEROES != 0 {
             let flags = if unmap { 0 } else { CMDF_NO_HOLE };
-            let max = u64::from(u32::MAX & !0xfff);
+            // The largest 4 KiB-aligned length a request can carry.
+            let max = u64::from(u32::MAX) & !0xfff;
             let mut done = 0;
             while done < len {
                 let n = (len - done).min(max);
@@ -839,7 +840,7 @@ impl Drop for NbdLun {
         let mut h = [0u8; 28];
         h[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
         h[6..8].copy_from_slice(&CMD_DISC.to_be_bytes());
-        let _ = self.rt.block_on(async {
+        self.rt.block_on(async {
             let mut w = self.writer.lock().await;
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
                 let _ = w.write_all(&h).await;

@@ -739,10 +739,8 @@ impl State {
         let a = self.dir_block_ro(vol, dir, 0)?;
         let b = self.meta.get(vol, a, MAGIC_DIRHDR)?;
         let (level, split, n) = (get32(b, 32), get32(b, 36), get64(b, 40));
-        if level > 30
-            || u64::from(split) >= 1u64 << level.max(0) && level > 0
-            || (level == 0 && split > 0)
-        {
+        // Buckets are 2^level + split with split < 2^level.
+        if level > 30 || u64::from(split) >= 1u64 << level {
             let (lun, off) = vol.where_is(a * MD as u64);
             return Err(corrupt(
                 &lun,
