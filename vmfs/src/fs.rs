@@ -32,7 +32,18 @@ pub struct Fs {
     data_locks: Mutex<HashMap<u64, Arc<RwLock<()>>>>,
 }
 
+/// The time stamped on files: the coarse realtime clock, as the kernel uses
+/// for its own file times (one tick, a few ms). Writes within one tick then
+/// leave the times unchanged and need no metadata commit.
 pub fn now() -> (i64, u32) {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec to fill.
+    if unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) } == 0 {
+        return (ts.tv_sec, ts.tv_nsec as u32);
+    }
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -1577,7 +1588,11 @@ impl Fs {
         let lock = self.data_lock(ino);
         let _g = lock.read().unwrap_or_else(|p| p.into_inner());
         // Fast path: every byte lands in a written, mapped leaf: data moves
-        // without the state lock, then the size and times are committed.
+        // without the state lock, then the size and times are committed
+        // (only if they changed: same size within one clock tick = nothing to do).
+        let end = off
+            .checked_add(data.len() as u64)
+            .ok_or_else(|| posix(libc::EFBIG))?;
         let plan = {
             let mut st = self.lock();
             let i = st.iget(&self.vol, ino)?;
@@ -1588,13 +1603,20 @@ impl Fs {
                 None
             } else {
                 let segs = st.plan(&self.vol, &i, off, data.len())?;
-                segs.iter().all(|s| s.at.is_some()).then_some(segs)
+                let t = now();
+                let unchanged = end <= i.size && i.mtime == t && i.ctime == t;
+                segs.iter()
+                    .all(|s| s.at.is_some())
+                    .then_some((segs, unchanged.then_some(i)))
             }
         };
-        if let Some(segs) = plan {
+        if let Some((segs, unchanged)) = plan {
             for s in &segs {
                 self.vol
                     .write(s.at.expect("mapped"), &data[s.buf_off..s.buf_off + s.len])?;
+            }
+            if let Some(i) = unchanged {
+                return Ok(i);
             }
             return self.op(|st, vol| {
                 let mut i = st.iget(vol, ino)?;
