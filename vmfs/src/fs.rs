@@ -1549,39 +1549,41 @@ impl Fs {
     }
 
     pub fn read(&self, ino: u64, off: u64, len: usize) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; len];
+        let n = self.read_into(ino, off, &mut out)?;
+        out.truncate(n);
+        Ok(out)
+    }
+
+    /// Read into the caller's buffer; returns the bytes read (short at EOF).
+    pub fn read_into(&self, ino: u64, off: u64, buf: &mut [u8]) -> Result<usize> {
         let lock = self.data_lock(ino);
         let _g = lock.read().unwrap_or_else(|p| p.into_inner());
-        let (segs, inline, n) = {
+        let (segs, n) = {
             let mut st = self.lock();
             let i = st.iget(&self.vol, ino)?;
             if i.is_dir() {
                 return Err(posix(libc::EISDIR));
             }
-            let end = off.saturating_add(len as u64).min(i.size);
+            let end = off.saturating_add(buf.len() as u64).min(i.size);
             if off >= end {
-                return Ok(Vec::new());
+                return Ok(0);
             }
             let n = (end - off) as usize;
             if i.layout == Layout::Inline {
-                (
-                    Vec::new(),
-                    Some(i.area[off as usize..off as usize + n].to_vec()),
-                    n,
-                )
-            } else {
-                (st.plan(&self.vol, &i, off, n)?, None, n)
+                buf[..n].copy_from_slice(&i.area[off as usize..off as usize + n]);
+                return Ok(n);
             }
+            (st.plan(&self.vol, &i, off, n)?, n)
         };
-        if let Some(v) = inline {
-            return Ok(v);
-        }
-        let mut out = vec![0u8; n];
         for s in segs {
-            if let Some(at) = s.at {
-                self.vol.read(at, &mut out[s.buf_off..s.buf_off + s.len])?;
+            let piece = &mut buf[s.buf_off..s.buf_off + s.len];
+            match s.at {
+                Some(at) => self.vol.read(at, piece)?,
+                None => piece.fill(0),
             }
         }
-        Ok(out)
+        Ok(n)
     }
 
     pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> Result<Inode> {

@@ -26,6 +26,10 @@ struct Args {
     /// Random 4 KiB reads per run.
     #[arg(long, default_value_t = 20000)]
     random_reads: u64,
+    /// Rounds, alternating baseline and vmfs; the medians are reported
+    /// (a virtual disk's throughput swings between runs).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 /// Drop a file's pages from the page cache so reads go to the disk.
@@ -84,6 +88,32 @@ fn measure(io: &Io, size: u64, nrand: u64) -> Result<Figures> {
     })
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Alternate baseline and vmfs `rounds` times; medians of each figure.
+fn compare(
+    base: &Io,
+    ours: &Io,
+    size: u64,
+    nrand: u64,
+    rounds: usize,
+) -> Result<(Figures, Figures)> {
+    let (mut b, mut o) = (Vec::new(), Vec::new());
+    for _ in 0..rounds.max(1) {
+        b.push(measure(base, size, nrand)?);
+        o.push(measure(ours, size, nrand)?);
+    }
+    let med = |v: &[Figures]| Figures {
+        seq_write: median(v.iter().map(|f| f.seq_write).collect()),
+        seq_read: median(v.iter().map(|f| f.seq_read).collect()),
+        rand_read: median(v.iter().map(|f| f.rand_read).collect()),
+    };
+    Ok((med(&b), med(&o)))
+}
+
 fn row(name: &str, unit: &str, base: f64, ours: f64, goal: &str) {
     println!(
         "{name:<34} {base:>10.0} {ours:>10.0} {unit:<5} {:>6.2}x   {goal}",
@@ -133,24 +163,18 @@ fn main() -> Result<()> {
             Ok(())
         }),
         read: Box::new(|b, o| {
-            let v = fs.read(fid, o, b.len())?;
-            b.copy_from_slice(&v);
+            fs.read_into(fid, o, b)?;
             Ok(())
         }),
         sync: Box::new(|| Ok(fs.sync()?)),
         evict: Box::new(|| evict(&lun_path)),
     };
-    println!(
-        "vmfs-bench: {size} MiB file, {} random 4 KiB reads, scratch {}",
-        a.random_reads,
-        dir.display()
-    );
+    println!("vmfs-bench: {size} MiB file, {} random 4 KiB reads, median of {} alternating rounds, scratch {}", a.random_reads, a.rounds, dir.display());
     println!(
         "{:<34} {:>10} {:>10} {:<5} {:>7}   goal",
         "", "baseline", "vmfs", "unit", "ratio"
     );
-    let rb = measure(&raw_io, size, a.random_reads)?;
-    let lb = measure(&lib_io, size, a.random_reads)?;
+    let (rb, lb) = compare(&raw_io, &lib_io, size, a.random_reads, a.rounds)?;
     row(
         "library seq write 1M vs raw LUN",
         "MB/s",
@@ -200,8 +224,7 @@ fn main() -> Result<()> {
             evict(&lun_path)
         }),
     };
-    let rb2 = measure(&raw_io, size, a.random_reads)?;
-    let fb = measure(&fuse_io, size, a.random_reads)?;
+    let (rb2, fb) = compare(&raw_io, &fuse_io, size, a.random_reads, a.rounds)?;
     row(
         "FUSE seq write 1M vs raw file",
         "MB/s",
