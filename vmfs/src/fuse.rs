@@ -45,6 +45,13 @@ fn done(reply: ReplyEmpty, r: crate::Result<()>) {
     }
 }
 
+fn data(reply: ReplyData, r: crate::Result<Vec<u8>>) {
+    match r {
+        Ok(d) => reply.data(&d),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
 fn systime(t: (i64, u32)) -> SystemTime {
     if t.0 >= 0 {
         UNIX_EPOCH + Duration::new(t.0 as u64, t.1)
@@ -204,10 +211,7 @@ impl Filesystem for VmfsFuse {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.fs.readlink(self.ino(ino)) {
-            Ok(t) => reply.data(&t),
-            Err(e) => reply.error(errno(&e)),
-        }
+        data(reply, self.fs.readlink(self.ino(ino)))
     }
 
     fn mknod(
@@ -366,10 +370,7 @@ impl Filesystem for VmfsFuse {
         _lo: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.fs.read(self.ino(ino), offset, size as usize) {
-            Ok(d) => reply.data(&d),
-            Err(e) => reply.error(errno(&e)),
-        }
+        data(reply, self.fs.read(self.ino(ino), offset, size as usize))
     }
 
     fn write(
