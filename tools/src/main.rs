@@ -54,6 +54,10 @@ enum Cmd {
         /// FUSE worker threads.
         #[arg(long, default_value_t = 4)]
         threads: usize,
+        /// Where the background mount logs (default: a file in the temp
+        /// directory named after the mountpoint).
+        #[arg(long)]
+        log_file: Option<PathBuf>,
         /// LUNs, then the mountpoint.
         #[arg(required = true, num_args = 2..)]
         args: Vec<String>,
@@ -197,7 +201,12 @@ fn fsck(specs: &[String], repair: bool) -> Result<bool> {
     Ok(r.errors.is_empty())
 }
 
-fn mount(args: &[String], foreground: bool, threads: usize) -> Result<()> {
+fn mount(
+    args: &[String],
+    foreground: bool,
+    threads: usize,
+    log_file: Option<PathBuf>,
+) -> Result<()> {
     let (mnt, specs) = args.split_last().expect("clap requires two");
     let mnt = PathBuf::from(mnt);
     if !mnt.is_dir() {
@@ -207,7 +216,15 @@ fn mount(args: &[String], foreground: bool, threads: usize) -> Result<()> {
     let fs = Arc::new(Fs::open(open_luns(specs)?)?);
     if !foreground {
         drop(fs);
-        return daemonize(args, threads, &mnt);
+        let log = log_file.unwrap_or_else(|| {
+            let name = std::fs::canonicalize(&mnt)
+                .unwrap_or_else(|_| mnt.clone())
+                .display()
+                .to_string()
+                .replace('/', "_");
+            std::env::temp_dir().join(format!("vmfs-mount{name}.log"))
+        });
+        return daemonize(args, threads, &mnt, &log);
     }
     let (tx, rx) = std::sync::mpsc::channel();
     ctrlc::set_handler(move || {
@@ -233,7 +250,12 @@ fn is_mounted(mnt: &std::path::Path) -> bool {
         .unwrap_or(false)
 }
 
-fn daemonize(args: &[String], threads: usize, mnt: &std::path::Path) -> Result<()> {
+fn daemonize(
+    args: &[String],
+    threads: usize,
+    mnt: &std::path::Path,
+    log: &std::path::Path,
+) -> Result<()> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe()?;
     let mut cmd = std::process::Command::new(exe);
@@ -242,8 +264,16 @@ fn daemonize(args: &[String], threads: usize, mnt: &std::path::Path) -> Result<(
         .arg("--threads")
         .arg(threads.to_string())
         .args(args);
+    // The daemon must not hold the caller's terminal or pipes open: it logs to a file.
+    let logf = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening the log file {}", log.display()))?;
+    let start_len = logf.metadata().map(|m| m.len()).unwrap_or(0);
     cmd.stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null());
+        .stdout(std::process::Stdio::null())
+        .stderr(logf);
     // SAFETY: setsid is async-signal-safe and takes no arguments.
     unsafe {
         cmd.pre_exec(|| {
@@ -256,15 +286,21 @@ fn daemonize(args: &[String], threads: usize, mnt: &std::path::Path) -> Result<(
     while start.elapsed() < std::time::Duration::from_secs(30) {
         if is_mounted(mnt) {
             println!(
-                "mounted on {} (pid {}); unmount with: fusermount3 -u {}",
+                "mounted on {} (pid {}, log {}); unmount with: fusermount3 -u {}",
                 mnt.display(),
                 child.id(),
+                log.display(),
                 mnt.display()
             );
             return Ok(());
         }
         if let Some(st) = child.try_wait()? {
-            bail!("the mount daemon exited ({st}) before the mount appeared");
+            let text = std::fs::read(log).unwrap_or_default();
+            let tail = String::from_utf8_lossy(text.get(start_len as usize..).unwrap_or_default());
+            bail!(
+                "the mount daemon exited ({st}) before the mount appeared:\n{}",
+                tail.trim_end()
+            );
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
@@ -314,8 +350,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Mount {
             foreground,
             threads,
+            log_file,
             args,
-        } => mount(&args, foreground, threads)?,
+        } => mount(&args, foreground, threads, log_file)?,
         Cmd::Extend { luns, add } => {
             let mut fs = Fs::open(open_luns(&luns)?)?;
             let before = fs.usage().total_blocks;
