@@ -9,6 +9,41 @@ use crate::format::*;
 use crate::txn::Meta;
 use crate::volume::Volume;
 
+/// In the cluster block at `addr`, take the first clear bit whose resource
+/// (4K address `key(j)`) this transaction has not freed: mark it used and
+/// return its index and the cluster's new free count. None when there is none.
+fn take_bit(
+    vol: &Volume,
+    meta: &mut Meta,
+    addr: u64,
+    magic: u32,
+    count: u32,
+    key: impl Fn(usize) -> u64,
+) -> Result<Option<(usize, u32)>> {
+    meta.get_mut(vol, addr, magic)?; // stage it
+    let txn = &mut meta.txn;
+    let body = &mut txn.blocks.get_mut(&addr).expect("staged above").1[LOCK_SECTOR..];
+    let (n, mut j) = (count as usize, 0);
+    let found = loop {
+        if j >= n {
+            break None;
+        }
+        if j % 8 == 0 && body[CL_BITMAP + j / 8] == 0xff {
+            j += 8; // a full byte: nothing free here
+            continue;
+        }
+        if !bit_get(&body[CL_BITMAP..], j) && !txn.freed.contains(&key(j)) {
+            break Some(j);
+        }
+        j += 1;
+    };
+    let Some(j) = found else { return Ok(None) };
+    bit_set(&mut body[CL_BITMAP..], j, true);
+    let free = get32(body, CL_FREE) - 1;
+    put32(body, CL_FREE, free);
+    Ok(Some((j, free)))
+}
+
 #[derive(Debug, Clone)]
 pub struct Fbc {
     pub addr: u64,
@@ -140,25 +175,12 @@ impl Alloc {
             }
             let c = self.fbc[ci].clone();
             let bpk = vol.blocks_per_4k();
-            let freed = meta.txn.freed.clone();
-            let b = meta.get_mut(vol, c.addr, MAGIC_FBC)?;
-            let body = &mut b[LOCK_SECTOR..];
-            let mut from = 0;
-            while let Some(j) = bit_find_clear(&body[CL_BITMAP..], c.count as usize, from) {
-                let lbn = c.first + j as u64;
-                if freed.contains(&(lbn * bpk)) {
-                    from = j + 1;
-                    if from >= c.count as usize {
-                        break;
-                    }
-                    continue;
-                }
-                bit_set(&mut body[CL_BITMAP..], j, true);
-                let f = get32(body, CL_FREE) - 1;
-                put32(body, CL_FREE, f);
-                self.fbc[ci].free = f;
+            if let Some((j, free)) = take_bit(vol, meta, c.addr, MAGIC_FBC, c.count, |j| {
+                (c.first + j as u64) * bpk
+            })? {
+                self.fbc[ci].free = free;
                 self.fb_hint = ci;
-                return Ok(lbn);
+                return Ok(c.first + j as u64);
             }
         }
         Err(FsError::NoSpace(format!(
@@ -207,21 +229,13 @@ impl Alloc {
                 continue;
             }
             let c = c.clone();
-            let freed = meta.txn.freed.clone();
-            let b = meta.get_mut(vol, c.addr, MAGIC_RCLUSTER)?;
-            let body = &mut b[LOCK_SECTOR..];
             let per = u64::from(c.res_size) / MD as u64;
-            for j in 0..c.count as usize {
-                let addr = c.addr + 1 + j as u64 * per;
-                if bit_get(&body[CL_BITMAP..], j) || freed.contains(&addr) {
-                    continue;
-                }
-                bit_set(&mut body[CL_BITMAP..], j, true);
-                let f = get32(body, CL_FREE) - 1;
-                put32(body, CL_FREE, f);
-                self.clusters[ci].free = f;
+            if let Some((j, free)) = take_bit(vol, meta, c.addr, MAGIC_RCLUSTER, c.count, |j| {
+                c.addr + 1 + j as u64 * per
+            })? {
+                self.clusters[ci].free = free;
                 self.res_hint[t as usize] = ci;
-                return Ok(addr);
+                return Ok(c.addr + 1 + j as u64 * per);
             }
         }
         // No room: make a new cluster from a file block and list it.

@@ -513,10 +513,6 @@ pub fn bit_set(bm: &mut [u8], i: usize, v: bool) {
         bm[i / 8] &= !(1 << (i % 8))
     }
 }
-/// First clear bit at or after `from` among the first `n`.
-pub fn bit_find_clear(bm: &[u8], n: usize, from: usize) -> Option<usize> {
-    (from..n).chain(0..from.min(n)).find(|&i| !bit_get(bm, i))
-}
 
 /// Offsets within the body of cluster blocks (FBC and resource clusters).
 pub const CL_FIRST: usize = 32; // FBC: first block (u64); RC: type (u32) + res size (u32)

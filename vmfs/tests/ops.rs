@@ -244,3 +244,21 @@ fn extend_adds_capacity() {
     );
     assert!(fs.extend_check_refuses_datastore(l[0].clone()));
 }
+
+/// A block freed by a transaction is never handed out again by the same
+/// transaction, even when it is the only free block left (this used to spin).
+#[test]
+fn freed_block_not_reused_in_same_transaction() {
+    let fs = Fs::mkfs(luns(&[16 << 20]), &MkfsOptions::default()).unwrap();
+    let r = fs.op(|st, vol| {
+        // Free the first block taken: not at the cluster's end, where the
+        // old wrap-around search happened to stop.
+        let first = st.alloc.alloc_fb(vol, &mut st.meta)?;
+        while st.alloc.alloc_fb(vol, &mut st.meta).is_ok() {}
+        st.alloc.free_fb(vol, &mut st.meta, first)?;
+        st.alloc.alloc_fb(vol, &mut st.meta)
+    });
+    assert!(matches!(r, Err(vmfs::FsError::NoSpace(_))), "{r:?}");
+    // The failed transaction wrote nothing: the blocks are still free.
+    assert!(fs.usage().free_blocks > 0);
+}
