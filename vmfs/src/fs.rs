@@ -67,6 +67,18 @@ pub struct Seg {
     pub at: Option<u64>,
 }
 
+/// Fetch planned segments into `buf`; holes read as zeros.
+pub fn fetch(vol: &Volume, segs: &[Seg], buf: &mut [u8]) -> Result<()> {
+    for s in segs {
+        let piece = &mut buf[s.buf_off..s.buf_off + s.len];
+        match s.at {
+            Some(at) => vol.read(at, piece)?,
+            None => piece.fill(0),
+        }
+    }
+    Ok(())
+}
+
 /// Statistics for statfs and `vmfs info`.
 #[derive(Debug, Clone)]
 pub struct Usage {
@@ -475,6 +487,28 @@ impl State {
     }
 
     /// Read with the state lock held (metadata-sized reads: directories, small files).
+    /// Start a read into `buf` at `off`: clamps to the size, copies inline
+    /// data at once, and returns the bytes the read yields and the segments
+    /// still to fetch with [`fetch`] (which needs no lock).
+    pub fn read_prepare(
+        &mut self,
+        vol: &Volume,
+        ino: &Inode,
+        off: u64,
+        buf: &mut [u8],
+    ) -> Result<(usize, Vec<Seg>)> {
+        let n = ino.size.saturating_sub(off).min(buf.len() as u64) as usize;
+        if n == 0 {
+            return Ok((0, Vec::new()));
+        }
+        if ino.layout == Layout::Inline {
+            buf[..n].copy_from_slice(&ino.area[off as usize..off as usize + n]);
+            return Ok((n, Vec::new()));
+        }
+        Ok((n, self.plan(vol, ino, off, n)?))
+    }
+
+    /// Read with the state lock held (metadata-sized reads: directories, small files).
     pub fn read_locked(
         &mut self,
         vol: &Volume,
@@ -482,20 +516,10 @@ impl State {
         off: u64,
         len: usize,
     ) -> Result<Vec<u8>> {
-        let end = (off + len as u64).min(ino.size);
-        if off >= end {
-            return Ok(Vec::new());
-        }
-        let len = (end - off) as usize;
-        if ino.layout == Layout::Inline {
-            return Ok(ino.area[off as usize..off as usize + len].to_vec());
-        }
-        let mut out = vec![0u8; len];
-        for s in self.plan(vol, ino, off, len)? {
-            if let Some(at) = s.at {
-                vol.read(at, &mut out[s.buf_off..s.buf_off + s.len])?;
-            }
-        }
+        let mut out = vec![0u8; ino.size.saturating_sub(off).min(len as u64) as usize];
+        let (n, segs) = self.read_prepare(vol, ino, off, &mut out)?;
+        fetch(vol, &segs, &mut out)?;
+        out.truncate(n);
         Ok(out)
     }
 
@@ -681,39 +705,41 @@ impl State {
 
     // ------------------------------------------------------------ directories
 
-    fn dir_block(
-        &mut self,
-        vol: &Volume,
-        dir: &mut Inode,
-        idx: u64,
-        alloc: bool,
-    ) -> Result<Option<u64>> {
+    /// Where directory block `idx` is (leaf and 4 KiB within it).
+    fn dir_pos(vol: &Volume, dir: &Inode, idx: u64) -> (u64, u64) {
         let leaf_sz = Self::leaf_size(vol, dir);
-        let li = idx * MD as u64 / leaf_sz;
-        let sub = (idx * MD as u64 % leaf_sz) / MD as u64;
-        if alloc {
-            let (a, fresh) = self.map_alloc(vol, dir, li)?;
-            if fresh {
-                vol.zero(a * MD as u64, leaf_sz)?;
-            }
-            dir.size = dir.size.max((idx + 1) * MD as u64);
-            return Ok(Some(a + sub));
-        }
-        let p = self.get_ptr(vol, dir, li)?;
-        Ok((p != 0).then_some((p & PTR_ADDR_MASK) + sub))
+        (
+            idx * MD as u64 / leaf_sz,
+            (idx * MD as u64 % leaf_sz) / MD as u64,
+        )
     }
 
+    /// The 4K address of directory block `idx`, allocating (zeroed) if absent.
+    fn dir_block_alloc(&mut self, vol: &Volume, dir: &mut Inode, idx: u64) -> Result<u64> {
+        let (li, sub) = Self::dir_pos(vol, dir, idx);
+        let (a, fresh) = self.map_alloc(vol, dir, li)?;
+        if fresh {
+            vol.zero(a * MD as u64, Self::leaf_size(vol, dir))?;
+        }
+        dir.size = dir.size.max((idx + 1) * MD as u64);
+        Ok(a + sub)
+    }
+
+    /// The 4K address of directory block `idx`, which must exist.
     fn dir_block_ro(&mut self, vol: &Volume, dir: &Inode, idx: u64) -> Result<u64> {
-        let mut d = dir.clone();
-        self.dir_block(vol, &mut d, idx, false)?.ok_or_else(|| {
-            let (lun, off) = vol.where_is(dir.addr * MD as u64);
-            corrupt(
-                &lun,
-                off,
-                format!("directory {:#x}", dir.addr),
-                format!("block {idx} is missing (a hole)"),
-            )
-        })
+        let (li, sub) = Self::dir_pos(vol, dir, idx);
+        match self.get_ptr(vol, dir, li)? {
+            0 => {
+                let (lun, off) = vol.where_is(dir.addr * MD as u64);
+                Err(corrupt(
+                    &lun,
+                    off,
+                    format!("directory {:#x}", dir.addr),
+                    format!("block {idx} is missing (a hole)"),
+                ))
+            }
+            p => Ok((p & PTR_ADDR_MASK) + sub),
+        }
     }
 
     fn bucket_read(
@@ -773,10 +799,10 @@ impl State {
     }
 
     pub fn dir_init(&mut self, vol: &Volume, dir: &mut Inode, parent: u64) -> Result<()> {
-        let h = self.dir_block(vol, dir, 0, true)?.expect("allocated");
+        let h = self.dir_block_alloc(vol, dir, 0)?;
         let b = self.meta.create(h, MAGIC_DIRHDR, dir.addr);
         put64(b, 48, parent);
-        let k = self.dir_block(vol, dir, 1, true)?.expect("allocated");
+        let k = self.dir_block_alloc(vol, dir, 1)?;
         self.meta.create(k, MAGIC_DIRBKT, dir.addr);
         dir.parent = parent;
         Ok(())
@@ -845,9 +871,7 @@ impl State {
             put32(self.meta.get_mut(vol, hdr, MAGIC_DIRHDR)?, 56, onext + 1);
             onext + 1
         };
-        let a = self
-            .dir_block(vol, dir, DIR_OVF_BASE + u64::from(k) - 1, true)?
-            .expect("allocated");
+        let a = self.dir_block_alloc(vol, dir, DIR_OVF_BASE + u64::from(k) - 1)?;
         self.meta.create(a, MAGIC_DIRBKT, dir.addr);
         Ok((k, a))
     }
@@ -964,9 +988,7 @@ impl State {
             }
             idx = DIR_OVF_BASE + u64::from(next) - 1;
         }
-        let a = self
-            .dir_block(vol, dir, 1 + newb, true)?
-            .expect("allocated");
+        let a = self.dir_block_alloc(vol, dir, 1 + newb)?;
         self.meta.create(a, MAGIC_DIRBKT, dir.addr);
         let mask = (1u64 << (level + 1)) - 1;
         let (stay, go): (Vec<_>, Vec<_>) = all.into_iter().partition(|e| e.hash & mask == s);
@@ -1106,26 +1128,32 @@ impl Fs {
     pub fn op<R>(&self, f: impl FnOnce(&mut State, &Volume) -> Result<R>) -> Result<R> {
         let mut st = self.lock();
         match f(&mut st, &self.vol) {
-            Ok(r) => {
-                if let Err(e) = st.meta.commit(&self.vol) {
+            Ok(r) => match st.meta.commit(&self.vol) {
+                Ok(()) => Ok(r),
+                Err(e) => {
+                    // What reached the disk is uncertain: forget every cached block.
                     st.meta.clear();
-                    if let Ok(a) = Alloc::load(&self.vol, &mut st.meta) {
-                        st.alloc = a;
-                    }
-                    return Err(e);
+                    Self::reload_after_failure(&mut st, &self.vol);
+                    Err(e)
                 }
-                Ok(r)
-            }
+            },
             Err(e) => {
+                // Allocation summaries change only together with a staged
+                // cluster block: an operation that staged nothing changed none.
+                let touched = !st.meta.txn.blocks.is_empty();
                 st.meta.abort();
-                match Alloc::load(&self.vol, &mut st.meta) {
-                    Ok(a) => st.alloc = a,
-                    Err(e2) => {
-                        tracing::error!("reloading allocation state after a failed operation: {e2}")
-                    }
+                if touched {
+                    Self::reload_after_failure(&mut st, &self.vol);
                 }
                 Err(e)
             }
+        }
+    }
+
+    fn reload_after_failure(st: &mut State, vol: &Volume) {
+        match Alloc::load(vol, &mut st.meta) {
+            Ok(a) => st.alloc = a,
+            Err(e) => tracing::error!("reloading allocation state after a failed operation: {e}"),
         }
     }
 
@@ -1559,30 +1587,15 @@ impl Fs {
     pub fn read_into(&self, ino: u64, off: u64, buf: &mut [u8]) -> Result<usize> {
         let lock = self.data_lock(ino);
         let _g = lock.read().unwrap_or_else(|p| p.into_inner());
-        let (segs, n) = {
+        let (n, segs) = {
             let mut st = self.lock();
             let i = st.iget(&self.vol, ino)?;
             if i.is_dir() {
                 return Err(posix(libc::EISDIR));
             }
-            let end = off.saturating_add(buf.len() as u64).min(i.size);
-            if off >= end {
-                return Ok(0);
-            }
-            let n = (end - off) as usize;
-            if i.layout == Layout::Inline {
-                buf[..n].copy_from_slice(&i.area[off as usize..off as usize + n]);
-                return Ok(n);
-            }
-            (st.plan(&self.vol, &i, off, n)?, n)
+            st.read_prepare(&self.vol, &i, off, buf)?
         };
-        for s in segs {
-            let piece = &mut buf[s.buf_off..s.buf_off + s.len];
-            match s.at {
-                Some(at) => self.vol.read(at, piece)?,
-                None => piece.fill(0),
-            }
-        }
+        fetch(&self.vol, &segs, buf)?;
         Ok(n)
     }
 
@@ -1701,14 +1714,6 @@ impl Fs {
             fds_used: fds_total - fds_free,
             fds_free,
         }
-    }
-
-    /// True when `extend` refuses a LUN that already holds a datastore (tests).
-    pub fn extend_check_refuses_datastore(&mut self, l: Arc<dyn lun::Lun>) -> bool {
-        matches!(
-            self.vol.extend(l),
-            Err(FsError::Invalid(_)) | Err(FsError::Extent { .. })
-        )
     }
 
     /// The extents holding a file's data blocks.
