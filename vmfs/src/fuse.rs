@@ -447,9 +447,15 @@ impl Filesystem for VmfsFuse {
         mut reply: ReplyDirectory,
     ) {
         let dir = self.ino(ino);
-        let mut dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
-        if offset == 0 || !dirs.contains_key(&fh.0) {
-            // A snapshot per open handle: stable offsets while others change the directory.
+        let fresh = offset == 0
+            || !self
+                .dirs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(&fh.0);
+        if fresh {
+            // A snapshot per open handle: stable offsets while others change
+            // the directory. Listed without holding the handle table.
             let d = match self.fs.getattr(dir) {
                 Ok(d) => d,
                 Err(e) => return reply.error(errno(&e)),
@@ -462,8 +468,12 @@ impl Filesystem for VmfsFuse {
                 Ok(es) => list.extend(es.into_iter().map(|e| (e.fd, e.kind, e.name))),
                 Err(e) => return reply.error(errno(&e)),
             }
-            dirs.insert(fh.0, list);
+            self.dirs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(fh.0, list);
         }
+        let dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
         let list = &dirs[&fh.0];
         for (i, (a, k, name)) in list.iter().enumerate().skip(offset as usize) {
             if reply.add(
