@@ -100,10 +100,6 @@ impl Meta {
         self.cache.remove(&addr);
     }
 
-    pub fn is_staged(&self, addr: u64) -> bool {
-        self.txn.blocks.contains_key(&addr)
-    }
-
     /// Write every staged block in place (bodies only: lock sectors belong to
     /// the locking layer), then make them the cached version.
     pub fn commit(&mut self, vol: &Volume) -> Result<()> {
