@@ -144,8 +144,7 @@ pub fn check(fs: &Fs, repair: bool, progress: Option<&dyn Fn(u64, u64)>) -> Resu
         let mut st = fs.lock();
         let st = &mut *st;
         // Metadata areas and resource clusters own their blocks.
-        for (i, e) in vol.header.extents.iter().enumerate() {
-            let _ = i;
+        for e in &vol.header.extents {
             for k in 0..u64::from(e.meta_blocks) {
                 w.fb.insert(e.first_block + k, (0, "volume metadata"));
             }
