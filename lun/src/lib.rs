@@ -9,6 +9,7 @@
 //! This crate knows nothing of filesystems: it moves bytes and reports, for
 //! every failure, which LUN, which offset and what went wrong.
 
+mod cow;
 mod error;
 mod fault;
 mod file;
@@ -18,6 +19,7 @@ mod url;
 
 use std::sync::Arc;
 
+pub use cow::{CowLun, Event, Pages, RecordingLun, WriteLog};
 pub use error::{LunError, Result};
 pub use fault::{FaultLun, FaultPlan};
 pub use file::FileLun;
