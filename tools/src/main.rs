@@ -29,6 +29,10 @@ enum Cmd {
         /// Host slots (hosts that may mount at once), 1 to 1024.
         #[arg(long, default_value_t = 64)]
         max_hosts: u32,
+        /// Each host's metadata journal, 1M to 4G (default 16M, or 1/32 of a
+        /// small datastore).
+        #[arg(long, value_parser = parse_size)]
+        journal_size: Option<u64>,
         /// LUNs: paths or URLs (file:///path, nbd://host[:port]/export, nbd+unix:///export?socket=/path).
         #[arg(required = true)]
         luns: Vec<String>,
@@ -61,6 +65,36 @@ enum Cmd {
         /// LUNs, then the mountpoint.
         #[arg(required = true, num_args = 2..)]
         args: Vec<String>,
+    },
+    /// Crash-recovery harness: run workloads on a recording LUN, build the
+    /// images power cuts would leave, and check each one (mount with journal
+    /// replay, fsck, oracle). Exit 1 on any failure.
+    Crashtest {
+        /// Crash states to explore (the default is what CI runs).
+        #[arg(long, default_value_t = 10_000)]
+        states: u64,
+        /// Longest exhaustive workload, in operations.
+        #[arg(long, default_value_t = 3)]
+        max_ops: usize,
+        /// Run every workload of up to --max-ops operations (hundreds of
+        /// thousands of states; hours) instead of sampling them.
+        #[arg(long)]
+        exhaustive: bool,
+        /// Operations per long random workload (0: none).
+        #[arg(long, default_value_t = 24)]
+        random_ops: usize,
+        /// Seed of the sampling and of the random workloads.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Crash states checked per workload.
+        #[arg(long, default_value_t = 12)]
+        per_workload: usize,
+        /// Run one workload (operations separated by `;`), as a reproducer prints it.
+        #[arg(long)]
+        workload: Option<String>,
+        /// With --workload: check only this crash state (SEGMENT:WRITES[:torn=W.S]).
+        #[arg(long, requires = "workload")]
+        crash: Option<String>,
     },
     /// Grow the datastore by one LUN.
     Extend {
@@ -104,7 +138,13 @@ fn human(n: u64) -> String {
 }
 
 fn info(specs: &[String]) -> Result<()> {
-    let fs = Fs::open(open_luns(specs)?)?;
+    let luns = open_luns(specs)?;
+    let slots: Vec<_> = {
+        let vol = vmfs::volume::Volume::open(luns.clone())?;
+        (0..vol.header.max_hosts).map(|s| (s, vol.read_slot(s))).collect()
+    };
+    // Opened over copy-on-write LUNs: a journal replay stays in memory.
+    let fs = Fs::open_for_check(luns, false)?;
     let h = &fs.vol.header;
     let u = fs.usage();
     println!("volume      {}", vmfs::volume::uuid_str(&h.uuid));
@@ -123,6 +163,30 @@ fn info(specs: &[String]) -> Result<()> {
         human(u64::from(h.sub_block_size))
     );
     println!("host slots  {}", h.max_hosts);
+    println!(
+        "journals    {} per host, allocated at a host's first mount",
+        human(u64::from(h.journal_blocks) * 4096)
+    );
+    for (s, hs) in slots {
+        match hs {
+            Ok(hs) if hs.journal != 0 || hs.state != vmfs::format::SLOT_FREE => println!(
+                "  slot {s}: {}, generation {}, journal at 4K block {:#x} ({})",
+                match hs.state {
+                    vmfs::format::SLOT_LIVE => "mounted (or not cleanly unmounted)",
+                    vmfs::format::SLOT_REPLAYING => "being replayed",
+                    _ => "free",
+                },
+                hs.generation,
+                hs.journal,
+                human(u64::from(hs.journal_blocks) * 4096)
+            ),
+            Ok(_) => {}
+            Err(e) => println!("  slot {s}: {e}"),
+        }
+    }
+    for (s, rep) in fs.replays() {
+        println!("  slot {s}: journal holds committed work: {rep} (in memory only; mount applies it)");
+    }
     println!(
         "capacity    {} ({} blocks)",
         human(u.total_blocks * u.block_size),
@@ -159,7 +223,14 @@ fn info(specs: &[String]) -> Result<()> {
 }
 
 fn fsck(specs: &[String], repair: bool) -> Result<bool> {
-    let fs = Fs::open(open_luns(specs)?)?;
+    // Without --repair every write, a journal replay included, stays in memory.
+    let fs = Fs::open_for_check(open_luns(specs)?, repair)?;
+    for (s, rep) in fs.replays() {
+        println!(
+            "journal of slot {s}: {rep}{}",
+            if repair { "" } else { " (in memory for the check; --repair or mount applies it)" }
+        );
+    }
     let bar = indicatif::ProgressBar::new(fs.usage().fds_used.max(1));
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -313,15 +384,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
             label,
             block_size,
             max_hosts,
+            journal_size,
             luns,
         } => {
             let bs = u32::try_from(block_size).context("block size too large")?;
+            let journal_blocks = match journal_size {
+                None => 0,
+                Some(n) if n % 4096 == 0 && n / 4096 <= u64::from(u32::MAX) => (n / 4096) as u32,
+                Some(n) => bail!("--journal-size {n} is not a multiple of 4K"),
+            };
             let fs = Fs::mkfs(
                 open_luns(&luns)?,
                 &MkfsOptions {
                     label,
                     block_size: bs,
                     max_hosts,
+                    journal_blocks,
                     ..Default::default()
                 },
             )?;
@@ -353,6 +431,27 @@ fn run(cli: Cli) -> Result<ExitCode> {
             log_file,
             args,
         } => mount(&args, foreground, threads, log_file)?,
+        Cmd::Crashtest {
+            states,
+            max_ops,
+            exhaustive,
+            random_ops,
+            seed,
+            per_workload,
+            workload,
+            crash,
+        } => {
+            return crashtest(CrashArgs {
+                states,
+                max_ops,
+                exhaustive,
+                random_ops,
+                seed,
+                per_workload,
+                workload,
+                crash,
+            })
+        }
         Cmd::Extend { luns, add } => {
             let mut fs = Fs::open(open_luns(&luns)?)?;
             let before = fs.usage().total_blocks;
@@ -369,15 +468,118 @@ fn run(cli: Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+struct CrashArgs {
+    states: u64,
+    max_ops: usize,
+    exhaustive: bool,
+    random_ops: usize,
+    seed: u64,
+    per_workload: usize,
+    workload: Option<String>,
+    crash: Option<String>,
+}
+
+fn crashtest(a: CrashArgs) -> Result<ExitCode> {
+    use vmfs_tools::crashtest::*;
+    let h = Harness::new()?;
+    let mut sum = Summary::default();
+    let mut rng = Rng::new(a.seed);
+    let t0 = std::time::Instant::now();
+    if let Some(w) = &a.workload {
+        let ops = parse_ops(w).map_err(anyhow::Error::msg)?;
+        let c = a
+            .crash
+            .as_deref()
+            .map(str::parse::<Crash>)
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
+        h.run_workload(&ops, a.per_workload.max(1) * 10, c.as_ref(), &mut rng, &mut sum);
+    } else {
+        let total = if a.exhaustive { u64::MAX } else { a.states };
+        let bar = indicatif::ProgressBar::new(if a.exhaustive {
+            exhaustive_count(a.max_ops)
+        } else {
+            a.states
+        });
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {pos}/{len} [{bar:40}] {elapsed} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        let show = |sum: &Summary| {
+            if a.exhaustive {
+                bar.set_position(sum.workloads);
+            } else {
+                bar.set_position(sum.states.min(a.states));
+            }
+            bar.set_message(format!("{} failures", sum.failures.len()));
+        };
+        if a.exhaustive {
+            for w in exhaustive(a.max_ops) {
+                h.run_workload(&w, a.per_workload, None, &mut rng, &mut sum);
+                show(&sum);
+            }
+        } else {
+            // Three quarters of the budget: every single-operation workload,
+            // then workloads of 2..=max_ops sampled from the exhaustive space;
+            // the rest: long random workloads.
+            let bounded = if a.random_ops > 0 { total * 3 / 4 } else { total };
+            for w in exhaustive(1) {
+                h.run_workload(&w, a.per_workload, None, &mut rng, &mut sum);
+                show(&sum);
+            }
+            let space = exhaustive_count(a.max_ops) - exhaustive_count(1);
+            while sum.states < bounded && space > 0 {
+                let len = 2 + rng.below(a.max_ops.saturating_sub(1) as u64) as usize;
+                let mut w = Vec::new();
+                for _ in 0..len {
+                    w.extend(random_workload(&mut rng, 1));
+                }
+                h.run_workload(&w, a.per_workload, None, &mut rng, &mut sum);
+                show(&sum);
+            }
+            while sum.states < total && a.random_ops > 0 {
+                let w = random_workload(&mut rng, a.random_ops);
+                h.run_workload(&w, a.per_workload * 4, None, &mut rng, &mut sum);
+                show(&sum);
+            }
+        }
+        bar.finish_and_clear();
+    }
+    println!(
+        "{} workloads, {} crash states explored ({} needed a journal replay), {} failures, {:.0} s",
+        sum.workloads,
+        sum.states,
+        sum.replayed,
+        sum.failures.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    for f in sum.failures.iter().take(50) {
+        println!("FAIL {}\n     {}", f.what, f.reproducer());
+    }
+    if sum.failures.len() > 50 {
+        println!("... and {} more", sum.failures.len() - 50);
+    }
+    Ok(if sum.failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The harness mounts thousands of images: only warnings by default.
+    let default = if matches!(cli.cmd, Cmd::Crashtest { .. }) { "warn" } else { "info" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("VMFS_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
         .init();
-    match run(Cli::parse()) {
+    match run(cli) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vmfs: {e:#}");

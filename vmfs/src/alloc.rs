@@ -10,7 +10,7 @@ use crate::txn::Meta;
 use crate::volume::Volume;
 
 /// In the cluster block at `addr`, take the first clear bit whose resource
-/// (4K address `key(j)`) this transaction has not freed: mark it used and
+/// (4K address `key(j)`) no uncommitted operation has freed: mark it used and
 /// return its index and the cluster's new free count. None when there is none.
 fn take_bit(
     vol: &Volume,
@@ -21,23 +21,25 @@ fn take_bit(
     key: impl Fn(usize) -> u64,
 ) -> Result<Option<(usize, u32)>> {
     meta.get_mut(vol, addr, magic)?; // stage it
-    let txn = &mut meta.txn;
-    let body = &mut txn.blocks.get_mut(&addr).expect("staged above").1[LOCK_SECTOR..];
-    let (n, mut j) = (count as usize, 0);
-    let found = loop {
-        if j >= n {
-            break None;
+    let found = {
+        let body = &meta.txn.blocks[&addr].1[LOCK_SECTOR..];
+        let (n, mut j) = (count as usize, 0);
+        loop {
+            if j >= n {
+                break None;
+            }
+            if j % 8 == 0 && body[CL_BITMAP + j / 8] == 0xff {
+                j += 8; // a full byte: nothing free here
+                continue;
+            }
+            if !bit_get(&body[CL_BITMAP..], j) && !meta.is_pending_free(key(j)) {
+                break Some(j);
+            }
+            j += 1;
         }
-        if j % 8 == 0 && body[CL_BITMAP + j / 8] == 0xff {
-            j += 8; // a full byte: nothing free here
-            continue;
-        }
-        if !bit_get(&body[CL_BITMAP..], j) && !txn.freed.contains(&key(j)) {
-            break Some(j);
-        }
-        j += 1;
     };
     let Some(j) = found else { return Ok(None) };
+    let body = &mut meta.txn.blocks.get_mut(&addr).expect("staged above").1[LOCK_SECTOR..];
     bit_set(&mut body[CL_BITMAP..], j, true);
     let free = get32(body, CL_FREE) - 1;
     put32(body, CL_FREE, free);
@@ -165,8 +167,20 @@ impl Alloc {
         self.fbc.iter().map(|f| u64::from(f.free)).sum()
     }
 
-    /// Allocate one file block; returns its logical block number.
+    /// Allocate one file block; returns its logical block number. When the
+    /// only free blocks are ones whose free is not final yet, checkpoint and
+    /// retry: a full disk still frees space, it only takes a checkpoint.
     pub fn alloc_fb(&mut self, vol: &Volume, meta: &mut Meta) -> Result<u64> {
+        match self.alloc_fb_once(vol, meta) {
+            Err(FsError::NoSpace(_)) if meta.has_pending_free() => {
+                meta.checkpoint(vol)?;
+                self.alloc_fb_once(vol, meta)
+            }
+            r => r,
+        }
+    }
+
+    fn alloc_fb_once(&mut self, vol: &Volume, meta: &mut Meta) -> Result<u64> {
         let n = self.fbc.len();
         for step in 0..n {
             let ci = (self.fb_hint + step) % n;
@@ -186,6 +200,47 @@ impl Alloc {
         Err(FsError::NoSpace(format!(
             "all {} file blocks are in use",
             self.fbc.iter().map(|f| u64::from(f.count)).sum::<u64>()
+        )))
+    }
+
+    /// Allocate `n` contiguous file blocks within one cluster (a journal);
+    /// returns the first logical block number.
+    pub fn alloc_run(&mut self, vol: &Volume, meta: &mut Meta, n: u64) -> Result<u64> {
+        for ci in 0..self.fbc.len() {
+            let c = self.fbc[ci].clone();
+            if u64::from(c.free) < n {
+                continue;
+            }
+            let body = &meta.get(vol, c.addr, MAGIC_FBC)?[LOCK_SECTOR..];
+            let (mut start, mut len) = (0usize, 0u64);
+            let mut found = None;
+            for j in 0..c.count as usize {
+                if bit_get(&body[CL_BITMAP..], j) {
+                    len = 0;
+                    continue;
+                }
+                if len == 0 {
+                    start = j;
+                }
+                len += 1;
+                if len == n {
+                    found = Some(start);
+                    break;
+                }
+            }
+            let Some(start) = found else { continue };
+            let b = meta.get_mut(vol, c.addr, MAGIC_FBC)?;
+            let body = &mut b[LOCK_SECTOR..];
+            for j in start..start + n as usize {
+                bit_set(&mut body[CL_BITMAP..], j, true);
+            }
+            let free = get32(body, CL_FREE) - n as u32;
+            put32(body, CL_FREE, free);
+            self.fbc[ci].free = free;
+            return Ok(c.first + start as u64);
+        }
+        Err(FsError::NoSpace(format!(
+            "no run of {n} contiguous free file blocks for a journal"
         )))
     }
 

@@ -19,6 +19,8 @@ pub enum FsError {
         lun: String,
         reason: String,
     },
+    #[error(transparent)]
+    Journal(#[from] journal::JournalError),
     #[error("{0}")]
     Invalid(String),
     #[error("no space left on the datastore ({0})")]

@@ -26,6 +26,10 @@ pub const MAGIC_HEARTBEAT: u32 = u32::from_le_bytes(*b"VHBT");
 
 pub const MAX_EXTENTS: usize = 32;
 pub const MAX_HOSTS_LIMIT: u32 = 1024;
+/// Per-host journal size in 4 KiB blocks: default 16 MiB, 1 MiB to 4 GiB.
+pub const JOURNAL_DEFAULT_BLOCKS: u32 = 4096;
+pub const JOURNAL_MIN_BLOCKS: u32 = 256;
+pub const JOURNAL_MAX_BLOCKS: u32 = 1 << 20;
 /// File blocks covered by one file-block cluster (its bitmap is 2 KiB).
 pub const FBC_BLOCKS: u64 = 16384;
 pub const RT_ENTRIES: usize = 440;
@@ -199,6 +203,8 @@ pub struct VolumeHeader {
     pub heartbeat_off: u64,
     pub rt_off: u64,
     pub rt_blocks: u32,
+    /// Size of each host's journal in 4 KiB blocks (superblock included).
+    pub journal_blocks: u32,
     pub extents: Vec<ExtentEntry>,
 }
 
@@ -223,6 +229,7 @@ impl VolumeHeader {
         put64(&mut b, 160, self.heartbeat_off);
         put64(&mut b, 168, self.rt_off);
         put32(&mut b, 176, self.rt_blocks);
+        put32(&mut b, 180, self.journal_blocks);
         for (i, e) in self.extents.iter().enumerate() {
             let o = VH_EXTENTS + i * VH_EXTENT_SIZE;
             b[o..o + 16].copy_from_slice(&e.uuid);
@@ -283,6 +290,12 @@ impl VolumeHeader {
                 "max hosts {max_hosts} out of range 1..={MAX_HOSTS_LIMIT}"
             ));
         }
+        let journal_blocks = get32(b, 180);
+        if !(JOURNAL_MIN_BLOCKS..=JOURNAL_MAX_BLOCKS).contains(&journal_blocks) {
+            return Err(format!(
+                "journal size {journal_blocks} blocks out of range {JOURNAL_MIN_BLOCKS}..={JOURNAL_MAX_BLOCKS}"
+            ));
+        }
         let mut extents = Vec::with_capacity(count);
         let mut next_first = 0u64;
         for i in 0..count {
@@ -334,6 +347,7 @@ impl VolumeHeader {
             heartbeat_off: get64(b, 160),
             rt_off: get64(b, 168),
             rt_blocks: get32(b, 176),
+            journal_blocks,
             extents,
         })
     }
@@ -641,6 +655,7 @@ mod tests {
             heartbeat_off: 4096,
             rt_off: 40960,
             rt_blocks: 64,
+            journal_blocks: 4096,
             extents: vec![
                 ExtentEntry {
                     uuid: [1; 16],
@@ -734,5 +749,66 @@ mod tests {
             let _ = Inode::decode(&data[..MD - LOCK_SECTOR], 8);
             let _ = bucket_entries(&data);
         }
+    }
+}
+
+/// State of a heartbeat slot.
+pub const SLOT_FREE: u32 = 0;
+pub const SLOT_LIVE: u32 = 1;
+pub const SLOT_REPLAYING: u32 = 2;
+
+/// One heartbeat slot (a 512-byte sector of the heartbeat region). Version 1
+/// of the filesystem uses the journal location and state; the locking layer
+/// owns the heartbeat fields.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostSlot {
+    pub state: u32,
+    /// While `state` is SLOT_REPLAYING: the slot of the host replaying it.
+    pub replayer: u32,
+    pub host: [u8; 16],
+    pub generation: u64,
+    pub heartbeat: u64,
+    /// 4K address of the slot's journal (0: none allocated yet).
+    pub journal: u64,
+    pub journal_blocks: u32,
+}
+
+impl HostSlot {
+    /// The sealed sector of slot `slot` in the region at 4K address `region`.
+    pub fn encode(&self, region: u64, slot: u32) -> Vec<u8> {
+        let mut b = vec![0u8; LOCK_SECTOR];
+        init_body(&mut b, MAGIC_HEARTBEAT, region, u64::from(slot));
+        put32(&mut b, 32, self.state);
+        put32(&mut b, 36, self.replayer);
+        b[40..56].copy_from_slice(&self.host);
+        put64(&mut b, 56, self.generation);
+        put64(&mut b, 64, self.heartbeat);
+        put64(&mut b, 72, self.journal);
+        put32(&mut b, 80, self.journal_blocks);
+        seal(&mut b);
+        b
+    }
+
+    pub fn decode(b: &[u8], region: u64, slot: u32) -> std::result::Result<HostSlot, String> {
+        check_body(b, MAGIC_HEARTBEAT, region)?;
+        if get64(b, 24) != u64::from(slot) {
+            return Err(format!("sector says slot {}, found at slot {slot}", get64(b, 24)));
+        }
+        let s = HostSlot {
+            state: get32(b, 32),
+            replayer: get32(b, 36),
+            host: b[40..56].try_into().expect("16 bytes"),
+            generation: get64(b, 56),
+            heartbeat: get64(b, 64),
+            journal: get64(b, 72),
+            journal_blocks: get32(b, 80),
+        };
+        if s.state > SLOT_REPLAYING {
+            return Err(format!("unknown slot state {}", s.state));
+        }
+        if s.journal != 0 && !(JOURNAL_MIN_BLOCKS..=JOURNAL_MAX_BLOCKS).contains(&s.journal_blocks) {
+            return Err(format!("journal of {} blocks", s.journal_blocks));
+        }
+        Ok(s)
     }
 }

@@ -30,6 +30,59 @@ pub struct Fs {
     pub vol: Volume,
     st: Mutex<State>,
     data_locks: Mutex<HashMap<u64, Arc<RwLock<()>>>>,
+    /// This host's slot (u32::MAX: none, no journal).
+    slot: std::sync::atomic::AtomicU32,
+    /// Unmounted or abandoned: Drop writes nothing.
+    closed: std::sync::atomic::AtomicBool,
+    replays: Mutex<Vec<(u32, journal::Report)>>,
+}
+
+impl Drop for Fs {
+    /// A filesystem dropped without unmount still commits what it holds.
+    fn drop(&mut self) {
+        if let Err(e) = self.unmount() {
+            tracing::error!("unmount of the datastore while closing it failed: {e}");
+        }
+    }
+}
+
+/// The journal region of a slot, checked to lie inside one extent's file blocks.
+pub fn journal_region(vol: &Volume, addr: u64, nblocks: u32, slot: u32) -> Result<journal::Region> {
+    let (i, off) = vol.locate(addr * MD as u64)?;
+    let (j, _) = vol.locate((addr + u64::from(nblocks)) * MD as u64 - 1)?;
+    if i != j {
+        return Err(FsError::Corrupt {
+            lun: vol.luns[0].name().to_string(),
+            offset: vol.header.heartbeat_off + u64::from(slot) * LOCK_SECTOR as u64,
+            object: format!("heartbeat slot {slot}"),
+            reason: format!("its journal at {addr:#x} (+{nblocks} blocks) crosses extents {i} and {j}"),
+        });
+    }
+    Ok(journal::Region {
+        lun: vol.luns[i].clone(),
+        lun_offset: off,
+        addr,
+        nblocks,
+        slot,
+    })
+}
+
+/// Replay every slot's journal that holds committed transactions. (One host
+/// in this version; the cluster layer will replay only dead hosts' journals.)
+pub fn replay_journals(vol: &Volume) -> Result<Vec<(u32, journal::Report)>> {
+    let mut out = Vec::new();
+    for slot in 0..vol.header.max_hosts {
+        let hs = vol.read_slot(slot)?;
+        if hs.journal == 0 {
+            continue;
+        }
+        let r = journal_region(vol, hs.journal, hs.journal_blocks, slot)?;
+        let rep = journal::replay(&r, &vol.header.uuid, vol)?;
+        if rep.transactions > 0 || rep.stopped.is_some() {
+            out.push((slot, rep));
+        }
+    }
+    Ok(out)
 }
 
 /// The time stamped on files: the coarse realtime clock, as the kernel uses
@@ -588,6 +641,7 @@ impl State {
             ino.size = ino.size.max(end);
             return Ok(());
         }
+        self.zero_tail(vol, ino, off)?;
         let leaf_sz = Self::leaf_size(vol, ino);
         let mut done = 0usize;
         while done < data.len() {
@@ -628,13 +682,30 @@ impl State {
         Ok(())
     }
 
+    /// Before the size grows to `new_end`: zero the stale bytes between the
+    /// current end of file and the end of its last leaf, which a shrinking
+    /// truncate left in place. Done here and not at the truncate, so that a
+    /// crash before the truncate commits finds the old contents whole; the
+    /// zeros themselves stay invisible until the new size commits.
+    fn zero_tail(&mut self, vol: &Volume, ino: &mut Inode, new_end: u64) -> Result<()> {
+        if new_end <= ino.size || ino.layout == Layout::Inline {
+            return Ok(());
+        }
+        let leaf_sz = Self::leaf_size(vol, ino);
+        let tail_end = new_end.min(ino.size.next_multiple_of(leaf_sz));
+        self.zero_mapped(vol, ino, ino.size, tail_end)
+    }
+
     pub fn truncate(&mut self, vol: &Volume, ino: &mut Inode, size: u64) -> Result<()> {
+        if size > ino.size {
+            self.zero_tail(vol, ino, size)?;
+        }
         if size < ino.size {
             let leaf_sz = Self::leaf_size(vol, ino);
-            // Zero the tail of the last kept leaf so a later extension reads zeros.
-            let tail_end = ino.size.min(size.next_multiple_of(leaf_sz));
-            self.zero_mapped(vol, ino, size, tail_end)?;
-            if ino.layout != Layout::Inline {
+            if ino.layout == Layout::Inline {
+                // Inline bytes are metadata: zeroed atomically with the size.
+                self.zero_mapped(vol, ino, size, ino.size)?;
+            } else {
                 self.free_range(vol, ino, size.div_ceil(leaf_sz), u64::MAX)?;
                 if size == 0 && !ino.is_dir() {
                     self.free_range(vol, ino, 0, u64::MAX)?;
@@ -686,6 +757,9 @@ impl State {
                 ino.size = ino.size.max(end);
             }
             return Ok(());
+        }
+        if !keep_size {
+            self.zero_tail(vol, ino, end)?;
         }
         let leaf_sz = Self::leaf_size(vol, ino);
         let need = (end.div_ceil(leaf_sz) - off / leaf_sz) * leaf_sz / vol.block_size();
@@ -1059,10 +1133,12 @@ pub struct SetAttr {
 }
 
 impl Fs {
-    /// Format and return the mounted-in-library filesystem.
+    /// Format, then open (mount in the library) the new filesystem.
     pub fn mkfs(luns: Vec<Arc<dyn lun::Lun>>, opts: &MkfsOptions) -> Result<Fs> {
-        let vol = Volume::mkfs(luns, opts)?;
-        let fs = Fs::from_volume(vol)?;
+        let vol = Volume::mkfs(luns.clone(), opts)?;
+        let mut fs = Fs::from_volume(vol)?;
+        // The root is written in place: there is no journal yet, and an
+        // interrupted mkfs leaves no root, which open refuses.
         let root = fs.op(|st, vol| {
             let mut root = st.ialloc(vol, S_IFDIR | 0o755, 0, 0)?;
             root.nlink = 2;
@@ -1071,13 +1147,16 @@ impl Fs {
             st.iput(vol, &root)?;
             Ok(a)
         })?;
-        let mut fs = fs;
         fs.vol.header.root_fd = root;
         fs.vol.write_headers(None)?;
-        Ok(fs)
+        fs.abandon();
+        drop(fs);
+        Fs::open(luns)
     }
 
-    /// Open a validated volume; reads and checks the allocation metadata.
+    /// Open a validated volume and mount it in the library as host slot 0:
+    /// replay every journal that holds committed transactions, then open this
+    /// host's journal (allocating it on first mount).
     pub fn open(luns: Vec<Arc<dyn lun::Lun>>) -> Result<Fs> {
         let vol = Volume::open(luns)?;
         if vol.header.root_fd == 0 {
@@ -1085,6 +1164,7 @@ impl Fs {
                 "the volume has no root directory: mkfs did not finish; run mkfs again".into(),
             ));
         }
+        let replays = replay_journals(&vol)?;
         let fs = Fs::from_volume(vol)?;
         {
             let mut st = fs.lock();
@@ -1096,7 +1176,22 @@ impl Fs {
             }
             st.dir_hdr(&fs.vol, &root)?;
         }
+        fs.start_journal(0)?;
+        *fs.replays.lock().unwrap_or_else(|p| p.into_inner()) = replays;
         Ok(fs)
+    }
+
+    /// Open for checking: with `repair` false, every write (journal replay
+    /// included) stays in memory and the LUNs are not changed.
+    pub fn open_for_check(luns: Vec<Arc<dyn lun::Lun>>, repair: bool) -> Result<Fs> {
+        if repair {
+            return Fs::open(luns);
+        }
+        let cow = luns
+            .into_iter()
+            .map(|l| Arc::new(lun::CowLun::new(l)) as Arc<dyn lun::Lun>)
+            .collect();
+        Fs::open(cow)
     }
 
     fn from_volume(vol: Volume) -> Result<Fs> {
@@ -1113,7 +1208,91 @@ impl Fs {
                 next_gen: (seed.0 as u64) << 20 ^ u64::from(seed.1),
             }),
             data_locks: Mutex::new(HashMap::new()),
+            slot: std::sync::atomic::AtomicU32::new(u32::MAX),
+            closed: std::sync::atomic::AtomicBool::new(false),
+            replays: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Open (or allocate and format) slot `slot`'s journal and mark the slot live.
+    fn start_journal(&self, slot: u32) -> Result<()> {
+        let vol = &self.vol;
+        let mut hs = vol.read_slot(slot)?;
+        let uuid = vol.header.uuid;
+        let jnl = if hs.journal == 0 {
+            // First mount of this slot: contiguous file blocks, written in
+            // place (bitmap, then journal, then the slot pointing at it; a
+            // crash in between leaks blocks that fsck --repair reclaims).
+            let bpk = vol.blocks_per_4k();
+            let nfb = u64::from(vol.header.journal_blocks).div_ceil(bpk);
+            let first = self.op(|st, vol| st.alloc.alloc_run(vol, &mut st.meta, nfb))?;
+            vol.flush()?;
+            let r = self.journal_region(first * bpk, (nfb * bpk) as u32, slot)?;
+            let seed = now();
+            let j = journal::Journal::format(r, &uuid, (seed.0 as u64) << 20 | 1)?;
+            hs.journal = first * bpk;
+            hs.journal_blocks = (nfb * bpk) as u32;
+            j
+        } else {
+            journal::Journal::open(self.journal_region(hs.journal, hs.journal_blocks, slot)?, &uuid)?
+        };
+        hs.state = SLOT_LIVE;
+        hs.generation += 1;
+        vol.write_slot(slot, &hs)?;
+        self.lock().meta.jnl = Some(jnl);
+        self.slot.store(slot, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn journal_region(&self, addr: u64, nblocks: u32, slot: u32) -> Result<journal::Region> {
+        journal_region(&self.vol, addr, nblocks, slot)
+    }
+
+    /// Journal replays done when this filesystem was opened: (slot, report).
+    pub fn replays(&self) -> Vec<(u32, journal::Report)> {
+        self.replays.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Commit every pending metadata change and make all data durable
+    /// (fsync, fdatasync, syncfs, sync).
+    pub fn sync(&self) -> Result<()> {
+        let mut st = self.lock();
+        if st.meta.dirty_len() > 0 {
+            st.meta.journal_commit(&self.vol)
+        } else {
+            drop(st);
+            self.vol.flush()
+        }
+    }
+
+    /// Commit the running transaction if it has waited long enough (the
+    /// mount's commit timer calls this).
+    pub fn commit_pending(&self) -> Result<()> {
+        let mut st = self.lock();
+        st.meta.journal_commit(&self.vol)
+    }
+
+    /// Clean unmount: commit, checkpoint (the journal is left empty), mark
+    /// the slot free. Idempotent.
+    pub fn unmount(&self) -> Result<()> {
+        if self.closed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        let slot = self.slot.load(std::sync::atomic::Ordering::SeqCst);
+        let mut st = self.lock();
+        st.meta.checkpoint(&self.vol)?;
+        if slot != u32::MAX {
+            let mut hs = self.vol.read_slot(slot)?;
+            hs.state = SLOT_FREE;
+            self.vol.write_slot(slot, &hs)?;
+        }
+        Ok(())
+    }
+
+    /// Drop without writing anything more, as a crash would (tests, and a
+    /// filesystem whose LUNs are gone).
+    pub fn abandon(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     pub fn lock(&self) -> MutexGuard<'_, State> {
@@ -1614,7 +1793,8 @@ impl Fs {
             if i.is_dir() {
                 return Err(posix(libc::EISDIR));
             }
-            if i.layout == Layout::Inline {
+            if i.layout == Layout::Inline || off > i.size {
+                // Inline data is metadata; a write past EOF zeroes the gap first.
                 None
             } else {
                 let segs = st.plan(&self.vol, &i, off, data.len())?;
@@ -1689,11 +1869,6 @@ impl Fs {
             st.iput(vol, &i)?;
             Ok(())
         })
-    }
-
-    /// Make everything written so far durable.
-    pub fn sync(&self) -> Result<()> {
-        self.vol.flush()
     }
 
     pub fn usage(&self) -> Usage {

@@ -153,6 +153,26 @@ pub fn check(fs: &Fs, repair: bool, progress: Option<&dyn Fn(u64, u64)>) -> Resu
         for c in st.alloc.clusters.clone() {
             own_fb(&mut w, &mut r, c.addr / bpk, (0, "resource cluster"));
         }
+        // Heartbeat slots: each journal owns its file blocks.
+        for slot in 0..vol.header.max_hosts {
+            match vol.read_slot(slot) {
+                Ok(hs) if hs.journal != 0 => {
+                    if hs.journal % bpk != 0 || u64::from(hs.journal_blocks) % bpk != 0 {
+                        r.errors.push(format!("heartbeat slot {slot}: journal {:#x} (+{} blocks) is not whole file blocks", hs.journal, hs.journal_blocks));
+                        r.unrepairable += 1;
+                        continue;
+                    }
+                    for k in 0..u64::from(hs.journal_blocks) / bpk {
+                        own_fb(&mut w, &mut r, hs.journal / bpk + k, (u64::from(slot), "journal of slot"));
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    r.errors.push(e.to_string());
+                    r.unrepairable += 1;
+                }
+            }
+        }
         // Walk the namespace.
         let mut queue = VecDeque::from([root]);
         let mut seen_dirs = HashSet::new();

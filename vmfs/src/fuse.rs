@@ -161,8 +161,8 @@ impl Filesystem for VmfsFuse {
     }
 
     fn destroy(&mut self) {
-        if let Err(e) = self.fs.sync() {
-            tracing::error!("final flush at unmount failed: {e}");
+        if let Err(e) = self.fs.unmount() {
+            tracing::error!("final commit and checkpoint at unmount failed: {e}");
         }
     }
 
@@ -587,6 +587,9 @@ impl Filesystem for VmfsFuse {
 
 /// Mount and serve until unmounted (`fusermount3 -u`) or until `stop` is
 /// signalled; flushes the volume before returning.
+/// How long a metadata change may wait in memory before it is committed.
+pub const COMMIT_INTERVAL: Duration = Duration::from_secs(5);
+
 pub fn serve(
     fs: Arc<Fs>,
     mountpoint: &Path,
@@ -619,7 +622,16 @@ pub fn serve(
     let waiter = std::thread::spawn(move || {
         let _ = done_tx.send(session.join());
     });
+    let mut last_commit = std::time::Instant::now();
     loop {
+        if last_commit.elapsed() >= COMMIT_INTERVAL {
+            // The commit timer: metadata changes nobody fsynced reach the
+            // journal within this interval (ext4's default is 5 s too).
+            if let Err(e) = fs.commit_pending() {
+                tracing::error!("periodic journal commit failed: {e}");
+            }
+            last_commit = std::time::Instant::now();
+        }
         if stop.recv_timeout(Duration::from_millis(200)).is_ok() {
             tracing::info!("signal received: unmounting {}", mountpoint.display());
             let st = std::process::Command::new("fusermount3")
@@ -637,7 +649,7 @@ pub fn serve(
         match done_rx.recv_timeout(Duration::from_millis(10)) {
             Ok(r) => {
                 let _ = waiter.join();
-                fs.sync()?;
+                fs.unmount()?;
                 tracing::info!("unmounted {}", mountpoint.display());
                 return r.map_err(|e| {
                     FsError::Invalid(format!("FUSE session ended with an error: {e}"))

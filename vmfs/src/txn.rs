@@ -21,11 +21,33 @@ pub struct Txn {
     pub freed: HashSet<u64>,
 }
 
-/// Verified metadata blocks, by 4K address.
+/// Verified metadata blocks, by 4K address, and the running journal
+/// transaction.
+///
+/// Without a journal (mkfs, before the journal exists) an operation's blocks
+/// go in place when it commits. With one, they join the running transaction
+/// (`dirty`), which [`Meta::journal_commit`] writes to the journal as one
+/// atomic record (group commit) and then in place: at fsync/sync, when it
+/// grows past a quarter of the journal, on a timer, at unmount.
 #[derive(Default)]
 pub struct Meta {
     cache: HashMap<u64, Vec<u8>>,
     pub txn: Txn,
+    /// Committed by operations, not yet in the journal: 4K address -> (magic, sealed block).
+    dirty: BTreeMap<u64, (u32, Vec<u8>)>,
+    /// Freed by operations of the running transaction: not reusable until it
+    /// is committed (a crash must not find another file's data in them).
+    pending_free: HashSet<u64>,
+    /// Freed by committed transactions still in the journal: not reusable
+    /// until a checkpoint empties the journal. Otherwise a replay could write
+    /// a stale metadata image of the block (a directory block, say) over the
+    /// data of the file that reused it; jbd2 has revoke records for this.
+    freed_in_journal: HashSet<u64>,
+    pub jnl: Option<journal::Journal>,
+    /// Set when writing committed blocks in place failed: the journal must
+    /// not checkpoint past them; every later commit fails until a remount
+    /// replays the journal.
+    failed: Option<String>,
     /// Blocks read from disk (for tests and statistics).
     pub reads: u64,
 }
@@ -46,20 +68,25 @@ impl Meta {
         })
     }
 
+    fn wrong_type(vol: &Volume, addr: u64, magic: u32, is: u32) -> FsError {
+        let (lun, offset) = vol.where_is(addr * MD as u64);
+        FsError::Corrupt {
+            lun,
+            offset,
+            object: format!("{} {:#x}", magic_name(magic), addr),
+            reason: format!("is in use as a {}", magic_name(is)),
+        }
+    }
+
     /// The block as this transaction sees it, verified.
     pub fn get(&mut self, vol: &Volume, addr: u64, magic: u32) -> Result<&[u8]> {
-        if self.txn.blocks.contains_key(&addr) {
-            let (m, b) = &self.txn.blocks[&addr];
-            if *m != magic {
-                let (lun, offset) = vol.where_is(addr * MD as u64);
-                return Err(FsError::Corrupt {
-                    lun,
-                    offset,
-                    object: format!("{} {:#x}", magic_name(magic), addr),
-                    reason: format!("is in use as a {}", magic_name(*m)),
-                });
+        for staged in [&self.txn.blocks, &self.dirty] {
+            if let Some((m, _)) = staged.get(&addr) {
+                if *m != magic {
+                    return Err(Self::wrong_type(vol, addr, magic, *m));
+                }
+                return Ok(&staged[&addr].1);
             }
-            return Ok(b);
         }
         if !self.cache.contains_key(&addr) {
             let mut b = vec![0u8; MD];
@@ -94,35 +121,135 @@ impl Meta {
         &mut self.txn.blocks.get_mut(&addr).expect("staged").1
     }
 
-    /// Stop tracking a block that is being freed.
+    /// Stop tracking a block that is being freed (its last contents need not
+    /// reach the disk: the free and the changes before it commit together).
     pub fn forget(&mut self, addr: u64) {
         self.txn.blocks.remove(&addr);
+        self.dirty.remove(&addr);
         self.cache.remove(&addr);
     }
 
-    /// Write every staged block in place (bodies only: lock sectors belong to
-    /// the locking layer), then make them the cached version.
+    /// Whether a resource or file block (by 4K address) was freed and that
+    /// free is not committed yet: it must not be allocated.
+    pub fn is_pending_free(&self, key: u64) -> bool {
+        self.txn.freed.contains(&key)
+            || self.pending_free.contains(&key)
+            || self.freed_in_journal.contains(&key)
+    }
+    pub fn has_pending_free(&self) -> bool {
+        !self.pending_free.is_empty() || !self.freed_in_journal.is_empty()
+    }
+
+    /// End of one operation: its blocks become part of the running journal
+    /// transaction (or, without a journal, are written in place now).
     pub fn commit(&mut self, vol: &Volume) -> Result<()> {
         let txn = std::mem::take(&mut self.txn);
+        if self.jnl.is_none() {
+            for (addr, (magic, mut b)) in txn.blocks {
+                let bo = body_offset(magic);
+                seal(&mut b[bo..]);
+                if let Err(e) = vol.write(addr * MD as u64 + bo as u64, &b[bo..]) {
+                    // What is on disk is now uncertain: drop it from the cache.
+                    self.cache.remove(&addr);
+                    return Err(e);
+                }
+                self.cache.insert(addr, b);
+            }
+            return Ok(());
+        }
+        let limit = self.dirty_limit();
+        if self.dirty.len() + txn.blocks.len() > limit && !self.dirty.is_empty() {
+            // Keep every running transaction small enough for the journal:
+            // commit what came before this operation first.
+            self.journal_commit(vol)?;
+        }
         for (addr, (magic, mut b)) in txn.blocks {
+            seal(&mut b[body_offset(magic)..]);
+            self.cache.remove(&addr);
+            self.dirty.insert(addr, (magic, b));
+        }
+        self.pending_free.extend(txn.freed);
+        if self.dirty.len() >= limit {
+            self.journal_commit(vol)?;
+        }
+        Ok(())
+    }
+
+    /// Blocks the running transaction may hold before it is committed.
+    fn dirty_limit(&self) -> usize {
+        self.jnl.as_ref().map_or(usize::MAX, |j| {
+            // A record of n images takes n + n/252 + 2 log blocks; keep a
+            // transaction within a quarter of the log.
+            (j.capacity() as usize / 4).max(16)
+        })
+    }
+
+    /// Blocks waiting in the running transaction.
+    pub fn dirty_len(&self) -> usize {
+        self.dirty.len()
+    }
+
+    /// Commit the running transaction: flush file data it may point at, write
+    /// it to the journal (durable when this returns), then in place.
+    pub fn journal_commit(&mut self, vol: &Volume) -> Result<()> {
+        if let Some(why) = &self.failed {
+            return Err(FsError::Invalid(format!(
+                "the datastore stopped writing metadata after an earlier failure ({why}); unmount and mount again to replay the journal"
+            )));
+        }
+        let Some(jnl) = self.jnl.as_mut() else {
+            return Ok(());
+        };
+        if self.dirty.is_empty() {
+            return Ok(());
+        }
+        // Ordered data: blocks a new pointer points at are durable first.
+        vol.flush()?;
+        let images: Vec<(u64, u32, &[u8])> = self
+            .dirty
+            .iter()
+            .map(|(&a, (m, b))| (a, body_offset(*m) as u32, b.as_slice()))
+            .collect();
+        let checkpoints = jnl.checkpoints;
+        jnl.commit(&images, vol)?;
+        if jnl.checkpoints != checkpoints {
+            // The journal was emptied before this record: older frees are final.
+            self.freed_in_journal.clear();
+        }
+        let dirty = std::mem::take(&mut self.dirty);
+        self.freed_in_journal.extend(self.pending_free.drain());
+        for (addr, (magic, b)) in dirty {
             let bo = body_offset(magic);
-            seal(&mut b[bo..]);
             if let Err(e) = vol.write(addr * MD as u64 + bo as u64, &b[bo..]) {
-                // What is on disk is now uncertain: drop it from the cache.
+                self.failed = Some(e.to_string());
                 self.cache.remove(&addr);
                 return Err(e);
+            }
+            if self.cache.len() >= CACHE_MAX {
+                self.cache.clear();
             }
             self.cache.insert(addr, b);
         }
         Ok(())
     }
 
-    /// Drop every staged change.
+    /// Commit, then make everything durable in place and empty the journal.
+    pub fn checkpoint(&mut self, vol: &Volume) -> Result<()> {
+        self.journal_commit(vol)?;
+        if let Some(j) = self.jnl.as_mut() {
+            j.checkpoint(vol)?;
+            self.freed_in_journal.clear();
+        }
+        Ok(())
+    }
+
+    /// Drop every staged change of the current operation.
     pub fn abort(&mut self) {
         self.txn = Txn::default();
     }
 
-    /// Forget everything cached (after an error of uncertain extent).
+    /// Forget every clean cached block (after an error of uncertain extent).
+    /// The running transaction stays: it is the newest truth.
     pub fn clear(&mut self) {
         self.cache.clear();
         self.txn = Txn::default();

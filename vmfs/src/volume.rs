@@ -18,6 +18,9 @@ pub struct MkfsOptions {
     pub block_size: u32,
     pub max_hosts: u32,
     pub rt_blocks: u32,
+    /// Each host's journal, in 4 KiB blocks; 0 = 16 MiB, or 1/32 of a
+    /// small volume (at least 1 MiB).
+    pub journal_blocks: u32,
 }
 
 impl Default for MkfsOptions {
@@ -27,6 +30,7 @@ impl Default for MkfsOptions {
             block_size: 1 << 20,
             max_hosts: 64,
             rt_blocks: 64,
+            journal_blocks: 0,
         }
     }
 }
@@ -135,6 +139,28 @@ impl Volume {
             Err(_) => ("<beyond volume>".into(), off),
         }
     }
+    /// Heartbeat slot `slot`, verified.
+    pub fn read_slot(&self, slot: u32) -> Result<HostSlot> {
+        let mut b = vec![0u8; LOCK_SECTOR];
+        let off = self.header.heartbeat_off + u64::from(slot) * LOCK_SECTOR as u64;
+        self.luns[0].read_at(&mut b, off)?;
+        HostSlot::decode(&b, self.header.heartbeat_off / MD as u64, slot).map_err(|reason| {
+            FsError::Corrupt {
+                lun: self.luns[0].name().to_string(),
+                offset: off,
+                object: format!("heartbeat slot {slot}"),
+                reason,
+            }
+        })
+    }
+
+    /// Write heartbeat slot `slot` (one sector, atomic) and flush it.
+    pub fn write_slot(&self, slot: u32, s: &HostSlot) -> Result<()> {
+        let off = self.header.heartbeat_off + u64::from(slot) * LOCK_SECTOR as u64;
+        self.luns[0].write_at(&s.encode(self.header.heartbeat_off / MD as u64, slot), off)?;
+        Ok(self.luns[0].flush()?)
+    }
+
     /// 4K address of extent `i`'s first byte.
     pub fn extent_addr(&self, i: usize) -> u64 {
         self.header.extents[i].first_block * self.blocks_per_4k()
@@ -157,6 +183,20 @@ impl Volume {
         if opts.max_hosts == 0 || opts.max_hosts > MAX_HOSTS_LIMIT {
             return Err(FsError::Invalid(format!(
                 "--max-hosts must be 1..={MAX_HOSTS_LIMIT}"
+            )));
+        }
+        let total: u64 = luns.iter().map(|l| l.size()).sum();
+        let mut opts = opts.clone();
+        if opts.journal_blocks == 0 {
+            opts.journal_blocks = ((total / MD as u64 / 32) as u32)
+                .clamp(JOURNAL_MIN_BLOCKS, JOURNAL_DEFAULT_BLOCKS);
+        }
+        let opts = &opts;
+        if !(JOURNAL_MIN_BLOCKS..=JOURNAL_MAX_BLOCKS).contains(&opts.journal_blocks) {
+            return Err(FsError::Invalid(format!(
+                "the journal size must be {} KiB to {} MiB",
+                JOURNAL_MIN_BLOCKS * 4,
+                JOURNAL_MAX_BLOCKS / 256
             )));
         }
         if opts.label.len() > 63 {
@@ -192,6 +232,7 @@ impl Volume {
             rt_off: MD as u64
                 + (u64::from(opts.max_hosts) * LOCK_SECTOR as u64).next_multiple_of(MD as u64),
             rt_blocks: opts.rt_blocks,
+            journal_blocks: opts.journal_blocks,
             extents,
         };
         let vol = Volume { header, luns };
@@ -202,14 +243,9 @@ impl Volume {
                 as usize
         ];
         for s in 0..opts.max_hosts as usize {
-            let sec = &mut hb[s * LOCK_SECTOR..(s + 1) * LOCK_SECTOR];
-            init_body(
-                sec,
-                MAGIC_HEARTBEAT,
-                vol.header.heartbeat_off / MD as u64,
-                s as u64,
+            hb[s * LOCK_SECTOR..(s + 1) * LOCK_SECTOR].copy_from_slice(
+                &HostSlot::default().encode(vol.header.heartbeat_off / MD as u64, s as u32),
             );
-            seal(sec);
         }
         vol.luns[0].write_at(&hb, vol.header.heartbeat_off)?;
         for k in 0..u64::from(opts.rt_blocks) {
@@ -410,5 +446,20 @@ impl Volume {
             self.write_headers(Some(k))?;
         }
         Ok(())
+    }
+}
+
+/// The journal writes committed blocks in place through the volume.
+impl journal::Target for Volume {
+    fn write_block(
+        &self,
+        addr: u64,
+        body_off: u32,
+        body: &[u8],
+    ) -> std::result::Result<(), journal::BoxError> {
+        Ok(self.write(addr * MD as u64 + u64::from(body_off), body)?)
+    }
+    fn flush(&self) -> std::result::Result<(), journal::BoxError> {
+        Ok(Volume::flush(self)?)
     }
 }

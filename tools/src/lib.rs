@@ -1,0 +1,4 @@
+//! Libraries behind the `vmfs` command that are worth calling on their own:
+//! the crash-recovery harness.
+
+pub mod crashtest;
