@@ -1176,7 +1176,17 @@ impl Fs {
             }
             st.dir_hdr(&fs.vol, &root)?;
         }
+        let unclean = fs.vol.read_slot(0)?.state != SLOT_FREE;
         fs.start_journal(0)?;
+        if unclean {
+            // Files unlinked while open live until their last close; a crash
+            // leaves them with no name and no opener. Free them now.
+            let n = fs.free_orphans()?;
+            if n > 0 {
+                tracing::info!("freed {n} file(s) that were unlinked while open when the host stopped");
+            }
+            fs.sync()?;
+        }
         *fs.replays.lock().unwrap_or_else(|p| p.into_inner()) = replays;
         Ok(fs)
     }
@@ -1242,6 +1252,44 @@ impl Fs {
         self.lock().meta.jnl = Some(jnl);
         self.slot.store(slot, std::sync::atomic::Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Free every allocated file descriptor with no links (after a crash,
+    /// nothing has it open). Returns how many. Reads every descriptor: the
+    /// price of not keeping an on-disk orphan list, paid only after a crash.
+    /// (With several hosts, a descriptor another live host holds open is
+    /// locked and must be skipped: the cluster layer adds that check.)
+    pub fn free_orphans(&self) -> Result<u64> {
+        let clusters: Vec<_> = self
+            .lock()
+            .alloc
+            .clusters
+            .iter()
+            .filter(|c| c.rtype == ResType::Fd)
+            .cloned()
+            .collect();
+        let mut n = 0;
+        for c in clusters {
+            let bitmap = {
+                let mut st = self.lock();
+                st.meta.get(&self.vol, c.addr, MAGIC_RCLUSTER)?[LOCK_SECTOR..].to_vec()
+            };
+            for j in 0..c.count as usize {
+                if !bit_get(&bitmap[CL_BITMAP..], j) {
+                    continue;
+                }
+                let a = c.addr + 1 + j as u64;
+                let freed = self.op(|st, vol| match st.iget(vol, a) {
+                    Ok(mut i) if i.nlink == 0 => {
+                        st.ifree(vol, &mut i)?;
+                        Ok(true)
+                    }
+                    _ => Ok(false),
+                })?;
+                n += u64::from(freed);
+            }
+        }
+        Ok(n)
     }
 
     fn journal_region(&self, addr: u64, nblocks: u32, slot: u32) -> Result<journal::Region> {
