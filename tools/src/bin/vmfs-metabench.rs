@@ -123,7 +123,7 @@ fn main() -> Result<()> {
     let (tx, rx) = std::sync::mpsc::channel();
     let fs2 = fs.clone();
     let m2 = mnt.clone();
-    let server = std::thread::spawn(move || vmfs::fuse::serve(fs2, &m2, 4, rx));
+    let server = std::thread::spawn(move || vmfs::fuse::serve(fs2, &m2, std::env::var("THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or(4), rx));
     let t = Instant::now();
     while !std::fs::read_to_string("/proc/self/mountinfo")?.contains(mnt.to_str().context("path")?) {
         ensure!(t.elapsed().as_secs() < 20, "mount did not appear");
