@@ -165,3 +165,40 @@ fn checking_replays_in_memory_only() {
     drop(fs);
     assert!(snapshot(&l) == before, "a check wrote to the LUN");
 }
+
+/// A full datastore still frees space: blocks freed by an uncommitted (or
+/// not yet checkpointed) unlink become usable after the checkpoint the
+/// allocator runs when nothing else is free. Never read-only, never ENOSPC
+/// for space the user already gave back.
+#[test]
+fn a_full_datastore_reuses_what_was_just_freed() {
+    let l = mem(24 << 20);
+    let fs = Fs::mkfs(l.clone(), &opts()).unwrap();
+    let root = fs.root();
+    let a = fs.create(root, b"a", S_IFREG | 0o644, 0, 0, 0, None).unwrap();
+    let chunk = vec![1u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        match fs.write(a.addr, size, &chunk) {
+            Ok(_) => size += chunk.len() as u64,
+            Err(e) => {
+                assert_eq!(e.errno(), libc::ENOSPC, "{e}");
+                break;
+            }
+        }
+    }
+    assert!(size >= 8 << 20, "only {size} bytes fit");
+    fs.unlink(root, b"a", false).unwrap(); // not synced: the free is pending
+    let b = fs.create(root, b"b", S_IFREG | 0o644, 0, 0, 0, None).unwrap();
+    for k in 0..size / chunk.len() as u64 {
+        fs.write(b.addr, k * chunk.len() as u64, &chunk)
+            .unwrap_or_else(|e| panic!("rewriting MiB {k} of {}: {e}", size >> 20));
+    }
+    fs.sync().unwrap();
+    fs.abandon();
+    drop(fs);
+    let fs = Fs::open(l).unwrap();
+    assert_eq!(names(&fs), ["b"]);
+    let r = vmfs::fsck::check(&fs, false, None).unwrap();
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+}
