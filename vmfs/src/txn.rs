@@ -157,6 +157,16 @@ impl Meta {
             }
             return Ok(());
         }
+        if let Some(j) = &self.jnl {
+            if journal::record_len(txn.blocks.len()) > j.capacity() {
+                // Refuse it whole rather than wedge every later commit.
+                return Err(FsError::Invalid(format!(
+                    "this operation changes {} metadata blocks, more than the journal's {} log blocks hold; make the datastore with a larger --journal-size, or do it in smaller steps",
+                    txn.blocks.len(),
+                    j.capacity()
+                )));
+            }
+        }
         let limit = self.dirty_limit();
         if self.dirty.len() + txn.blocks.len() > limit && !self.dirty.is_empty() {
             // Keep every running transaction small enough for the journal:
