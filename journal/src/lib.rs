@@ -57,8 +57,14 @@ pub enum JournalError {
         reason: String,
     },
     #[error("journal of slot {slot}: a transaction of {blocks} blocks does not fit a journal of {capacity} log blocks")]
-    TooLarge { slot: u32, blocks: u64, capacity: u64 },
-    #[error("journal of slot {slot} holds {records} committed transaction(s) that were not replayed")]
+    TooLarge {
+        slot: u32,
+        blocks: u64,
+        capacity: u64,
+    },
+    #[error(
+        "journal of slot {slot} holds {records} committed transaction(s) that were not replayed"
+    )]
     NotReplayed { slot: u32, records: usize },
 }
 
@@ -67,7 +73,12 @@ pub type Result<T> = std::result::Result<T, JournalError>;
 /// Where committed blocks go: the volume, by 4K address.
 pub trait Target {
     /// Write `body` at byte `body_off` of the 4 KiB block at 4K address `addr`.
-    fn write_block(&self, addr: u64, body_off: u32, body: &[u8]) -> std::result::Result<(), BoxError>;
+    fn write_block(
+        &self,
+        addr: u64,
+        body_off: u32,
+        body: &[u8],
+    ) -> std::result::Result<(), BoxError>;
     /// Make every completed write durable.
     fn flush(&self) -> std::result::Result<(), BoxError>;
 }
@@ -91,10 +102,14 @@ impl Region {
         u64::from(self.nblocks) - 1
     }
     fn read(&self, idx: u64, buf: &mut [u8]) -> Result<()> {
-        Ok(self.lun.read_at(buf, self.lun_offset + idx * BLOCK as u64)?)
+        Ok(self
+            .lun
+            .read_at(buf, self.lun_offset + idx * BLOCK as u64)?)
     }
     fn write(&self, idx: u64, buf: &[u8]) -> Result<()> {
-        Ok(self.lun.write_at(buf, self.lun_offset + idx * BLOCK as u64)?)
+        Ok(self
+            .lun
+            .write_at(buf, self.lun_offset + idx * BLOCK as u64)?)
     }
     fn corrupt(&self, idx: u64, reason: String) -> JournalError {
         JournalError::Corrupt {
@@ -159,11 +174,17 @@ fn check(b: &[u8], magic: u32, self_addr: u64) -> std::result::Result<(), String
         return Err("an all-zero block".into());
     }
     if get32(b, 0) != magic {
-        return Err(format!("not a {} block (magic {:#010x})", magic_name(magic), get32(b, 0)));
+        return Err(format!(
+            "not a {} block (magic {:#010x})",
+            magic_name(magic),
+            get32(b, 0)
+        ));
     }
     let v = u16::from_le_bytes([b[4], b[5]]);
     if v != VERSION {
-        return Err(format!("journal format version {v}, this build reads {VERSION}"));
+        return Err(format!(
+            "journal format version {v}, this build reads {VERSION}"
+        ));
     }
     if get32(b, 8) != crc_of(b) {
         return Err(format!("{} checksum mismatch", magic_name(magic)));
@@ -210,7 +231,10 @@ fn read_super(r: &Region, uuid: &[u8; 16]) -> Result<Super> {
     if nb != r.nblocks {
         return Err(r.corrupt(
             0,
-            format!("superblock says {nb} blocks, the heartbeat slot says {}", r.nblocks),
+            format!(
+                "superblock says {nb} blocks, the heartbeat slot says {}",
+                r.nblocks
+            ),
         ));
     }
     let tail_pos = get64(&b, SB_TAIL_POS);
@@ -231,6 +255,12 @@ fn write_super(r: &Region, uuid: &[u8; 16], s: Super) -> Result<()> {
     put64(&mut b, SB_TAIL_POS, s.tail_pos);
     seal(&mut b);
     r.write(0, &b)
+}
+
+/// Move the tail (the first record replay applies) and make it durable.
+fn set_tail(r: &Region, uuid: &[u8; 16], tail_pos: u64, tail_seq: u64) -> Result<()> {
+    write_super(r, uuid, Super { tail_pos, tail_seq })?;
+    Ok(r.lun.flush()?)
 }
 
 fn hex(b: &[u8]) -> String {
@@ -309,10 +339,15 @@ fn read_record(
         let first = p == pos;
         if magic == MAGIC_COMMIT && !first {
             if let Err(e) = check(&b, MAGIC_COMMIT, self_addr) {
-                return Ok(Err(format!("transaction {seq}: commit block at log block {idx}: {e}")));
+                return Ok(Err(format!(
+                    "transaction {seq}: commit block at log block {idx}: {e}"
+                )));
             }
             let bad = if get64(&b, 24) != seq {
-                Some(format!("sequence {} where {seq} was expected", get64(&b, 24)))
+                Some(format!(
+                    "sequence {} where {seq} was expected",
+                    get64(&b, 24)
+                ))
             } else if b[32..48] != uuid[..] {
                 Some("belongs to another volume".to_string())
             } else if u64::from(get32(&b, C_BLOCKS)) != images.len() as u64
@@ -330,7 +365,9 @@ fn read_record(
                 None
             };
             if let Some(why) = bad {
-                return Ok(Err(format!("transaction {seq}: commit block at log block {idx}: {why}")));
+                return Ok(Err(format!(
+                    "transaction {seq}: commit block at log block {idx}: {why}"
+                )));
             }
             return Ok(Ok(Some(Record {
                 seq,
@@ -499,15 +536,7 @@ pub fn replay(r: &Region, uuid: &[u8; 16], target: &dyn Target) -> Result<Report
     let blocks = apply(r, &s.records, target)?;
     if !s.records.is_empty() || s.stopped.is_some() {
         // Empty the log: the tail moves past what was applied (now flushed).
-        write_super(
-            r,
-            uuid,
-            Super {
-                tail_pos: s.end_pos,
-                tail_seq: s.next_seq,
-            },
-        )?;
-        r.lun.flush()?;
+        set_tail(r, uuid, s.end_pos, s.next_seq)?;
     }
     let rep = Report {
         transactions: s.records.len(),
@@ -540,18 +569,16 @@ impl Journal {
     /// block so that nothing older can look like a record.
     pub fn format(r: Region, uuid: &[u8; 16], first_seq: u64) -> Result<Journal> {
         if r.nblocks < MIN_BLOCKS {
-            return Err(r.corrupt(0, format!("a journal needs at least {MIN_BLOCKS} blocks, not {}", r.nblocks)));
+            return Err(r.corrupt(
+                0,
+                format!(
+                    "a journal needs at least {MIN_BLOCKS} blocks, not {}",
+                    r.nblocks
+                ),
+            ));
         }
         r.write(1, &[0u8; BLOCK])?;
-        write_super(
-            &r,
-            uuid,
-            Super {
-                tail_pos: 0,
-                tail_seq: first_seq,
-            },
-        )?;
-        r.lun.flush()?;
+        set_tail(&r, uuid, 0, first_seq)?;
         Self::open(r, uuid)
     }
 
@@ -566,15 +593,7 @@ impl Journal {
         }
         if s.stopped.is_some() {
             // A torn record past the end: start a clean log after a checkpoint.
-            write_super(
-                &r,
-                uuid,
-                Super {
-                    tail_pos: s.end_pos,
-                    tail_seq: s.next_seq,
-                },
-            )?;
-            r.lun.flush()?;
+            set_tail(&r, uuid, s.end_pos, s.next_seq)?;
         }
         Ok(Journal {
             uuid: *uuid,
@@ -614,15 +633,7 @@ impl Journal {
             addr: 0,
             source,
         })?;
-        write_super(
-            &self.r,
-            &self.uuid,
-            Super {
-                tail_pos: self.head_pos,
-                tail_seq: self.next_seq,
-            },
-        )?;
-        self.r.lun.flush()?;
+        set_tail(&self.r, &self.uuid, self.head_pos, self.next_seq)?;
         self.tail_pos = self.head_pos;
         self.used = 0;
         self.checkpoints += 1;
@@ -655,7 +666,13 @@ impl Journal {
         for (di, chunk) in images.chunks(DESC_ENTRIES).enumerate() {
             let pos = self.head_pos + k as u64;
             let mut d = vec![0u8; BLOCK];
-            header(&mut d, MAGIC_DESC, self.r.addr + self.r.index(pos), seq, &self.uuid);
+            header(
+                &mut d,
+                MAGIC_DESC,
+                self.r.addr + self.r.index(pos),
+                seq,
+                &self.uuid,
+            );
             put32(&mut d, D_COUNT, chunk.len() as u32);
             put32(&mut d, D_INDEX, di as u32);
             for (e, (addr, body_off, data)) in chunk.iter().enumerate() {
@@ -677,7 +694,13 @@ impl Journal {
         }
         let pos = self.head_pos + k as u64;
         let c = &mut out[k * BLOCK..(k + 1) * BLOCK];
-        header(c, MAGIC_COMMIT, self.r.addr + self.r.index(pos), seq, &self.uuid);
+        header(
+            c,
+            MAGIC_COMMIT,
+            self.r.addr + self.r.index(pos),
+            seq,
+            &self.uuid,
+        );
         put32(c, C_BLOCKS, images.len() as u32);
         put32(c, C_DESCS, images.len().div_ceil(DESC_ENTRIES) as u32);
         put32(c, C_CRC, crc.finalize());

@@ -66,7 +66,10 @@ fn commit_scan_replay_and_replay_twice() {
     let b = t.blocks.lock().unwrap().clone();
     assert_eq!(b[&11][600], 2, "the later transaction wins");
     assert_eq!(b[&10][600], 1);
-    assert!(b[&10][..512].iter().all(|&x| x == 0), "only the body is written");
+    assert!(
+        b[&10][..512].iter().all(|&x| x == 0),
+        "only the body is written"
+    );
     // Twice: nothing more to do, and the journal opens for writing again.
     let rep = replay(&r, &UUID, &t).unwrap();
     assert_eq!(rep.transactions, 0);
@@ -116,8 +119,15 @@ fn large_transactions_span_several_descriptors() {
     assert_eq!(s.records[0].len, record_len(600));
     let too_big: Vec<u64> = (0..3000).collect();
     let imgs: Vec<Vec<u8>> = too_big.iter().map(|&a| img(a, 1, 0)).collect();
-    let refs: Vec<(u64, u32, &[u8])> = imgs.iter().enumerate().map(|(a, b)| (a as u64, 0, b.as_slice())).collect();
-    assert!(matches!(j.commit(&refs, &t), Err(JournalError::TooLarge { .. })));
+    let refs: Vec<(u64, u32, &[u8])> = imgs
+        .iter()
+        .enumerate()
+        .map(|(a, b)| (a as u64, 0, b.as_slice()))
+        .collect();
+    assert!(matches!(
+        j.commit(&refs, &t),
+        Err(JournalError::TooLarge { .. })
+    ));
 }
 
 /// Byte offset on the LUN of log position `pos`.
@@ -132,15 +142,21 @@ fn a_commit_without_its_blocks_is_skipped_and_never_applied() {
     let mut j = Journal::format(r.clone(), &UUID, 1).unwrap();
     commit(&mut j, &t, &[10], 1); // positions 0..3
     commit(&mut j, &t, &[20, 21], 2); // positions 3..7: desc, 20, 21, commit
-    // The image of block 21 never reached the disk (torn).
+                                      // The image of block 21 never reached the disk (torn).
     r.lun.write_at(&[0xee; 512], at(&r, 5) + 1024).unwrap();
     let rep = replay(&r, &UUID, &t).unwrap();
     assert_eq!(rep.transactions, 1);
     let why = rep.stopped.unwrap();
-    assert!(why.contains("transaction 2") && why.contains("0x15"), "{why}");
+    assert!(
+        why.contains("transaction 2") && why.contains("0x15"),
+        "{why}"
+    );
     let b = t.blocks.lock().unwrap();
     assert!(b.contains_key(&10));
-    assert!(!b.contains_key(&20) && !b.contains_key(&21), "nothing of the bad record");
+    assert!(
+        !b.contains_key(&20) && !b.contains_key(&21),
+        "nothing of the bad record"
+    );
 }
 
 #[test]
@@ -155,9 +171,9 @@ fn wrong_sequence_and_foreign_records_stop_the_replay() {
         let mut d = vec![0u8; BLOCK];
         r.lun.read_at(&mut d, at(&r, 3)).unwrap();
         match case {
-            0 => put64(&mut d, 24, 9),                 // sequence from nowhere
-            1 => d[32..48].copy_from_slice(&[1; 16]),  // another volume's record
-            _ => put32(&mut d, D_COUNT, 5000),         // impossible count
+            0 => put64(&mut d, 24, 9),                // sequence from nowhere
+            1 => d[32..48].copy_from_slice(&[1; 16]), // another volume's record
+            _ => put32(&mut d, D_COUNT, 5000),        // impossible count
         }
         seal(&mut d);
         r.lun.write_at(&d, at(&r, 3)).unwrap();
@@ -175,7 +191,10 @@ fn a_journal_of_another_volume_is_refused_without_writing() {
     let mut j = Journal::format(r.clone(), &[9; 16], 1).unwrap();
     commit(&mut j, &t, &[10], 1);
     let e = replay(&r, &UUID, &t).unwrap_err().to_string();
-    assert!(e.contains("another volume") && e.contains("slot 3") && e.contains("jl"), "{e}");
+    assert!(
+        e.contains("another volume") && e.contains("slot 3") && e.contains("jl"),
+        "{e}"
+    );
     assert!(t.blocks.lock().unwrap().is_empty());
 }
 

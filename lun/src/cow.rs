@@ -143,7 +143,11 @@ impl Lun for CowLun {
 #[derive(Debug, Clone)]
 pub enum Event {
     /// `data` written at `offset` of LUN number `lun`.
-    Write { lun: usize, offset: u64, data: Arc<[u8]> },
+    Write {
+        lun: usize,
+        offset: u64,
+        data: Arc<[u8]>,
+    },
     /// `len` bytes zeroed at `offset`.
     Zero { lun: usize, offset: u64, len: u64 },
     /// A flush of LUN `lun` completed: every write before it is durable.
@@ -260,8 +264,22 @@ mod tests {
         r.flush().unwrap();
         r.write_zeroes(0, 512, false).unwrap();
         let l = log.lock().unwrap();
-        assert!(matches!(l[0], Event::Write { lun: 3, offset: 512, .. }));
+        assert!(matches!(
+            l[0],
+            Event::Write {
+                lun: 3,
+                offset: 512,
+                ..
+            }
+        ));
         assert!(matches!(l[1], Event::Flush { lun: 3 }));
-        assert!(matches!(l[2], Event::Zero { lun: 3, offset: 0, len: 512 }));
+        assert!(matches!(
+            l[2],
+            Event::Zero {
+                lun: 3,
+                offset: 0,
+                len: 512
+            }
+        ));
     }
 }

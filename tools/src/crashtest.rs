@@ -84,7 +84,11 @@ impl Op {
     /// The path an fsync after this operation targets.
     fn target(&self) -> Option<&str> {
         match self {
-            Op::Create(p) | Op::Write(p, ..) | Op::Truncate(p, _) | Op::Falloc(p, ..) | Op::Punch(p, ..) => Some(p),
+            Op::Create(p)
+            | Op::Write(p, ..)
+            | Op::Truncate(p, _)
+            | Op::Falloc(p, ..)
+            | Op::Punch(p, ..) => Some(p),
             Op::Link(_, p) | Op::Rename(_, p) => Some(p),
             _ => None,
         }
@@ -157,10 +161,16 @@ impl std::str::FromStr for Op {
 
 /// A workload as one line: operations separated by `;`.
 pub fn format_ops(ops: &[Op]) -> String {
-    ops.iter().map(|o| o.to_string()).collect::<Vec<_>>().join(";")
+    ops.iter()
+        .map(|o| o.to_string())
+        .collect::<Vec<_>>()
+        .join(";")
 }
 pub fn parse_ops(s: &str) -> Result<Vec<Op>, String> {
-    s.split(';').filter(|x| !x.trim().is_empty()).map(str::parse).collect()
+    s.split(';')
+        .filter(|x| !x.trim().is_empty())
+        .map(str::parse)
+        .collect()
 }
 
 /// The operations the exhaustive workloads choose from. The base image holds
@@ -234,9 +244,15 @@ impl Model {
             nodes: vec![Node::Dir],
             paths: BTreeMap::from([(String::new(), 0)]),
         };
-        m.add("A", Node::File((0..20u64 << 10).map(|o| pattern(1000, o)).collect()));
+        m.add(
+            "A",
+            Node::File((0..20u64 << 10).map(|o| pattern(1000, o)).collect()),
+        );
         m.add("D", Node::Dir);
-        m.add("D/C", Node::File((0..200u64 << 10).map(|o| pattern(1001, o)).collect()));
+        m.add(
+            "D/C",
+            Node::File((0..200u64 << 10).map(|o| pattern(1001, o)).collect()),
+        );
         m
     }
     fn add(&mut self, p: &str, n: Node) {
@@ -244,7 +260,9 @@ impl Model {
         self.paths.insert(p.to_string(), self.nodes.len() - 1);
     }
     fn is_dir(&self, p: &str) -> bool {
-        self.paths.get(p).is_some_and(|&n| self.nodes[n] == Node::Dir)
+        self.paths
+            .get(p)
+            .is_some_and(|&n| self.nodes[n] == Node::Dir)
     }
     fn file(&mut self, p: &str) -> Result<&mut Vec<u8>, i32> {
         let n = *self.paths.get(p).ok_or(libc::ENOENT)?;
@@ -491,7 +509,11 @@ fn observe(fs: &Fs) -> vmfs::Result<Seen> {
                 continue;
             }
             let name = String::from_utf8_lossy(&e.name).into_owned();
-            let path = if p.is_empty() { name } else { format!("{p}/{name}") };
+            let path = if p.is_empty() {
+                name
+            } else {
+                format!("{p}/{name}")
+            };
             let i = fs.getattr(e.fd)?;
             if i.is_dir() {
                 paths.insert(path.clone(), (true, 0, e.fd));
@@ -536,7 +558,15 @@ impl fmt::Display for Crash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:", self.segment)?;
         let w: Vec<String> = self.writes.iter().map(|w| w.to_string()).collect();
-        write!(f, "{}", if w.is_empty() { "-".into() } else { w.join(",") })?;
+        write!(
+            f,
+            "{}",
+            if w.is_empty() {
+                "-".into()
+            } else {
+                w.join(",")
+            }
+        )?;
         if let Some((w, s)) = self.torn {
             write!(f, ":torn={w}.{s}")?;
         }
@@ -554,7 +584,9 @@ impl std::str::FromStr for Crash {
         let writes = if ws == "-" {
             Vec::new()
         } else {
-            ws.split(',').map(|x| x.parse().map_err(|_| bad())).collect::<Result<_, _>>()?
+            ws.split(',')
+                .map(|x| x.parse().map_err(|_| bad()))
+                .collect::<Result<_, _>>()?
         };
         let torn = match it.next() {
             None => None,
@@ -563,10 +595,17 @@ impl std::str::FromStr for Crash {
                     .strip_prefix("torn=")
                     .and_then(|t| t.split_once('.'))
                     .ok_or_else(bad)?;
-                Some((w.parse().map_err(|_| bad())?, sec.parse().map_err(|_| bad())?))
+                Some((
+                    w.parse().map_err(|_| bad())?,
+                    sec.parse().map_err(|_| bad())?,
+                ))
             }
         };
-        Ok(Crash { segment, writes, torn })
+        Ok(Crash {
+            segment,
+            writes,
+            torn,
+        })
     }
 }
 
@@ -659,7 +698,8 @@ impl Harness {
         )?;
         let m = Model::base();
         let root = fs.root();
-        let mk = |dir: u64, name: &str, mode: u32| fs.create(dir, name.as_bytes(), mode, 0, 0, 0, None);
+        let mk =
+            |dir: u64, name: &str, mode: u32| fs.create(dir, name.as_bytes(), mode, 0, 0, 0, None);
         let a = mk(root, "A", libc::S_IFREG | 0o644)?;
         let d = mk(root, "D", libc::S_IFDIR | 0o755)?;
         let c = mk(d.addr, "C", libc::S_IFREG | 0o644)?;
@@ -684,21 +724,32 @@ impl Harness {
         let mut model = Model::base();
         let mut states = vec![model.clone()];
         let mut persisted = Vec::new();
-        let push = |m: u64| log.lock().unwrap_or_else(|p| p.into_inner()).push(Event::Mark(m));
+        let push = |m: u64| {
+            log.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(Event::Mark(m))
+        };
         for (k, op) in ops.iter().enumerate() {
             push(mark_start(k));
             let want = model.apply(op, k);
             let got = run_op(&fs, op, k);
             push(mark_done(k));
             match (&want, &got) {
-                (Ok(()), Err(e)) => return Err(format!("operation {k} {op} failed: {e}; the model says it succeeds")),
+                (Ok(()), Err(e)) => {
+                    return Err(format!(
+                        "operation {k} {op} failed: {e}; the model says it succeeds"
+                    ))
+                }
                 (Err(w), Ok(())) => {
                     return Err(format!(
                         "operation {k} {op} succeeded; the model says it fails with errno {w}"
                     ))
                 }
                 (Err(w), Err(e)) if *w != errno(e) => {
-                    return Err(format!("operation {k} {op} failed with errno {} ({e}), the model says errno {w}", errno(e)))
+                    return Err(format!(
+                        "operation {k} {op} failed with errno {} ({e}), the model says errno {w}",
+                        errno(e)
+                    ))
                 }
                 _ => {}
             }
@@ -707,17 +758,24 @@ impl Harness {
         }
         // A clean unmount ends the log: every operation durable after it.
         push(mark_start(ops.len()));
-        fs.unmount().map_err(|e| format!("unmount after the workload: {e}"))?;
+        fs.unmount()
+            .map_err(|e| format!("unmount after the workload: {e}"))?;
         push(mark_done(ops.len()));
         drop(fs);
         let log = log.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if std::env::var_os("VMFS_CRASH_DEBUG").is_some() {
             for (i, e) in log.iter().enumerate() {
                 match e {
-                    Event::Write { offset, data, .. } => eprintln!("{i}: write {offset:#x} +{:#x}", data.len()),
+                    Event::Write { offset, data, .. } => {
+                        eprintln!("{i}: write {offset:#x} +{:#x}", data.len())
+                    }
                     Event::Zero { offset, len, .. } => eprintln!("{i}: zero {offset:#x} +{len:#x}"),
                     Event::Flush { .. } => eprintln!("{i}: FLUSH"),
-                    Event::Mark(m) => eprintln!("{i}: op {} {}", m / 2, if m % 2 == 0 { "start" } else { "done" }),
+                    Event::Mark(m) => eprintln!(
+                        "{i}: op {} {}",
+                        m / 2,
+                        if m % 2 == 0 { "start" } else { "done" }
+                    ),
                 }
             }
         }
@@ -788,16 +846,22 @@ impl Harness {
     /// Build the crash image, mount it, fsck it and judge it by the oracle.
     fn check(&self, rec: &Recording, c: &Crash) -> Result<bool, String> {
         let segs = segments(&rec.log);
-        let &(a, b) = segs
-            .get(c.segment)
-            .ok_or_else(|| format!("segment {} does not exist ({} in the log)", c.segment, segs.len()))?;
+        let &(a, b) = segs.get(c.segment).ok_or_else(|| {
+            format!(
+                "segment {} does not exist ({} in the log)",
+                c.segment,
+                segs.len()
+            )
+        })?;
         let img = CowLun::new(self.base.clone());
         for e in &rec.log[..a] {
             apply_event(&img, e).map_err(|e| e.to_string())?;
         }
         let pending: Vec<&Event> = rec.log[a..b].iter().filter(|e| is_write(e)).collect();
         for &w in &c.writes {
-            let e = pending.get(w).ok_or_else(|| format!("write {w} is not in segment {}", c.segment))?;
+            let e = pending
+                .get(w)
+                .ok_or_else(|| format!("write {w} is not in segment {}", c.segment))?;
             if let (Some((tw, sec)), Event::Write { offset, data, .. }) = (c.torn, e) {
                 if tw == w {
                     // All sectors but the torn one, and half of that one.
@@ -805,7 +869,8 @@ impl Harness {
                     let s = (sec * 512) as usize;
                     if s + 512 <= d.len() {
                         let mut old = vec![0u8; 256];
-                        img.read_at(&mut old, offset + s as u64 + 256).map_err(|e| e.to_string())?;
+                        img.read_at(&mut old, offset + s as u64 + 256)
+                            .map_err(|e| e.to_string())?;
                         d[s + 256..s + 512].copy_from_slice(&old);
                     }
                     img.write_at(&d, *offset).map_err(|e| e.to_string())?;
@@ -830,10 +895,12 @@ impl Harness {
         }
         let started = started.min(rec.persisted.len());
         let durable = durable.min(rec.persisted.len());
-        let luns: Vec<Arc<dyn Lun>> = vec![Arc::new(CowLun::with_pages(self.base.clone(), img.pages()))];
+        let luns: Vec<Arc<dyn Lun>> =
+            vec![Arc::new(CowLun::with_pages(self.base.clone(), img.pages()))];
         let fs = Fs::open(luns).map_err(|e| format!("mount (journal replay) failed: {e}"))?;
         let replayed = !fs.replays().is_empty();
-        let r = vmfs::fsck::check(&fs, false, None).map_err(|e| format!("fsck could not run: {e}"))?;
+        let r =
+            vmfs::fsck::check(&fs, false, None).map_err(|e| format!("fsck could not run: {e}"))?;
         if !r.errors.is_empty() {
             fs.abandon();
             return Err(format!("fsck: {}", r.errors.join("; ")));
@@ -867,13 +934,24 @@ impl Harness {
 
     /// Record one workload and check up to `budget` of its crash states (or
     /// exactly `only`).
-    pub fn run_workload(&self, ops: &[Op], budget: usize, only: Option<&Crash>, rng: &mut Rng, sum: &mut Summary) {
+    pub fn run_workload(
+        &self,
+        ops: &[Op],
+        budget: usize,
+        only: Option<&Crash>,
+        rng: &mut Rng,
+        sum: &mut Summary,
+    ) {
         let workload = format_ops(ops);
         sum.workloads += 1;
         let rec = match self.record(ops) {
             Ok(r) => r,
             Err(what) => {
-                sum.failures.push(Failure { workload, crash: None, what });
+                sum.failures.push(Failure {
+                    workload,
+                    crash: None,
+                    what,
+                });
                 return;
             }
         };
@@ -925,7 +1003,10 @@ pub fn exhaustive(max_ops: usize) -> impl Iterator<Item = Vec<Op>> {
 
 /// How many workloads [`exhaustive`] yields.
 pub fn exhaustive_count(max_ops: usize) -> u64 {
-    let n: u64 = op_menu().iter().map(|o| persist_variants(o).len() as u64).sum();
+    let n: u64 = op_menu()
+        .iter()
+        .map(|o| persist_variants(o).len() as u64)
+        .sum();
     (1..=max_ops as u32).map(|l| n.pow(l)).sum()
 }
 
@@ -961,9 +1042,18 @@ mod tests {
     #[test]
     fn model_follows_posix_rename_rules() {
         let mut m = Model::base();
-        assert_eq!(m.apply(&"rename(D,D/X)".parse().unwrap(), 0), Err(libc::EINVAL));
-        assert_eq!(m.apply(&"rename(A,D)".parse().unwrap(), 0), Err(libc::EISDIR));
-        assert_eq!(m.apply(&"rmdir(D)".parse().unwrap(), 0), Err(libc::ENOTEMPTY));
+        assert_eq!(
+            m.apply(&"rename(D,D/X)".parse().unwrap(), 0),
+            Err(libc::EINVAL)
+        );
+        assert_eq!(
+            m.apply(&"rename(A,D)".parse().unwrap(), 0),
+            Err(libc::EISDIR)
+        );
+        assert_eq!(
+            m.apply(&"rmdir(D)".parse().unwrap(), 0),
+            Err(libc::ENOTEMPTY)
+        );
         m.apply(&"rename(D,E)".parse().unwrap(), 0).unwrap();
         assert!(m.paths.contains_key("E/C") && !m.paths.contains_key("D/C"));
     }
@@ -973,11 +1063,18 @@ mod tests {
         let h = Harness::new().unwrap();
         let mut sum = Summary::default();
         let mut rng = Rng::new(1);
-        for w in ["create(B);fsync(B);write(B,0,71680);sync", "rename(A,D/C);sync;unlink(D/C)", "truncate(A,0);write(D/C,153600,204800);fsync(D/C)"] {
+        for w in [
+            "create(B);fsync(B);write(B,0,71680);sync",
+            "rename(A,D/C);sync;unlink(D/C)",
+            "truncate(A,0);write(D/C,153600,204800);fsync(D/C)",
+        ] {
             h.run_workload(&parse_ops(w).unwrap(), 40, None, &mut rng, &mut sum);
         }
         assert!(sum.failures.is_empty(), "{:#?}", sum.failures);
         assert!(sum.states >= 30, "{sum:?}");
-        assert!(sum.replayed > 0, "some crash states must need a replay: {sum:?}");
+        assert!(
+            sum.replayed > 0,
+            "some crash states must need a replay: {sum:?}"
+        );
     }
 }

@@ -69,33 +69,7 @@ enum Cmd {
     /// Crash-recovery harness: run workloads on a recording LUN, build the
     /// images power cuts would leave, and check each one (mount with journal
     /// replay, fsck, oracle). Exit 1 on any failure.
-    Crashtest {
-        /// Crash states to explore (the default is what CI runs).
-        #[arg(long, default_value_t = 10_000)]
-        states: u64,
-        /// Longest exhaustive workload, in operations.
-        #[arg(long, default_value_t = 3)]
-        max_ops: usize,
-        /// Run every workload of up to --max-ops operations (hundreds of
-        /// thousands of states; hours) instead of sampling them.
-        #[arg(long)]
-        exhaustive: bool,
-        /// Operations per long random workload (0: none).
-        #[arg(long, default_value_t = 24)]
-        random_ops: usize,
-        /// Seed of the sampling and of the random workloads.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Crash states checked per workload.
-        #[arg(long, default_value_t = 12)]
-        per_workload: usize,
-        /// Run one workload (operations separated by `;`), as a reproducer prints it.
-        #[arg(long)]
-        workload: Option<String>,
-        /// With --workload: check only this crash state (SEGMENT:WRITES[:torn=W.S]).
-        #[arg(long, requires = "workload")]
-        crash: Option<String>,
-    },
+    Crashtest(CrashArgs),
     /// Grow the datastore by one LUN.
     Extend {
         #[arg(required = true)]
@@ -141,7 +115,9 @@ fn info(specs: &[String]) -> Result<()> {
     let luns = open_luns(specs)?;
     let slots: Vec<_> = {
         let vol = vmfs::volume::Volume::open(luns.clone())?;
-        (0..vol.header.max_hosts).map(|s| (s, vol.read_slot(s))).collect()
+        (0..vol.header.max_hosts)
+            .map(|s| (s, vol.read_slot(s)))
+            .collect()
     };
     // Opened over copy-on-write LUNs: a journal replay stays in memory.
     let fs = Fs::open_for_check(luns, false)?;
@@ -185,7 +161,9 @@ fn info(specs: &[String]) -> Result<()> {
         }
     }
     for (s, rep) in fs.replays() {
-        println!("  slot {s}: journal holds committed work: {rep} (in memory only; mount applies it)");
+        println!(
+            "  slot {s}: journal holds committed work: {rep} (in memory only; mount applies it)"
+        );
     }
     println!(
         "capacity    {} ({} blocks)",
@@ -228,7 +206,11 @@ fn fsck(specs: &[String], repair: bool) -> Result<bool> {
     for (s, rep) in fs.replays() {
         println!(
             "journal of slot {s}: {rep}{}",
-            if repair { "" } else { " (in memory for the check; --repair or mount applies it)" }
+            if repair {
+                ""
+            } else {
+                " (in memory for the check; --repair or mount applies it)"
+            }
         );
     }
     let bar = indicatif::ProgressBar::new(fs.usage().fds_used.max(1));
@@ -431,27 +413,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             log_file,
             args,
         } => mount(&args, foreground, threads, log_file)?,
-        Cmd::Crashtest {
-            states,
-            max_ops,
-            exhaustive,
-            random_ops,
-            seed,
-            per_workload,
-            workload,
-            crash,
-        } => {
-            return crashtest(CrashArgs {
-                states,
-                max_ops,
-                exhaustive,
-                random_ops,
-                seed,
-                per_workload,
-                workload,
-                crash,
-            })
-        }
+        Cmd::Crashtest(a) => return crashtest(a),
         Cmd::Extend { luns, add } => {
             let mut fs = Fs::open(open_luns(&luns)?)?;
             let before = fs.usage().total_blocks;
@@ -468,14 +430,32 @@ fn run(cli: Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+#[derive(clap::Args)]
 struct CrashArgs {
+    /// Crash states to explore (the default is what CI runs).
+    #[arg(long, default_value_t = 10_000)]
     states: u64,
+    /// Longest exhaustive workload, in operations.
+    #[arg(long, default_value_t = 3)]
     max_ops: usize,
+    /// Run every workload of up to --max-ops operations (hundreds of
+    /// thousands of states; hours) instead of sampling them.
+    #[arg(long)]
     exhaustive: bool,
+    /// Operations per long random workload (0: none).
+    #[arg(long, default_value_t = 24)]
     random_ops: usize,
+    /// Seed of the sampling and of the random workloads.
+    #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Crash states checked per workload.
+    #[arg(long, default_value_t = 12)]
     per_workload: usize,
+    /// Run one workload (operations separated by `;`), as a reproducer prints it.
+    #[arg(long)]
     workload: Option<String>,
+    /// With --workload: check only this crash state (SEGMENT:WRITES[:torn=W.S]).
+    #[arg(long, requires = "workload")]
     crash: Option<String>,
 }
 
@@ -493,7 +473,13 @@ fn crashtest(a: CrashArgs) -> Result<ExitCode> {
             .map(str::parse::<Crash>)
             .transpose()
             .map_err(anyhow::Error::msg)?;
-        h.run_workload(&ops, a.per_workload.max(1) * 10, c.as_ref(), &mut rng, &mut sum);
+        h.run_workload(
+            &ops,
+            a.per_workload.max(1) * 10,
+            c.as_ref(),
+            &mut rng,
+            &mut sum,
+        );
     } else {
         let total = if a.exhaustive { u64::MAX } else { a.states };
         let bar = indicatif::ProgressBar::new(if a.exhaustive {
@@ -524,7 +510,11 @@ fn crashtest(a: CrashArgs) -> Result<ExitCode> {
             // Three quarters of the budget: every single-operation workload,
             // then workloads of 2..=max_ops sampled from the exhaustive space;
             // the rest: long random workloads.
-            let bounded = if a.random_ops > 0 { total * 3 / 4 } else { total };
+            let bounded = if a.random_ops > 0 {
+                total * 3 / 4
+            } else {
+                total
+            };
             for w in exhaustive(1) {
                 h.run_workload(&w, a.per_workload, None, &mut rng, &mut sum);
                 show(&sum);
@@ -571,7 +561,11 @@ fn crashtest(a: CrashArgs) -> Result<ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The harness mounts thousands of images: only warnings by default.
-    let default = if matches!(cli.cmd, Cmd::Crashtest { .. }) { "warn" } else { "info" };
+    let default = if matches!(cli.cmd, Cmd::Crashtest(_)) {
+        "warn"
+    } else {
+        "info"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("VMFS_LOG")

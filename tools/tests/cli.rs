@@ -2,25 +2,10 @@
 //! of every metadata kind reported clearly without writing to the volume.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-const VMFS: &str = env!("CARGO_BIN_EXE_vmfs");
-
-fn vmfs(args: &[&str]) -> Output {
-    Command::new(VMFS)
-        .args(args)
-        .env("VMFS_LOG", "warn")
-        .output()
-        .expect("run vmfs")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+mod common;
+use common::{mounted, text, vmfs, VMFS};
 
 fn img(dir: &Path, name: &str, size: u64) -> PathBuf {
     let p = dir.join(name);
@@ -298,13 +283,6 @@ fn signals_unmount_cleanly() {
     assert!(vmfs(&["mkfs", sa]).status.success());
     let mnt = d.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
-    let mounted = |m: &Path| {
-        let m = std::fs::canonicalize(m).unwrap();
-        std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap()
-            .lines()
-            .any(|l| l.split(' ').nth(4) == Some(m.to_str().unwrap()))
-    };
     for (k, sig) in [libc::SIGTERM, libc::SIGINT].into_iter().enumerate() {
         let mut child = Command::new(VMFS)
             .args(["mount", "--foreground", sa, mnt.to_str().unwrap()])

@@ -3,32 +3,19 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-const VMFS: &str = env!("CARGO_BIN_EXE_vmfs");
-
-fn vmfs(args: &[&str]) -> Output {
-    Command::new(VMFS)
-        .args(args)
-        .env("VMFS_LOG", "warn")
-        .output()
-        .expect("run vmfs")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+mod common;
+use common::{mounted, text, vmfs, VMFS};
 
 /// The number before `word` in `s` ("123 crash states").
 fn count_before(s: &str, word: &str) -> u64 {
     let i = s.find(word).unwrap_or_else(|| panic!("no {word:?} in {s}"));
     let w = s[..i].split_whitespace().last().unwrap();
-    w.trim_matches(|c: char| !c.is_ascii_digit()).parse().unwrap()
+    w.trim_matches(|c: char| !c.is_ascii_digit())
+        .parse()
+        .unwrap()
 }
 
 /// At least 10,000 crash states per CI run (the floor); a longer
@@ -44,7 +31,10 @@ fn crashtest_ten_thousand_states() {
     let t = text(&o);
     assert_eq!(o.status.code(), Some(0), "{t}");
     assert!(count_before(&t, "crash states") >= states, "{t}");
-    assert!(count_before(&t, "needed a journal replay") > states / 4, "{t}");
+    assert!(
+        count_before(&t, "needed a journal replay") > states / 4,
+        "{t}"
+    );
     assert_eq!(count_before(&t, "failures"), 0, "{t}");
     // A reproducer line runs exactly one state.
     let o = vmfs(&[
@@ -60,15 +50,11 @@ fn crashtest_ten_thousand_states() {
     // Nonsense is a clear error, exit 2.
     let o = vmfs(&["crashtest", "--workload", "frobnicate(A)"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(text(&o).contains("unknown operation frobnicate"), "{}", text(&o));
-}
-
-fn mounted(m: &Path) -> bool {
-    let m = std::fs::canonicalize(m).unwrap();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(m.to_str().unwrap()))
+    assert!(
+        text(&o).contains("unknown operation frobnicate"),
+        "{}",
+        text(&o)
+    );
 }
 
 fn mount(lun: &str, mnt: &Path) -> std::process::Child {
@@ -79,7 +65,10 @@ fn mount(lun: &str, mnt: &Path) -> std::process::Child {
         .unwrap();
     let t = Instant::now();
     while !mounted(mnt) {
-        assert!(t.elapsed() < Duration::from_secs(20), "mount did not appear");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "mount did not appear"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     child
@@ -87,7 +76,9 @@ fn mount(lun: &str, mnt: &Path) -> std::process::Child {
 
 fn content(round: u64, k: u64) -> Vec<u8> {
     let len = 1000 + (k * 7919 + round * 104729) % (300 << 10);
-    (0..len).map(|i| ((i * 31 + k * 7 + round) % 251) as u8).collect()
+    (0..len)
+        .map(|i| ((i * 31 + k * 7 + round) % 251) as u8)
+        .collect()
 }
 
 /// Mount in a real process, create/rename/unlink/write files with fsyncs
@@ -98,7 +89,10 @@ fn content(round: u64, k: u64) -> Vec<u8> {
 fn kill_9_mid_workload_loses_nothing_fsynced() {
     let d = tempfile::tempdir().unwrap();
     let lun: PathBuf = d.path().join("lun.img");
-    std::fs::File::create(&lun).unwrap().set_len(256 << 20).unwrap();
+    std::fs::File::create(&lun)
+        .unwrap()
+        .set_len(256 << 20)
+        .unwrap();
     let sl = lun.to_str().unwrap();
     assert!(vmfs(&["mkfs", "--block-size", "64K", sl]).status.success());
     let mnt = d.path().join("mnt");
@@ -148,14 +142,22 @@ fn kill_9_mid_workload_loses_nothing_fsynced() {
             })
         };
         // Kill at a random moment between 0.2 and 1.5 s into the workload.
-        let wait = 200 + (seed.wrapping_mul(6364136223846793005).wrapping_add(round * 1442695040888963407) >> 33) % 1300;
+        let wait = 200
+            + (seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(round * 1442695040888963407)
+                >> 33)
+                % 1300;
         std::thread::sleep(Duration::from_millis(wait));
         // SAFETY: killing our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
         child.wait().unwrap();
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         // The dead FUSE mount must be detached before the worker can notice.
-        let _ = Command::new("fusermount3").args(["-u", "-z"]).arg(&mnt).status();
+        let _ = Command::new("fusermount3")
+            .args(["-u", "-z"])
+            .arg(&mnt)
+            .status();
         worker.join().unwrap();
         let mut n = 0;
         for (p, c) in rx.try_iter() {
@@ -165,21 +167,39 @@ fn kill_9_mid_workload_loses_nothing_fsynced() {
             }
             n += 1;
         }
-        assert!(n > 0 || round > 0, "round {round}: nothing was fsynced in {wait} ms");
+        assert!(
+            n > 0 || round > 0,
+            "round {round}: nothing was fsynced in {wait} ms"
+        );
         // Recovery: fsck (replays in memory) is clean, then a mount replays
         // for real and every fsynced file is there.
         let o = vmfs(&["fsck", sl]);
-        assert_eq!(o.status.code(), Some(0), "round {round} (killed after {wait} ms): {}", text(&o));
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "round {round} (killed after {wait} ms): {}",
+            text(&o)
+        );
         let mut child = mount(sl, &mnt);
         for (p, c) in &durable {
-            let got = std::fs::read(mnt.join(p)).unwrap_or_else(|e| panic!("round {round}: fsynced {p} lost: {e}"));
+            let got = std::fs::read(mnt.join(p))
+                .unwrap_or_else(|e| panic!("round {round}: fsynced {p} lost: {e}"));
             assert!(got == *c, "round {round}: {p} has the wrong contents");
         }
         // SAFETY: signalling our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         assert!(child.wait().unwrap().success());
         let o = vmfs(&["fsck", sl]);
-        assert_eq!(o.status.code(), Some(0), "round {round} after remount: {}", text(&o));
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "round {round} after remount: {}",
+            text(&o)
+        );
     }
-    assert!(durable.len() > 5, "only {} files were fsynced in 5 rounds", durable.len());
+    assert!(
+        durable.len() > 5,
+        "only {} files were fsynced in 5 rounds",
+        durable.len()
+    );
 }

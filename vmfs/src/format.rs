@@ -792,7 +792,10 @@ impl HostSlot {
     pub fn decode(b: &[u8], region: u64, slot: u32) -> std::result::Result<HostSlot, String> {
         check_body(b, MAGIC_HEARTBEAT, region)?;
         if get64(b, 24) != u64::from(slot) {
-            return Err(format!("sector says slot {}, found at slot {slot}", get64(b, 24)));
+            return Err(format!(
+                "sector says slot {}, found at slot {slot}",
+                get64(b, 24)
+            ));
         }
         let s = HostSlot {
             state: get32(b, 32),
@@ -806,7 +809,8 @@ impl HostSlot {
         if s.state > SLOT_REPLAYING {
             return Err(format!("unknown slot state {}", s.state));
         }
-        if s.journal != 0 && !(JOURNAL_MIN_BLOCKS..=JOURNAL_MAX_BLOCKS).contains(&s.journal_blocks) {
+        if s.journal != 0 && !(JOURNAL_MIN_BLOCKS..=JOURNAL_MAX_BLOCKS).contains(&s.journal_blocks)
+        {
             return Err(format!("journal of {} blocks", s.journal_blocks));
         }
         Ok(s)

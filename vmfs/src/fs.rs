@@ -55,7 +55,9 @@ pub fn journal_region(vol: &Volume, addr: u64, nblocks: u32, slot: u32) -> Resul
             lun: vol.luns[0].name().to_string(),
             offset: vol.header.heartbeat_off + u64::from(slot) * LOCK_SECTOR as u64,
             object: format!("heartbeat slot {slot}"),
-            reason: format!("its journal at {addr:#x} (+{nblocks} blocks) crosses extents {i} and {j}"),
+            reason: format!(
+                "its journal at {addr:#x} (+{nblocks} blocks) crosses extents {i} and {j}"
+            ),
         });
     }
     Ok(journal::Region {
@@ -1183,7 +1185,9 @@ impl Fs {
             // leaves them with no name and no opener. Free them now.
             let n = fs.free_orphans()?;
             if n > 0 {
-                tracing::info!("freed {n} file(s) that were unlinked while open when the host stopped");
+                tracing::info!(
+                    "freed {n} file(s) that were unlinked while open when the host stopped"
+                );
             }
             fs.sync()?;
         }
@@ -1244,7 +1248,10 @@ impl Fs {
             hs.journal_blocks = (nfb * bpk) as u32;
             j
         } else {
-            journal::Journal::open(self.journal_region(hs.journal, hs.journal_blocks, slot)?, &uuid)?
+            journal::Journal::open(
+                self.journal_region(hs.journal, hs.journal_blocks, slot)?,
+                &uuid,
+            )?
         };
         hs.state = SLOT_LIVE;
         hs.generation += 1;
@@ -1298,7 +1305,10 @@ impl Fs {
 
     /// Journal replays done when this filesystem was opened: (slot, report).
     pub fn replays(&self) -> Vec<(u32, journal::Report)> {
-        self.replays.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.replays
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Commit every pending metadata change and make all data durable

@@ -163,7 +163,12 @@ pub fn check(fs: &Fs, repair: bool, progress: Option<&dyn Fn(u64, u64)>) -> Resu
                         continue;
                     }
                     for k in 0..u64::from(hs.journal_blocks) / bpk {
-                        own_fb(&mut w, &mut r, hs.journal / bpk + k, (u64::from(slot), "journal of slot"));
+                        own_fb(
+                            &mut w,
+                            &mut r,
+                            hs.journal / bpk + k,
+                            (u64::from(slot), "journal of slot"),
+                        );
                     }
                 }
                 Ok(_) => {}

@@ -188,8 +188,8 @@ impl Volume {
         let total: u64 = luns.iter().map(|l| l.size()).sum();
         let mut opts = opts.clone();
         if opts.journal_blocks == 0 {
-            opts.journal_blocks = ((total / MD as u64 / 32) as u32)
-                .clamp(JOURNAL_MIN_BLOCKS, JOURNAL_DEFAULT_BLOCKS);
+            opts.journal_blocks =
+                ((total / MD as u64 / 32) as u32).clamp(JOURNAL_MIN_BLOCKS, JOURNAL_DEFAULT_BLOCKS);
         }
         let opts = &opts;
         if !(JOURNAL_MIN_BLOCKS..=JOURNAL_MAX_BLOCKS).contains(&opts.journal_blocks) {

@@ -42,11 +42,17 @@ fn a_crash_keeps_what_sync_committed_and_nothing_half_done() {
     let l = mem(32 << 20);
     let fs = Fs::mkfs(l.clone(), &opts()).unwrap();
     let root = fs.root();
-    let a = fs.create(root, b"a", S_IFREG | 0o644, 0, 0, 0, None).unwrap();
+    let a = fs
+        .create(root, b"a", S_IFREG | 0o644, 0, 0, 0, None)
+        .unwrap();
     fs.write(a.addr, 0, &[7u8; 100_000]).unwrap();
     fs.sync().unwrap();
-    fs.create(root, b"b", S_IFREG | 0o644, 0, 0, 0, None).unwrap();
-    assert!(fs.lock().meta.dirty_len() > 0, "b waits in the running transaction");
+    fs.create(root, b"b", S_IFREG | 0o644, 0, 0, 0, None)
+        .unwrap();
+    assert!(
+        fs.lock().meta.dirty_len() > 0,
+        "b waits in the running transaction"
+    );
     fs.abandon(); // a crash: nothing more is written
     drop(fs);
     let fs = Fs::open(l.clone()).unwrap();
@@ -70,7 +76,8 @@ fn many_operations_wrap_the_journal_and_stay_consistent() {
     for k in 0..3000u32 {
         let n = format!("f{}", k % 400);
         let _ = fs.unlink(root, n.as_bytes(), false);
-        fs.create(root, n.as_bytes(), S_IFREG | 0o644, 0, 0, 0, None).unwrap();
+        fs.create(root, n.as_bytes(), S_IFREG | 0o644, 0, 0, 0, None)
+            .unwrap();
         if k % 50 == 0 {
             fs.sync().unwrap();
         }
@@ -96,11 +103,13 @@ fn garbage_in_the_journal_stops_replay_at_the_last_good_transaction() {
     let l = mem(32 << 20);
     let fs = Fs::mkfs(l.clone(), &opts()).unwrap();
     let root = fs.root();
-    fs.create(root, b"one", S_IFREG | 0o644, 0, 0, 0, None).unwrap();
+    fs.create(root, b"one", S_IFREG | 0o644, 0, 0, 0, None)
+        .unwrap();
     fs.sync().unwrap();
     let (joff, _) = journal_of(&l);
     // Where the next record will start: find the end of the first one.
-    fs.create(root, b"two", S_IFREG | 0o644, 0, 0, 0, None).unwrap();
+    fs.create(root, b"two", S_IFREG | 0o644, 0, 0, 0, None)
+        .unwrap();
     fs.sync().unwrap();
     fs.abandon();
     drop(fs);
@@ -113,7 +122,8 @@ fn garbage_in_the_journal_stops_replay_at_the_last_good_transaction() {
     });
     let _first = descs.next().unwrap();
     let second = descs.next().expect("a second record");
-    l[0].write_at(&[0xab; 100], joff + (second + 1) * 4096 + 2000).unwrap();
+    l[0].write_at(&[0xab; 100], joff + (second + 1) * 4096 + 2000)
+        .unwrap();
     let fs = Fs::open(l.clone()).unwrap();
     let reps = fs.replays();
     assert_eq!(reps.len(), 1);
@@ -129,7 +139,8 @@ fn garbage_in_the_journal_stops_replay_at_the_last_good_transaction() {
 fn a_journal_of_another_volume_is_refused_and_nothing_is_written() {
     let l = mem(32 << 20);
     let fs = Fs::mkfs(l.clone(), &opts()).unwrap();
-    fs.create(fs.root(), b"x", S_IFREG | 0o644, 0, 0, 0, None).unwrap();
+    fs.create(fs.root(), b"x", S_IFREG | 0o644, 0, 0, 0, None)
+        .unwrap();
     fs.sync().unwrap();
     fs.abandon();
     drop(fs);
@@ -144,7 +155,10 @@ fn a_journal_of_another_volume_is_refused_and_nothing_is_written() {
     l[0].write_at(&sb, joff).unwrap();
     let before = snapshot(&l);
     let e = Fs::open(l.clone()).err().expect("refused").to_string();
-    assert!(e.contains("another volume") && e.contains("slot 0") && e.contains("mem0"), "{e}");
+    assert!(
+        e.contains("another volume") && e.contains("slot 0") && e.contains("mem0"),
+        "{e}"
+    );
     assert!(snapshot(&l) == before, "nothing written");
 }
 
@@ -152,7 +166,8 @@ fn a_journal_of_another_volume_is_refused_and_nothing_is_written() {
 fn checking_replays_in_memory_only() {
     let l = mem(32 << 20);
     let fs = Fs::mkfs(l.clone(), &opts()).unwrap();
-    fs.create(fs.root(), b"x", S_IFREG | 0o644, 0, 0, 0, None).unwrap();
+    fs.create(fs.root(), b"x", S_IFREG | 0o644, 0, 0, 0, None)
+        .unwrap();
     fs.sync().unwrap();
     fs.abandon();
     drop(fs);
@@ -175,7 +190,9 @@ fn a_full_datastore_reuses_what_was_just_freed() {
     let l = mem(24 << 20);
     let fs = Fs::mkfs(l.clone(), &opts()).unwrap();
     let root = fs.root();
-    let a = fs.create(root, b"a", S_IFREG | 0o644, 0, 0, 0, None).unwrap();
+    let a = fs
+        .create(root, b"a", S_IFREG | 0o644, 0, 0, 0, None)
+        .unwrap();
     let chunk = vec![1u8; 1 << 20];
     let mut size = 0u64;
     loop {
@@ -189,7 +206,9 @@ fn a_full_datastore_reuses_what_was_just_freed() {
     }
     assert!(size >= 8 << 20, "only {size} bytes fit");
     fs.unlink(root, b"a", false).unwrap(); // not synced: the free is pending
-    let b = fs.create(root, b"b", S_IFREG | 0o644, 0, 0, 0, None).unwrap();
+    let b = fs
+        .create(root, b"b", S_IFREG | 0o644, 0, 0, 0, None)
+        .unwrap();
     for k in 0..size / chunk.len() as u64 {
         fs.write(b.addr, k * chunk.len() as u64, &chunk)
             .unwrap_or_else(|e| panic!("rewriting MiB {k} of {}: {e}", size >> 20));

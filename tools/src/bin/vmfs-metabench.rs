@@ -58,11 +58,21 @@ fn posix_loops(dir: &Path, n: u64) -> Result<Rates> {
 /// The same loops through the library.
 fn library_loops(fs: &Fs, n: u64) -> Result<Rates> {
     let root = fs.root();
-    let d = fs.create(root, b"lib", libc::S_IFDIR | 0o755, 0, 0, 0, None)?.addr;
+    let d = fs
+        .create(root, b"lib", libc::S_IFDIR | 0o755, 0, 0, 0, None)?
+        .addr;
     let data = vec![0x5au8; 4096];
     let t = Instant::now();
     for k in 0..n {
-        let i = fs.create(d, format!("f{k}").as_bytes(), S_IFREG | 0o644, 0, 0, 0, None)?;
+        let i = fs.create(
+            d,
+            format!("f{k}").as_bytes(),
+            S_IFREG | 0o644,
+            0,
+            0,
+            0,
+            None,
+        )?;
         fs.write(i.addr, 0, &data)?;
         fs.sync()?;
     }
@@ -82,7 +92,11 @@ fn library_loops(fs: &Fs, n: u64) -> Result<Rates> {
 
 fn run(cmd: &mut Command) -> Result<String> {
     let o = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    ensure!(o.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&o.stderr));
+    ensure!(
+        o.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
 }
 
@@ -123,9 +137,20 @@ fn main() -> Result<()> {
     let (tx, rx) = std::sync::mpsc::channel();
     let fs2 = fs.clone();
     let m2 = mnt.clone();
-    let server = std::thread::spawn(move || vmfs::fuse::serve(fs2, &m2, std::env::var("THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or(4), rx));
+    let server = std::thread::spawn(move || {
+        vmfs::fuse::serve(
+            fs2,
+            &m2,
+            std::env::var("THREADS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(4),
+            rx,
+        )
+    });
     let t = Instant::now();
-    while !std::fs::read_to_string("/proc/self/mountinfo")?.contains(mnt.to_str().context("path")?) {
+    while !std::fs::read_to_string("/proc/self/mountinfo")?.contains(mnt.to_str().context("path")?)
+    {
         ensure!(t.elapsed().as_secs() < 20, "mount did not appear");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
@@ -134,12 +159,29 @@ fn main() -> Result<()> {
     let _ = server.join();
     let fuse = fuse?;
 
-    println!("{:<34} {:>12} {:>12} {:>12} {:>8} {:>8}", "loop", "ext4 ops/s", "library", "FUSE", "lib/ext4", "FUSE/ext4");
+    println!(
+        "{:<34} {:>12} {:>12} {:>12} {:>8} {:>8}",
+        "loop", "ext4 ops/s", "library", "FUSE", "lib/ext4", "FUSE/ext4"
+    );
     for (name, e, l, f) in [
-        ("create + write 4K + fsync", ext4.create_write_fsync, lib.create_write_fsync, fuse.create_write_fsync),
-        ("create + unlink", ext4.create_unlink, lib.create_unlink, fuse.create_unlink),
+        (
+            "create + write 4K + fsync",
+            ext4.create_write_fsync,
+            lib.create_write_fsync,
+            fuse.create_write_fsync,
+        ),
+        (
+            "create + unlink",
+            ext4.create_unlink,
+            lib.create_unlink,
+            fuse.create_unlink,
+        ),
     ] {
-        println!("{name:<34} {e:>12.0} {l:>12.0} {f:>12.0} {:>7.2}x {:>7.2}x", l / e, f / e);
+        println!(
+            "{name:<34} {e:>12.0} {l:>12.0} {f:>12.0} {:>7.2}x {:>7.2}x",
+            l / e,
+            f / e
+        );
     }
     println!("goal: FUSE >= 0.50x ext4");
     let _ = std::fs::remove_dir_all(&dir);
