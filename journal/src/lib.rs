@@ -545,7 +545,7 @@ pub fn replay(r: &Region, uuid: &[u8; 16], target: &dyn Target) -> Result<Report
         stopped: s.stopped,
     };
     if rep.transactions > 0 || rep.stopped.is_some() {
-        tracing::info!("journal of slot {}: {rep}", r.slot);
+        tracing::debug!("journal of slot {}: {rep}", r.slot);
     }
     Ok(rep)
 }

@@ -267,6 +267,9 @@ fn mount(
     }
     // Validate before anything else, in the foreground, so errors reach the user.
     let fs = Arc::new(Fs::open(open_luns(specs)?)?);
+    for (s, rep) in fs.replays() {
+        tracing::info!("journal of slot {s} (the host stopped without unmounting): {rep}");
+    }
     if !foreground {
         drop(fs);
         let log = log_file.unwrap_or_else(|| {
