@@ -42,7 +42,7 @@ fn crashtest_ten_thousand_states() {
         "--workload",
         "create(B);fsync(B);write(B,0,71680);rename(B,D/C);sync",
         "--crash",
-        "4:0:torn=0.3",
+        "7:0:torn=0.3",
     ]);
     let t = text(&o);
     assert_eq!(o.status.code(), Some(0), "{t}");
