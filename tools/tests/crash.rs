@@ -18,15 +18,16 @@ fn count_before(s: &str, word: &str) -> u64 {
         .unwrap()
 }
 
-/// At least 10,000 crash states per CI run (the issue's floor); a longer
-/// run is `--states N` or `--exhaustive`. Crash states = mount with replay,
-/// fsck, oracle.
+/// 40,000 crash states per CI run (the issue asks for at least 10,000; they
+/// take about 30 s; CRASHTEST_STATES overrides). A longer run is
+/// `vmfs crashtest --states N` or `--exhaustive`. A crash state = mount
+/// with replay, fsck, oracle.
 #[test]
-fn crashtest_ten_thousand_states() {
+fn crashtest_forty_thousand_states() {
     let states: u64 = std::env::var("CRASHTEST_STATES")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(10_000);
+        .unwrap_or(40_000);
     let o = vmfs(&["crashtest", "--states", &states.to_string(), "--seed", "1"]);
     let t = text(&o);
     assert_eq!(o.status.code(), Some(0), "{t}");
