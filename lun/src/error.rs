@@ -47,6 +47,8 @@ pub enum LunError {
     },
     #[error("{lun}: connection lost: {what}")]
     Disconnected { lun: String, what: String },
+    #[error("{lun}: this host is fenced and writes nothing more to the datastore: {why}")]
+    Fenced { lun: String, why: String },
     #[error("{lun}: injected fault at offset {offset} ({op})")]
     Injected {
         lun: String,

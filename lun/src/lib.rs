@@ -12,6 +12,7 @@
 mod cow;
 mod error;
 mod fault;
+mod fence;
 mod file;
 mod mem;
 pub mod nbd;
@@ -22,6 +23,7 @@ use std::sync::Arc;
 pub use cow::{CowLun, Event, Pages, RecordingLun, WriteLog};
 pub use error::{LunError, Result};
 pub use fault::{FaultLun, FaultPlan};
+pub use fence::{FencedLun, Lease};
 pub use file::FileLun;
 pub use mem::MemLun;
 pub use nbd::NbdLun;

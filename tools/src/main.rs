@@ -37,6 +37,11 @@ enum Cmd {
         #[arg(required = true)]
         luns: Vec<String>,
     },
+    /// Each host slot: state, host UUID, generation, heartbeat, journal.
+    Hosts {
+        #[arg(required = true)]
+        luns: Vec<String>,
+    },
     /// Show the volume, its extents, usage and free space.
     Info {
         #[arg(required = true)]
@@ -62,6 +67,8 @@ enum Cmd {
         /// directory named after the mountpoint).
         #[arg(long)]
         log_file: Option<PathBuf>,
+        #[command(flatten)]
+        host: HostArgs,
         /// LUNs, then the mountpoint.
         #[arg(required = true, num_args = 2..)]
         args: Vec<String>,
@@ -259,14 +266,18 @@ fn mount(
     foreground: bool,
     threads: usize,
     log_file: Option<PathBuf>,
+    host: &HostArgs,
 ) -> Result<()> {
     let (mnt, specs) = args.split_last().expect("clap requires two");
     let mnt = PathBuf::from(mnt);
     if !mnt.is_dir() {
         bail!("mountpoint {} is not a directory", mnt.display());
     }
-    // Validate before anything else, in the foreground, so errors reach the user.
-    let fs = Arc::new(Fs::open(open_luns(specs)?)?);
+    // Validate before anything else, in the foreground, so errors reach the
+    // user: join (waits out a dead host's lease and recovers it), open.
+    let uuid = host.uuid()?;
+    let t = vmfs::cluster::Timeouts::new(host.heartbeat_ms, host.lease_ms)?;
+    let fs = Arc::new(Fs::mount(open_luns(specs)?, uuid, t)?);
     for (s, rep) in fs.replays() {
         tracing::info!("journal of slot {s} (the host stopped without unmounting): {rep}");
     }
@@ -280,7 +291,9 @@ fn mount(
                 .replace('/', "_");
             std::env::temp_dir().join(format!("vmfs-mount{name}.log"))
         });
-        return daemonize(args, threads, &mnt, &log);
+        let mut all = host.to_args(&uuid);
+        all.extend(args.iter().cloned());
+        return daemonize(&all, threads, &mnt, &log);
     }
     let (tx, rx) = std::sync::mpsc::channel();
     ctrlc::set_handler(move || {
@@ -414,8 +427,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             foreground,
             threads,
             log_file,
+            host,
             args,
-        } => mount(&args, foreground, threads, log_file)?,
+        } => mount(&args, foreground, threads, log_file, &host)?,
+        Cmd::Hosts { luns } => hosts(&luns)?,
         Cmd::Crashtest(a) => return crashtest(a),
         Cmd::Extend { luns, add } => {
             let mut fs = Fs::open(open_luns(&luns)?)?;
@@ -431,6 +446,110 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Who this host is on the datastore, and its heartbeat timing.
+#[derive(clap::Args, Clone)]
+struct HostArgs {
+    /// This host's UUID (default: kept in --state-dir).
+    #[arg(long, conflicts_with = "state_dir")]
+    host_uuid: Option<uuid::Uuid>,
+    /// Where this host keeps its UUID (file `host-uuid`, created on first use).
+    #[arg(long, default_value = "/var/lib/vmfs")]
+    state_dir: PathBuf,
+    /// Heartbeat interval (default: lease / 8).
+    #[arg(long)]
+    heartbeat_ms: Option<u64>,
+    /// Lease timeout: a host silent this long is dead (default 8000). This
+    /// host stops writing when its last renewal is half a lease old.
+    #[arg(long)]
+    lease_ms: Option<u64>,
+}
+
+impl HostArgs {
+    fn uuid(&self) -> Result<[u8; 16]> {
+        if let Some(u) = self.host_uuid {
+            return Ok(*u.as_bytes());
+        }
+        let f = self.state_dir.join("host-uuid");
+        if let Ok(t) = std::fs::read_to_string(&f) {
+            let u = uuid::Uuid::parse_str(t.trim())
+                .with_context(|| format!("{} does not hold a UUID", f.display()))?;
+            return Ok(*u.as_bytes());
+        }
+        std::fs::create_dir_all(&self.state_dir).with_context(|| {
+            format!(
+                "creating the state directory {} (give --state-dir or --host-uuid)",
+                self.state_dir.display()
+            )
+        })?;
+        let u = uuid::Uuid::new_v4();
+        std::fs::write(&f, format!("{u}\n")).with_context(|| format!("writing {}", f.display()))?;
+        Ok(*u.as_bytes())
+    }
+    /// The same choices as arguments for the background mount process.
+    fn to_args(&self, uuid: &[u8; 16]) -> Vec<String> {
+        let mut v = vec![
+            "--host-uuid".into(),
+            uuid::Uuid::from_bytes(*uuid).to_string(),
+        ];
+        if let Some(h) = self.heartbeat_ms {
+            v.extend(["--heartbeat-ms".into(), h.to_string()]);
+        }
+        if let Some(l) = self.lease_ms {
+            v.extend(["--lease-ms".into(), l.to_string()]);
+        }
+        v
+    }
+}
+
+fn hosts(specs: &[String]) -> Result<()> {
+    let vol = vmfs::Volume::open(open_luns(specs)?)?;
+    let read = || -> Result<Vec<_>> {
+        (0..vol.header.max_hosts)
+            .map(|s| Ok(vol.read_slot(s)?))
+            .collect()
+    };
+    let first = read()?;
+    // Liveness is a change seen on this host's clock: watch for two seconds.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let second = read()?;
+    let mut shown = 0;
+    for (s, (a, b)) in first.iter().zip(&second).enumerate() {
+        if b.state == vmfs::format::SLOT_FREE && b.journal == 0 && b.host == [0; 16] {
+            continue;
+        }
+        shown += 1;
+        let state = match b.state {
+            vmfs::format::SLOT_LIVE if a.heartbeat != b.heartbeat => {
+                "live (heartbeat moving)".to_string()
+            }
+            vmfs::format::SLOT_LIVE => {
+                "live?  (no heartbeat change in 2 s: stopped, or a slow heartbeat)".to_string()
+            }
+            vmfs::format::SLOT_REPLAYING => format!("being recovered by slot {}", b.replayer),
+            _ => "free".to_string(),
+        };
+        println!(
+            "slot {s:4}  {state}\n           host {}  generation {}  heartbeat {}  journal {}",
+            vmfs::volume::uuid_str(&b.host),
+            b.generation,
+            b.heartbeat,
+            if b.journal == 0 {
+                "none".to_string()
+            } else {
+                format!(
+                    "at 4K block {:#x} ({} KiB)",
+                    b.journal,
+                    u64::from(b.journal_blocks) * 4
+                )
+            }
+        );
+    }
+    if shown == 0 {
+        println!("no host has mounted this datastore");
+    }
+    Ok(())
 }
 
 #[derive(clap::Args)]

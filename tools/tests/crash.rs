@@ -60,7 +60,15 @@ fn crashtest_forty_thousand_states() {
 
 fn mount(lun: &str, mnt: &Path) -> std::process::Child {
     let child = Command::new(VMFS)
-        .args(["mount", "--foreground", lun, mnt.to_str().unwrap()])
+        // A short lease: remounting after a kill waits one out.
+        .args([
+            "mount",
+            "--foreground",
+            "--lease-ms",
+            "800",
+            lun,
+            mnt.to_str().unwrap(),
+        ])
         .env("VMFS_LOG", "warn")
         .spawn()
         .unwrap();

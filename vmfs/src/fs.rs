@@ -35,6 +35,8 @@ pub struct Fs {
     /// Unmounted or abandoned: Drop writes nothing.
     closed: std::sync::atomic::AtomicBool,
     replays: Mutex<Vec<(u32, journal::Report)>>,
+    /// This host's heartbeat membership (mounted with [`Fs::mount`]).
+    member: std::sync::OnceLock<crate::cluster::Member>,
 }
 
 impl Drop for Fs {
@@ -1156,40 +1158,91 @@ impl Fs {
         Fs::open(luns)
     }
 
-    /// Open a validated volume and mount it in the library as host slot 0:
-    /// replay every journal that holds committed transactions, then open this
-    /// host's journal (allocating it on first mount).
+    /// Open a validated volume in the library as host slot 0, without a
+    /// heartbeat (tests, tools, the crash harness): replay every journal that
+    /// holds committed transactions, then open slot 0's journal (allocating
+    /// it on first use). `vmfs mount` uses [`Fs::mount`].
     pub fn open(luns: Vec<Arc<dyn lun::Lun>>) -> Result<Fs> {
+        Self::open_inner(luns, None)
+    }
+
+    /// Mount as host `host`: join the heartbeat region (refused while another
+    /// host is live; dead hosts are recovered), then open with every write
+    /// going through this host's lease (self-fencing).
+    pub fn mount(
+        luns: Vec<Arc<dyn lun::Lun>>,
+        host: [u8; 16],
+        t: crate::cluster::Timeouts,
+    ) -> Result<Fs> {
+        let vol = Volume::open(luns.clone())?;
+        if vol.header.root_fd == 0 {
+            return Err(FsError::Invalid(
+                "the volume has no root directory: mkfs did not finish; run mkfs again".into(),
+            ));
+        }
+        let joined = crate::cluster::join(&vol, host, t)?;
+        drop(vol);
+        let lease = joined.member.lease.clone();
+        let fenced = luns
+            .into_iter()
+            .map(|l| Arc::new(lun::FencedLun::new(l, lease.clone())) as Arc<dyn lun::Lun>)
+            .collect();
+        Self::open_inner(fenced, Some(joined))
+    }
+
+    fn open_inner(
+        luns: Vec<Arc<dyn lun::Lun>>,
+        joined: Option<crate::cluster::Joined>,
+    ) -> Result<Fs> {
         let vol = Volume::open(luns)?;
         if vol.header.root_fd == 0 {
             return Err(FsError::Invalid(
                 "the volume has no root directory: mkfs did not finish; run mkfs again".into(),
             ));
         }
-        let replays = replay_journals(&vol)?;
+        let (slot, replays, unclean) = match &joined {
+            Some(j) => (j.member.slot, j.replays.clone(), j.unclean),
+            None => {
+                let unclean = vol.read_slot(0)?.state != SLOT_FREE;
+                (0, replay_journals(&vol)?, unclean)
+            }
+        };
         let fs = Fs::from_volume(vol)?;
-        {
-            let mut st = fs.lock();
-            let root = st.iget(&fs.vol, fs.vol.header.root_fd)?;
-            if !root.is_dir() {
-                return Err(FsError::Invalid(
-                    "the root file descriptor is not a directory".into(),
-                ));
-            }
-            st.dir_hdr(&fs.vol, &root)?;
+        if let Some(j) = joined {
+            let _ = fs.member.set(j.member);
         }
-        let unclean = fs.vol.read_slot(0)?.state != SLOT_FREE;
-        fs.start_journal(0)?;
-        if unclean {
-            // Files unlinked while open live until their last close; a crash
-            // leaves them with no name and no opener. Free them now.
-            let n = fs.free_orphans()?;
-            if n > 0 {
-                tracing::info!(
-                    "freed {n} file(s) that were unlinked while open when the host stopped"
-                );
+        let r = (|| {
+            {
+                let mut st = fs.lock();
+                let root = st.iget(&fs.vol, fs.vol.header.root_fd)?;
+                if !root.is_dir() {
+                    return Err(FsError::Invalid(
+                        "the root file descriptor is not a directory".into(),
+                    ));
+                }
+                st.dir_hdr(&fs.vol, &root)?;
             }
-            fs.sync()?;
+            fs.start_journal(slot)?;
+            if unclean {
+                // Files unlinked while open live until their last close; a
+                // crash leaves them with no name and no opener. Free them now.
+                let n = fs.free_orphans()?;
+                if n > 0 {
+                    tracing::info!(
+                        "freed {n} file(s) that were unlinked while open when the host stopped"
+                    );
+                }
+                fs.sync()?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            // Leave the slot as a clean stop would, or as it was.
+            if let Some(m) = fs.member.get() {
+                let _ = m.leave();
+            }
+            fs.abandon();
+            return Err(e);
         }
         *fs.replays.lock().unwrap_or_else(|p| p.into_inner()) = replays;
         Ok(fs)
@@ -1225,6 +1278,7 @@ impl Fs {
             slot: std::sync::atomic::AtomicU32::new(u32::MAX),
             closed: std::sync::atomic::AtomicBool::new(false),
             replays: Mutex::new(Vec::new()),
+            member: std::sync::OnceLock::new(),
         })
     }
 
@@ -1253,9 +1307,21 @@ impl Fs {
                 &uuid,
             )?
         };
-        hs.state = SLOT_LIVE;
-        hs.generation += 1;
-        vol.write_slot(slot, &hs)?;
+        match self.member.get() {
+            // Joining marked the slot live; record the journal under the heartbeat's lock.
+            Some(m) => {
+                let (a, n) = (hs.journal, hs.journal_blocks);
+                m.update(|s| {
+                    s.journal = a;
+                    s.journal_blocks = n;
+                })?;
+            }
+            None => {
+                hs.state = SLOT_LIVE;
+                hs.generation += 1;
+                vol.write_slot(slot, &hs)?;
+            }
+        }
         self.lock().meta.jnl = Some(jnl);
         self.slot.store(slot, std::sync::atomic::Ordering::SeqCst);
         Ok(())
@@ -1339,7 +1405,9 @@ impl Fs {
         let slot = self.slot.load(std::sync::atomic::Ordering::SeqCst);
         let mut st = self.lock();
         st.meta.checkpoint(&self.vol)?;
-        if slot != u32::MAX {
+        if let Some(m) = self.member.get() {
+            m.leave()?;
+        } else if slot != u32::MAX {
             let mut hs = self.vol.read_slot(slot)?;
             hs.state = SLOT_FREE;
             self.vol.write_slot(slot, &hs)?;
@@ -1351,6 +1419,14 @@ impl Fs {
     /// filesystem whose LUNs are gone).
     pub fn abandon(&self) {
         self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(m) = self.member.get() {
+            m.stop();
+        }
+    }
+
+    /// The heartbeat membership, when mounted with [`Fs::mount`].
+    pub fn member(&self) -> Option<&crate::cluster::Member> {
+        self.member.get()
     }
 
     pub fn lock(&self) -> MutexGuard<'_, State> {

@@ -4,6 +4,7 @@
 //! FUSE front end ([`fuse`]).
 
 pub mod alloc;
+pub mod cluster;
 pub mod error;
 pub mod format;
 pub mod fs;

@@ -1,0 +1,177 @@
+//! Several hosts (processes with their own host UUIDs) on one datastore:
+//! only one mounts at a time; a dead host is detected by its silent
+//! heartbeat and recovered; a stalled host fences itself.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{mounted, text, vmfs, VMFS};
+
+const LEASE: &str = "800";
+
+fn mount_fg(lun: &str, mnt: &Path, host: &str) -> Child {
+    let child = Command::new(VMFS)
+        .args([
+            "mount",
+            "--foreground",
+            "--host-uuid",
+            host,
+            "--lease-ms",
+            LEASE,
+            lun,
+        ])
+        .arg(mnt)
+        .env("VMFS_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !mounted(mnt) {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "mount did not appear"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+fn signal(c: &Child, sig: i32) {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(c.id() as i32, sig) };
+}
+
+fn digest(p: &Path) -> u64 {
+    std::fs::read(p)
+        .unwrap()
+        .iter()
+        .fold(0xcbf29ce484222325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+        })
+}
+
+const A: &str = "aaaaaaaa-0000-4000-8000-000000000001";
+const B: &str = "bbbbbbbb-0000-4000-8000-000000000002";
+
+fn setup() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let lun = d.path().join("lun.img");
+    std::fs::File::create(&lun)
+        .unwrap()
+        .set_len(256 << 20)
+        .unwrap();
+    assert!(
+        vmfs(&["mkfs", "--block-size", "64K", lun.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let (ma, mb) = (d.path().join("a"), d.path().join("b"));
+    std::fs::create_dir(&ma).unwrap();
+    std::fs::create_dir(&mb).unwrap();
+    (d, lun, ma, mb)
+}
+
+/// A second host is refused while the first is live, naming it; after the
+/// first is killed, the second waits out the lease, replays the dead host's
+/// journal and mounts with everything the dead host fsynced.
+#[test]
+fn one_host_at_a_time_and_takeover_after_kill() {
+    let (_d, lun, ma, mb) = setup();
+    let sl = lun.to_str().unwrap();
+    let mut a = mount_fg(sl, &ma, A);
+    let mut f = std::fs::File::create(ma.join("from-a")).unwrap();
+    f.write_all(b"written by host a").unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let o = vmfs(&[
+        "mount",
+        "--host-uuid",
+        B,
+        "--lease-ms",
+        LEASE,
+        sl,
+        mb.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("mounted by host {A} (slot 0)")),
+        "{}",
+        text(&o)
+    );
+    let o = vmfs(&["hosts", sl]);
+    assert!(
+        text(&o).contains("live (heartbeat moving)") && text(&o).contains(A),
+        "{}",
+        text(&o)
+    );
+
+    signal(&a, libc::SIGKILL);
+    a.wait().unwrap();
+    let _ = Command::new("fusermount3")
+        .args(["-u", "-z"])
+        .arg(&ma)
+        .status();
+    let t = Instant::now();
+    let mut b = mount_fg(sl, &mb, B);
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(800),
+        "declared dead after {took:?}, before a lease"
+    );
+    assert!(took < Duration::from_secs(10), "takeover took {took:?}");
+    assert_eq!(
+        std::fs::read(mb.join("from-a")).unwrap(),
+        b"written by host a"
+    );
+    signal(&b, libc::SIGTERM);
+    assert!(b.wait().unwrap().success());
+    let o = vmfs(&["fsck", sl]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+/// SIGSTOP a host past its lease; another host recovers it and mounts; on
+/// SIGCONT the stopped host finds its lease lost and writes nothing more
+/// (the volume's checksum does not change), its pending writes fail.
+#[test]
+fn a_stalled_host_fences_itself() {
+    let (_d, lun, ma, mb) = setup();
+    let sl = lun.to_str().unwrap();
+    let mut a = mount_fg(sl, &ma, A);
+    std::fs::write(ma.join("before"), b"1").unwrap();
+    std::fs::File::open(ma.join("before"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    signal(&a, libc::SIGSTOP);
+    // Host b takes over the stopped host (it looks dead), works, leaves.
+    let mut b = mount_fg(sl, &mb, B);
+    std::fs::write(mb.join("from-b"), b"b").unwrap();
+    signal(&b, libc::SIGTERM);
+    assert!(b.wait().unwrap().success());
+    let sum = digest(&lun);
+    // Host a wakes up with a write queued against it.
+    let ma2 = ma.clone();
+    let writer = std::thread::spawn(move || {
+        std::fs::write(ma2.join("after-stop"), vec![7u8; 100_000])
+            .and_then(|_| std::fs::File::open(ma2.join("after-stop"))?.sync_all())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    signal(&a, libc::SIGCONT);
+    let r = writer.join().unwrap();
+    assert!(r.is_err(), "a fenced host acknowledged a write");
+    std::thread::sleep(Duration::from_millis(1500)); // heartbeats, commit timer
+    assert_eq!(digest(&lun), sum, "the fenced host wrote to the volume");
+    signal(&a, libc::SIGTERM);
+    let _ = a.wait();
+    let _ = Command::new("fusermount3")
+        .args(["-u", "-z"])
+        .arg(&ma)
+        .status();
+    assert_eq!(digest(&lun), sum, "the fenced host wrote while stopping");
+    let o = vmfs(&["fsck", sl]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = vmfs(&["hosts", sl]);
+    assert!(!text(&o).contains("live"), "{}", text(&o));
+}

@@ -1,0 +1,422 @@
+//! Host membership through the disk: heartbeat slots, liveness judged on
+//! this host's monotonic clock, recovery of dead hosts, self-fencing.
+//!
+//! This version lets **one host at a time** mount a datastore: a mount that
+//! finds another live host (its heartbeat moves) is refused, naming it; a
+//! slot whose heartbeat has not moved for the lease timeout is a dead host,
+//! whose journal is replayed before its slot is freed. On-disk locks (the
+//! next step of the cluster issue) will turn "refuse" into "share".
+//!
+//! Slot changes use compare-and-write of the sector where the LUN has it;
+//! elsewhere a write, a wait longer than any concurrent writer's window, and
+//! a read-back (sanlock's delta lease, simplified).
+//!
+//! Timeouts derive from the lease (one place, [`Timeouts`]): the host stops
+//! writing once its last renewal is older than half the lease, so the other
+//! half is margin before any observer, waiting a full lease from when *it*
+//! first saw the slot's value, may call the host dead. Wall clocks of
+//! different hosts are never compared.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lun::{CompareAndWrite, Lease, Lun};
+
+use crate::error::{FsError, Result};
+use crate::format::*;
+use crate::volume::{uuid_str, Volume};
+
+/// Heartbeat and lease timing, all derived here.
+///
+/// Defaults: heartbeat every 1 s, lease 8 s (VMFS: ~3 s heartbeat, dead
+/// after 16 s; sanlock: 20 s renewal, dead after 80-140 s). A host renews 4
+/// times within its 4 s safe window, so one slow I/O (up to the I/O timeout
+/// of lease/4 = 2 s) does not fence it; an observer declares it dead after
+/// 8 s without change, 4 s after it stopped writing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub heartbeat: Duration,
+    pub lease: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            heartbeat: Duration::from_millis(1000),
+            lease: Duration::from_millis(8000),
+        }
+    }
+}
+
+impl Timeouts {
+    pub fn new(heartbeat_ms: Option<u64>, lease_ms: Option<u64>) -> Result<Timeouts> {
+        let d = Timeouts::default();
+        let lease = lease_ms.map_or(d.lease, Duration::from_millis);
+        let heartbeat = heartbeat_ms.map_or(lease / 8, Duration::from_millis);
+        let t = Timeouts { heartbeat, lease };
+        if t.heartbeat.is_zero() || t.heartbeat * 2 > t.safe_window() {
+            return Err(FsError::Invalid(format!(
+                "heartbeat {} ms and lease {} ms: the heartbeat must be at most a quarter of the lease, so that a host renews at least twice before it must stop writing",
+                t.heartbeat.as_millis(),
+                t.lease.as_millis()
+            )));
+        }
+        Ok(t)
+    }
+    /// The longest one I/O may take before it counts as failed.
+    pub fn io(&self) -> Duration {
+        self.lease / 4
+    }
+    /// How long after a renewal started this host may still write.
+    pub fn safe_window(&self) -> Duration {
+        self.lease / 2
+    }
+}
+
+fn slot_off(vol: &Volume, slot: u32) -> u64 {
+    vol.header.heartbeat_off + u64::from(slot) * LOCK_SECTOR as u64
+}
+
+fn region(vol: &Volume) -> u64 {
+    vol.header.heartbeat_off / MD as u64
+}
+
+/// Replace a slot's sector `expect` by `new` atomically: compare-and-write
+/// of the LUN block holding it (retrying when only a neighbour slot moved),
+/// or, without compare-and-write, read-check-write, wait, read back.
+/// Ok(false): the slot did not hold `expect` (someone else changed it).
+fn swap_sector(lun: &dyn Lun, off: u64, expect: &[u8], new: &[u8], t: &Timeouts) -> Result<bool> {
+    let bs = u64::from(lun.block_size());
+    let base = off - off % bs;
+    let at = (off - base) as usize;
+    let mut block = vec![0u8; bs as usize];
+    if lun.has_compare_and_write() {
+        for _ in 0..100 {
+            lun.read_at(&mut block, base)?;
+            if block[at..at + expect.len()] != *expect {
+                return Ok(false);
+            }
+            let mut nb = block.clone();
+            nb[at..at + new.len()].copy_from_slice(new);
+            match lun.compare_and_write(base, &block, &nb)? {
+                CompareAndWrite::Written => return Ok(true),
+                CompareAndWrite::Mismatch => continue, // a neighbour renewed: again
+            }
+        }
+        return Err(FsError::Invalid(format!(
+            "{}: heartbeat sector at {off} keeps changing under compare-and-write",
+            lun.name()
+        )));
+    }
+    let mut cur = vec![0u8; expect.len()];
+    lun.read_at(&mut cur, off)?;
+    if cur != expect {
+        return Ok(false);
+    }
+    lun.write_at(new, off)?;
+    lun.flush()?;
+    // Any host that read the old value before our write writes within one
+    // I/O timeout; after two, its write would be visible here.
+    std::thread::sleep(t.io() * 2);
+    lun.read_at(&mut cur, off)?;
+    Ok(cur == new)
+}
+
+/// What this host knows of its own slot; shared with the heartbeat thread.
+struct Own {
+    slot: u32,
+    hs: HostSlot,
+    sector: Vec<u8>,
+}
+
+/// This host's membership: its slot, its lease, its heartbeat thread.
+pub struct Member {
+    pub slot: u32,
+    pub host: [u8; 16],
+    pub lease: Arc<Lease>,
+    pub timeouts: Timeouts,
+    lun: Arc<dyn Lun>,
+    off: u64,
+    region: u64,
+    own: Arc<Mutex<Own>>,
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// What joining found and did.
+pub struct Joined {
+    pub member: Member,
+    /// Journals of dead hosts replayed: (slot, report).
+    pub replays: Vec<(u32, journal::Report)>,
+    /// Whether any slot (this host's own included) was left by a host that
+    /// stopped without unmounting.
+    pub unclean: bool,
+}
+
+/// Join the volume as host `host`: judge the other slots, recover dead
+/// hosts, claim a slot, start the heartbeat. Refuses when another host is
+/// live (one host at a time in this version).
+pub fn join(vol: &Volume, host: [u8; 16], t: Timeouts) -> Result<Joined> {
+    let n = vol.header.max_hosts;
+    let lun = vol.luns[0].clone();
+    let read_all = || -> Result<Vec<(HostSlot, Vec<u8>)>> {
+        let mut b = vec![0u8; n as usize * LOCK_SECTOR];
+        lun.read_at(&mut b, vol.header.heartbeat_off)?;
+        (0..n)
+            .map(|s| {
+                let sec = b[s as usize * LOCK_SECTOR..(s as usize + 1) * LOCK_SECTOR].to_vec();
+                let hs =
+                    HostSlot::decode(&sec, region(vol), s).map_err(|reason| FsError::Corrupt {
+                        lun: lun.name().to_string(),
+                        offset: slot_off(vol, s),
+                        object: format!("heartbeat slot {s}"),
+                        reason,
+                    })?;
+                Ok((hs, sec))
+            })
+            .collect()
+    };
+    let first = read_all()?;
+    let busy: Vec<u32> = (0..n)
+        .filter(|&s| first[s as usize].0.state != SLOT_FREE)
+        .collect();
+    let mut replays = Vec::new();
+    if !busy.is_empty() {
+        // Liveness by observation on our own clock: a slot that does not
+        // change for a whole lease is dead.
+        tracing::info!(
+            "{} slot(s) in use ({busy:?}): watching their heartbeats for {} ms",
+            busy.len(),
+            t.lease.as_millis()
+        );
+        let start = Instant::now();
+        while start.elapsed() < t.lease {
+            std::thread::sleep(
+                t.heartbeat
+                    .min(t.lease - start.elapsed().min(t.lease))
+                    .max(Duration::from_millis(1)),
+            );
+            let now = read_all()?;
+            for &s in &busy {
+                let (was, cur) = (&first[s as usize].1, &now[s as usize]);
+                if *was != cur.1 {
+                    let who = uuid_str(&cur.0.host);
+                    let same = if cur.0.host == host {
+                        " (the same host UUID as this one: another process with this identity, or a copy of its state directory)"
+                    } else {
+                        ""
+                    };
+                    return Err(FsError::Invalid(format!(
+                        "the datastore is mounted by host {who} (slot {s}){same}, whose heartbeat is live; this version mounts on one host at a time (several hosts arrive with on-disk locks)"
+                    )));
+                }
+            }
+        }
+        // All dead: recover each (journal replay), then free the slot.
+        for &s in &busy {
+            let (hs, sec) = &first[s as usize];
+            let mut rec = hs.clone();
+            rec.state = SLOT_REPLAYING;
+            rec.replayer = s; // no slot of our own yet
+            let enc = rec.encode(region(vol), s);
+            if !swap_sector(&*lun, slot_off(vol, s), sec, &enc, &t)? {
+                return Err(FsError::Invalid(format!(
+                    "heartbeat slot {s} changed while this host was recovering it: another host is mounting; try again"
+                )));
+            }
+            tracing::warn!(
+                "host {} (slot {s}, generation {}) stopped without unmounting: no heartbeat for {} ms; replaying its journal",
+                uuid_str(&hs.host),
+                hs.generation,
+                t.lease.as_millis()
+            );
+            if hs.journal != 0 {
+                let r = crate::fs::journal_region(vol, hs.journal, hs.journal_blocks, s)?;
+                let rep = journal::replay(&r, &vol.header.uuid, vol)?;
+                tracing::info!("journal of slot {s}: {rep}");
+                replays.push((s, rep));
+            }
+            let mut free = rec.clone();
+            free.state = SLOT_FREE;
+            free.replayer = 0;
+            free.generation += 1;
+            let fenc = free.encode(region(vol), s);
+            if !swap_sector(&*lun, slot_off(vol, s), &enc, &fenc, &t)? {
+                return Err(FsError::Invalid(format!(
+                    "heartbeat slot {s} changed while this host was freeing it: another host is mounting; try again"
+                )));
+            }
+        }
+    }
+    // Claim: our own slot if we had one, else the first free one.
+    let now = read_all()?;
+    let slot = (0..n)
+        .find(|&s| now[s as usize].0.host == host)
+        .or_else(|| {
+            (0..n).find(|&s| {
+                now[s as usize].0.state == SLOT_FREE && now[s as usize].0.host == [0; 16]
+            })
+        })
+        .or_else(|| (0..n).find(|&s| now[s as usize].0.state == SLOT_FREE))
+        .ok_or_else(|| FsError::Invalid(format!("all {n} host slots are in use")))?;
+    let (old, old_sec) = &now[slot as usize];
+    let mut hs = old.clone();
+    hs.state = SLOT_LIVE;
+    hs.replayer = 0;
+    hs.host = host;
+    hs.generation += 1;
+    hs.heartbeat = 0;
+    let sector = hs.encode(region(vol), slot);
+    if !swap_sector(&*lun, slot_off(vol, slot), old_sec, &sector, &t)? {
+        return Err(FsError::Invalid(format!(
+            "another host claimed heartbeat slot {slot} at the same time; try again"
+        )));
+    }
+    lun.flush()?;
+    tracing::info!(
+        "joined as host {} in slot {slot} (generation {}), heartbeat {} ms, lease {} ms",
+        uuid_str(&host),
+        hs.generation,
+        t.heartbeat.as_millis(),
+        t.lease.as_millis()
+    );
+    let lease = Lease::new(t.safe_window());
+    let m = Member {
+        slot,
+        host,
+        lease,
+        timeouts: t,
+        lun: lun.clone(),
+        off: slot_off(vol, slot),
+        region: region(vol),
+        own: Arc::new(Mutex::new(Own { slot, hs, sector })),
+        stop: Arc::new(AtomicBool::new(false)),
+        thread: Mutex::new(None),
+    };
+    m.start();
+    Ok(Joined {
+        member: m,
+        replays,
+        unclean: !busy.is_empty(),
+    })
+}
+
+impl Member {
+    fn start(&self) {
+        let (lun, off, region, own, stop, lease, t) = (
+            self.lun.clone(),
+            self.off,
+            self.region,
+            self.own.clone(),
+            self.stop.clone(),
+            self.lease.clone(),
+            self.timeouts,
+        );
+        let h = std::thread::Builder::new()
+            .name("vmfs-heartbeat".into())
+            .spawn(move || {
+                while !stop.load(Ordering::SeqCst) && !lease.is_fenced() {
+                    std::thread::sleep(t.heartbeat);
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let started = Instant::now();
+                    let mut o = own.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut next = o.hs.clone();
+                    next.heartbeat += 1;
+                    let enc = next.encode(region, o.slot);
+                    match swap_sector(&*lun, off, &o.sector, &enc, &t) {
+                        Ok(true) => {
+                            lease.renewed(started);
+                            o.hs = next;
+                            o.sector = enc;
+                        }
+                        Ok(false) => {
+                            lease.fence(&format!(
+                                "heartbeat slot {} was taken over by another host (this host was presumed dead)",
+                                o.slot
+                            ));
+                            break;
+                        }
+                        Err(e) => tracing::warn!("heartbeat renewal of slot {} failed: {e}", o.slot),
+                    }
+                }
+            })
+            .expect("spawn the heartbeat thread");
+        *self.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
+    }
+
+    /// Change this host's slot (journal location) under the heartbeat's lock.
+    pub fn update(&self, f: impl FnOnce(&mut HostSlot)) -> Result<()> {
+        let mut o = self.own.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(why) = self.lease.check() {
+            return Err(FsError::Lun(lun::LunError::Fenced {
+                lun: self.lun.name().to_string(),
+                why,
+            }));
+        }
+        let mut next = o.hs.clone();
+        f(&mut next);
+        let enc = next.encode(self.region, o.slot);
+        if !swap_sector(&*self.lun, self.off, &o.sector, &enc, &self.timeouts)? {
+            self.lease.fence("heartbeat slot changed under this host");
+            return Err(FsError::Invalid(format!(
+                "heartbeat slot {} was taken over by another host",
+                o.slot
+            )));
+        }
+        self.lun.flush()?;
+        o.hs = next;
+        o.sector = enc;
+        Ok(())
+    }
+
+    /// The slot as this host last wrote it.
+    pub fn slot_state(&self) -> HostSlot {
+        self.own
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .hs
+            .clone()
+    }
+
+    /// Stop the heartbeat (joins its thread).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = h.join();
+        }
+    }
+
+    /// Leave cleanly: stop the heartbeat, mark the slot free (keeping its
+    /// journal for the next mount of this host).
+    pub fn leave(&self) -> Result<()> {
+        self.stop();
+        self.update(|hs| {
+            hs.state = SLOT_FREE;
+        })
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_derive_from_the_lease() {
+        let t = Timeouts::default();
+        assert_eq!(t.io(), Duration::from_secs(2));
+        assert_eq!(t.safe_window(), Duration::from_secs(4));
+        let t = Timeouts::new(None, Some(800)).unwrap();
+        assert_eq!(t.heartbeat, Duration::from_millis(100));
+        assert!(Timeouts::new(Some(300), Some(800)).is_err());
+        assert!(Timeouts::new(Some(0), None).is_err());
+    }
+}
