@@ -49,6 +49,7 @@ pub fn qemu_nbd(dir: &Path, name: &str, size: u64) -> (Server, String) {
             "-x",
             name,
             "-t",
+            "--shared=16",
             "--cache=none",
             "--aio=threads",
             "-k",

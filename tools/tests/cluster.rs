@@ -75,12 +75,30 @@ fn setup() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
 
 /// A second host is refused while the first is live, naming it; after the
 /// first is killed, the second waits out the lease, replays the dead host's
-/// journal and mounts with everything the dead host fsynced.
+/// journal and mounts with everything the dead host fsynced. On a file LUN
+/// (compare-and-write) and on an NBD export shared by both hosts (none: the
+/// write-wait-read path).
 #[test]
 fn one_host_at_a_time_and_takeover_after_kill() {
     let (_d, lun, ma, mb) = setup();
-    let sl = lun.to_str().unwrap();
-    let mut a = mount_fg(sl, &ma, A);
+    takeover(lun.to_str().unwrap(), &ma, &mb);
+}
+
+#[test]
+fn one_host_at_a_time_and_takeover_after_kill_over_nbd() {
+    let d = tempfile::tempdir().unwrap();
+    let (_server, url) = vmfs_tests::qemu_nbd(d.path(), "shared", 256 << 20);
+    assert!(vmfs(&["mkfs", "--block-size", "64K", &url])
+        .status
+        .success());
+    let (ma, mb) = (d.path().join("a"), d.path().join("b"));
+    std::fs::create_dir(&ma).unwrap();
+    std::fs::create_dir(&mb).unwrap();
+    takeover(&url, &ma, &mb);
+}
+
+fn takeover(sl: &str, ma: &Path, mb: &Path) {
+    let mut a = mount_fg(sl, ma, A);
     let mut f = std::fs::File::create(ma.join("from-a")).unwrap();
     f.write_all(b"written by host a").unwrap();
     f.sync_all().unwrap();
@@ -174,4 +192,67 @@ fn a_stalled_host_fences_itself() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let o = vmfs(&["hosts", sl]);
     assert!(!text(&o).contains("live"), "{}", text(&o));
+}
+
+/// Two survivors race to recover the same dead host: exactly one replays
+/// its journal and mounts; the other is refused.
+#[test]
+fn two_survivors_race_and_exactly_one_recovers() {
+    let (d, lun, ma, mb) = setup();
+    let sl = lun.to_str().unwrap();
+    let mc = d.path().join("c");
+    std::fs::create_dir(&mc).unwrap();
+    let mut a = mount_fg(sl, &ma, A);
+    std::fs::write(ma.join("x"), b"x").unwrap();
+    std::fs::File::open(ma.join("x"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    signal(&a, libc::SIGKILL);
+    a.wait().unwrap();
+    let _ = Command::new("fusermount3")
+        .args(["-u", "-z"])
+        .arg(&ma)
+        .status();
+    const C: &str = "cccccccc-0000-4000-8000-000000000003";
+    let spawn = |host: &str, mnt: &Path| {
+        Command::new(VMFS)
+            .args([
+                "mount",
+                "--foreground",
+                "--host-uuid",
+                host,
+                "--lease-ms",
+                LEASE,
+                sl,
+            ])
+            .arg(mnt)
+            .env("VMFS_LOG", "warn")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut b = spawn(B, &mb);
+    let mut c = spawn(C, &mc);
+    let t = Instant::now();
+    while !(mounted(&mb) || mounted(&mc)) {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "neither survivor mounted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(1500)); // the loser gives up
+    assert!(mounted(&mb) != mounted(&mc), "both survivors mounted");
+    for p in [&mut b, &mut c] {
+        signal(p, libc::SIGTERM);
+    }
+    let mut logs = String::new();
+    for p in [b, c] {
+        let o = p.wait_with_output().unwrap();
+        logs.push_str(&String::from_utf8_lossy(&o.stderr));
+    }
+    assert_eq!(logs.matches("replaying its journal").count(), 1, "{logs}");
+    let o = vmfs(&["fsck", sl]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }

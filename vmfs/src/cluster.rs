@@ -82,11 +82,29 @@ fn region(vol: &Volume) -> u64 {
     vol.header.heartbeat_off / MD as u64
 }
 
+/// How a slot change must be confirmed on a LUN without compare-and-write.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Confirm {
+    /// Taking ownership (claim, recovery): write, wait two I/O timeouts,
+    /// read back: a concurrent claimant's write would be visible by then.
+    Wait,
+    /// Changing a slot this host owns (renewal, journal location): nobody
+    /// else writes it while its heartbeat moves, so read-check-write.
+    Owned,
+}
+
 /// Replace a slot's sector `expect` by `new` atomically: compare-and-write
 /// of the LUN block holding it (retrying when only a neighbour slot moved),
-/// or, without compare-and-write, read-check-write, wait, read back.
-/// Ok(false): the slot did not hold `expect` (someone else changed it).
-fn swap_sector(lun: &dyn Lun, off: u64, expect: &[u8], new: &[u8], t: &Timeouts) -> Result<bool> {
+/// or, without compare-and-write, read-check-write (and for [`Confirm::Wait`]
+/// wait and read back). Ok(false): the slot did not hold `expect`.
+fn swap_sector(
+    lun: &dyn Lun,
+    off: u64,
+    expect: &[u8],
+    new: &[u8],
+    t: &Timeouts,
+    confirm: Confirm,
+) -> Result<bool> {
     let bs = u64::from(lun.block_size());
     let base = off - off % bs;
     let at = (off - base) as usize;
@@ -100,7 +118,11 @@ fn swap_sector(lun: &dyn Lun, off: u64, expect: &[u8], new: &[u8], t: &Timeouts)
             let mut nb = block.clone();
             nb[at..at + new.len()].copy_from_slice(new);
             match lun.compare_and_write(base, &block, &nb)? {
-                CompareAndWrite::Written => return Ok(true),
+                CompareAndWrite::Written => {
+                    // Other machines read the LUN, not this one's cache.
+                    lun.flush()?;
+                    return Ok(true);
+                }
                 CompareAndWrite::Mismatch => continue, // a neighbour renewed: again
             }
         }
@@ -116,6 +138,9 @@ fn swap_sector(lun: &dyn Lun, off: u64, expect: &[u8], new: &[u8], t: &Timeouts)
     }
     lun.write_at(new, off)?;
     lun.flush()?;
+    if confirm == Confirm::Owned {
+        return Ok(true);
+    }
     // Any host that read the old value before our write writes within one
     // I/O timeout; after two, its write would be visible here.
     std::thread::sleep(t.io() * 2);
@@ -202,6 +227,11 @@ pub fn join(vol: &Volume, host: [u8; 16], t: Timeouts) -> Result<Joined> {
                 let (was, cur) = (&first[s as usize].1, &now[s as usize]);
                 if *was != cur.1 {
                     let who = uuid_str(&cur.0.host);
+                    if cur.0.state != SLOT_LIVE {
+                        return Err(FsError::Invalid(format!(
+                            "host {who} (slot {s}) is being recovered by another host that is mounting now; try again"
+                        )));
+                    }
                     let same = if cur.0.host == host {
                         " (the same host UUID as this one: another process with this identity, or a copy of its state directory)"
                     } else {
@@ -220,7 +250,7 @@ pub fn join(vol: &Volume, host: [u8; 16], t: Timeouts) -> Result<Joined> {
             rec.state = SLOT_REPLAYING;
             rec.replayer = s; // no slot of our own yet
             let enc = rec.encode(region(vol), s);
-            if !swap_sector(&*lun, slot_off(vol, s), sec, &enc, &t)? {
+            if !swap_sector(&*lun, slot_off(vol, s), sec, &enc, &t, Confirm::Wait)? {
                 return Err(FsError::Invalid(format!(
                     "heartbeat slot {s} changed while this host was recovering it: another host is mounting; try again"
                 )));
@@ -242,7 +272,7 @@ pub fn join(vol: &Volume, host: [u8; 16], t: Timeouts) -> Result<Joined> {
             free.replayer = 0;
             free.generation += 1;
             let fenc = free.encode(region(vol), s);
-            if !swap_sector(&*lun, slot_off(vol, s), &enc, &fenc, &t)? {
+            if !swap_sector(&*lun, slot_off(vol, s), &enc, &fenc, &t, Confirm::Wait)? {
                 return Err(FsError::Invalid(format!(
                     "heartbeat slot {s} changed while this host was freeing it: another host is mounting; try again"
                 )));
@@ -268,7 +298,14 @@ pub fn join(vol: &Volume, host: [u8; 16], t: Timeouts) -> Result<Joined> {
     hs.generation += 1;
     hs.heartbeat = 0;
     let sector = hs.encode(region(vol), slot);
-    if !swap_sector(&*lun, slot_off(vol, slot), old_sec, &sector, &t)? {
+    if !swap_sector(
+        &*lun,
+        slot_off(vol, slot),
+        old_sec,
+        &sector,
+        &t,
+        Confirm::Wait,
+    )? {
         return Err(FsError::Invalid(format!(
             "another host claimed heartbeat slot {slot} at the same time; try again"
         )));
@@ -326,7 +363,7 @@ impl Member {
                     let mut next = o.hs.clone();
                     next.heartbeat += 1;
                     let enc = next.encode(region, o.slot);
-                    match swap_sector(&*lun, off, &o.sector, &enc, &t) {
+                    match swap_sector(&*lun, off, &o.sector, &enc, &t, Confirm::Owned) {
                         Ok(true) => {
                             lease.renewed(started);
                             o.hs = next;
@@ -359,7 +396,14 @@ impl Member {
         let mut next = o.hs.clone();
         f(&mut next);
         let enc = next.encode(self.region, o.slot);
-        if !swap_sector(&*self.lun, self.off, &o.sector, &enc, &self.timeouts)? {
+        if !swap_sector(
+            &*self.lun,
+            self.off,
+            &o.sector,
+            &enc,
+            &self.timeouts,
+            Confirm::Owned,
+        )? {
             self.lease.fence("heartbeat slot changed under this host");
             return Err(FsError::Invalid(format!(
                 "heartbeat slot {} was taken over by another host",

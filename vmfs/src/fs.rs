@@ -1174,12 +1174,25 @@ impl Fs {
         host: [u8; 16],
         t: crate::cluster::Timeouts,
     ) -> Result<Fs> {
-        let vol = Volume::open(luns.clone())?;
-        if vol.header.root_fd == 0 {
-            return Err(FsError::Invalid(
-                "the volume has no root directory: mkfs did not finish; run mkfs again".into(),
-            ));
+        // Check everything reading only (a journal replay goes to memory):
+        // a mount refused for corruption writes nothing, not even a slot.
+        {
+            let cow = luns
+                .iter()
+                .map(|l| Arc::new(lun::CowLun::new(l.clone())) as Arc<dyn lun::Lun>)
+                .collect();
+            let vol = Volume::open(cow)?;
+            if vol.header.root_fd == 0 {
+                return Err(FsError::Invalid(
+                    "the volume has no root directory: mkfs did not finish; run mkfs again".into(),
+                ));
+            }
+            replay_journals(&vol)?;
+            let fs = Fs::from_volume(vol)?;
+            fs.abandon();
+            fs.check_root()?;
         }
+        let vol = Volume::open(luns.clone())?;
         let joined = crate::cluster::join(&vol, host, t)?;
         drop(vol);
         let lease = joined.member.lease.clone();
@@ -1212,16 +1225,7 @@ impl Fs {
             let _ = fs.member.set(j.member);
         }
         let r = (|| {
-            {
-                let mut st = fs.lock();
-                let root = st.iget(&fs.vol, fs.vol.header.root_fd)?;
-                if !root.is_dir() {
-                    return Err(FsError::Invalid(
-                        "the root file descriptor is not a directory".into(),
-                    ));
-                }
-                st.dir_hdr(&fs.vol, &root)?;
-            }
+            fs.check_root()?;
             fs.start_journal(slot)?;
             if unclean {
                 // Files unlinked while open live until their last close; a
@@ -1246,6 +1250,19 @@ impl Fs {
         }
         *fs.replays.lock().unwrap_or_else(|p| p.into_inner()) = replays;
         Ok(fs)
+    }
+
+    /// The root must be a readable directory.
+    fn check_root(&self) -> Result<()> {
+        let mut st = self.lock();
+        let root = st.iget(&self.vol, self.vol.header.root_fd)?;
+        if !root.is_dir() {
+            return Err(FsError::Invalid(
+                "the root file descriptor is not a directory".into(),
+            ));
+        }
+        st.dir_hdr(&self.vol, &root)?;
+        Ok(())
     }
 
     /// Open for checking: with `repair` false, every write (journal replay
