@@ -208,8 +208,13 @@ fn info(specs: &[String]) -> Result<()> {
 }
 
 fn fsck(specs: &[String], repair: bool) -> Result<bool> {
+    let luns = open_luns(specs)?;
+    if repair {
+        let t = vmfs::cluster::Timeouts::default();
+        vmfs::cluster::ensure_idle(&vmfs::Volume::open(luns.clone())?, &t, "repairing it")?;
+    }
     // Without --repair every write, a journal replay included, stays in memory.
-    let fs = Fs::open_for_check(open_luns(specs)?, repair)?;
+    let fs = Fs::open_for_check(luns, repair)?;
     for (s, rep) in fs.replays() {
         println!(
             "journal of slot {s}: {rep}{}",
@@ -433,7 +438,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Hosts { luns } => hosts(&luns)?,
         Cmd::Crashtest(a) => return crashtest(a),
         Cmd::Extend { luns, add } => {
-            let mut fs = Fs::open(open_luns(&luns)?)?;
+            let luns = open_luns(&luns)?;
+            let t = vmfs::cluster::Timeouts::default();
+            vmfs::cluster::ensure_idle(&vmfs::Volume::open(luns.clone())?, &t, "extending it")?;
+            let mut fs = Fs::open(luns)?;
             let before = fs.usage().total_blocks;
             fs.extend(lun::open(&add).with_context(|| format!("opening LUN {add}"))?)?;
             let u = fs.usage();

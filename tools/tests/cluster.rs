@@ -124,6 +124,14 @@ fn takeover(sl: &str, ma: &Path, mb: &Path) {
         "{}",
         text(&o)
     );
+    // Offline work is refused while a host is live.
+    let o = vmfs(&["fsck", "--repair", sl]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("unmount it before repairing"),
+        "{}",
+        text(&o)
+    );
 
     signal(&a, libc::SIGKILL);
     a.wait().unwrap();

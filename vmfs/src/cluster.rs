@@ -179,70 +179,111 @@ pub struct Joined {
     pub unclean: bool,
 }
 
+type Slots = Vec<(HostSlot, Vec<u8>)>;
+
+/// Every heartbeat slot, decoded, with its raw sector.
+fn read_slots(vol: &Volume) -> Result<Slots> {
+    let n = vol.header.max_hosts;
+    let lun = &vol.luns[0];
+    let mut b = vec![0u8; n as usize * LOCK_SECTOR];
+    lun.read_at(&mut b, vol.header.heartbeat_off)?;
+    (0..n)
+        .map(|s| {
+            let sec = b[s as usize * LOCK_SECTOR..(s as usize + 1) * LOCK_SECTOR].to_vec();
+            let hs = HostSlot::decode(&sec, region(vol), s).map_err(|reason| FsError::Corrupt {
+                lun: lun.name().to_string(),
+                offset: slot_off(vol, s),
+                object: format!("heartbeat slot {s}"),
+                reason,
+            })?;
+            Ok((hs, sec))
+        })
+        .collect()
+}
+
+/// Watch every slot in use for one lease on this host's clock. Err when one
+/// changes (a live host: `what` ... `tail` say what that means for the
+/// caller); Ok with the slots as first read and the busy (dead) ones.
+fn watch(
+    vol: &Volume,
+    me: Option<[u8; 16]>,
+    t: &Timeouts,
+    what: &str,
+    tail: &str,
+) -> Result<(Slots, Vec<u32>)> {
+    let first = read_slots(vol)?;
+    let busy: Vec<u32> = (0..vol.header.max_hosts)
+        .filter(|&s| first[s as usize].0.state != SLOT_FREE)
+        .collect();
+    if busy.is_empty() {
+        return Ok((first, busy));
+    }
+    // Liveness by observation on our own clock: a slot that does not
+    // change for a whole lease is dead.
+    tracing::info!(
+        "{} slot(s) in use ({busy:?}): watching their heartbeats for {} ms",
+        busy.len(),
+        t.lease.as_millis()
+    );
+    let start = Instant::now();
+    while start.elapsed() < t.lease {
+        std::thread::sleep(
+            t.heartbeat
+                .min(t.lease - start.elapsed().min(t.lease))
+                .max(Duration::from_millis(1)),
+        );
+        let now = read_slots(vol)?;
+        for &s in &busy {
+            let (was, cur) = (&first[s as usize].1, &now[s as usize]);
+            if *was != cur.1 {
+                let who = uuid_str(&cur.0.host);
+                if cur.0.state != SLOT_LIVE {
+                    return Err(FsError::Invalid(format!(
+                        "host {who} (slot {s}) is being recovered by another host right now; try again"
+                    )));
+                }
+                let same = if Some(cur.0.host) == me {
+                    " (the same host UUID as this one: another process with this identity, or a copy of its state directory)"
+                } else {
+                    ""
+                };
+                return Err(FsError::Invalid(format!(
+                    "{what} host {who} (slot {s}){same}, whose heartbeat is live{tail}"
+                )));
+            }
+        }
+    }
+    Ok((first, busy))
+}
+
+/// For offline work (fsck --repair, extend): Ok when no host is live (dead
+/// ones may remain: their journals are replayed by the caller's open).
+pub fn ensure_idle(vol: &Volume, t: &Timeouts, work: &str) -> Result<()> {
+    watch(
+        vol,
+        None,
+        t,
+        "the datastore is mounted by",
+        &format!("; unmount it before {work}"),
+    )?;
+    Ok(())
+}
+
 /// Join the volume as host `host`: judge the other slots, recover dead
 /// hosts, claim a slot, start the heartbeat. Refuses when another host is
 /// live (one host at a time in this version).
 pub fn join(vol: &Volume, host: [u8; 16], t: Timeouts) -> Result<Joined> {
     let n = vol.header.max_hosts;
     let lun = vol.luns[0].clone();
-    let read_all = || -> Result<Vec<(HostSlot, Vec<u8>)>> {
-        let mut b = vec![0u8; n as usize * LOCK_SECTOR];
-        lun.read_at(&mut b, vol.header.heartbeat_off)?;
-        (0..n)
-            .map(|s| {
-                let sec = b[s as usize * LOCK_SECTOR..(s as usize + 1) * LOCK_SECTOR].to_vec();
-                let hs =
-                    HostSlot::decode(&sec, region(vol), s).map_err(|reason| FsError::Corrupt {
-                        lun: lun.name().to_string(),
-                        offset: slot_off(vol, s),
-                        object: format!("heartbeat slot {s}"),
-                        reason,
-                    })?;
-                Ok((hs, sec))
-            })
-            .collect()
-    };
-    let first = read_all()?;
-    let busy: Vec<u32> = (0..n)
-        .filter(|&s| first[s as usize].0.state != SLOT_FREE)
-        .collect();
+    let (first, busy) = watch(
+        vol,
+        Some(host),
+        &t,
+        "the datastore is mounted by",
+        "; this version mounts on one host at a time (several hosts arrive with on-disk locks)",
+    )?;
     let mut replays = Vec::new();
     if !busy.is_empty() {
-        // Liveness by observation on our own clock: a slot that does not
-        // change for a whole lease is dead.
-        tracing::info!(
-            "{} slot(s) in use ({busy:?}): watching their heartbeats for {} ms",
-            busy.len(),
-            t.lease.as_millis()
-        );
-        let start = Instant::now();
-        while start.elapsed() < t.lease {
-            std::thread::sleep(
-                t.heartbeat
-                    .min(t.lease - start.elapsed().min(t.lease))
-                    .max(Duration::from_millis(1)),
-            );
-            let now = read_all()?;
-            for &s in &busy {
-                let (was, cur) = (&first[s as usize].1, &now[s as usize]);
-                if *was != cur.1 {
-                    let who = uuid_str(&cur.0.host);
-                    if cur.0.state != SLOT_LIVE {
-                        return Err(FsError::Invalid(format!(
-                            "host {who} (slot {s}) is being recovered by another host that is mounting now; try again"
-                        )));
-                    }
-                    let same = if cur.0.host == host {
-                        " (the same host UUID as this one: another process with this identity, or a copy of its state directory)"
-                    } else {
-                        ""
-                    };
-                    return Err(FsError::Invalid(format!(
-                        "the datastore is mounted by host {who} (slot {s}){same}, whose heartbeat is live; this version mounts on one host at a time (several hosts arrive with on-disk locks)"
-                    )));
-                }
-            }
-        }
         // All dead: recover each (journal replay), then free the slot.
         for &s in &busy {
             let (hs, sec) = &first[s as usize];
@@ -280,7 +321,7 @@ pub fn join(vol: &Volume, host: [u8; 16], t: Timeouts) -> Result<Joined> {
         }
     }
     // Claim: our own slot if we had one, else the first free one.
-    let now = read_all()?;
+    let now = read_slots(vol)?;
     let slot = (0..n)
         .find(|&s| now[s as usize].0.host == host)
         .or_else(|| {
