@@ -13,29 +13,7 @@ use common::{mounted, text, vmfs, VMFS};
 const LEASE: &str = "800";
 
 fn mount_fg(lun: &str, mnt: &Path, host: &str) -> Child {
-    let child = Command::new(VMFS)
-        .args([
-            "mount",
-            "--foreground",
-            "--host-uuid",
-            host,
-            "--lease-ms",
-            LEASE,
-            lun,
-        ])
-        .arg(mnt)
-        .env("VMFS_LOG", "warn")
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    while !mounted(mnt) {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "mount did not appear"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
+    common::mount_foreground(&["--host-uuid", host, lun], mnt)
 }
 
 fn signal(c: &Child, sig: i32) {

@@ -4,10 +4,10 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod common;
-use common::{mounted, text, vmfs, VMFS};
+use common::{text, vmfs};
 
 /// The number before `word` in `s` ("123 crash states").
 fn count_before(s: &str, word: &str) -> u64 {
@@ -59,28 +59,7 @@ fn crashtest_forty_thousand_states() {
 }
 
 fn mount(lun: &str, mnt: &Path) -> std::process::Child {
-    let child = Command::new(VMFS)
-        // A short lease: remounting after a kill waits one out.
-        .args([
-            "mount",
-            "--foreground",
-            "--lease-ms",
-            "800",
-            lun,
-            mnt.to_str().unwrap(),
-        ])
-        .env("VMFS_LOG", "warn")
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    while !mounted(mnt) {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "mount did not appear"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
+    common::mount_foreground(&[lun], mnt)
 }
 
 fn content(round: u64, k: u64) -> Vec<u8> {

@@ -32,3 +32,24 @@ pub fn mounted(m: &Path) -> bool {
         .lines()
         .any(|l| l.split(' ').nth(4) == Some(m.to_str().unwrap()))
 }
+
+/// Start `vmfs mount --foreground ARGS MNT` (a short 800 ms lease, so that
+/// remounting after a kill waits little) and wait until it is mounted.
+pub fn mount_foreground(args: &[&str], mnt: &Path) -> std::process::Child {
+    let child = std::process::Command::new(VMFS)
+        .args(["mount", "--foreground", "--lease-ms", "800"])
+        .args(args)
+        .arg(mnt)
+        .env("VMFS_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !mounted(mnt) {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "mount did not appear"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child
+}
