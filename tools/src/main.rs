@@ -122,8 +122,9 @@ fn info(specs: &[String]) -> Result<()> {
     let luns = open_luns(specs)?;
     let slots: Vec<_> = {
         let vol = vmfs::volume::Volume::open(luns.clone())?;
-        (0..vol.header.max_hosts)
-            .map(|s| (s, vol.read_slot(s)))
+        (0u32..)
+            .zip(vol.read_slots()?)
+            .map(|(s, (hs, _))| (s, hs))
             .collect()
     };
     // Opened over copy-on-write LUNs: a journal replay stays in memory.
@@ -514,8 +515,9 @@ impl HostArgs {
 fn hosts(specs: &[String]) -> Result<()> {
     let vol = vmfs::Volume::open(open_luns(specs)?)?;
     let read = || -> Result<Vec<_>> {
-        (0..vol.header.max_hosts)
-            .map(|s| Ok(vol.read_slot(s)?))
+        vol.read_slots()?
+            .into_iter()
+            .map(|(hs, _)| Ok(hs?))
             .collect()
     };
     let first = read()?;

@@ -16,6 +16,16 @@ fn mount_fg(lun: &str, mnt: &Path, host: &str) -> Child {
     common::mount_foreground(&["--host-uuid", host, lun], mnt)
 }
 
+/// SIGKILL a host and detach its dead FUSE mount.
+fn kill_host(c: &mut Child, mnt: &Path) {
+    signal(c, libc::SIGKILL);
+    c.wait().unwrap();
+    let _ = Command::new("fusermount3")
+        .args(["-u", "-z"])
+        .arg(mnt)
+        .status();
+}
+
 fn signal(c: &Child, sig: i32) {
     // SAFETY: signalling our own child.
     unsafe { libc::kill(c.id() as i32, sig) };
@@ -111,12 +121,7 @@ fn takeover(sl: &str, ma: &Path, mb: &Path) {
         text(&o)
     );
 
-    signal(&a, libc::SIGKILL);
-    a.wait().unwrap();
-    let _ = Command::new("fusermount3")
-        .args(["-u", "-z"])
-        .arg(&ma)
-        .status();
+    kill_host(&mut a, &ma);
     let t = Instant::now();
     let mut b = mount_fg(sl, &mb, B);
     let took = t.elapsed();
@@ -194,12 +199,7 @@ fn two_survivors_race_and_exactly_one_recovers() {
         .unwrap()
         .sync_all()
         .unwrap();
-    signal(&a, libc::SIGKILL);
-    a.wait().unwrap();
-    let _ = Command::new("fusermount3")
-        .args(["-u", "-z"])
-        .arg(&ma)
-        .status();
+    kill_host(&mut a, &ma);
     const C: &str = "cccccccc-0000-4000-8000-000000000003";
     let spawn = |host: &str, mnt: &Path| {
         Command::new(VMFS)

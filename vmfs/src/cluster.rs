@@ -74,10 +74,6 @@ impl Timeouts {
     }
 }
 
-fn slot_off(vol: &Volume, slot: u32) -> u64 {
-    vol.header.heartbeat_off + u64::from(slot) * LOCK_SECTOR as u64
-}
-
 fn region(vol: &Volume) -> u64 {
     vol.header.heartbeat_off / MD as u64
 }
@@ -183,21 +179,9 @@ type Slots = Vec<(HostSlot, Vec<u8>)>;
 
 /// Every heartbeat slot, decoded, with its raw sector.
 fn read_slots(vol: &Volume) -> Result<Slots> {
-    let n = vol.header.max_hosts;
-    let lun = &vol.luns[0];
-    let mut b = vec![0u8; n as usize * LOCK_SECTOR];
-    lun.read_at(&mut b, vol.header.heartbeat_off)?;
-    (0..n)
-        .map(|s| {
-            let sec = b[s as usize * LOCK_SECTOR..(s as usize + 1) * LOCK_SECTOR].to_vec();
-            let hs = HostSlot::decode(&sec, region(vol), s).map_err(|reason| FsError::Corrupt {
-                lun: lun.name().to_string(),
-                offset: slot_off(vol, s),
-                object: format!("heartbeat slot {s}"),
-                reason,
-            })?;
-            Ok((hs, sec))
-        })
+    vol.read_slots()?
+        .into_iter()
+        .map(|(hs, sec)| Ok((hs?, sec)))
         .collect()
 }
 
@@ -291,7 +275,7 @@ pub fn join(vol: &Volume, host: [u8; 16], t: Timeouts) -> Result<Joined> {
             rec.state = SLOT_REPLAYING;
             rec.replayer = s; // no slot of our own yet
             let enc = rec.encode(region(vol), s);
-            if !swap_sector(&*lun, slot_off(vol, s), sec, &enc, &t, Confirm::Wait)? {
+            if !swap_sector(&*lun, vol.slot_off(s), sec, &enc, &t, Confirm::Wait)? {
                 return Err(FsError::Invalid(format!(
                     "heartbeat slot {s} changed while this host was recovering it: another host is mounting; try again"
                 )));
@@ -313,7 +297,7 @@ pub fn join(vol: &Volume, host: [u8; 16], t: Timeouts) -> Result<Joined> {
             free.replayer = 0;
             free.generation += 1;
             let fenc = free.encode(region(vol), s);
-            if !swap_sector(&*lun, slot_off(vol, s), &enc, &fenc, &t, Confirm::Wait)? {
+            if !swap_sector(&*lun, vol.slot_off(s), &enc, &fenc, &t, Confirm::Wait)? {
                 return Err(FsError::Invalid(format!(
                     "heartbeat slot {s} changed while this host was freeing it: another host is mounting; try again"
                 )));
@@ -341,7 +325,7 @@ pub fn join(vol: &Volume, host: [u8; 16], t: Timeouts) -> Result<Joined> {
     let sector = hs.encode(region(vol), slot);
     if !swap_sector(
         &*lun,
-        slot_off(vol, slot),
+        vol.slot_off(slot),
         old_sec,
         &sector,
         &t,
@@ -366,7 +350,7 @@ pub fn join(vol: &Volume, host: [u8; 16], t: Timeouts) -> Result<Joined> {
         lease,
         timeouts: t,
         lun: lun.clone(),
-        off: slot_off(vol, slot),
+        off: vol.slot_off(slot),
         region: region(vol),
         own: Arc::new(Mutex::new(Own { slot, hs, sector })),
         stop: Arc::new(AtomicBool::new(false)),

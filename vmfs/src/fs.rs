@@ -75,8 +75,8 @@ pub fn journal_region(vol: &Volume, addr: u64, nblocks: u32, slot: u32) -> Resul
 /// in this version; the cluster layer will replay only dead hosts' journals.)
 pub fn replay_journals(vol: &Volume) -> Result<Vec<(u32, journal::Report)>> {
     let mut out = Vec::new();
-    for slot in 0..vol.header.max_hosts {
-        let hs = vol.read_slot(slot)?;
+    for (slot, (hs, _)) in (0..).zip(vol.read_slots()?) {
+        let hs = hs?;
         if hs.journal == 0 {
             continue;
         }

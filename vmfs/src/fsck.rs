@@ -154,8 +154,8 @@ pub fn check(fs: &Fs, repair: bool, progress: Option<&dyn Fn(u64, u64)>) -> Resu
             own_fb(&mut w, &mut r, c.addr / bpk, (0, "resource cluster"));
         }
         // Heartbeat slots: each journal owns its file blocks.
-        for slot in 0..vol.header.max_hosts {
-            match vol.read_slot(slot) {
+        for (slot, (hs, _)) in (0u32..).zip(vol.read_slots()?) {
+            match hs {
                 Ok(hs) if hs.journal != 0 => {
                     if hs.journal % bpk != 0 || u64::from(hs.journal_blocks) % bpk != 0 {
                         r.errors.push(format!("heartbeat slot {slot}: journal {:#x} (+{} blocks) is not whole file blocks", hs.journal, hs.journal_blocks));

@@ -142,12 +142,32 @@ impl Volume {
     /// Heartbeat slot `slot`, verified.
     pub fn read_slot(&self, slot: u32) -> Result<HostSlot> {
         let mut b = vec![0u8; LOCK_SECTOR];
-        let off = self.header.heartbeat_off + u64::from(slot) * LOCK_SECTOR as u64;
-        self.luns[0].read_at(&mut b, off)?;
-        HostSlot::decode(&b, self.header.heartbeat_off / MD as u64, slot).map_err(|reason| {
+        self.luns[0].read_at(&mut b, self.slot_off(slot))?;
+        self.decode_slot(slot, &b)
+    }
+
+    /// Every heartbeat slot in one read: each one decoded (or why not) with
+    /// its raw sector.
+    pub fn read_slots(&self) -> Result<Vec<(Result<HostSlot>, Vec<u8>)>> {
+        let n = self.header.max_hosts;
+        let mut b = vec![0u8; n as usize * LOCK_SECTOR];
+        self.luns[0].read_at(&mut b, self.header.heartbeat_off)?;
+        Ok(b.chunks_exact(LOCK_SECTOR)
+            .zip(0..n)
+            .map(|(sec, s)| (self.decode_slot(s, sec), sec.to_vec()))
+            .collect())
+    }
+
+    /// Byte offset of heartbeat slot `slot` on extent 0's LUN.
+    pub fn slot_off(&self, slot: u32) -> u64 {
+        self.header.heartbeat_off + u64::from(slot) * LOCK_SECTOR as u64
+    }
+
+    fn decode_slot(&self, slot: u32, sector: &[u8]) -> Result<HostSlot> {
+        HostSlot::decode(sector, self.header.heartbeat_off / MD as u64, slot).map_err(|reason| {
             FsError::Corrupt {
                 lun: self.luns[0].name().to_string(),
-                offset: off,
+                offset: self.slot_off(slot),
                 object: format!("heartbeat slot {slot}"),
                 reason,
             }
@@ -156,7 +176,7 @@ impl Volume {
 
     /// Write heartbeat slot `slot` (one sector, atomic) and flush it.
     pub fn write_slot(&self, slot: u32, s: &HostSlot) -> Result<()> {
-        let off = self.header.heartbeat_off + u64::from(slot) * LOCK_SECTOR as u64;
+        let off = self.slot_off(slot);
         self.luns[0].write_at(&s.encode(self.header.heartbeat_off / MD as u64, slot), off)?;
         Ok(self.luns[0].flush()?)
     }
