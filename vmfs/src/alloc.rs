@@ -153,6 +153,24 @@ impl Alloc {
         })
     }
 
+    /// Keep allocating where an earlier view of the volume did (after a
+    /// reload): hosts stay in "their" clusters.
+    pub fn keep_hints(&mut self, old: &Alloc) {
+        self.fb_hint = old.fb_hint.min(self.fbc.len().saturating_sub(1));
+        for (h, o) in self.res_hint.iter_mut().zip(old.res_hint) {
+            *h = o.min(self.clusters.len().saturating_sub(1));
+        }
+    }
+
+    /// Spread hosts over the file-block clusters: host slot `slot` of
+    /// `hosts` starts its search at its share of them.
+    pub fn set_affinity(&mut self, slot: u32, hosts: u32) {
+        let n = self.fbc.len();
+        if n > 0 && hosts > 0 {
+            self.fb_hint = (slot as usize * n) / hosts as usize;
+        }
+    }
+
     pub fn res_size(vol: &Volume, t: ResType) -> u32 {
         match t {
             ResType::SubBlock => vol.header.sub_block_size,

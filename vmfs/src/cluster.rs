@@ -1,11 +1,14 @@
 //! Host membership through the disk: heartbeat slots, liveness judged on
 //! this host's monotonic clock, recovery of dead hosts, self-fencing.
 //!
-//! This version lets **one host at a time** mount a datastore: a mount that
-//! finds another live host (its heartbeat moves) is refused, naming it; a
-//! slot whose heartbeat has not moved for the lease timeout is a dead host,
-//! whose journal is replayed before its slot is freed. On-disk locks (the
-//! next step of the cluster issue) will turn "refuse" into "share".
+//! Several hosts mount a datastore at once. A mounting host watches every
+//! slot in use for one lease: a slot that changes is a live host (it will
+//! share the datastore with it); one that does not is a dead host, whose
+//! journal is replayed before its slot is freed with a new generation (which
+//! also breaks every lock it held: locks name a slot *and* its generation).
+//! Once mounted, each host keeps watching ([`Monitor`]) and recovers hosts
+//! that die while it runs; two survivors racing for one dead host settle it
+//! on the slot's sector, and exactly one replays.
 //!
 //! Slot changes use compare-and-write of the sector where the LUN has it;
 //! elsewhere a write, a wait longer than any concurrent writer's window, and
@@ -18,6 +21,7 @@
 //! different hosts are never compared.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -185,18 +189,19 @@ fn read_slots(vol: &Volume) -> Result<Slots> {
         .collect()
 }
 
-/// Watch every slot in use for one lease on this host's clock. Err when one
-/// changes (a live host: `what` ... `tail` say what that means for the
-/// caller); Ok with the slots as first read and the busy (dead) ones.
+/// Watch every slot in use for one lease on this host's clock. Returns the
+/// slots as first read and the busy ones that did not change (dead hosts).
+/// A slot that changes is a live host: with `refuse` (`what` ... `tail`
+/// say what that means for the caller) that is an error; it always is when
+/// the live host has this host's UUID (`me`).
 fn watch(
     vol: &Volume,
     me: Option<[u8; 16]>,
     t: &Timeouts,
-    what: &str,
-    tail: &str,
+    refuse: Option<(&str, &str)>,
 ) -> Result<(Slots, Vec<u32>)> {
     let first = read_slots(vol)?;
-    let busy: Vec<u32> = (0..vol.header.max_hosts)
+    let mut busy: Vec<u32> = (0..vol.header.max_hosts)
         .filter(|&s| first[s as usize].0.state != SLOT_FREE)
         .collect();
     if busy.is_empty() {
@@ -210,32 +215,39 @@ fn watch(
         t.lease.as_millis()
     );
     let start = Instant::now();
-    while start.elapsed() < t.lease {
+    while start.elapsed() < t.lease && !busy.is_empty() {
         std::thread::sleep(
             t.heartbeat
                 .min(t.lease - start.elapsed().min(t.lease))
                 .max(Duration::from_millis(1)),
         );
         let now = read_slots(vol)?;
+        let mut still = Vec::new();
         for &s in &busy {
             let (was, cur) = (&first[s as usize].1, &now[s as usize]);
-            if *was != cur.1 {
-                let who = uuid_str(&cur.0.host);
+            if *was == cur.1 {
+                still.push(s);
+                continue;
+            }
+            let who = uuid_str(&cur.0.host);
+            if cur.0.state == SLOT_LIVE && Some(cur.0.host) == me {
+                return Err(FsError::Invalid(format!(
+                    "host {who} (slot {s}) is live with the same host UUID as this one: another process with this identity, or a copy of its state directory"
+                )));
+            }
+            if let Some((what, tail)) = refuse {
                 if cur.0.state != SLOT_LIVE {
                     return Err(FsError::Invalid(format!(
                         "host {who} (slot {s}) is being recovered by another host right now; try again"
                     )));
                 }
-                let same = if Some(cur.0.host) == me {
-                    " (the same host UUID as this one: another process with this identity, or a copy of its state directory)"
-                } else {
-                    ""
-                };
                 return Err(FsError::Invalid(format!(
-                    "{what} host {who} (slot {s}){same}, whose heartbeat is live{tail}"
+                    "{what} host {who} (slot {s}), whose heartbeat is live{tail}"
                 )));
             }
+            tracing::info!("host {who} (slot {s}) is live: sharing the datastore with it");
         }
+        busy = still;
     }
     Ok((first, busy))
 }
@@ -247,10 +259,128 @@ pub fn ensure_idle(vol: &Volume, t: &Timeouts, work: &str) -> Result<()> {
         vol,
         None,
         t,
-        "the datastore is mounted by",
-        &format!("; unmount it before {work}"),
+        Some((
+            "the datastore is mounted by",
+            &format!("; unmount it before {work}"),
+        )),
     )?;
     Ok(())
+}
+
+/// Recover the dead host in slot `s`, whose sector was `sec` (`hs` decoded)
+/// unchanged for a lease: mark it being replayed by `replayer`, replay its
+/// journal, free the slot with generation + 1 (its locks are then stale).
+/// Ok(None) when another host changed the slot first (it recovers it, or
+/// the host was not dead).
+pub fn recover(
+    vol: &Volume,
+    s: u32,
+    hs: &HostSlot,
+    sec: &[u8],
+    replayer: u32,
+    t: &Timeouts,
+    why: &str,
+) -> Result<Option<Option<journal::Report>>> {
+    let lun = vol.luns[0].clone();
+    let mut rec = hs.clone();
+    rec.state = SLOT_REPLAYING;
+    rec.replayer = replayer;
+    let enc = rec.encode(region(vol), s);
+    if !swap_sector(&*lun, vol.slot_off(s), sec, &enc, t, Confirm::Wait)? {
+        tracing::info!("slot {s} changed before this host could recover it: another host is on it");
+        return Ok(None);
+    }
+    tracing::warn!(
+        "host {} (slot {s}, generation {}) {why}; replaying its journal",
+        uuid_str(&hs.host),
+        hs.generation,
+    );
+    let mut report = None;
+    if hs.journal != 0 {
+        let r = crate::fs::journal_region(vol, hs.journal, hs.journal_blocks, s)?;
+        let rep = journal::replay(&r, &vol.header.uuid, vol)?;
+        tracing::info!("journal of slot {s}: {rep}");
+        report = Some(rep);
+    }
+    let mut free = rec.clone();
+    free.state = SLOT_FREE;
+    free.replayer = 0;
+    free.generation += 1;
+    let fenc = free.encode(region(vol), s);
+    if !swap_sector(&*lun, vol.slot_off(s), &enc, &fenc, t, Confirm::Wait)? {
+        return Err(FsError::Invalid(format!(
+            "heartbeat slot {s} changed while this host was recovering it"
+        )));
+    }
+    tracing::info!(
+        "slot {s} is free again (generation {}): the locks host {} held are released",
+        free.generation,
+        uuid_str(&hs.host)
+    );
+    Ok(Some(report))
+}
+
+/// Whether a lock holder is the current incarnation of its slot: the slot
+/// has that generation and is not free. A slot being replayed still holds.
+pub fn is_current(slots: &[HostSlot], h: &locking::Holder) -> bool {
+    slots
+        .get(h.slot as usize)
+        .is_some_and(|s| s.generation == h.generation && s.state != SLOT_FREE)
+}
+
+/// Every slot, decoded (an undecodable one is an error).
+pub fn slot_table(vol: &Volume) -> Result<Vec<HostSlot>> {
+    Ok(read_slots(vol)?.into_iter().map(|(h, _)| h).collect())
+}
+
+/// What a mounted host keeps watching: every other slot's sector and when
+/// (on this host's clock) it last changed.
+#[derive(Default)]
+pub struct Monitor {
+    seen: HashMap<u32, (Vec<u8>, Instant)>,
+}
+
+/// A dead host found by [`Monitor::observe`].
+pub struct Dead {
+    pub slot: u32,
+    pub hs: HostSlot,
+    pub sector: Vec<u8>,
+    pub silent: Duration,
+}
+
+impl Monitor {
+    /// Read the slots once: returns whether any other host is in a slot,
+    /// and the hosts whose sectors have not changed for a lease.
+    pub fn observe(&mut self, vol: &Volume, me: u32, t: &Timeouts) -> Result<(bool, Vec<Dead>)> {
+        let now = Instant::now();
+        let mut others = false;
+        let mut dead = Vec::new();
+        for (s, (hs, sec)) in read_slots(vol)?.into_iter().enumerate() {
+            let s = s as u32;
+            if s == me || hs.state == SLOT_FREE {
+                self.seen.remove(&s);
+                continue;
+            }
+            others = true;
+            match self.seen.get(&s) {
+                Some((was, since)) if *was == sec => {
+                    let silent = now.duration_since(*since);
+                    if silent >= t.lease {
+                        dead.push(Dead {
+                            slot: s,
+                            hs,
+                            sector: sec,
+                            silent,
+                        });
+                    }
+                }
+                _ => {
+                    self.seen.insert(s, (sec, now));
+                }
+            }
+        }
+        Ok((others, dead))
+    }
 }
 
 /// Join the volume as host `host`: judge the other slots, recover dead
@@ -259,55 +389,23 @@ pub fn ensure_idle(vol: &Volume, t: &Timeouts, work: &str) -> Result<()> {
 pub fn join(vol: &Volume, host: [u8; 16], t: Timeouts) -> Result<Joined> {
     let n = vol.header.max_hosts;
     let lun = vol.luns[0].clone();
-    let (first, busy) = watch(
-        vol,
-        Some(host),
-        &t,
-        "the datastore is mounted by",
-        "; this version mounts on one host at a time (several hosts arrive with on-disk locks)",
-    )?;
+    let (first, dead) = watch(vol, Some(host), &t, None)?;
     let mut replays = Vec::new();
-    if !busy.is_empty() {
-        // All dead: recover each (journal replay), then free the slot.
-        for &s in &busy {
-            let (hs, sec) = &first[s as usize];
-            let mut rec = hs.clone();
-            rec.state = SLOT_REPLAYING;
-            rec.replayer = s; // no slot of our own yet
-            let enc = rec.encode(region(vol), s);
-            if !swap_sector(&*lun, vol.slot_off(s), sec, &enc, &t, Confirm::Wait)? {
-                return Err(FsError::Invalid(format!(
-                    "heartbeat slot {s} changed while this host was recovering it: another host is mounting; try again"
-                )));
-            }
-            tracing::warn!(
-                "host {} (slot {s}, generation {}) stopped without unmounting: no heartbeat for {} ms; replaying its journal",
-                uuid_str(&hs.host),
-                hs.generation,
-                t.lease.as_millis()
-            );
-            if hs.journal != 0 {
-                let r = crate::fs::journal_region(vol, hs.journal, hs.journal_blocks, s)?;
-                let rep = journal::replay(&r, &vol.header.uuid, vol)?;
-                tracing::info!("journal of slot {s}: {rep}");
-                replays.push((s, rep));
-            }
-            let mut free = rec.clone();
-            free.state = SLOT_FREE;
-            free.replayer = 0;
-            free.generation += 1;
-            let fenc = free.encode(region(vol), s);
-            if !swap_sector(&*lun, vol.slot_off(s), &enc, &fenc, &t, Confirm::Wait)? {
-                return Err(FsError::Invalid(format!(
-                    "heartbeat slot {s} changed while this host was freeing it: another host is mounting; try again"
-                )));
-            }
+    for &s in &dead {
+        let (hs, sec) = &first[s as usize];
+        // No slot of our own yet: the replayer field names the dead slot.
+        let why = format!(
+            "stopped without unmounting: no heartbeat for {} ms",
+            t.lease.as_millis()
+        );
+        if let Some(Some(rep)) = recover(vol, s, hs, sec, s, &t, &why)? {
+            replays.push((s, rep));
         }
     }
     // Claim: our own slot if we had one, else the first free one.
     let now = read_slots(vol)?;
     let slot = (0..n)
-        .find(|&s| now[s as usize].0.host == host)
+        .find(|&s| now[s as usize].0.host == host && now[s as usize].0.state == SLOT_FREE)
         .or_else(|| {
             (0..n).find(|&s| {
                 now[s as usize].0.state == SLOT_FREE && now[s as usize].0.host == [0; 16]
@@ -360,7 +458,7 @@ pub fn join(vol: &Volume, host: [u8; 16], t: Timeouts) -> Result<Joined> {
     Ok(Joined {
         member: m,
         replays,
-        unclean: !busy.is_empty(),
+        unclean: !dead.is_empty(),
     })
 }
 
@@ -441,6 +539,48 @@ impl Member {
         Ok(())
     }
 
+    /// This host as a lock holder: its slot and the slot's generation.
+    pub fn holder(&self) -> locking::Holder {
+        locking::Holder {
+            slot: self.slot,
+            generation: self.slot_state().generation,
+        }
+    }
+
+    /// Write this host's Disk Paxos ballot block (in its heartbeat sector).
+    /// Not flushed: other hosts read the LUN, and a ballot need not
+    /// survive a power loss (every holder's slot is recovered after one).
+    pub fn set_ballot(&self, d: &locking::Dblock) -> Result<()> {
+        let mut o = self.own.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(why) = self.lease.check() {
+            return Err(FsError::Lun(lun::LunError::Fenced {
+                lun: self.lun.name().to_string(),
+                why,
+            }));
+        }
+        let mut next = o.hs.clone();
+        next.ballot = *d;
+        let enc = next.encode(self.region, o.slot);
+        // Owned: a plain write on LUNs without compare-and-write.
+        if !swap_sector(
+            &*self.lun,
+            self.off,
+            &o.sector,
+            &enc,
+            &self.timeouts,
+            Confirm::Owned,
+        )? {
+            self.lease.fence("heartbeat slot changed under this host");
+            return Err(FsError::Invalid(format!(
+                "heartbeat slot {} was taken over by another host",
+                o.slot
+            )));
+        }
+        o.hs = next;
+        o.sector = enc;
+        Ok(())
+    }
+
     /// The slot as this host last wrote it.
     pub fn slot_state(&self) -> HostSlot {
         self.own
@@ -471,6 +611,37 @@ impl Member {
 impl Drop for Member {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// The hosts' ballot blocks for the volume lock's Disk Paxos: each in its
+/// host's heartbeat sector.
+pub struct Ballots<'a> {
+    pub vol: &'a Volume,
+    pub member: &'a Member,
+}
+
+impl locking::BallotBox for Ballots<'_> {
+    fn write_mine(&self, d: &locking::Dblock) -> locking::Result<()> {
+        self.member.set_ballot(d).map_err(|e| match e {
+            FsError::Lun(l) => locking::LockError::Lun(l),
+            e => locking::LockError::Corrupt {
+                lun: self.vol.luns[0].name().to_string(),
+                offset: self.vol.slot_off(self.member.slot),
+                reason: e.to_string(),
+            },
+        })
+    }
+    fn read_all(&self) -> locking::Result<Vec<locking::Dblock>> {
+        let slots = read_slots(self.vol).map_err(|e| match e {
+            FsError::Lun(l) => locking::LockError::Lun(l),
+            e => locking::LockError::Corrupt {
+                lun: self.vol.luns[0].name().to_string(),
+                offset: self.vol.header.heartbeat_off,
+                reason: e.to_string(),
+            },
+        })?;
+        Ok(slots.into_iter().map(|(h, _)| h.ballot).collect())
     }
 }
 

@@ -21,6 +21,10 @@ pub enum FsError {
     },
     #[error(transparent)]
     Journal(#[from] journal::JournalError),
+    #[error(transparent)]
+    Lock(#[from] locking::LockError),
+    #[error("{0}")]
+    Busy(String),
     #[error("{0}")]
     Invalid(String),
     #[error("no space left on the datastore ({0})")]
@@ -36,6 +40,7 @@ impl FsError {
             FsError::Posix(e, _) => *e,
             FsError::NoSpace(_) => libc::ENOSPC,
             FsError::Invalid(_) => libc::EINVAL,
+            FsError::Busy(_) => libc::EBUSY,
             _ => libc::EIO,
         }
     }

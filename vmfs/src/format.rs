@@ -374,6 +374,10 @@ pub enum Layout {
     Tree { sub: bool, depth: u8 },
 }
 
+/// Descriptor flag: the file may be opened for writing by several hosts at
+/// once (clustered guests); set with the `user.vmfs.multi-writer` xattr.
+pub const FD_FLAG_MULTI_WRITER: u32 = 1;
+
 /// A decoded file descriptor (inode). The pointer area is kept raw.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Inode {
@@ -771,7 +775,13 @@ pub struct HostSlot {
     /// 4K address of the slot's journal (0: none allocated yet).
     pub journal: u64,
     pub journal_blocks: u32,
+    /// This slot's Disk Paxos ballot block for the volume lock (used on
+    /// LUNs without compare-and-write; written only by the slot's host).
+    pub ballot: locking::Dblock,
 }
+
+/// Offset of the ballot block in a heartbeat sector.
+pub const SLOT_BALLOT_OFF: usize = 96;
 
 impl HostSlot {
     /// The sealed sector of slot `slot` in the region at 4K address `region`.
@@ -785,6 +795,8 @@ impl HostSlot {
         put64(&mut b, 64, self.heartbeat);
         put64(&mut b, 72, self.journal);
         put32(&mut b, 80, self.journal_blocks);
+        b[SLOT_BALLOT_OFF..SLOT_BALLOT_OFF + locking::DBLOCK_LEN]
+            .copy_from_slice(&self.ballot.encode());
         seal(&mut b);
         b
     }
@@ -805,6 +817,7 @@ impl HostSlot {
             heartbeat: get64(b, 64),
             journal: get64(b, 72),
             journal_blocks: get32(b, 80),
+            ballot: locking::Dblock::decode(&b[SLOT_BALLOT_OFF..SLOT_BALLOT_OFF + locking::DBLOCK_LEN]),
         };
         if s.state > SLOT_REPLAYING {
             return Err(format!("unknown slot state {}", s.state));

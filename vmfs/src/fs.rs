@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use crate::alloc::Alloc;
+use crate::cluster::Joined;
 use crate::error::{FsError, Result};
 use crate::format::*;
 use crate::txn::Meta;
@@ -23,6 +24,43 @@ pub struct State {
     open: HashMap<u64, u32>,
     orphans: HashSet<u64>,
     next_gen: u64,
+    /// Cluster mode: the volume lock's generation while this host holds it.
+    vl_held: Option<u64>,
+    /// The volume lock generation the metadata cache is valid for.
+    cache_gen: Option<u64>,
+    /// The allocation summaries must be re-read under the volume lock.
+    alloc_stale: bool,
+    /// File locks this host holds on disk: descriptor -> its opens.
+    flocks: HashMap<u64, FileLock>,
+}
+
+/// This host's opens of one file, and the on-disk lock mode they need.
+#[derive(Debug, Clone, Copy)]
+struct FileLock {
+    mode: locking::Mode,
+    writers: u32,
+    readers: u32,
+}
+
+/// What a host sharing the datastore keeps beside the filesystem.
+///
+/// Every metadata change is made under the **volume lock** (its sector is
+/// the lock sector of resource-table block 0): a host takes it, checks that
+/// nobody else held it since it last did (else it forgets its cached
+/// metadata and allocation summaries), changes, and — when another host is
+/// mounted — commits and checkpoints its journal before giving it back, so
+/// no journal ever holds an image older than what another host wrote since
+/// (ocfs2 checkpoints at lock downconvert for the same reason). Alone, a
+/// host keeps the lock between operations (group commit as before) until
+/// its monitor sees another host arrive.
+///
+/// Reads take no lock: they check the lock's generation before and, when
+/// they read anything from disk, after (a seqlock on the disk).
+pub struct Shared {
+    pub vlock: locking::VolumeLock,
+    /// Another host is in a slot: give the volume lock back after each operation.
+    pub contended: std::sync::atomic::AtomicBool,
+    monitor: Mutex<crate::cluster::Monitor>,
 }
 
 /// A mounted (or opened for checking) filesystem.
@@ -37,6 +75,8 @@ pub struct Fs {
     replays: Mutex<Vec<(u32, journal::Report)>>,
     /// This host's heartbeat membership (mounted with [`Fs::mount`]).
     member: std::sync::OnceLock<crate::cluster::Member>,
+    /// Cluster mode (mounted with [`Fs::mount`]).
+    shared: std::sync::OnceLock<Shared>,
 }
 
 impl Drop for Fs {
@@ -1163,7 +1203,7 @@ impl Fs {
     /// holds committed transactions, then open slot 0's journal (allocating
     /// it on first use). `vmfs mount` uses [`Fs::mount`].
     pub fn open(luns: Vec<Arc<dyn lun::Lun>>) -> Result<Fs> {
-        Self::open_inner(luns, None)
+        Self::open_inner(luns)
     }
 
     /// Mount as host `host`: join the heartbeat region (refused while another
@@ -1176,7 +1216,9 @@ impl Fs {
     ) -> Result<Fs> {
         // Check everything reading only (a journal replay goes to memory):
         // a mount refused for corruption writes nothing, not even a slot.
-        {
+        // Other hosts may be changing the metadata while this reads: a
+        // check that fails is tried again a few times before it counts.
+        let validate = || -> Result<()> {
             let cow = luns
                 .iter()
                 .map(|l| Arc::new(lun::CowLun::new(l.clone())) as Arc<dyn lun::Lun>)
@@ -1190,43 +1232,84 @@ impl Fs {
             replay_journals(&vol)?;
             let fs = Fs::from_volume(vol)?;
             fs.abandon();
-            fs.check_root()?;
+            fs.check_root()
+        };
+        let mut tries = 0;
+        while let Err(e) = validate() {
+            tries += 1;
+            if tries >= 5 || matches!(e, FsError::Extent { .. }) {
+                return Err(e);
+            }
+            tracing::debug!("checking the datastore before joining failed ({e}); trying again");
+            std::thread::sleep(std::time::Duration::from_millis(100 * tries));
         }
         let vol = Volume::open(luns.clone())?;
         let joined = crate::cluster::join(&vol, host, t)?;
         drop(vol);
         let lease = joined.member.lease.clone();
-        let fenced = luns
+        let fenced: Vec<Arc<dyn lun::Lun>> = luns
             .into_iter()
             .map(|l| Arc::new(lun::FencedLun::new(l, lease.clone())) as Arc<dyn lun::Lun>)
             .collect();
-        Self::open_inner(fenced, Some(joined))
+        let vol = Volume::open(fenced)?;
+        // Other hosts change the metadata from now on: everything is read
+        // under the volume lock (the allocation summaries at the first
+        // operation), nothing before.
+        let vlock = locking::VolumeLock::new(vol.luns[0].clone(), vol.header.rt_off);
+        tracing::info!(
+            "on-disk locks of this datastore: {}",
+            vlock.method.describe()
+        );
+        let fs = Fs::with_alloc(vol, Meta::default(), Alloc::default())?;
+        fs.lock().alloc_stale = true;
+        let Joined {
+            member,
+            replays,
+            unclean,
+        } = joined;
+        let slot = member.slot;
+        let _ = fs.member.set(member);
+        let _ = fs.shared.set(Shared {
+            vlock,
+            contended: std::sync::atomic::AtomicBool::new(true),
+            monitor: Mutex::new(crate::cluster::Monitor::default()),
+        });
+        fs.finish_open(slot, replays, unclean)?;
+        Ok(fs)
     }
 
-    fn open_inner(
-        luns: Vec<Arc<dyn lun::Lun>>,
-        joined: Option<crate::cluster::Joined>,
-    ) -> Result<Fs> {
+    fn open_inner(luns: Vec<Arc<dyn lun::Lun>>) -> Result<Fs> {
         let vol = Volume::open(luns)?;
         if vol.header.root_fd == 0 {
             return Err(FsError::Invalid(
                 "the volume has no root directory: mkfs did not finish; run mkfs again".into(),
             ));
         }
-        let (slot, replays, unclean) = match &joined {
-            Some(j) => (j.member.slot, j.replays.clone(), j.unclean),
-            None => {
-                let unclean = vol.read_slot(0)?.state != SLOT_FREE;
-                (0, replay_journals(&vol)?, unclean)
-            }
-        };
+        let unclean = vol.read_slot(0)?.state != SLOT_FREE;
+        let replays = replay_journals(&vol)?;
         let fs = Fs::from_volume(vol)?;
-        if let Some(j) = joined {
-            let _ = fs.member.set(j.member);
-        }
+        fs.finish_open(0, replays, unclean)?;
+        Ok(fs)
+    }
+
+    /// Check the root, open this slot's journal, clean up after a crash.
+    fn finish_open(
+        &self,
+        slot: u32,
+        replays: Vec<(u32, journal::Report)>,
+        unclean: bool,
+    ) -> Result<()> {
+        let fs = self;
         let r = (|| {
             fs.check_root()?;
             fs.start_journal(slot)?;
+            if let Some(m) = fs.member.get() {
+                let hosts = fs.vol.header.max_hosts;
+                fs.op(|st, _| {
+                    st.alloc.set_affinity(m.slot, hosts);
+                    Ok(())
+                })?;
+            }
             if unclean {
                 // Files unlinked while open live until their last close; a
                 // crash leaves them with no name and no opener. Free them now.
@@ -1238,7 +1321,7 @@ impl Fs {
                 }
                 fs.sync()?;
             }
-            Ok(())
+            fs.release_volume_lock()
         })();
         if let Err(e) = r {
             // Leave the slot as a clean stop would, or as it was.
@@ -1249,20 +1332,21 @@ impl Fs {
             return Err(e);
         }
         *fs.replays.lock().unwrap_or_else(|p| p.into_inner()) = replays;
-        Ok(fs)
+        Ok(())
     }
 
     /// The root must be a readable directory.
     fn check_root(&self) -> Result<()> {
-        let mut st = self.lock();
-        let root = st.iget(&self.vol, self.vol.header.root_fd)?;
-        if !root.is_dir() {
-            return Err(FsError::Invalid(
-                "the root file descriptor is not a directory".into(),
-            ));
-        }
-        st.dir_hdr(&self.vol, &root)?;
-        Ok(())
+        self.read_op(|st, vol| {
+            let root = st.iget(vol, vol.header.root_fd)?;
+            if !root.is_dir() {
+                return Err(FsError::Invalid(
+                    "the root file descriptor is not a directory".into(),
+                ));
+            }
+            st.dir_hdr(vol, &root)?;
+            Ok(())
+        })
     }
 
     /// Open for checking: with `repair` false, every write (journal replay
@@ -1281,6 +1365,10 @@ impl Fs {
     fn from_volume(vol: Volume) -> Result<Fs> {
         let mut meta = Meta::default();
         let alloc = Alloc::load(&vol, &mut meta)?;
+        Self::with_alloc(vol, meta, alloc)
+    }
+
+    fn with_alloc(vol: Volume, meta: Meta, alloc: Alloc) -> Result<Fs> {
         let seed = now();
         Ok(Fs {
             vol,
@@ -1290,12 +1378,17 @@ impl Fs {
                 open: HashMap::new(),
                 orphans: HashSet::new(),
                 next_gen: (seed.0 as u64) << 20 ^ u64::from(seed.1),
+                vl_held: None,
+                cache_gen: None,
+                alloc_stale: false,
+                flocks: HashMap::new(),
             }),
             data_locks: Mutex::new(HashMap::new()),
             slot: std::sync::atomic::AtomicU32::new(u32::MAX),
             closed: std::sync::atomic::AtomicBool::new(false),
             replays: Mutex::new(Vec::new()),
             member: std::sync::OnceLock::new(),
+            shared: std::sync::OnceLock::new(),
         })
     }
 
@@ -1347,8 +1440,7 @@ impl Fs {
     /// Free every allocated file descriptor with no links (after a crash,
     /// nothing has it open). Returns how many. Reads every descriptor: the
     /// price of not keeping an on-disk orphan list, paid only after a crash.
-    /// (With several hosts, a descriptor another live host holds open is
-    /// locked and must be skipped: the cluster layer adds that check.)
+    /// A descriptor another live host holds open (its lock) is skipped.
     pub fn free_orphans(&self) -> Result<u64> {
         let clusters: Vec<_> = self
             .lock()
@@ -1360,17 +1452,25 @@ impl Fs {
             .collect();
         let mut n = 0;
         for c in clusters {
-            let bitmap = {
-                let mut st = self.lock();
-                st.meta.get(&self.vol, c.addr, MAGIC_RCLUSTER)?[LOCK_SECTOR..].to_vec()
-            };
+            let bitmap = self.read_op(|st, vol| {
+                Ok(st.meta.get(vol, c.addr, MAGIC_RCLUSTER)?[LOCK_SECTOR..].to_vec())
+            })?;
             for j in 0..c.count as usize {
                 if !bit_get(&bitmap[CL_BITMAP..], j) {
                     continue;
                 }
                 let a = c.addr + 1 + j as u64;
                 let freed = self.op(|st, vol| match st.iget(vol, a) {
-                    Ok(mut i) if i.nlink == 0 => {
+                    Ok(mut i) if i.nlink == 0 && !st.open.contains_key(&a) => {
+                        // Another live host may still have it open.
+                        if self.shared.get().is_some() {
+                            let (lun, off) = self.lock_sector(a)?;
+                            let rec = locking::read_lock(&*lun, off)?;
+                            let t = crate::cluster::slot_table(vol)?;
+                            if rec.holders.iter().any(|h| crate::cluster::is_current(&t, h)) {
+                                return Ok(false);
+                            }
+                        }
                         st.ifree(vol, &mut i)?;
                         Ok(true)
                     }
@@ -1421,6 +1521,17 @@ impl Fs {
         }
         let slot = self.slot.load(std::sync::atomic::Ordering::SeqCst);
         let mut st = self.lock();
+        if self.shared.get().is_some() {
+            // Give back every file lock, then the volume lock (after a checkpoint).
+            self.vl_enter(&mut st)?;
+            let me = self.member.get().expect("cluster mode has a member").holder();
+            for addr in st.flocks.keys().copied().collect::<Vec<_>>() {
+                let (lun, off) = self.lock_sector(addr)?;
+                locking::release_under_volume_lock(&*lun, off, me)?;
+            }
+            st.flocks.clear();
+            self.vl_leave(&mut st, true)?;
+        }
         st.meta.checkpoint(&self.vol)?;
         if let Some(m) = self.member.get() {
             m.leave()?;
@@ -1441,6 +1552,88 @@ impl Fs {
         }
     }
 
+    /// Cluster housekeeping, every heartbeat interval (the mount runs it on
+    /// a thread of its own): watch the other slots; give the volume lock
+    /// back when another host has arrived; recover hosts that died (journal
+    /// replay, slot freed, their locks with it), then free the files they
+    /// had unlinked while open.
+    pub fn housekeep(&self) -> Result<()> {
+        let (Some(sh), Some(m)) = (self.shared.get(), self.member.get()) else {
+            return Ok(());
+        };
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) || m.lease.is_fenced() {
+            return Ok(());
+        }
+        let (others, dead) = sh
+            .monitor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .observe(&self.vol, m.slot, &m.timeouts)?;
+        let was = sh
+            .contended
+            .swap(others, std::sync::atomic::Ordering::SeqCst);
+        if others && !was {
+            tracing::info!("another host is mounted: the volume lock is given back after every operation");
+        }
+        if others {
+            self.release_volume_lock()?;
+        }
+        for d in dead {
+            let why = format!(
+                "stopped: its heartbeat has not changed for {} ms (lease {} ms)",
+                d.silent.as_millis(),
+                m.timeouts.lease.as_millis()
+            );
+            match crate::cluster::recover(&self.vol, d.slot, &d.hs, &d.sector, m.slot, &m.timeouts, &why)? {
+                None => {}
+                Some(rep) => {
+                    if let Some(r) = rep {
+                        self.replays
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push((d.slot, r));
+                    }
+                    let n = self.free_orphans()?;
+                    if n > 0 {
+                        tracing::info!("freed {n} file(s) the dead host had unlinked while open");
+                    }
+                    self.release_volume_lock()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Set or clear a file's multi-writer flag (several hosts may then
+    /// open it for writing at once). Refused while it is open for writing.
+    pub fn set_multi_writer(&self, ino: u64, on: bool) -> Result<()> {
+        self.op(|st, vol| {
+            let mut i = st.iget(vol, ino)?;
+            if i.is_dir() {
+                return Err(posix(libc::EISDIR));
+            }
+            let open_here = st.flocks.get(&ino).is_some_and(|f| f.writers > 0);
+            if open_here {
+                return Err(FsError::Busy(format!(
+                    "file descriptor {ino:#x} is open for writing: close it before changing its multi-writer flag"
+                )));
+            }
+            self.check_not_open_elsewhere(ino, "change the multi-writer flag of")?;
+            if on {
+                i.flags |= FD_FLAG_MULTI_WRITER;
+            } else {
+                i.flags &= !FD_FLAG_MULTI_WRITER;
+            }
+            i.ctime = now();
+            st.iput(vol, &i)
+        })
+    }
+
+    /// Whether the datastore is shared with other hosts (cluster mode).
+    pub fn shared(&self) -> Option<&Shared> {
+        self.shared.get()
+    }
+
     /// The heartbeat membership, when mounted with [`Fs::mount`].
     pub fn member(&self) -> Option<&crate::cluster::Member> {
         self.member.get()
@@ -1454,16 +1647,30 @@ impl Fs {
         self.vol.header.root_fd
     }
 
-    /// Run `f` as one transaction: commit on success, nothing written on error.
+    /// Run `f` as one transaction: commit on success, nothing written on
+    /// error. In cluster mode, under the volume lock.
     pub fn op<R>(&self, f: impl FnOnce(&mut State, &Volume) -> Result<R>) -> Result<R> {
         let mut st = self.lock();
-        match f(&mut st, &self.vol) {
+        self.vl_enter(&mut st)?;
+        let r = self.op_locked(&mut st, f);
+        let left = self.vl_leave(&mut st, false);
+        let r = r?;
+        left?;
+        Ok(r)
+    }
+
+    fn op_locked<R>(
+        &self,
+        st: &mut State,
+        f: impl FnOnce(&mut State, &Volume) -> Result<R>,
+    ) -> Result<R> {
+        match f(st, &self.vol) {
             Ok(r) => match st.meta.commit(&self.vol) {
                 Ok(()) => Ok(r),
                 Err(e) => {
                     // What reached the disk is uncertain: forget every cached block.
                     st.meta.clear();
-                    Self::reload_after_failure(&mut st, &self.vol);
+                    Self::reload_after_failure(st, &self.vol);
                     Err(e)
                 }
             },
@@ -1473,9 +1680,191 @@ impl Fs {
                 let touched = !st.meta.txn.blocks.is_empty();
                 st.meta.abort();
                 if touched {
-                    Self::reload_after_failure(&mut st, &self.vol);
+                    Self::reload_after_failure(st, &self.vol);
                 }
                 Err(e)
+            }
+        }
+    }
+
+    /// Take the volume lock for this host if it does not hold it (cluster
+    /// mode; nothing otherwise). Waits while another live host holds it; a
+    /// dead holder's lock breaks when a survivor has recovered its slot.
+    fn vl_enter(&self, st: &mut State) -> Result<()> {
+        let (Some(sh), Some(m)) = (self.shared.get(), self.member.get()) else {
+            return Ok(());
+        };
+        if st.vl_held.is_some() {
+            return Ok(());
+        }
+        let me = m.holder();
+        let ballots = crate::cluster::Ballots {
+            vol: &self.vol,
+            member: m,
+        };
+        let start = std::time::Instant::now();
+        let mut pause = std::time::Duration::from_micros(20);
+        let mut said = false;
+        loop {
+            if let Err(why) = m.lease.check() {
+                return Err(FsError::Lun(lun::LunError::Fenced {
+                    lun: self.vol.luns[0].name().to_string(),
+                    why,
+                }));
+            }
+            let table = std::cell::OnceCell::new();
+            let members = |h: &locking::Holder| {
+                if *h == me {
+                    return true;
+                }
+                match table.get_or_init(|| crate::cluster::slot_table(&self.vol).ok()) {
+                    Some(t) => crate::cluster::is_current(t, h),
+                    None => true, // cannot tell: assume it holds
+                }
+            };
+            match sh.vlock.try_acquire(me, &members, &ballots)? {
+                locking::Attempt::Acquired { generation } => {
+                    if st.cache_gen.is_none_or(|g| g + 1 != generation) {
+                        // Someone else held it since: nothing cached is known good.
+                        st.meta.clear();
+                        st.alloc_stale = true;
+                    }
+                    st.vl_held = Some(generation);
+                    st.cache_gen = Some(generation);
+                    if st.alloc_stale {
+                        let mut a = Alloc::load(&self.vol, &mut st.meta)?;
+                        a.keep_hints(&st.alloc);
+                        st.alloc = a;
+                        st.alloc_stale = false;
+                    }
+                    if said {
+                        tracing::info!(
+                            "got the volume lock after {} ms",
+                            start.elapsed().as_millis()
+                        );
+                    }
+                    return Ok(());
+                }
+                locking::Attempt::Busy(rec) => {
+                    if !said && start.elapsed() > m.timeouts.lease {
+                        said = true;
+                        let who = rec
+                            .holders
+                            .first()
+                            .map(|h| self.describe_holder(h))
+                            .unwrap_or_default();
+                        tracing::warn!(
+                            "waiting for the volume lock: held by {who} for more than {} ms",
+                            m.timeouts.lease.as_millis()
+                        );
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(std::time::Duration::from_millis(2));
+                }
+                locking::Attempt::Collided => {
+                    // Back off by slot so that colliding hosts separate.
+                    std::thread::sleep(std::time::Duration::from_micros(
+                        100 + 97 * u64::from(me.slot % 32),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Give the volume lock back after an operation when another host is
+    /// mounted (`force`: in any case): commit and checkpoint first, so that
+    /// the next holder reads everything in place and no replay of this
+    /// host's journal can ever write over what it changes.
+    fn vl_leave(&self, st: &mut State, force: bool) -> Result<()> {
+        let (Some(sh), Some(m)) = (self.shared.get(), self.member.get()) else {
+            return Ok(());
+        };
+        if st.vl_held.is_none() {
+            return Ok(());
+        }
+        if !force && !sh.contended.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        // A failed commit keeps the lock: what is on disk is uncertain,
+        // and only a replay of this host's journal may fix it.
+        st.meta.checkpoint(&self.vol)?;
+        sh.vlock.release(m.holder())?;
+        st.vl_held = None;
+        Ok(())
+    }
+
+    /// Give the volume lock back now if this host holds it.
+    pub fn release_volume_lock(&self) -> Result<()> {
+        let mut st = self.lock();
+        self.vl_leave(&mut st, true)
+    }
+
+    /// "host UUID (slot N)" for a lock holder.
+    fn describe_holder(&self, h: &locking::Holder) -> String {
+        match self.vol.read_slot(h.slot) {
+            Ok(hs) => format!(
+                "host {} (slot {}, generation {})",
+                crate::volume::uuid_str(&hs.host),
+                h.slot,
+                h.generation
+            ),
+            Err(_) => format!("the host in slot {} (generation {})", h.slot, h.generation),
+        }
+    }
+
+    /// Run a read-only `f` on metadata that is current. In cluster mode
+    /// without the volume lock: the lock's sector is read before (waiting
+    /// while another host holds it; the cache is dropped if its generation
+    /// moved) and, if `f` read anything from disk, after; if it changed in
+    /// between, `f` runs again on fresh blocks.
+    pub fn read_op<R>(&self, mut f: impl FnMut(&mut State, &Volume) -> Result<R>) -> Result<R> {
+        let mut st = self.lock();
+        let (Some(sh), Some(m)) = (self.shared.get(), self.member.get()) else {
+            return f(&mut st, &self.vol);
+        };
+        if st.vl_held.is_some() {
+            return f(&mut st, &self.vol);
+        }
+        let me = m.holder();
+        let mut pause = std::time::Duration::from_micros(20);
+        let mut tries = 0u32;
+        loop {
+            let rec = sh.vlock.peek()?;
+            let others: Vec<_> = rec.holders.iter().filter(|h| **h != me).collect();
+            if !others.is_empty() {
+                let t = crate::cluster::slot_table(&self.vol)?;
+                if others.iter().any(|h| crate::cluster::is_current(&t, h)) {
+                    if let Err(why) = m.lease.check() {
+                        return Err(FsError::Lun(lun::LunError::Fenced {
+                            lun: self.vol.luns[0].name().to_string(),
+                            why,
+                        }));
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(std::time::Duration::from_millis(2));
+                    continue;
+                }
+            }
+            if st.cache_gen != Some(rec.generation) {
+                st.meta.clear();
+                st.alloc_stale = true;
+                st.cache_gen = Some(rec.generation);
+            }
+            let reads = st.meta.reads;
+            let r = f(&mut st, &self.vol);
+            if st.meta.reads == reads {
+                return r;
+            }
+            let after = sh.vlock.peek()?;
+            if after == rec {
+                return r;
+            }
+            // Changed under us: what was read may be half old, half new.
+            st.meta.clear();
+            st.cache_gen = None;
+            tries += 1;
+            if tries > 1000 {
+                return r;
             }
         }
     }
@@ -1497,13 +1886,11 @@ impl Fs {
     }
 
     pub fn getattr(&self, ino: u64) -> Result<Inode> {
-        let mut st = self.lock();
-        st.iget(&self.vol, ino)
+        self.read_op(|st, vol| st.iget(vol, ino))
     }
 
     pub fn lookup(&self, dir: u64, name: &[u8]) -> Result<Inode> {
-        let mut st = self.lock();
-        self.lookup_locked(&mut st, dir, name)
+        self.read_op(|st, _| self.lookup_locked(st, dir, name))
     }
 
     pub fn lookup_locked(&self, st: &mut State, dir: u64, name: &[u8]) -> Result<Inode> {
@@ -1527,12 +1914,13 @@ impl Fs {
     }
 
     pub fn readdir(&self, dir: u64) -> Result<Vec<DirEntry>> {
-        let mut st = self.lock();
-        let d = st.iget(&self.vol, dir)?;
-        if !d.is_dir() {
-            return Err(posix(libc::ENOTDIR));
-        }
-        st.dir_list(&self.vol, &d)
+        self.read_op(|st, vol| {
+            let d = st.iget(vol, dir)?;
+            if !d.is_dir() {
+                return Err(posix(libc::ENOTDIR));
+            }
+            st.dir_list(vol, &d)
+        })
     }
 
     fn check_name(name: &[u8]) -> Result<()> {
@@ -1676,6 +2064,8 @@ impl Fs {
                 d.nlink -= 1;
             } else if i.is_dir() {
                 return Err(posix(libc::EISDIR));
+            } else if i.nlink <= 1 {
+                self.check_not_open_elsewhere(i.addr, "remove the last name of")?;
             }
             st.dir_remove(vol, &mut d, name)?;
             let t = now();
@@ -1797,6 +2187,9 @@ impl Fs {
                         }
                         _ => {}
                     }
+                    if !victim.is_dir() && victim.nlink <= 1 {
+                        self.check_not_open_elsewhere(victim.addr, "replace")?;
+                    }
                     st.dir_remove(vol, &mut dst_dir, nname)?;
                     if victim.is_dir() {
                         dst_dir.nlink -= 1;
@@ -1850,6 +2243,7 @@ impl Fs {
                 if i.is_dir() {
                     return Err(posix(libc::EISDIR));
                 }
+                self.check_not_open_elsewhere(i.addr, "truncate")?;
                 st.truncate(vol, &mut i, s)?;
                 i.mtime = t;
             }
@@ -1866,23 +2260,172 @@ impl Fs {
     }
 
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
-        let mut st = self.lock();
-        let i = st.iget(&self.vol, ino)?;
-        if i.mode & S_IFMT != S_IFLNK {
-            return Err(posix(libc::EINVAL));
-        }
-        st.read_locked(&self.vol, &i, 0, i.size as usize)
+        self.read_op(|st, vol| {
+            let i = st.iget(vol, ino)?;
+            if i.mode & S_IFMT != S_IFLNK {
+                return Err(posix(libc::EINVAL));
+            }
+            st.read_locked(vol, &i, 0, i.size as usize)
+        })
     }
 
-    pub fn open_file(&self, ino: u64) -> Result<Inode> {
-        let mut st = self.lock();
-        let i = st.iget(&self.vol, ino)?;
-        *st.open.entry(ino).or_default() += 1;
-        Ok(i)
+    /// Open a file; `write`: for writing. In cluster mode the file's lock
+    /// is taken on disk: exclusive for writing (multi-writer when the file
+    /// has that flag), shared for reading; a file another host holds in a
+    /// mode that excludes this one is EBUSY, and the log names that host.
+    pub fn open_file(&self, ino: u64, write: bool) -> Result<Inode> {
+        if self.shared.get().is_none() {
+            let mut st = self.lock();
+            let i = st.iget(&self.vol, ino)?;
+            *st.open.entry(ino).or_default() += 1;
+            return Ok(i);
+        }
+        self.op(|st, vol| {
+            let i = st.iget(vol, ino)?;
+            if !i.is_dir() {
+                self.lock_file(st, &i, write)?;
+            }
+            *st.open.entry(ino).or_default() += 1;
+            Ok(i)
+        })
+    }
+
+    /// Record one more open of `i` by this host, taking or strengthening
+    /// its on-disk lock when needed (under the volume lock).
+    fn lock_file(&self, st: &mut State, i: &Inode, write: bool) -> Result<()> {
+        use locking::Mode;
+        let cur = st.flocks.get(&i.addr).copied();
+        let want = if !write {
+            Mode::Shared
+        } else if i.flags & FD_FLAG_MULTI_WRITER != 0 {
+            Mode::MultiWriter
+        } else {
+            Mode::Exclusive
+        };
+        let mode = match (cur.map(|c| c.mode), want) {
+            (None, w) => w,
+            (Some(Mode::Exclusive), _) | (Some(Mode::MultiWriter), _) => {
+                cur.expect("some").mode
+            }
+            (Some(Mode::Shared), Mode::Shared) => Mode::Shared,
+            (Some(_), w) => w,
+        };
+        if cur.map(|c| c.mode) != Some(mode) {
+            let m = self.member.get().expect("cluster mode has a member");
+            let me = m.holder();
+            let (lun, off) = self.lock_sector(i.addr)?;
+            let table = crate::cluster::slot_table(&self.vol)?;
+            let members = |h: &locking::Holder| *h == me || crate::cluster::is_current(&table, h);
+            if let Err(held) =
+                locking::acquire_under_volume_lock(&*lun, off, mode, me, &members)?
+            {
+                let who: Vec<String> = held
+                    .holders
+                    .iter()
+                    .filter(|h| **h != me)
+                    .map(|h| self.describe_holder(h))
+                    .collect();
+                let msg = format!(
+                    "file descriptor {:#x} is open {} by {}; this host cannot open it {}",
+                    i.addr,
+                    held.mode.name(),
+                    who.join(", "),
+                    if write { "for writing" } else { "for reading" }
+                );
+                tracing::warn!("{msg}");
+                return Err(FsError::Busy(msg));
+            }
+        }
+        let e = st.flocks.entry(i.addr).or_insert(FileLock {
+            mode,
+            writers: 0,
+            readers: 0,
+        });
+        e.mode = mode;
+        if write {
+            e.writers += 1;
+        } else {
+            e.readers += 1;
+        }
+        Ok(())
+    }
+
+    /// One open of `addr` by this host ends: weaken or drop its lock.
+    fn unlock_file(&self, st: &mut State, addr: u64, write: bool) -> Result<()> {
+        use locking::Mode;
+        let Some(mut fl) = st.flocks.get(&addr).copied() else {
+            return Ok(());
+        };
+        if write {
+            fl.writers = fl.writers.saturating_sub(1);
+        } else {
+            fl.readers = fl.readers.saturating_sub(1);
+        }
+        let m = self.member.get().expect("cluster mode has a member");
+        let me = m.holder();
+        let (lun, off) = self.lock_sector(addr)?;
+        if fl.writers == 0 && fl.readers == 0 {
+            locking::release_under_volume_lock(&*lun, off, me)?;
+            st.flocks.remove(&addr);
+            return Ok(());
+        }
+        if fl.writers == 0 && fl.mode != Mode::Shared {
+            // Only readers left: let other hosts read too.
+            let all = |_: &locking::Holder| true;
+            locking::release_under_volume_lock(&*lun, off, me)?;
+            let _ = locking::acquire_under_volume_lock(&*lun, off, Mode::Shared, me, &all)?;
+            fl.mode = Mode::Shared;
+        }
+        st.flocks.insert(addr, fl);
+        Ok(())
+    }
+
+    /// The LUN and byte offset of the lock sector of the lockable block at 4K address `addr`.
+    fn lock_sector(&self, addr: u64) -> Result<(Arc<dyn lun::Lun>, u64)> {
+        let (i, off) = self.vol.locate(addr * MD as u64)?;
+        Ok((self.vol.luns[i].clone(), off))
+    }
+
+    /// In cluster mode: EBUSY when a host other than this one holds the
+    /// file open (removing its last name, truncating it or punching it
+    /// would pull blocks from under that host's I/O).
+    fn check_not_open_elsewhere(&self, addr: u64, what: &str) -> Result<()> {
+        let Some(m) = self.member.get() else {
+            return Ok(());
+        };
+        if self.shared.get().is_none() {
+            return Ok(());
+        }
+        let me = m.holder();
+        let (lun, off) = self.lock_sector(addr)?;
+        let rec = locking::read_lock(&*lun, off)?;
+        let others: Vec<_> = rec.holders.iter().filter(|h| **h != me).collect();
+        if others.is_empty() {
+            return Ok(());
+        }
+        let table = crate::cluster::slot_table(&self.vol)?;
+        let live: Vec<String> = others
+            .into_iter()
+            .filter(|h| crate::cluster::is_current(&table, h))
+            .map(|h| self.describe_holder(h))
+            .collect();
+        if live.is_empty() {
+            return Ok(());
+        }
+        let msg = format!(
+            "cannot {what} file descriptor {addr:#x}: it is open ({}) by {}",
+            rec.mode.name(),
+            live.join(", ")
+        );
+        tracing::warn!("{msg}");
+        Err(FsError::Busy(msg))
     }
 
     /// The last close of an unlinked file frees it.
-    pub fn release(&self, ino: u64) -> Result<()> {
+    pub fn release(&self, ino: u64, write: bool) -> Result<()> {
+        if self.shared.get().is_some() {
+            self.op(|st, _| self.unlock_file(st, ino, write))?;
+        }
         let free = {
             let mut st = self.lock();
             let n = st.open.entry(ino).or_default();
@@ -1917,14 +2460,13 @@ impl Fs {
     pub fn read_into(&self, ino: u64, off: u64, buf: &mut [u8]) -> Result<usize> {
         let lock = self.data_lock(ino);
         let _g = lock.read().unwrap_or_else(|p| p.into_inner());
-        let (n, segs) = {
-            let mut st = self.lock();
-            let i = st.iget(&self.vol, ino)?;
+        let (n, segs) = self.read_op(|st, vol| {
+            let i = st.iget(vol, ino)?;
             if i.is_dir() {
                 return Err(posix(libc::EISDIR));
             }
-            st.read_prepare(&self.vol, &i, off, buf)?
-        };
+            st.read_prepare(vol, &i, off, buf)
+        })?;
         fetch(&self.vol, &segs, buf)?;
         Ok(n)
     }
@@ -1938,24 +2480,23 @@ impl Fs {
         let end = off
             .checked_add(data.len() as u64)
             .ok_or_else(|| posix(libc::EFBIG))?;
-        let plan = {
-            let mut st = self.lock();
-            let i = st.iget(&self.vol, ino)?;
+        let plan = self.read_op(|st, vol| {
+            let i = st.iget(vol, ino)?;
             if i.is_dir() {
                 return Err(posix(libc::EISDIR));
             }
-            if i.layout == Layout::Inline || off > i.size {
+            Ok(if i.layout == Layout::Inline || off > i.size {
                 // Inline data is metadata; a write past EOF zeroes the gap first.
                 None
             } else {
-                let segs = st.plan(&self.vol, &i, off, data.len())?;
+                let segs = st.plan(vol, &i, off, data.len())?;
                 let t = now();
                 let unchanged = end <= i.size && i.mtime == t && i.ctime == t;
                 segs.iter()
                     .all(|s| s.at.is_some())
                     .then_some((segs, unchanged.then_some(i)))
-            }
-        };
+            })
+        })?;
         if let Some((segs, unchanged)) = plan {
             for s in &segs {
                 self.vol
@@ -2009,6 +2550,7 @@ impl Fs {
                 return Err(posix(libc::EISDIR));
             }
             if punch || zero {
+                self.check_not_open_elsewhere(i.addr, "punch a hole in")?;
                 st.punch(vol, &mut i, off, len)?;
             }
             if !punch {
@@ -2044,27 +2586,26 @@ impl Fs {
 
     /// The extents holding a file's data blocks.
     pub fn extents_of(&self, ino: u64) -> Result<std::collections::BTreeSet<usize>> {
-        let mut st = self.lock();
-        let i = st.iget(&self.vol, ino)?;
-        let leaf = State::leaf_size(&self.vol, &i);
-        let mut out = std::collections::BTreeSet::new();
-        for li in 0..i.size.div_ceil(leaf) {
-            let p = st.get_ptr(&self.vol, &i, li)?;
-            if p != 0 {
-                out.insert(self.vol.locate((p & PTR_ADDR_MASK) * MD as u64)?.0);
+        self.read_op(|st, vol| {
+            let i = st.iget(vol, ino)?;
+            let leaf = State::leaf_size(vol, &i);
+            let mut out = std::collections::BTreeSet::new();
+            for li in 0..i.size.div_ceil(leaf) {
+                let p = st.get_ptr(vol, &i, li)?;
+                if p != 0 {
+                    out.insert(vol.locate((p & PTR_ADDR_MASK) * MD as u64)?.0);
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// 4K addresses of a directory's header and first bucket.
     pub fn dir_blocks(&self, dir: u64) -> Result<(u64, u64)> {
-        let mut st = self.lock();
-        let d = st.iget(&self.vol, dir)?;
-        Ok((
-            st.dir_block_ro(&self.vol, &d, 0)?,
-            st.dir_block_ro(&self.vol, &d, 1)?,
-        ))
+        self.read_op(|st, vol| {
+            let d = st.iget(vol, dir)?;
+            Ok((st.dir_block_ro(vol, &d, 0)?, st.dir_block_ro(vol, &d, 1)?))
+        })
     }
 
     /// Re-read allocation summaries (after fsck rewrote bitmaps).

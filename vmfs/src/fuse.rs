@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
     SessionACL, TimeOrNow, WriteFlags,
 };
 
@@ -349,12 +349,13 @@ impl Filesystem for VmfsFuse {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let ino = self.ino(ino);
-        match self.fs.open_file(ino) {
-            Ok(i) if i.is_dir() && flags.0 & libc::O_ACCMODE != libc::O_RDONLY => {
-                let _ = self.fs.release(ino);
+        let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+        match self.fs.open_file(ino, write) {
+            Ok(i) if i.is_dir() && write => {
+                let _ = self.fs.release(ino, write);
                 reply.error(Errno::EISDIR)
             }
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Ok(i) => reply.opened(FileHandle(u64::from(write)), open_flags(&i)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -399,13 +400,14 @@ impl Filesystem for VmfsFuse {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _flags: OpenFlags,
         _lo: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        done(reply, self.fs.release(self.ino(ino)))
+        // The handle says whether this open was for writing.
+        done(reply, self.fs.release(self.ino(ino), fh.0 == 1))
     }
 
     fn fsync(
@@ -530,7 +532,7 @@ impl Filesystem for VmfsFuse {
         name: &OsStr,
         mode: u32,
         _umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
         let mode = if mode & S_IFMT == 0 {
@@ -548,17 +550,73 @@ impl Filesystem for VmfsFuse {
             None,
         ) {
             Ok(i) => {
-                let _ = self.fs.open_file(i.addr);
+                let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
+                if let Err(e) = self.fs.open_file(i.addr, write) {
+                    return reply.error(errno(&e));
+                }
                 reply.created(
                     &TTL,
                     &self.attr(&i),
                     Generation(i.generation),
-                    FileHandle(0),
-                    FopenFlags::empty(),
+                    FileHandle(u64::from(write)),
+                    open_flags(&i),
                 )
             }
             Err(e) => reply.error(errno(&e)),
         }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        if name.as_bytes() != MULTI_WRITER_XATTR {
+            return reply.error(Errno::ENOTSUP);
+        }
+        let on = match value {
+            b"1" | b"on" | b"true" => true,
+            b"0" | b"off" | b"false" => false,
+            _ => return reply.error(Errno::EINVAL),
+        };
+        done(reply, self.fs.set_multi_writer(self.ino(ino), on))
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if name.as_bytes() != MULTI_WRITER_XATTR {
+            return reply.error(Errno::ENODATA);
+        }
+        match self.fs.getattr(self.ino(ino)) {
+            Ok(i) if i.flags & crate::format::FD_FLAG_MULTI_WRITER != 0 => xattr(reply, b"1", size),
+            Ok(_) => reply.error(Errno::ENODATA),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.fs.getattr(self.ino(ino)) {
+            Ok(i) => {
+                let mut names = Vec::new();
+                if i.flags & crate::format::FD_FLAG_MULTI_WRITER != 0 {
+                    names.extend_from_slice(MULTI_WRITER_XATTR);
+                    names.push(0);
+                }
+                xattr(reply, &names, size)
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if name.as_bytes() != MULTI_WRITER_XATTR {
+            return reply.error(Errno::ENODATA);
+        }
+        done(reply, self.fs.set_multi_writer(self.ino(ino), false))
     }
 
     fn fallocate(
@@ -582,6 +640,28 @@ impl Filesystem for VmfsFuse {
 /// signalled; flushes the volume before returning.
 /// How long a metadata change may wait in memory before it is committed.
 pub const COMMIT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The extended attribute that marks a file multi-writer ("1" or "0").
+pub const MULTI_WRITER_XATTR: &[u8] = b"user.vmfs.multi-writer";
+
+/// A multi-writer file bypasses the page cache: other hosts write it too.
+fn open_flags(i: &Inode) -> FopenFlags {
+    if i.flags & crate::format::FD_FLAG_MULTI_WRITER != 0 {
+        FopenFlags::FOPEN_DIRECT_IO
+    } else {
+        FopenFlags::empty()
+    }
+}
+
+fn xattr(reply: ReplyXattr, value: &[u8], size: u32) {
+    if size == 0 {
+        reply.size(value.len() as u32)
+    } else if value.len() > size as usize {
+        reply.error(Errno::ERANGE)
+    } else {
+        reply.data(value)
+    }
+}
 
 pub fn serve(
     fs: Arc<Fs>,
@@ -615,6 +695,29 @@ pub fn serve(
     let waiter = std::thread::spawn(move || {
         let _ = done_tx.send(session.join());
     });
+    // Cluster housekeeping on its own thread, every heartbeat: it must run
+    // on time (takeover of dead hosts) whatever the FUSE threads are doing.
+    let hk_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hk = fs.member().map(|m| {
+        let (fs, stop, every) = (fs.clone(), hk_stop.clone(), m.timeouts.heartbeat);
+        std::thread::Builder::new()
+            .name("vmfs-cluster".into())
+            .spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    if let Err(e) = fs.housekeep() {
+                        tracing::error!("cluster housekeeping: {e}");
+                    }
+                    std::thread::sleep(every);
+                }
+            })
+            .expect("spawn the cluster thread")
+    });
+    let stop_hk = move || {
+        hk_stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(h) = hk {
+            let _ = h.join();
+        }
+    };
     let mut last_commit = std::time::Instant::now();
     loop {
         if last_commit.elapsed() >= COMMIT_INTERVAL {
@@ -642,6 +745,7 @@ pub fn serve(
         match done_rx.recv_timeout(Duration::from_millis(10)) {
             Ok(r) => {
                 let _ = waiter.join();
+                stop_hk();
                 fs.unmount()?;
                 tracing::info!("unmounted {}", mountpoint.display());
                 return r.map_err(|e| {

@@ -142,20 +142,43 @@ impl Volume {
     /// Heartbeat slot `slot`, verified.
     pub fn read_slot(&self, slot: u32) -> Result<HostSlot> {
         let mut b = vec![0u8; LOCK_SECTOR];
-        self.luns[0].read_at(&mut b, self.slot_off(slot))?;
-        self.decode_slot(slot, &b)
+        let mut tries = 0;
+        loop {
+            self.luns[0].read_at(&mut b, self.slot_off(slot))?;
+            match self.decode_slot(slot, &b) {
+                Err(_) if tries < locking::TORN_READ_RETRIES => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_micros(50 << tries.min(6)));
+                }
+                r => return r,
+            }
+        }
     }
 
     /// Every heartbeat slot in one read: each one decoded (or why not) with
     /// its raw sector.
+    ///
+    /// Other hosts rewrite their sectors while this reads; on a LUN that is
+    /// a file (or is served from one) such a read can come back torn, so a
+    /// region with a sector failing its checksum is read again a few times
+    /// before the failure is reported.
     pub fn read_slots(&self) -> Result<Vec<(Result<HostSlot>, Vec<u8>)>> {
         let n = self.header.max_hosts;
         let mut b = vec![0u8; n as usize * LOCK_SECTOR];
-        self.luns[0].read_at(&mut b, self.header.heartbeat_off)?;
-        Ok(b.chunks_exact(LOCK_SECTOR)
-            .zip(0..n)
-            .map(|(sec, s)| (self.decode_slot(s, sec), sec.to_vec()))
-            .collect())
+        let mut tries = 0;
+        loop {
+            self.luns[0].read_at(&mut b, self.header.heartbeat_off)?;
+            let slots: Vec<_> = b
+                .chunks_exact(LOCK_SECTOR)
+                .zip(0..n)
+                .map(|(sec, s)| (self.decode_slot(s, sec), sec.to_vec()))
+                .collect();
+            if tries >= locking::TORN_READ_RETRIES || slots.iter().all(|(r, _)| r.is_ok()) {
+                return Ok(slots);
+            }
+            tries += 1;
+            std::thread::sleep(std::time::Duration::from_micros(50 << tries.min(6)));
+        }
     }
 
     /// Byte offset of heartbeat slot `slot` on extent 0's LUN.
