@@ -62,8 +62,9 @@ pub enum LockError {
 pub type Result<T> = std::result::Result<T, LockError>;
 
 /// A lock mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Mode {
+    #[default]
     Free = 0,
     Exclusive = 1,
     /// Shared, read-only.
@@ -118,12 +119,6 @@ pub struct LockRec {
     pub mode: Mode,
     pub generation: u64,
     pub holders: Vec<Holder>,
-}
-
-impl Default for Mode {
-    fn default() -> Self {
-        Mode::Free
-    }
 }
 
 fn get32(b: &[u8], o: usize) -> u32 {

@@ -122,8 +122,10 @@ impl Lun for CowLun {
     fn identity(&self) -> Result<String> {
         self.base.identity()
     }
+    /// As the LUN below: a copy-on-write view reports how the real LUN
+    /// would lock (its own compare-and-write works in any case).
     fn has_compare_and_write(&self) -> bool {
-        true
+        self.base.has_compare_and_write()
     }
     fn compare_and_write(&self, offset: u64, expect: &[u8], new: &[u8]) -> Result<CompareAndWrite> {
         check_caw(self, offset, expect, new)?;

@@ -42,6 +42,11 @@ enum Cmd {
         #[arg(required = true)]
         luns: Vec<String>,
     },
+    /// Locks held on disk: object, mode, owner slot/host, generation.
+    Locks {
+        #[arg(required = true)]
+        luns: Vec<String>,
+    },
     /// Show the volume, its extents, usage and free space.
     Info {
         #[arg(required = true)]
@@ -118,6 +123,48 @@ fn human(n: u64) -> String {
     format!("{v:.1} {}", units[u])
 }
 
+/// `vmfs locks`: every lock that is not free, with its holders and
+/// whether each holder is still the live incarnation of its slot.
+fn locks(specs: &[String]) -> Result<()> {
+    let luns = open_luns(specs)?;
+    let fs = Fs::open_for_check(luns, false)?;
+    let slots: Vec<_> = fs
+        .vol
+        .read_slots()?
+        .into_iter()
+        .map(|(h, _)| h.ok())
+        .collect();
+    let held = fs.held_locks()?;
+    println!(
+        "locks by {}",
+        vmfs::locking::Method::for_lun(&*fs.vol.luns[0]).describe()
+    );
+    if held.is_empty() {
+        println!("no lock is held");
+    }
+    for (what, rec) in held {
+        println!("{what}: {}, lock generation {}", rec.mode.name(), rec.generation);
+        for h in &rec.holders {
+            let (who, state) = match slots.get(h.slot as usize).and_then(|s| s.as_ref()) {
+                Some(s) if s.generation == h.generation && s.state != vmfs::format::SLOT_FREE => {
+                    (vmfs::volume::uuid_str(&s.host), "held")
+                }
+                Some(s) => (
+                    vmfs::volume::uuid_str(&s.host),
+                    "stale: the slot was freed or recovered since (the lock is free)",
+                ),
+                None => ("?".to_string(), "no such slot"),
+            };
+            println!(
+                "  slot {} generation {}  host {who}  {state}",
+                h.slot, h.generation
+            );
+        }
+    }
+    fs.abandon();
+    Ok(())
+}
+
 fn info(specs: &[String]) -> Result<()> {
     let luns = open_luns(specs)?;
     let slots: Vec<_> = {
@@ -187,6 +234,10 @@ fn info(specs: &[String]) -> Result<()> {
     println!(
         "files       {} in use, {} descriptors free in {} clusters",
         u.fds_used, u.fds_free, u.fd_clusters
+    );
+    println!(
+        "locks       {}",
+        vmfs::locking::Method::for_lun(&*fs.vol.luns[0]).describe()
     );
     println!("extents     {}", h.extents.len());
     for (i, (e, l)) in h.extents.iter().zip(&fs.vol.luns).enumerate() {
@@ -437,6 +488,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             args,
         } => mount(&args, foreground, threads, log_file, &host)?,
         Cmd::Hosts { luns } => hosts(&luns)?,
+        Cmd::Locks { luns } => locks(&luns)?,
         Cmd::Crashtest(a) => return crashtest(a),
         Cmd::Extend { luns, add } => {
             let luns = open_luns(&luns)?;

@@ -324,6 +324,10 @@ impl Alloc {
             .ok_or_else(|| FsError::NoSpace("the resource table is full".into()))?;
         let lbn = self.alloc_fb(vol, meta)?;
         let addr = lbn * vol.blocks_per_4k();
+        // The block may have held a deleted file's data: its lock sectors
+        // (the cluster's and each descriptor's) must read as free locks.
+        // It is referenced by nothing until this transaction commits.
+        vol.zero(addr * MD as u64, vol.block_size())?;
         let count = Self::res_count(vol, t) as u32;
         let res_size = Self::res_size(vol, t);
         let b = meta.create(addr, MAGIC_RCLUSTER, 0);

@@ -119,8 +119,12 @@ fn swap_sector(
             nb[at..at + new.len()].copy_from_slice(new);
             match lun.compare_and_write(base, &block, &nb)? {
                 CompareAndWrite::Written => {
-                    // Other machines read the LUN, not this one's cache.
-                    lun.flush()?;
+                    // A claim is made durable; a renewal need only be seen
+                    // (flushing a busy LUN file can take longer than the
+                    // safe window, and would fence a healthy host).
+                    if confirm == Confirm::Wait {
+                        lun.flush()?;
+                    }
                     return Ok(true);
                 }
                 CompareAndWrite::Mismatch => continue, // a neighbour renewed: again
@@ -137,10 +141,10 @@ fn swap_sector(
         return Ok(false);
     }
     lun.write_at(new, off)?;
-    lun.flush()?;
     if confirm == Confirm::Owned {
         return Ok(true);
     }
+    lun.flush()?;
     // Any host that read the old value before our write writes within one
     // I/O timeout; after two, its write would be visible here.
     std::thread::sleep(t.io() * 2);

@@ -1629,6 +1629,42 @@ impl Fs {
         })
     }
 
+    /// Every lock that is not free: the volume lock, then file descriptors
+    /// (object, its 4K address or 0, the lock as on disk). Holders may be
+    /// stale (their slot recovered since): the caller judges them.
+    pub fn held_locks(&self) -> Result<Vec<(String, locking::LockRec)>> {
+        let mut out = Vec::new();
+        let vl = locking::read_lock(&*self.vol.luns[0], self.vol.header.rt_off)?;
+        if !vl.holders.is_empty() {
+            out.push(("volume lock".to_string(), vl));
+        }
+        let clusters: Vec<_> = self
+            .lock()
+            .alloc
+            .clusters
+            .iter()
+            .filter(|c| c.rtype == ResType::Fd)
+            .cloned()
+            .collect();
+        for c in clusters {
+            let bitmap = self.read_op(|st, vol| {
+                Ok(st.meta.get(vol, c.addr, MAGIC_RCLUSTER)?[LOCK_SECTOR..].to_vec())
+            })?;
+            for j in 0..c.count as usize {
+                if !bit_get(&bitmap[CL_BITMAP..], j) {
+                    continue;
+                }
+                let a = c.addr + 1 + j as u64;
+                let (lun, off) = self.lock_sector(a)?;
+                let rec = locking::read_lock(&*lun, off)?;
+                if !rec.holders.is_empty() {
+                    out.push((format!("file descriptor {a:#x}"), rec));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Whether the datastore is shared with other hosts (cluster mode).
     pub fn shared(&self) -> Option<&Shared> {
         self.shared.get()

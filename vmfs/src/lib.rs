@@ -16,3 +16,5 @@ pub mod volume;
 pub use error::{FsError, Result};
 pub use fs::{Fs, SetAttr, Usage};
 pub use volume::{MkfsOptions, Volume};
+
+pub use locking;

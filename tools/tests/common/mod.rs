@@ -36,8 +36,13 @@ pub fn mounted(m: &Path) -> bool {
 /// Start `vmfs mount --foreground ARGS MNT` (a short 800 ms lease, so that
 /// remounting after a kill waits little) and wait until it is mounted.
 pub fn mount_foreground(args: &[&str], mnt: &Path) -> std::process::Child {
+    mount_foreground_lease(args, mnt, 800)
+}
+
+/// [`mount_foreground`] with a lease of `lease_ms`.
+pub fn mount_foreground_lease(args: &[&str], mnt: &Path, lease_ms: u32) -> std::process::Child {
     let child = std::process::Command::new(VMFS)
-        .args(["mount", "--foreground", "--lease-ms", "800"])
+        .args(["mount", "--foreground", "--lease-ms", &lease_ms.to_string()])
         .args(args)
         .arg(mnt)
         .env("VMFS_LOG", "warn")

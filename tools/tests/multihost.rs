@@ -1,0 +1,173 @@
+//! Several hosts mounted at once: four `vmfs mount` processes (each its own
+//! host UUID) on one file LUN, and four on one NBD export served by a single
+//! qemu-nbd, run create/write/rename/unlink in shared and private
+//! directories for a bounded time. Then: fsck clean (which also finds any
+//! block owned twice) and every acknowledged file present with its contents.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{text, vmfs};
+
+const HOSTS: usize = 4;
+const RUN: Duration = Duration::from_secs(6);
+
+fn host_uuid(i: usize) -> String {
+    format!("{i:08x}-0000-4000-8000-0000000000{i:02x}")
+}
+
+fn content(host: usize, n: u64) -> Vec<u8> {
+    // Sizes from inline (tiny) to several file blocks.
+    let len = [13usize, 3000, 70_000, 200_000][(n % 4) as usize];
+    (0..len)
+        .map(|k| (k as u64 * 31 + n * 7 + host as u64 * 101) as u8)
+        .collect()
+}
+
+/// One host's workload: returns the files it left (path relative to the
+/// datastore root -> contents).
+fn workload(mnt: &Path, host: usize, until: Instant) -> BTreeMap<String, Vec<u8>> {
+    let private = format!("h{host}");
+    std::fs::create_dir(mnt.join(&private)).unwrap();
+    let mut left = BTreeMap::new();
+    let mut n = 0u64;
+    while Instant::now() < until {
+        n += 1;
+        let dir = if n % 2 == 0 { "shared" } else { &private };
+        let tmp = format!("{dir}/h{host}-{n}.tmp");
+        let fin = format!("{dir}/h{host}-{n}");
+        let data = content(host, n);
+        let mut f = std::fs::File::create(mnt.join(&tmp)).unwrap();
+        f.write_all(&data).unwrap();
+        if n % 5 == 0 {
+            f.sync_all().unwrap();
+        }
+        drop(f);
+        std::fs::rename(mnt.join(&tmp), mnt.join(&fin)).unwrap();
+        left.insert(fin.clone(), data);
+        if n % 3 == 0 {
+            // Remove an earlier file of ours.
+            let old = left.keys().next().cloned().unwrap();
+            std::fs::remove_file(mnt.join(&old)).unwrap();
+            left.remove(&old);
+        }
+        if n % 7 == 0 {
+            // Look at what the other hosts are doing.
+            let names = std::fs::read_dir(mnt.join("shared")).unwrap().count();
+            assert!(names > 0);
+        }
+    }
+    left
+}
+
+/// Host processes killed (and their mounts detached) if the test fails.
+struct Hosts(Vec<(std::process::Child, PathBuf)>);
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for (c, m) in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+            let _ = std::process::Command::new("fusermount3")
+                .args(["-u", "-z"])
+                .arg(m)
+                .status();
+        }
+    }
+}
+
+fn run(lun: &str, dir: &Path) {
+    let mnts: Vec<PathBuf> = (0..HOSTS).map(|i| dir.join(format!("m{i}"))).collect();
+    let mut guard = Hosts(Vec::new());
+    for (i, m) in mnts.iter().enumerate() {
+        std::fs::create_dir(m).unwrap();
+        // A lease of 4 s: eight debug-built hosts share two CPUs here.
+        let h = common::mount_foreground_lease(&["--host-uuid", &host_uuid(i), lun], m, 4000);
+        guard.0.push((h, m.clone()));
+    }
+    std::fs::create_dir(mnts[0].join("shared")).unwrap();
+    let until = Instant::now() + RUN;
+    let expected: BTreeMap<String, Vec<u8>> = std::thread::scope(|s| {
+        let hs: Vec<_> = mnts
+            .iter()
+            .enumerate()
+            .map(|(i, m)| s.spawn(move || workload(m, i, until)))
+            .collect();
+        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    // A name made on one host is seen by the others.
+    for m in &mnts {
+        let seen = std::fs::read_dir(m.join("shared")).unwrap().count();
+        let want = expected.keys().filter(|k| k.starts_with("shared/")).count();
+        assert_eq!(seen, want, "{} sees {seen} of {want} shared names", m.display());
+    }
+    for (mut h, m) in std::mem::take(&mut guard.0) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(h.id() as i32, libc::SIGTERM) };
+        assert!(h.wait().unwrap().success(), "host on {} failed", m.display());
+    }
+    let o = vmfs(&["fsck", lun]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // Every acknowledged file, with its contents, through a fresh mount.
+    let check = dir.join("check");
+    std::fs::create_dir(&check).unwrap();
+    let h = common::mount_foreground(&["--host-uuid", &host_uuid(9), lun], &check);
+    guard.0.push((h, check.clone()));
+    let mut total = 0;
+    for (path, data) in &expected {
+        let got = std::fs::read(check.join(path))
+            .unwrap_or_else(|e| panic!("{path} is missing after the run: {e}"));
+        assert!(got == *data, "{path}: contents differ");
+        total += 1;
+    }
+    for i in 0..HOSTS {
+        let n = std::fs::read_dir(check.join(format!("h{i}"))).unwrap().count();
+        let want = expected
+            .keys()
+            .filter(|k| k.starts_with(&format!("h{i}/")))
+            .count();
+        assert_eq!(n, want, "h{i} holds {n} names, {want} expected");
+    }
+    let (mut h, _) = guard.0.pop().unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(h.id() as i32, libc::SIGTERM) };
+    assert!(h.wait().unwrap().success());
+    eprintln!("{HOSTS} hosts left {total} files, all present and intact");
+    // Over NBD every lock change is a Disk Paxos round and every release a
+    // checkpoint with four flushes through qemu-nbd: few files, but each
+    // host must have made some.
+    for i in 0..HOSTS {
+        assert!(
+            expected.keys().any(|k| k.starts_with(&format!("h{i}/"))),
+            "host {i} made no file"
+        );
+    }
+}
+
+#[test]
+fn four_hosts_on_a_file_lun() {
+    let d = tempfile::tempdir().unwrap();
+    let lun = d.path().join("lun.img");
+    std::fs::File::create(&lun)
+        .unwrap()
+        .set_len(512 << 20)
+        .unwrap();
+    let l = lun.to_str().unwrap();
+    assert!(vmfs(&["mkfs", "--block-size", "64K", l]).status.success());
+    run(l, d.path());
+}
+
+#[test]
+fn four_hosts_on_one_nbd_export() {
+    let d = tempfile::tempdir().unwrap();
+    let (_server, url) = vmfs_tests::qemu_nbd(d.path(), "shared", 512 << 20);
+    assert!(vmfs(&["mkfs", "--block-size", "64K", &url])
+        .status
+        .success());
+    let o = vmfs(&["info", &url]);
+    assert!(text(&o).contains("Disk Paxos"), "{}", text(&o));
+    run(&url, d.path());
+}
