@@ -22,7 +22,9 @@ use crate::error::FsError;
 use crate::format::*;
 use crate::fs::{Fs, SetAttr};
 
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may trust an entry or attributes: other hosts change
+/// the datastore too, and a name they make must be seen within a second.
+const TTL: Duration = Duration::from_millis(500);
 
 pub struct VmfsFuse {
     fs: Arc<Fs>,
