@@ -1146,3 +1146,197 @@ mod tests {
         );
     }
 }
+
+/// What [`multi_host`] checked.
+#[derive(Debug, Default)]
+pub struct MultiSummary {
+    pub states: usize,
+    pub files_checked: usize,
+    pub replays: usize,
+}
+
+/// The multi-host workload under the recording LUN: `hosts` hosts mounted
+/// at once (each with its heartbeat, lease and volume lock, in this
+/// process) create, write and unlink files in one directory, fsync after
+/// each step, and the run ends as a crash of all of them. Every crash state
+/// of the log — at each flush, with the writes in flight all landed or all
+/// lost — must open (replaying every host's journal), fsck clean, and hold
+/// every file whose fsync returned (and none whose removal's fsync
+/// returned), with its exact contents.
+pub fn multi_host(hosts: usize, ops: usize, seed: u64) -> anyhow::Result<MultiSummary> {
+    let mems: Vec<Arc<MemLun>> = LUN_SIZES
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| Arc::new(MemLun::new(&format!("multi-lun{i}"), n)))
+        .collect();
+    let fs = Fs::mkfs(
+        mems.iter().map(|m| m.clone() as Arc<dyn Lun>).collect(),
+        &MkfsOptions {
+            label: "multihost".into(),
+            block_size: 64 << 10,
+            max_hosts: 8,
+            journal_blocks: 256,
+            ..Default::default()
+        },
+    )?;
+    fs.unmount()?;
+    drop(fs);
+    let t = vmfs::cluster::Timeouts::new(Some(50), Some(800))?;
+    let uuid = |h: usize| {
+        let mut u = [0u8; 16];
+        u[0] = 0x42;
+        u[15] = h as u8 + 1;
+        u
+    };
+    // Each host mounts once before the recording: its journal is allocated
+    // at its first mount, which a crash may leak (fsck --repair's job).
+    for h in 0..hosts {
+        let fs = Fs::mount(mems.iter().map(|m| m.clone() as Arc<dyn Lun>).collect(), uuid(h), t)?;
+        fs.unmount()?;
+    }
+    let bases: Vec<Vec<u8>> = mems.iter().map(|m| m.snapshot()).collect();
+    let log: WriteLog = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let live: Vec<Arc<dyn Lun>> = bases
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let m = Arc::new(MemLun::from_bytes(&format!("multi-lun{i}"), b.clone()));
+            Arc::new(RecordingLun::new(m, i, log.clone())) as Arc<dyn Lun>
+        })
+        .collect();
+    let data = |h: usize, k: usize| -> Vec<u8> {
+        let len = [100usize, 5000, 70_000][(k + h) % 3];
+        (0..len).map(|j| (j * 13 + k * 7 + h * 29 + seed as usize) as u8).collect()
+    };
+    // Marks: bit 63 = removal fsynced, bit 62 = removal started, then
+    // host << 16 | k; no flag: created, written and fsynced.
+    let mark = |log: &WriteLog, m: u64| log.lock().unwrap_or_else(|p| p.into_inner()).push(Event::Mark(m));
+    let mut mounted = Vec::new();
+    for h in 0..hosts {
+        mounted.push(Fs::mount(live.clone(), uuid(h), t)?);
+    }
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let hs: Vec<_> = mounted
+            .iter()
+            .enumerate()
+            .map(|(h, fs)| {
+                let log = log.clone();
+                s.spawn(move || -> anyhow::Result<()> {
+                    let root = fs.root();
+                    let mut rng = Rng::new(seed ^ (h as u64 + 1) * 0x9e37_79b9);
+                    let mut mine: Vec<usize> = Vec::new();
+                    for k in 0..ops {
+                        if !mine.is_empty() && rng.below(4) == 0 {
+                            let j = mine.remove(rng.below(mine.len() as u64) as usize);
+                            // From here a crash may or may not keep the file.
+                            mark(&log, 1 << 62 | (h as u64) << 16 | j as u64);
+                            fs.unlink(root, format!("h{h}-{j}").as_bytes(), false)?;
+                            fs.sync()?;
+                            mark(&log, 1 << 63 | (h as u64) << 16 | j as u64);
+                            continue;
+                        }
+                        let i = fs.create(
+                            root,
+                            format!("h{h}-{k}").as_bytes(),
+                            libc::S_IFREG | 0o644,
+                            0,
+                            0,
+                            0,
+                            None,
+                        )?;
+                        fs.write(i.addr, 0, &data(h, k))?;
+                        fs.sync()?;
+                        mark(&log, (h as u64) << 16 | k as u64);
+                        mine.push(k);
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().expect("host thread")?;
+        }
+        Ok(())
+    })?;
+    for fs in &mounted {
+        fs.abandon(); // all hosts crash together
+    }
+    drop(mounted);
+    let log = log.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut sum = MultiSummary::default();
+    for b in crash_points(&log) {
+        let pend: std::collections::HashSet<usize> = pending(&log, b).into_iter().collect();
+        for keep_in_flight in [true, false] {
+            let imgs: Vec<CowLun> = bases
+                .iter()
+                .enumerate()
+                .map(|(i, bb)| {
+                    CowLun::new(Arc::new(MemLun::from_bytes(&format!("multi-lun{i}"), bb.clone())))
+                })
+                .collect();
+            for (i, e) in log[..b].iter().enumerate() {
+                if keep_in_flight || !pend.contains(&i) {
+                    apply_event(&imgs, e)?;
+                }
+            }
+            let luns: Vec<Arc<dyn Lun>> = imgs.into_iter().map(|l| Arc::new(l) as Arc<dyn Lun>).collect();
+            let fs = Fs::open(luns)
+                .map_err(|e| anyhow::anyhow!("crash at log {b}: mount (journal replay) failed: {e}"))?;
+            sum.replays += fs.replays().len();
+            let r = vmfs::fsck::check(&fs, false, None)?;
+            if !r.errors.is_empty() {
+                anyhow::bail!("crash at log {b} (in flight kept: {keep_in_flight}): fsck: {}", r.errors.join("; "));
+            }
+            // What the fsyncs before the crash promised.
+            // Some(true): must be there; Some(false): must be gone; None: either.
+            let mut want: std::collections::BTreeMap<(usize, usize), Option<bool>> = Default::default();
+            for e in &log[..b] {
+                if let Event::Mark(m) = e {
+                    let (h, k) = (((m >> 16) & 0xffff) as usize, (m & 0xffff) as usize);
+                    let v = match m >> 62 {
+                        0 => Some(true),
+                        1 => None,
+                        _ => Some(false),
+                    };
+                    want.insert((h, k), v);
+                }
+            }
+            let root = fs.root();
+            for ((h, k), present) in want {
+                let name = format!("h{h}-{k}");
+                let found = fs.lookup(root, name.as_bytes());
+                let present = match (present, &found) {
+                    (Some(p), _) => p,
+                    (None, Ok(_)) => true,
+                    (None, Err(_)) => false,
+                };
+                match (found, present) {
+                    (Ok(i), true) => {
+                        let got = fs.read(i.addr, 0, i.size as usize + 1)?;
+                        if got != data(h, k) {
+                            anyhow::bail!("crash at log {b}: {name} has other contents than its fsync promised");
+                        }
+                        sum.files_checked += 1;
+                    }
+                    (Err(_), false) => {}
+                    (Ok(_), false) => anyhow::bail!("crash at log {b}: {name} is back after its removal was fsynced"),
+                    (Err(e), true) => {
+                        if std::env::var_os("VMFS_CRASH_DEBUG").is_some() {
+                            for (i, e) in log[..b].iter().enumerate() {
+                                match e {
+                                    Event::Write { lun, offset, data } => eprintln!("{i}: write lun{lun} {offset:#x} +{}", data.len()),
+                                    other => eprintln!("{i}: {other:?}"),
+                                }
+                            }
+                            eprintln!("root: {:?}", fs.readdir(root).map(|v| v.iter().map(|d| String::from_utf8_lossy(&d.name).to_string()).collect::<Vec<_>>()));
+                        }
+                        anyhow::bail!("crash at log {b}: {name} was fsynced but is gone: {e}")
+                    }
+                }
+            }
+            fs.abandon();
+            sum.states += 1;
+        }
+    }
+    Ok(sum)
+}
