@@ -261,6 +261,11 @@ fn corrupt(lun: &dyn Lun, offset: u64, reason: String) -> LockError {
 /// a few times before it counts as damaged.
 pub const TORN_READ_RETRIES: u32 = 20;
 
+/// The wait before read `tries` of a sector that came back torn.
+pub fn torn_read_pause(tries: u32) {
+    std::thread::sleep(std::time::Duration::from_micros(50 << tries.min(6)));
+}
+
 /// Read and decode the lock sector at `off`.
 pub fn read_lock(lun: &dyn Lun, off: u64) -> Result<LockRec> {
     let mut b = vec![0u8; SECTOR];
@@ -271,7 +276,7 @@ pub fn read_lock(lun: &dyn Lun, off: u64) -> Result<LockRec> {
             Ok(r) => return Ok(r),
             Err(_) if tries < TORN_READ_RETRIES => {
                 tries += 1;
-                std::thread::sleep(std::time::Duration::from_micros(50 << tries.min(6)));
+                torn_read_pause(tries);
             }
             Err(r) => return Err(corrupt(lun, off, r)),
         }
@@ -309,7 +314,7 @@ pub fn update(
             Ok(c) => c,
             Err(_) if torn < TORN_READ_RETRIES => {
                 torn += 1;
-                std::thread::sleep(std::time::Duration::from_micros(50 << torn.min(6)));
+                torn_read_pause(torn);
                 continue;
             }
             Err(r) => return Err(corrupt(lun, off, r)),

@@ -514,12 +514,7 @@ impl Member {
     /// Change this host's slot (journal location) under the heartbeat's lock.
     pub fn update(&self, f: impl FnOnce(&mut HostSlot)) -> Result<()> {
         let mut o = self.own.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(why) = self.lease.check() {
-            return Err(FsError::Lun(lun::LunError::Fenced {
-                lun: self.lun.name().to_string(),
-                why,
-            }));
-        }
+        self.check_lease()?;
         let mut next = o.hs.clone();
         f(&mut next);
         let enc = next.encode(self.region, o.slot);
@@ -543,6 +538,16 @@ impl Member {
         Ok(())
     }
 
+    /// Err (fenced, EIO) once this host may no longer write.
+    pub fn check_lease(&self) -> Result<()> {
+        self.lease.check().map_err(|why| {
+            FsError::Lun(lun::LunError::Fenced {
+                lun: self.lun.name().to_string(),
+                why,
+            })
+        })
+    }
+
     /// This host as a lock holder: its slot and the slot's generation.
     pub fn holder(&self) -> locking::Holder {
         locking::Holder {
@@ -556,12 +561,7 @@ impl Member {
     /// survive a power loss (every holder's slot is recovered after one).
     pub fn set_ballot(&self, d: &locking::Dblock) -> Result<()> {
         let mut o = self.own.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(why) = self.lease.check() {
-            return Err(FsError::Lun(lun::LunError::Fenced {
-                lun: self.lun.name().to_string(),
-                why,
-            }));
-        }
+        self.check_lease()?;
         let mut next = o.hs.clone();
         next.ballot = *d;
         let enc = next.encode(self.region, o.slot);

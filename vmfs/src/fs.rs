@@ -1742,12 +1742,7 @@ impl Fs {
         let mut pause = std::time::Duration::from_micros(20);
         let mut said = false;
         loop {
-            if let Err(why) = m.lease.check() {
-                return Err(FsError::Lun(lun::LunError::Fenced {
-                    lun: self.vol.luns[0].name().to_string(),
-                    why,
-                }));
-            }
+            m.check_lease()?;
             let table = std::cell::OnceCell::new();
             let members = |h: &locking::Holder| {
                 if *h == me {
@@ -1870,12 +1865,7 @@ impl Fs {
             if !others.is_empty() {
                 let t = crate::cluster::slot_table(&self.vol)?;
                 if others.iter().any(|h| crate::cluster::is_current(&t, h)) {
-                    if let Err(why) = m.lease.check() {
-                        return Err(FsError::Lun(lun::LunError::Fenced {
-                            lun: self.vol.luns[0].name().to_string(),
-                            why,
-                        }));
-                    }
+                    m.check_lease()?;
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(std::time::Duration::from_millis(2));
                     continue;

@@ -148,7 +148,7 @@ impl Volume {
             match self.decode_slot(slot, &b) {
                 Err(_) if tries < locking::TORN_READ_RETRIES => {
                     tries += 1;
-                    std::thread::sleep(std::time::Duration::from_micros(50 << tries.min(6)));
+                    locking::torn_read_pause(tries);
                 }
                 r => return r,
             }
@@ -177,7 +177,7 @@ impl Volume {
                 return Ok(slots);
             }
             tries += 1;
-            std::thread::sleep(std::time::Duration::from_micros(50 << tries.min(6)));
+            locking::torn_read_pause(tries);
         }
     }
 
