@@ -160,7 +160,9 @@ impl LockRec {
         }
         let v = u16::from_le_bytes([b[4], b[5]]);
         if v != VERSION {
-            return Err(format!("lock format version {v}, this program knows {VERSION}"));
+            return Err(format!(
+                "lock format version {v}, this program knows {VERSION}"
+            ));
         }
         let crc = crc32fast::hash(&b[..CRC_OFF]);
         if get32(b, CRC_OFF) != crc {
@@ -492,7 +494,12 @@ impl VolumeLock {
         // A ballot block in a later instance than the lock sector shows
         // means every instance before it was decided (a host moves on only
         // then): start there.
-        let newest = ballots.read_all()?.iter().map(|d| d.lver).max().unwrap_or(0);
+        let newest = ballots
+            .read_all()?
+            .iter()
+            .map(|d| d.lver)
+            .max()
+            .unwrap_or(0);
         let mut l = (leader.generation + 1).max(newest);
         for _ in 0..64 {
             match self.ballot(l, me, ballots)? {
@@ -591,7 +598,11 @@ impl VolumeLock {
         {
             return Ok(Ballot::Conflict);
         }
-        Ok(if v == me { Ballot::Won } else { Ballot::Lost(v) })
+        Ok(if v == me {
+            Ballot::Won
+        } else {
+            Ballot::Lost(v)
+        })
     }
 
     /// Give the lock back (only its holder calls this).

@@ -215,7 +215,10 @@ fn compare_and_write_excludes() {
     let dir = tempfile::tempdir().unwrap();
     let f = lun::FileLun::create(&dir.path().join("l"), 1 << 20).unwrap();
     let lun: Arc<dyn Lun> = Arc::new(f);
-    assert_eq!(VolumeLock::new(lun.clone(), 0).method, Method::CompareAndWrite);
+    assert_eq!(
+        VolumeLock::new(lun.clone(), 0).method,
+        Method::CompareAndWrite
+    );
     assert_eq!(exclusion(lun, 4, 200, &[]), 800);
 }
 
@@ -232,9 +235,11 @@ fn object_locks_under_the_volume_lock() {
     };
     let all = |_: &Holder| true;
     let off = 4096;
-    assert!(acquire_under_volume_lock(&lun, off, Mode::Exclusive, a, &all)
-        .unwrap()
-        .is_ok());
+    assert!(
+        acquire_under_volume_lock(&lun, off, Mode::Exclusive, a, &all)
+            .unwrap()
+            .is_ok()
+    );
     let refused = acquire_under_volume_lock(&lun, off, Mode::Shared, b, &all)
         .unwrap()
         .unwrap_err();

@@ -1191,7 +1191,11 @@ pub fn multi_host(hosts: usize, ops: usize, seed: u64) -> anyhow::Result<MultiSu
     // Each host mounts once before the recording: its journal is allocated
     // at its first mount, which a crash may leak (fsck --repair's job).
     for h in 0..hosts {
-        let fs = Fs::mount(mems.iter().map(|m| m.clone() as Arc<dyn Lun>).collect(), uuid(h), t)?;
+        let fs = Fs::mount(
+            mems.iter().map(|m| m.clone() as Arc<dyn Lun>).collect(),
+            uuid(h),
+            t,
+        )?;
         fs.unmount()?;
     }
     let bases: Vec<Vec<u8>> = mems.iter().map(|m| m.snapshot()).collect();
@@ -1206,11 +1210,17 @@ pub fn multi_host(hosts: usize, ops: usize, seed: u64) -> anyhow::Result<MultiSu
         .collect();
     let data = |h: usize, k: usize| -> Vec<u8> {
         let len = [100usize, 5000, 70_000][(k + h) % 3];
-        (0..len).map(|j| (j * 13 + k * 7 + h * 29 + seed as usize) as u8).collect()
+        (0..len)
+            .map(|j| (j * 13 + k * 7 + h * 29 + seed as usize) as u8)
+            .collect()
     };
     // Marks: bit 63 = removal fsynced, bit 62 = removal started, then
     // host << 16 | k; no flag: created, written and fsynced.
-    let mark = |log: &WriteLog, m: u64| log.lock().unwrap_or_else(|p| p.into_inner()).push(Event::Mark(m));
+    let mark = |log: &WriteLog, m: u64| {
+        log.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Event::Mark(m))
+    };
     let mut mounted = Vec::new();
     for h in 0..hosts {
         mounted.push(Fs::mount(live.clone(), uuid(h), t)?);
@@ -1271,7 +1281,10 @@ pub fn multi_host(hosts: usize, ops: usize, seed: u64) -> anyhow::Result<MultiSu
                 .iter()
                 .enumerate()
                 .map(|(i, bb)| {
-                    CowLun::new(Arc::new(MemLun::from_bytes(&format!("multi-lun{i}"), bb.clone())))
+                    CowLun::new(Arc::new(MemLun::from_bytes(
+                        &format!("multi-lun{i}"),
+                        bb.clone(),
+                    )))
                 })
                 .collect();
             for (i, e) in log[..b].iter().enumerate() {
@@ -1279,17 +1292,25 @@ pub fn multi_host(hosts: usize, ops: usize, seed: u64) -> anyhow::Result<MultiSu
                     apply_event(&imgs, e)?;
                 }
             }
-            let luns: Vec<Arc<dyn Lun>> = imgs.into_iter().map(|l| Arc::new(l) as Arc<dyn Lun>).collect();
-            let fs = Fs::open(luns)
-                .map_err(|e| anyhow::anyhow!("crash at log {b}: mount (journal replay) failed: {e}"))?;
+            let luns: Vec<Arc<dyn Lun>> = imgs
+                .into_iter()
+                .map(|l| Arc::new(l) as Arc<dyn Lun>)
+                .collect();
+            let fs = Fs::open(luns).map_err(|e| {
+                anyhow::anyhow!("crash at log {b}: mount (journal replay) failed: {e}")
+            })?;
             sum.replays += fs.replays().len();
             let r = vmfs::fsck::check(&fs, false, None)?;
             if !r.errors.is_empty() {
-                anyhow::bail!("crash at log {b} (in flight kept: {keep_in_flight}): fsck: {}", r.errors.join("; "));
+                anyhow::bail!(
+                    "crash at log {b} (in flight kept: {keep_in_flight}): fsck: {}",
+                    r.errors.join("; ")
+                );
             }
             // What the fsyncs before the crash promised.
             // Some(true): must be there; Some(false): must be gone; None: either.
-            let mut want: std::collections::BTreeMap<(usize, usize), Option<bool>> = Default::default();
+            let mut want: std::collections::BTreeMap<(usize, usize), Option<bool>> =
+                Default::default();
             for e in &log[..b] {
                 if let Event::Mark(m) = e {
                     let (h, k) = (((m >> 16) & 0xffff) as usize, (m & 0xffff) as usize);
@@ -1319,16 +1340,26 @@ pub fn multi_host(hosts: usize, ops: usize, seed: u64) -> anyhow::Result<MultiSu
                         sum.files_checked += 1;
                     }
                     (Err(_), false) => {}
-                    (Ok(_), false) => anyhow::bail!("crash at log {b}: {name} is back after its removal was fsynced"),
+                    (Ok(_), false) => anyhow::bail!(
+                        "crash at log {b}: {name} is back after its removal was fsynced"
+                    ),
                     (Err(e), true) => {
                         if std::env::var_os("VMFS_CRASH_DEBUG").is_some() {
                             for (i, e) in log[..b].iter().enumerate() {
                                 match e {
-                                    Event::Write { lun, offset, data } => eprintln!("{i}: write lun{lun} {offset:#x} +{}", data.len()),
+                                    Event::Write { lun, offset, data } => {
+                                        eprintln!("{i}: write lun{lun} {offset:#x} +{}", data.len())
+                                    }
                                     other => eprintln!("{i}: {other:?}"),
                                 }
                             }
-                            eprintln!("root: {:?}", fs.readdir(root).map(|v| v.iter().map(|d| String::from_utf8_lossy(&d.name).to_string()).collect::<Vec<_>>()));
+                            eprintln!(
+                                "root: {:?}",
+                                fs.readdir(root).map(|v| v
+                                    .iter()
+                                    .map(|d| String::from_utf8_lossy(&d.name).to_string())
+                                    .collect::<Vec<_>>())
+                            );
                         }
                         anyhow::bail!("crash at log {b}: {name} was fsynced but is gone: {e}")
                     }

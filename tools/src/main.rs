@@ -143,7 +143,11 @@ fn locks(specs: &[String]) -> Result<()> {
         println!("no lock is held");
     }
     for (what, rec) in held {
-        println!("{what}: {}, lock generation {}", rec.mode.name(), rec.generation);
+        println!(
+            "{what}: {}, lock generation {}",
+            rec.mode.name(),
+            rec.generation
+        );
         for h in &rec.holders {
             let (who, state) = match slots.get(h.slot as usize).and_then(|s| s.as_ref()) {
                 Some(s) if s.generation == h.generation && s.state != vmfs::format::SLOT_FREE => {

@@ -106,7 +106,10 @@ fn share_and_takeover(sl: &str, ma: &Path, mb: &Path) {
     std::fs::write(mb.join("from-b"), b"b").unwrap();
     let t = Instant::now();
     while !ma.join("from-b").exists() {
-        assert!(t.elapsed() < Duration::from_secs(1), "b's file not seen on a");
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "b's file not seen on a"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let o = vmfs(&["hosts", sl]);

@@ -197,7 +197,12 @@ fn kill_9_mid_workload_loses_nothing_fsynced() {
 /// fsyncs promised.
 #[test]
 fn several_hosts_under_the_recording_lun() {
-    let s = vmfs_tools::crashtest::multi_host(std::env::var("MH_HOSTS").map_or(3, |v| v.parse().unwrap()), 12, 7).unwrap();
+    let s = vmfs_tools::crashtest::multi_host(
+        std::env::var("MH_HOSTS").map_or(3, |v| v.parse().unwrap()),
+        12,
+        7,
+    )
+    .unwrap();
     eprintln!("{s:?}");
     assert!(s.states > 50 && s.files_checked > 100, "{s:?}");
 }

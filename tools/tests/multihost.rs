@@ -102,12 +102,21 @@ fn run(lun: &str, dir: &Path) {
     for m in &mnts {
         let seen = std::fs::read_dir(m.join("shared")).unwrap().count();
         let want = expected.keys().filter(|k| k.starts_with("shared/")).count();
-        assert_eq!(seen, want, "{} sees {seen} of {want} shared names", m.display());
+        assert_eq!(
+            seen,
+            want,
+            "{} sees {seen} of {want} shared names",
+            m.display()
+        );
     }
     for (mut h, m) in std::mem::take(&mut guard.0) {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(h.id() as i32, libc::SIGTERM) };
-        assert!(h.wait().unwrap().success(), "host on {} failed", m.display());
+        assert!(
+            h.wait().unwrap().success(),
+            "host on {} failed",
+            m.display()
+        );
     }
     let o = vmfs(&["fsck", lun]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
@@ -124,7 +133,9 @@ fn run(lun: &str, dir: &Path) {
         total += 1;
     }
     for i in 0..HOSTS {
-        let n = std::fs::read_dir(check.join(format!("h{i}"))).unwrap().count();
+        let n = std::fs::read_dir(check.join(format!("h{i}")))
+            .unwrap()
+            .count();
         let want = expected
             .keys()
             .filter(|k| k.starts_with(&format!("h{i}/")))

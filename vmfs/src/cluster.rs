@@ -20,8 +20,8 @@
 //! first saw the slot's value, may call the host dead. Wall clocks of
 //! different hosts are never compared.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -513,6 +513,14 @@ impl Member {
 
     /// Change this host's slot (journal location) under the heartbeat's lock.
     pub fn update(&self, f: impl FnOnce(&mut HostSlot)) -> Result<()> {
+        self.change(f, true)
+    }
+
+    /// Rewrite this host's own sector with `f` applied (read-check-write,
+    /// or compare-and-write), flushed if `flush`. A sector that is no
+    /// longer what this host wrote means another host took the slot over:
+    /// fence.
+    fn change(&self, f: impl FnOnce(&mut HostSlot), flush: bool) -> Result<()> {
         let mut o = self.own.lock().unwrap_or_else(|p| p.into_inner());
         self.check_lease()?;
         let mut next = o.hs.clone();
@@ -532,7 +540,9 @@ impl Member {
                 o.slot
             )));
         }
-        self.lun.flush()?;
+        if flush {
+            self.lun.flush()?;
+        }
         o.hs = next;
         o.sector = enc;
         Ok(())
@@ -560,29 +570,7 @@ impl Member {
     /// Not flushed: other hosts read the LUN, and a ballot need not
     /// survive a power loss (every holder's slot is recovered after one).
     pub fn set_ballot(&self, d: &locking::Dblock) -> Result<()> {
-        let mut o = self.own.lock().unwrap_or_else(|p| p.into_inner());
-        self.check_lease()?;
-        let mut next = o.hs.clone();
-        next.ballot = *d;
-        let enc = next.encode(self.region, o.slot);
-        // Owned: a plain write on LUNs without compare-and-write.
-        if !swap_sector(
-            &*self.lun,
-            self.off,
-            &o.sector,
-            &enc,
-            &self.timeouts,
-            Confirm::Owned,
-        )? {
-            self.lease.fence("heartbeat slot changed under this host");
-            return Err(FsError::Invalid(format!(
-                "heartbeat slot {} was taken over by another host",
-                o.slot
-            )));
-        }
-        o.hs = next;
-        o.sector = enc;
-        Ok(())
+        self.change(|hs| hs.ballot = *d, false)
     }
 
     /// The slot as this host last wrote it.

@@ -817,7 +817,9 @@ impl HostSlot {
             heartbeat: get64(b, 64),
             journal: get64(b, 72),
             journal_blocks: get32(b, 80),
-            ballot: locking::Dblock::decode(&b[SLOT_BALLOT_OFF..SLOT_BALLOT_OFF + locking::DBLOCK_LEN]),
+            ballot: locking::Dblock::decode(
+                &b[SLOT_BALLOT_OFF..SLOT_BALLOT_OFF + locking::DBLOCK_LEN],
+            ),
         };
         if s.state > SLOT_REPLAYING {
             return Err(format!("unknown slot state {}", s.state));

@@ -1437,11 +1437,8 @@ impl Fs {
         Ok(())
     }
 
-    /// Free every allocated file descriptor with no links (after a crash,
-    /// nothing has it open). Returns how many. Reads every descriptor: the
-    /// price of not keeping an on-disk orphan list, paid only after a crash.
-    /// A descriptor another live host holds open (its lock) is skipped.
-    pub fn free_orphans(&self) -> Result<u64> {
+    /// 4K addresses of every allocated file descriptor, cluster by cluster.
+    fn allocated_fds(&self) -> Result<Vec<u64>> {
         let clusters: Vec<_> = self
             .lock()
             .alloc
@@ -1450,34 +1447,48 @@ impl Fs {
             .filter(|c| c.rtype == ResType::Fd)
             .cloned()
             .collect();
-        let mut n = 0;
+        let mut out = Vec::new();
         for c in clusters {
             let bitmap = self.read_op(|st, vol| {
                 Ok(st.meta.get(vol, c.addr, MAGIC_RCLUSTER)?[LOCK_SECTOR..].to_vec())
             })?;
-            for j in 0..c.count as usize {
-                if !bit_get(&bitmap[CL_BITMAP..], j) {
-                    continue;
-                }
-                let a = c.addr + 1 + j as u64;
-                let freed = self.op(|st, vol| match st.iget(vol, a) {
-                    Ok(mut i) if i.nlink == 0 && !st.open.contains_key(&a) => {
-                        // Another live host may still have it open.
-                        if self.shared.get().is_some() {
-                            let (lun, off) = self.lock_sector(a)?;
-                            let rec = locking::read_lock(&*lun, off)?;
-                            let t = crate::cluster::slot_table(vol)?;
-                            if rec.holders.iter().any(|h| crate::cluster::is_current(&t, h)) {
-                                return Ok(false);
-                            }
+            out.extend(
+                (0..c.count as usize)
+                    .filter(|&j| bit_get(&bitmap[CL_BITMAP..], j))
+                    .map(|j| c.addr + 1 + j as u64),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Free every allocated file descriptor with no links (after a crash,
+    /// nothing has it open). Returns how many. Reads every descriptor: the
+    /// price of not keeping an on-disk orphan list, paid only after a crash.
+    /// A descriptor another live host holds open (its lock) is skipped.
+    pub fn free_orphans(&self) -> Result<u64> {
+        let mut n = 0;
+        for a in self.allocated_fds()? {
+            let freed = self.op(|st, vol| match st.iget(vol, a) {
+                Ok(mut i) if i.nlink == 0 && !st.open.contains_key(&a) => {
+                    // Another live host may still have it open.
+                    if self.shared.get().is_some() {
+                        let (lun, off) = self.lock_sector(a)?;
+                        let rec = locking::read_lock(&*lun, off)?;
+                        let t = crate::cluster::slot_table(vol)?;
+                        if rec
+                            .holders
+                            .iter()
+                            .any(|h| crate::cluster::is_current(&t, h))
+                        {
+                            return Ok(false);
                         }
-                        st.ifree(vol, &mut i)?;
-                        Ok(true)
                     }
-                    _ => Ok(false),
-                })?;
-                n += u64::from(freed);
-            }
+                    st.ifree(vol, &mut i)?;
+                    Ok(true)
+                }
+                _ => Ok(false),
+            })?;
+            n += u64::from(freed);
         }
         Ok(n)
     }
@@ -1524,7 +1535,11 @@ impl Fs {
         if self.shared.get().is_some() {
             // Give back every file lock, then the volume lock (after a checkpoint).
             self.vl_enter(&mut st)?;
-            let me = self.member.get().expect("cluster mode has a member").holder();
+            let me = self
+                .member
+                .get()
+                .expect("cluster mode has a member")
+                .holder();
             for addr in st.flocks.keys().copied().collect::<Vec<_>>() {
                 let (lun, off) = self.lock_sector(addr)?;
                 locking::release_under_volume_lock(&*lun, off, me)?;
@@ -1573,7 +1588,9 @@ impl Fs {
             .contended
             .swap(others, std::sync::atomic::Ordering::SeqCst);
         if others && !was {
-            tracing::info!("another host is mounted: the volume lock is given back after every operation");
+            tracing::info!(
+                "another host is mounted: the volume lock is given back after every operation"
+            );
         }
         if others {
             self.release_volume_lock()?;
@@ -1584,7 +1601,15 @@ impl Fs {
                 d.silent.as_millis(),
                 m.timeouts.lease.as_millis()
             );
-            match crate::cluster::recover(&self.vol, d.slot, &d.hs, &d.sector, m.slot, &m.timeouts, &why)? {
+            match crate::cluster::recover(
+                &self.vol,
+                d.slot,
+                &d.hs,
+                &d.sector,
+                m.slot,
+                &m.timeouts,
+                &why,
+            )? {
                 None => {}
                 Some(rep) => {
                     if let Some(r) = rep {
@@ -1638,28 +1663,11 @@ impl Fs {
         if !vl.holders.is_empty() {
             out.push(("volume lock".to_string(), vl));
         }
-        let clusters: Vec<_> = self
-            .lock()
-            .alloc
-            .clusters
-            .iter()
-            .filter(|c| c.rtype == ResType::Fd)
-            .cloned()
-            .collect();
-        for c in clusters {
-            let bitmap = self.read_op(|st, vol| {
-                Ok(st.meta.get(vol, c.addr, MAGIC_RCLUSTER)?[LOCK_SECTOR..].to_vec())
-            })?;
-            for j in 0..c.count as usize {
-                if !bit_get(&bitmap[CL_BITMAP..], j) {
-                    continue;
-                }
-                let a = c.addr + 1 + j as u64;
-                let (lun, off) = self.lock_sector(a)?;
-                let rec = locking::read_lock(&*lun, off)?;
-                if !rec.holders.is_empty() {
-                    out.push((format!("file descriptor {a:#x}"), rec));
-                }
+        for a in self.allocated_fds()? {
+            let (lun, off) = self.lock_sector(a)?;
+            let rec = locking::read_lock(&*lun, off)?;
+            if !rec.holders.is_empty() {
+                out.push((format!("file descriptor {a:#x}"), rec));
             }
         }
         Ok(out)
@@ -2330,9 +2338,7 @@ impl Fs {
         };
         let mode = match (cur.map(|c| c.mode), want) {
             (None, w) => w,
-            (Some(Mode::Exclusive), _) | (Some(Mode::MultiWriter), _) => {
-                cur.expect("some").mode
-            }
+            (Some(Mode::Exclusive), _) | (Some(Mode::MultiWriter), _) => cur.expect("some").mode,
             (Some(Mode::Shared), Mode::Shared) => Mode::Shared,
             (Some(_), w) => w,
         };
@@ -2342,9 +2348,7 @@ impl Fs {
             let (lun, off) = self.lock_sector(i.addr)?;
             let table = crate::cluster::slot_table(&self.vol)?;
             let members = |h: &locking::Holder| *h == me || crate::cluster::is_current(&table, h);
-            if let Err(held) =
-                locking::acquire_under_volume_lock(&*lun, off, mode, me, &members)?
-            {
+            if let Err(held) = locking::acquire_under_volume_lock(&*lun, off, mode, me, &members)? {
                 let who: Vec<String> = held
                     .holders
                     .iter()
