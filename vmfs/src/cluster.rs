@@ -253,6 +253,9 @@ fn watch(
         }
         busy = still;
     }
+    let states: Vec<u32> = first.iter().map(|(h, _)| h.state).collect();
+    let silent = busy.clone();
+    busy.retain(|&s| !replayer_alive(&first[s as usize].0, s, &states, &silent));
     Ok((first, busy))
 }
 
@@ -311,11 +314,14 @@ pub fn recover(
     free.replayer = 0;
     free.generation += 1;
     let fenc = free.encode(region(vol), s);
-    if !swap_sector(&*lun, vol.slot_off(s), &enc, &fenc, t, Confirm::Wait)? {
+    // Nobody else writes a slot this live host is replaying (observers
+    // judge it by this host's heartbeat), so no delta-lease wait here.
+    if !swap_sector(&*lun, vol.slot_off(s), &enc, &fenc, t, Confirm::Owned)? {
         return Err(FsError::Invalid(format!(
             "heartbeat slot {s} changed while this host was recovering it"
         )));
     }
+    lun.flush()?;
     tracing::info!(
         "slot {s} is free again (generation {}): the locks host {} held are released",
         free.generation,
@@ -359,7 +365,9 @@ impl Monitor {
         let now = Instant::now();
         let mut others = false;
         let mut dead = Vec::new();
-        for (s, (hs, sec)) in read_slots(vol)?.into_iter().enumerate() {
+        let slots = read_slots(vol)?;
+        let states: Vec<u32> = slots.iter().map(|(h, _)| h.state).collect();
+        for (s, (hs, sec)) in slots.into_iter().enumerate() {
             let s = s as u32;
             if s == me || hs.state == SLOT_FREE {
                 self.seen.remove(&s);
@@ -383,13 +391,27 @@ impl Monitor {
                 }
             }
         }
+        // A slot being replayed by a live host is not dead, however long
+        // the replay takes: only its replayer's death makes it so.
+        let silent: Vec<u32> = dead.iter().map(|d| d.slot).collect();
+        dead.retain(|d| !replayer_alive(&d.hs, d.slot, &states, &silent));
         Ok((others, dead))
     }
 }
 
+/// Whether slot `s`, being replayed, has a replayer that still lives: another
+/// slot, in use, not among the `silent` (dead) ones.
+fn replayer_alive(hs: &HostSlot, s: u32, states: &[u32], silent: &[u32]) -> bool {
+    hs.state == SLOT_REPLAYING
+        && hs.replayer != s
+        && states
+            .get(hs.replayer as usize)
+            .is_some_and(|&st| st != SLOT_FREE)
+        && !silent.contains(&hs.replayer)
+}
+
 /// Join the volume as host `host`: judge the other slots, recover dead
-/// hosts, claim a slot, start the heartbeat. Refuses when another host is
-/// live (one host at a time in this version).
+/// hosts, share with live ones, claim a slot, start the heartbeat.
 pub fn join(vol: &Volume, host: [u8; 16], t: Timeouts) -> Result<Joined> {
     let n = vol.header.max_hosts;
     let lun = vol.luns[0].clone();
@@ -640,6 +662,37 @@ impl locking::BallotBox for Ballots<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slot_being_replayed_lives_as_long_as_its_replayer() {
+        let hs = HostSlot {
+            state: SLOT_REPLAYING,
+            replayer: 2,
+            ..Default::default()
+        };
+        let states = [SLOT_LIVE, SLOT_REPLAYING, SLOT_LIVE];
+        assert!(replayer_alive(&hs, 1, &states, &[1]));
+        // The replayer is silent too, or gone: the replay must be redone.
+        assert!(!replayer_alive(&hs, 1, &states, &[1, 2]));
+        assert!(!replayer_alive(
+            &hs,
+            1,
+            &[SLOT_LIVE, SLOT_REPLAYING, SLOT_FREE],
+            &[1]
+        ));
+        // Replayed by "itself" (recovered at a mount, before a slot was had).
+        let own = HostSlot {
+            replayer: 1,
+            ..hs.clone()
+        };
+        assert!(!replayer_alive(&own, 1, &states, &[1]));
+        // A live slot is judged by its own heartbeat only.
+        let live = HostSlot {
+            state: SLOT_LIVE,
+            ..hs
+        };
+        assert!(!replayer_alive(&live, 1, &states, &[1]));
+    }
 
     #[test]
     fn timeouts_derive_from_the_lease() {
