@@ -18,7 +18,7 @@ fn round_trip(urls: Vec<String>, dir: &std::path::Path) {
     .unwrap();
     let first_free = {
         let fs = Fs::open(open_luns(&urls)).unwrap();
-        fs.vol.header.extents[0].nblocks * fs.vol.block_size()
+        fs.vol().header.extents[0].nblocks * fs.vol().block_size()
     };
     let size = first_free as usize + (8 << 20);
     let data = pattern(42, size);

@@ -89,6 +89,10 @@ enum Cmd {
         /// The LUN to add.
         #[arg(long)]
         add: String,
+        /// While other hosts have it mounted, this command joins as a host
+        /// for the time of the change.
+        #[command(flatten)]
+        host: HostArgs,
     },
 }
 
@@ -129,7 +133,7 @@ fn locks(specs: &[String]) -> Result<()> {
     let luns = open_luns(specs)?;
     let fs = Fs::open_for_check(luns, false)?;
     let slots: Vec<_> = fs
-        .vol
+        .vol()
         .read_slots()?
         .into_iter()
         .map(|(h, _)| h.ok())
@@ -137,7 +141,7 @@ fn locks(specs: &[String]) -> Result<()> {
     let held = fs.held_locks()?;
     println!(
         "locks by {}",
-        vmfs::locking::Method::for_lun(&*fs.vol.luns[0]).describe()
+        vmfs::locking::Method::for_lun(&*fs.vol().luns[0]).describe()
     );
     if held.is_empty() {
         println!("no lock is held");
@@ -180,7 +184,7 @@ fn info(specs: &[String]) -> Result<()> {
     };
     // Opened over copy-on-write LUNs: a journal replay stays in memory.
     let fs = Fs::open_for_check(luns, false)?;
-    let h = &fs.vol.header;
+    let h = &fs.vol().header;
     let u = fs.usage();
     println!("volume      {}", vmfs::volume::uuid_str(&h.uuid));
     println!(
@@ -241,10 +245,10 @@ fn info(specs: &[String]) -> Result<()> {
     );
     println!(
         "locks       {}",
-        vmfs::locking::Method::for_lun(&*fs.vol.luns[0]).describe()
+        vmfs::locking::Method::for_lun(&*fs.vol().luns[0]).describe()
     );
     println!("extents     {}", h.extents.len());
-    for (i, (e, l)) in h.extents.iter().zip(&fs.vol.luns).enumerate() {
+    for (i, (e, l)) in h.extents.iter().zip(&fs.vol().luns).enumerate() {
         let atomic = if l.has_compare_and_write() {
             "compare-and-write"
         } else {
@@ -465,7 +469,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let u = fs.usage();
             println!(
                 "created datastore {} over {} extent(s): {} ({} blocks of {}), {} host slots",
-                vmfs::volume::uuid_str(&fs.vol.header.uuid),
+                vmfs::volume::uuid_str(&fs.vol().header.uuid),
                 luns.len(),
                 human(u.total_blocks * u.block_size),
                 u.total_blocks,
@@ -494,20 +498,32 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Hosts { luns } => hosts(&luns)?,
         Cmd::Locks { luns } => locks(&luns)?,
         Cmd::Crashtest(a) => return crashtest(a),
-        Cmd::Extend { luns, add } => {
+        Cmd::Extend { luns, add, host } => {
             let luns = open_luns(&luns)?;
-            let t = vmfs::cluster::Timeouts::default();
-            vmfs::cluster::ensure_idle(&vmfs::Volume::open(luns.clone())?, &t, "extending it")?;
-            let mut fs = Fs::open(luns)?;
+            let new = lun::open(&add).with_context(|| format!("opening LUN {add}"))?;
+            let t = vmfs::cluster::Timeouts::new(host.heartbeat_ms, host.lease_ms)?;
+            let live = vmfs::cluster::live_slots(&vmfs::Volume::open(luns.clone())?, &t)?;
+            // Offline, or online: as one more host, under the volume lock;
+            // the mounted hosts pick the new extent up by its URL.
+            let fs = if live.is_empty() {
+                Fs::open(luns)?
+            } else {
+                eprintln!(
+                    "{} host(s) have the datastore mounted: extending online",
+                    live.len()
+                );
+                Fs::mount(luns, host.uuid()?, t)?
+            };
             let before = fs.usage().total_blocks;
-            fs.extend(lun::open(&add).with_context(|| format!("opening LUN {add}"))?)?;
+            fs.extend(new)?;
             let u = fs.usage();
             println!(
                 "added {add}: {} -> {} ({} extents)",
                 human(before * u.block_size),
                 human(u.total_blocks * u.block_size),
-                fs.vol.header.extents.len()
+                fs.vol().header.extents.len()
             );
+            fs.unmount()?;
         }
     }
     Ok(ExitCode::SUCCESS)

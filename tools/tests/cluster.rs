@@ -284,3 +284,67 @@ fn two_survivors_race_and_exactly_one_recovers() {
     let o = vmfs(&["fsck", sl]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
+
+fn capacity(m: &Path) -> u64 {
+    let c = std::ffi::CString::new(m.to_str().unwrap()).unwrap();
+    // SAFETY: a valid path and an out-parameter of the right type.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0);
+    s.f_blocks * s.f_frsize
+}
+
+/// `vmfs extend` while two hosts have the datastore mounted: it joins as a
+/// third host, adds the extent under the volume lock; both mounted hosts
+/// see the new capacity without remounting and can use it.
+#[test]
+fn online_extend_while_two_hosts_are_mounted() {
+    let d = tempfile::tempdir().unwrap();
+    let (l0, l1) = (d.path().join("l0.img"), d.path().join("l1.img"));
+    for (p, n) in [(&l0, 64u64 << 20), (&l1, 128 << 20)] {
+        std::fs::File::create(p).unwrap().set_len(n).unwrap();
+    }
+    let s0 = l0.to_str().unwrap();
+    assert!(vmfs(&["mkfs", "--block-size", "64K", s0]).status.success());
+    let (ma, mb) = (d.path().join("a"), d.path().join("b"));
+    std::fs::create_dir(&ma).unwrap();
+    std::fs::create_dir(&mb).unwrap();
+    let mut a = mount_fg(s0, &ma, A);
+    let mut b = mount_fg(s0, &mb, B);
+    let before = capacity(&mb);
+    assert!(before <= 64 << 20, "{before}");
+    const C: &str = "cccccccc-0000-4000-8000-000000000003";
+    let o = vmfs(&[
+        "extend",
+        "--host-uuid",
+        C,
+        "--lease-ms",
+        LEASE,
+        s0,
+        "--add",
+        l1.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("extending online"), "{}", text(&o));
+    for m in [&ma, &mb] {
+        let t = Instant::now();
+        while capacity(m) < before + (100 << 20) {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "{} still shows {} bytes",
+                m.display(),
+                capacity(m)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // More than the first extent ever held: it needs the new one.
+    let big: Vec<u8> = (0..90u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(mb.join("big"), &big).unwrap();
+    assert!(std::fs::read(ma.join("big")).unwrap() == big);
+    for h in [&mut a, &mut b] {
+        signal(h, libc::SIGTERM);
+        assert!(h.wait().unwrap().success());
+    }
+    let o = vmfs(&["fsck", s0, l1.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}

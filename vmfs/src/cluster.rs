@@ -259,6 +259,15 @@ fn watch(
     Ok((first, busy))
 }
 
+/// The slots of live hosts, judged by watching every slot in use for one
+/// lease (dead ones are not listed).
+pub fn live_slots(vol: &Volume, t: &Timeouts) -> Result<Vec<u32>> {
+    let (first, dead) = watch(vol, None, t, None)?;
+    Ok((0..vol.header.max_hosts)
+        .filter(|s| first[*s as usize].0.state != SLOT_FREE && !dead.contains(s))
+        .collect())
+}
+
 /// For offline work (fsck --repair, extend): Ok when no host is live (dead
 /// ones may remain: their journals are replayed by the caller's open).
 pub fn ensure_idle(vol: &Volume, t: &Timeouts, work: &str) -> Result<()> {

@@ -206,10 +206,16 @@ pub struct VolumeHeader {
     /// Size of each host's journal in 4 KiB blocks (superblock included).
     pub journal_blocks: u32,
     pub extents: Vec<ExtentEntry>,
+    /// Per extent, the LUN URL it was given as (a hint for hosts that must
+    /// open an extent another host added; "" when unknown).
+    pub urls: Vec<String>,
 }
 
 const VH_EXTENTS: usize = 192;
 const VH_EXTENT_SIZE: usize = 48;
+/// URL hints: u16 length, then the URLs NUL-separated, to the end of the body.
+const VH_URLS: usize = VH_EXTENTS + MAX_EXTENTS * VH_EXTENT_SIZE;
+const VH_URLS_MAX: usize = MD - VH_URLS - 2;
 
 impl VolumeHeader {
     pub fn encode(&self, self_addr: u64) -> Vec<u8> {
@@ -238,6 +244,11 @@ impl VolumeHeader {
             put32(&mut b, o + 32, e.meta_blocks);
             put32(&mut b, o + 36, e.fbc_off);
             put64(&mut b, o + 40, e.lun_size);
+        }
+        let urls = self.urls.join("\0").into_bytes();
+        if urls.len() <= VH_URLS_MAX && !self.urls.iter().any(|u| u.contains('\0')) {
+            b[VH_URLS..VH_URLS + 2].copy_from_slice(&(urls.len() as u16).to_le_bytes());
+            b[VH_URLS + 2..VH_URLS + 2 + urls.len()].copy_from_slice(&urls);
         }
         seal(&mut b);
         b
@@ -334,7 +345,19 @@ impl VolumeHeader {
             .iter()
             .position(|&c| c == 0)
             .unwrap_or(label_raw.len());
+        // URL hints: malformed ones are dropped, never an error (a hint).
+        let n = (get16(b, VH_URLS) as usize).min(VH_URLS_MAX);
+        let mut urls: Vec<String> = if n == 0 {
+            Vec::new()
+        } else {
+            String::from_utf8_lossy(&b[VH_URLS + 2..VH_URLS + 2 + n])
+                .split('\0')
+                .map(str::to_string)
+                .collect()
+        };
+        urls.resize(count, String::new());
         Ok(VolumeHeader {
+            urls,
             uuid: b[32..48].try_into().expect("16 bytes"),
             label: String::from_utf8_lossy(&label_raw[..end]).into_owned(),
             config_gen: get64(b, 112),
@@ -660,6 +683,7 @@ mod tests {
             rt_off: 40960,
             rt_blocks: 64,
             journal_blocks: 4096,
+            urls: vec!["/dev/sdb".into(), "nbd://h/e".into()],
             extents: vec![
                 ExtentEntry {
                     uuid: [1; 16],

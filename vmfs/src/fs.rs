@@ -65,7 +65,9 @@ pub struct Shared {
 
 /// A mounted (or opened for checking) filesystem.
 pub struct Fs {
-    pub vol: Volume,
+    /// The volume: replaced whole when an extent is added (here or, seen
+    /// through the volume header, by another host).
+    vol: RwLock<Arc<Volume>>,
     st: Mutex<State>,
     data_locks: Mutex<HashMap<u64, Arc<RwLock<()>>>>,
     /// This host's slot (u32::MAX: none, no journal).
@@ -1180,7 +1182,7 @@ impl Fs {
     /// Format, then open (mount in the library) the new filesystem.
     pub fn mkfs(luns: Vec<Arc<dyn lun::Lun>>, opts: &MkfsOptions) -> Result<Fs> {
         let vol = Volume::mkfs(luns.clone(), opts)?;
-        let mut fs = Fs::from_volume(vol)?;
+        let fs = Fs::from_volume(vol)?;
         // The root is written in place: there is no journal yet, and an
         // interrupted mkfs leaves no root, which open refuses.
         let root = fs.op(|st, vol| {
@@ -1191,8 +1193,10 @@ impl Fs {
             st.iput(vol, &root)?;
             Ok(a)
         })?;
-        fs.vol.header.root_fd = root;
-        fs.vol.write_headers(None)?;
+        let mut v = Volume::clone(&fs.vol());
+        v.header.root_fd = root;
+        v.write_headers(None)?;
+        fs.set_vol(v);
         fs.abandon();
         drop(fs);
         Fs::open(luns)
@@ -1304,7 +1308,7 @@ impl Fs {
             fs.check_root()?;
             fs.start_journal(slot)?;
             if let Some(m) = fs.member.get() {
-                let hosts = fs.vol.header.max_hosts;
+                let hosts = fs.vol().header.max_hosts;
                 fs.op(|st, _| {
                     st.alloc.set_affinity(m.slot, hosts);
                     Ok(())
@@ -1371,7 +1375,7 @@ impl Fs {
     fn with_alloc(vol: Volume, meta: Meta, alloc: Alloc) -> Result<Fs> {
         let seed = now();
         Ok(Fs {
-            vol,
+            vol: RwLock::new(Arc::new(vol)),
             st: Mutex::new(State {
                 meta,
                 alloc,
@@ -1394,7 +1398,7 @@ impl Fs {
 
     /// Open (or allocate and format) slot `slot`'s journal and mark the slot live.
     fn start_journal(&self, slot: u32) -> Result<()> {
-        let vol = &self.vol;
+        let vol = &self.vol();
         let mut hs = vol.read_slot(slot)?;
         let uuid = vol.header.uuid;
         let jnl = if hs.journal == 0 {
@@ -1494,7 +1498,7 @@ impl Fs {
     }
 
     fn journal_region(&self, addr: u64, nblocks: u32, slot: u32) -> Result<journal::Region> {
-        journal_region(&self.vol, addr, nblocks, slot)
+        journal_region(&self.vol(), addr, nblocks, slot)
     }
 
     /// Journal replays done when this filesystem was opened: (slot, report).
@@ -1510,10 +1514,10 @@ impl Fs {
     pub fn sync(&self) -> Result<()> {
         let mut st = self.lock();
         if st.meta.dirty_len() > 0 {
-            st.meta.journal_commit(&self.vol)
+            st.meta.journal_commit(&self.vol())
         } else {
             drop(st);
-            self.vol.flush()
+            self.vol().flush()
         }
     }
 
@@ -1521,7 +1525,7 @@ impl Fs {
     /// mount's commit timer calls this).
     pub fn commit_pending(&self) -> Result<()> {
         let mut st = self.lock();
-        st.meta.journal_commit(&self.vol)
+        st.meta.journal_commit(&self.vol())
     }
 
     /// Clean unmount: commit, checkpoint (the journal is left empty), mark
@@ -1547,13 +1551,13 @@ impl Fs {
             st.flocks.clear();
             self.vl_leave(&mut st, true)?;
         }
-        st.meta.checkpoint(&self.vol)?;
+        st.meta.checkpoint(&self.vol())?;
         if let Some(m) = self.member.get() {
             m.leave()?;
         } else if slot != u32::MAX {
-            let mut hs = self.vol.read_slot(slot)?;
+            let mut hs = self.vol().read_slot(slot)?;
             hs.state = SLOT_FREE;
-            self.vol.write_slot(slot, &hs)?;
+            self.vol().write_slot(slot, &hs)?;
         }
         Ok(())
     }
@@ -1583,7 +1587,7 @@ impl Fs {
             .monitor
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .observe(&self.vol, m.slot, &m.timeouts)?;
+            .observe(&self.vol(), m.slot, &m.timeouts)?;
         let was = sh
             .contended
             .swap(others, std::sync::atomic::Ordering::SeqCst);
@@ -1594,6 +1598,17 @@ impl Fs {
         }
         if others {
             self.release_volume_lock()?;
+            // An extent another host added shows in statfs without waiting
+            // for an operation here.
+            let mut st = self.lock();
+            if st.vl_held.is_none() {
+                self.refresh_volume(&mut st)?;
+                if st.alloc_stale {
+                    // Summaries are reloaded under the lock at the next operation.
+                    drop(st);
+                    self.op(|_, _| Ok(()))?;
+                }
+            }
         }
         for d in dead {
             let why = format!(
@@ -1602,7 +1617,7 @@ impl Fs {
                 m.timeouts.lease.as_millis()
             );
             match crate::cluster::recover(
-                &self.vol,
+                &self.vol(),
                 d.slot,
                 &d.hs,
                 &d.sector,
@@ -1659,7 +1674,7 @@ impl Fs {
     /// stale (their slot recovered since): the caller judges them.
     pub fn held_locks(&self) -> Result<Vec<(String, locking::LockRec)>> {
         let mut out = Vec::new();
-        let vl = locking::read_lock(&*self.vol.luns[0], self.vol.header.rt_off)?;
+        let vl = locking::read_lock(&*self.vol().luns[0], self.vol().header.rt_off)?;
         if !vl.holders.is_empty() {
             out.push(("volume lock".to_string(), vl));
         }
@@ -1683,12 +1698,21 @@ impl Fs {
         self.member.get()
     }
 
+    /// The volume as it is now (an extent may be added while mounted).
+    pub fn vol(&self) -> Arc<Volume> {
+        self.vol.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_vol(&self, v: Volume) {
+        *self.vol.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(v);
+    }
+
     pub fn lock(&self) -> MutexGuard<'_, State> {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn root(&self) -> u64 {
-        self.vol.header.root_fd
+        self.vol().header.root_fd
     }
 
     /// Run `f` as one transaction: commit on success, nothing written on
@@ -1708,13 +1732,13 @@ impl Fs {
         st: &mut State,
         f: impl FnOnce(&mut State, &Volume) -> Result<R>,
     ) -> Result<R> {
-        match f(st, &self.vol) {
-            Ok(r) => match st.meta.commit(&self.vol) {
+        match f(st, &self.vol()) {
+            Ok(r) => match st.meta.commit(&self.vol()) {
                 Ok(()) => Ok(r),
                 Err(e) => {
                     // What reached the disk is uncertain: forget every cached block.
                     st.meta.clear();
-                    Self::reload_after_failure(st, &self.vol);
+                    Self::reload_after_failure(st, &self.vol());
                     Err(e)
                 }
             },
@@ -1724,7 +1748,7 @@ impl Fs {
                 let touched = !st.meta.txn.blocks.is_empty();
                 st.meta.abort();
                 if touched {
-                    Self::reload_after_failure(st, &self.vol);
+                    Self::reload_after_failure(st, &self.vol());
                 }
                 Err(e)
             }
@@ -1743,7 +1767,7 @@ impl Fs {
         }
         let me = m.holder();
         let ballots = crate::cluster::Ballots {
-            vol: &self.vol,
+            vol: &self.vol(),
             member: m,
         };
         let start = std::time::Instant::now();
@@ -1756,7 +1780,7 @@ impl Fs {
                 if *h == me {
                     return true;
                 }
-                match table.get_or_init(|| crate::cluster::slot_table(&self.vol).ok()) {
+                match table.get_or_init(|| crate::cluster::slot_table(&self.vol()).ok()) {
                     Some(t) => crate::cluster::is_current(t, h),
                     None => true, // cannot tell: assume it holds
                 }
@@ -1767,11 +1791,12 @@ impl Fs {
                         // Someone else held it since: nothing cached is known good.
                         st.meta.clear();
                         st.alloc_stale = true;
+                        self.refresh_volume(st)?;
                     }
                     st.vl_held = Some(generation);
                     st.cache_gen = Some(generation);
                     if st.alloc_stale {
-                        let mut a = Alloc::load(&self.vol, &mut st.meta)?;
+                        let mut a = Alloc::load(&self.vol(), &mut st.meta)?;
                         a.keep_hints(&st.alloc);
                         st.alloc = a;
                         st.alloc_stale = false;
@@ -1826,7 +1851,7 @@ impl Fs {
         }
         // A failed commit keeps the lock: what is on disk is uncertain,
         // and only a replay of this host's journal may fix it.
-        st.meta.checkpoint(&self.vol)?;
+        st.meta.checkpoint(&self.vol())?;
         sh.vlock.release(m.holder())?;
         st.vl_held = None;
         Ok(())
@@ -1840,7 +1865,7 @@ impl Fs {
 
     /// "host UUID (slot N)" for a lock holder.
     fn describe_holder(&self, h: &locking::Holder) -> String {
-        match self.vol.read_slot(h.slot) {
+        match self.vol().read_slot(h.slot) {
             Ok(hs) => format!(
                 "host {} (slot {}, generation {})",
                 crate::volume::uuid_str(&hs.host),
@@ -1859,10 +1884,10 @@ impl Fs {
     pub fn read_op<R>(&self, mut f: impl FnMut(&mut State, &Volume) -> Result<R>) -> Result<R> {
         let mut st = self.lock();
         let (Some(sh), Some(m)) = (self.shared.get(), self.member.get()) else {
-            return f(&mut st, &self.vol);
+            return f(&mut st, &self.vol());
         };
         if st.vl_held.is_some() {
-            return f(&mut st, &self.vol);
+            return f(&mut st, &self.vol());
         }
         let me = m.holder();
         let mut pause = std::time::Duration::from_micros(20);
@@ -1871,7 +1896,7 @@ impl Fs {
             let rec = sh.vlock.peek()?;
             let others: Vec<_> = rec.holders.iter().filter(|h| **h != me).collect();
             if !others.is_empty() {
-                let t = crate::cluster::slot_table(&self.vol)?;
+                let t = crate::cluster::slot_table(&self.vol())?;
                 if others.iter().any(|h| crate::cluster::is_current(&t, h)) {
                     m.check_lease()?;
                     std::thread::sleep(pause);
@@ -1883,9 +1908,10 @@ impl Fs {
                 st.meta.clear();
                 st.alloc_stale = true;
                 st.cache_gen = Some(rec.generation);
+                self.refresh_volume(&mut st)?;
             }
             let reads = st.meta.reads;
-            let r = f(&mut st, &self.vol);
+            let r = f(&mut st, &self.vol());
             if st.meta.reads == reads {
                 return r;
             }
@@ -1931,7 +1957,7 @@ impl Fs {
         if name.len() > NAME_MAX {
             return Err(posix(libc::ENAMETOOLONG));
         }
-        let d = st.iget(&self.vol, dir)?;
+        let d = st.iget(&self.vol(), dir)?;
         if !d.is_dir() {
             return Err(posix(libc::ENOTDIR));
         }
@@ -1939,10 +1965,10 @@ impl Fs {
             return Ok(d);
         }
         if name == b".." {
-            return st.iget(&self.vol, d.parent);
+            return st.iget(&self.vol(), d.parent);
         }
-        match st.dir_lookup(&self.vol, &d, name)? {
-            Some(e) => st.iget(&self.vol, e.fd),
+        match st.dir_lookup(&self.vol(), &d, name)? {
+            Some(e) => st.iget(&self.vol(), e.fd),
             None => Err(posix(libc::ENOENT)),
         }
     }
@@ -2310,7 +2336,7 @@ impl Fs {
     pub fn open_file(&self, ino: u64, write: bool) -> Result<Inode> {
         if self.shared.get().is_none() {
             let mut st = self.lock();
-            let i = st.iget(&self.vol, ino)?;
+            let i = st.iget(&self.vol(), ino)?;
             *st.open.entry(ino).or_default() += 1;
             return Ok(i);
         }
@@ -2346,7 +2372,7 @@ impl Fs {
             let m = self.member.get().expect("cluster mode has a member");
             let me = m.holder();
             let (lun, off) = self.lock_sector(i.addr)?;
-            let table = crate::cluster::slot_table(&self.vol)?;
+            let table = crate::cluster::slot_table(&self.vol())?;
             let members = |h: &locking::Holder| *h == me || crate::cluster::is_current(&table, h);
             if let Err(held) = locking::acquire_under_volume_lock(&*lun, off, mode, me, &members)? {
                 let who: Vec<String> = held
@@ -2412,8 +2438,8 @@ impl Fs {
 
     /// The LUN and byte offset of the lock sector of the lockable block at 4K address `addr`.
     fn lock_sector(&self, addr: u64) -> Result<(Arc<dyn lun::Lun>, u64)> {
-        let (i, off) = self.vol.locate(addr * MD as u64)?;
-        Ok((self.vol.luns[i].clone(), off))
+        let (i, off) = self.vol().locate(addr * MD as u64)?;
+        Ok((self.vol().luns[i].clone(), off))
     }
 
     /// In cluster mode: EBUSY when a host other than this one holds the
@@ -2433,7 +2459,7 @@ impl Fs {
         if others.is_empty() {
             return Ok(());
         }
-        let table = crate::cluster::slot_table(&self.vol)?;
+        let table = crate::cluster::slot_table(&self.vol())?;
         let live: Vec<String> = others
             .into_iter()
             .filter(|h| crate::cluster::is_current(&table, h))
@@ -2497,7 +2523,7 @@ impl Fs {
             }
             st.read_prepare(vol, &i, off, buf)
         })?;
-        fetch(&self.vol, &segs, buf)?;
+        fetch(&self.vol(), &segs, buf)?;
         Ok(n)
     }
 
@@ -2529,7 +2555,7 @@ impl Fs {
         })?;
         if let Some((segs, unchanged)) = plan {
             for s in &segs {
-                self.vol
+                self.vol()
                     .write(s.at.expect("mapped"), &data[s.buf_off..s.buf_off + s.len])?;
             }
             if let Some(i) = unchanged {
@@ -2605,8 +2631,8 @@ impl Fs {
         let fds_free: u64 = fds.iter().map(|c| u64::from(c.free)).sum();
         let fds_total: u64 = fds.iter().map(|c| u64::from(c.count)).sum();
         Usage {
-            block_size: self.vol.block_size(),
-            total_blocks: self.vol.header.total_blocks(),
+            block_size: self.vol().block_size(),
+            total_blocks: self.vol().header.total_blocks(),
             free_blocks: st.alloc.free_blocks(),
             fd_clusters: fds.len() as u64,
             fds_used: fds_total - fds_free,
@@ -2642,15 +2668,83 @@ impl Fs {
     pub fn reload_alloc(&self) -> Result<()> {
         let mut st = self.lock();
         st.meta.clear();
-        st.alloc = Alloc::load(&self.vol, &mut st.meta)?;
+        st.alloc = Alloc::load(&self.vol(), &mut st.meta)?;
         Ok(())
     }
 
-    /// Grow by one extent (the volume must not be mounted elsewhere).
-    pub fn extend(&mut self, new: Arc<dyn lun::Lun>) -> Result<()> {
-        self.vol.extend(new)?;
-        let mut st = self.st.lock().unwrap_or_else(|p| p.into_inner());
-        st.alloc = Alloc::load(&self.vol, &mut st.meta)?;
+    /// Grow by one extent. Mounted with other hosts, under the volume lock:
+    /// they see the new configuration generation when they next take the
+    /// lock or read (and every heartbeat), open the new LUN by the URL
+    /// recorded in the header, check it, and use the new capacity.
+    pub fn extend(&self, new: Arc<dyn lun::Lun>) -> Result<()> {
+        let new = match self.member.get() {
+            Some(m) => Arc::new(lun::FencedLun::new(new, m.lease.clone())) as Arc<dyn lun::Lun>,
+            None => new,
+        };
+        let mut st = self.lock();
+        self.vl_enter(&mut st)?;
+        let r = (|| -> Result<()> {
+            self.refresh_volume(&mut st)?;
+            let mut v = Volume::clone(&self.vol());
+            v.extend(new)?;
+            self.set_vol(v);
+            let mut a = Alloc::load(&self.vol(), &mut st.meta)?;
+            a.keep_hints(&st.alloc);
+            st.alloc = a;
+            Ok(())
+        })();
+        let left = self.vl_leave(&mut st, true);
+        r?;
+        left
+    }
+
+    /// In cluster mode: if another host added an extent (extent 0's header
+    /// has a newer configuration), open the new LUNs by their recorded URLs,
+    /// check them with the whole volume, and switch to the larger volume.
+    /// A LUN this host cannot open leaves it on the old configuration, said
+    /// in the log (its files there read as I/O errors here).
+    fn refresh_volume(&self, st: &mut State) -> Result<()> {
+        let Some(m) = self.member.get() else {
+            return Ok(());
+        };
+        let cur = self.vol();
+        let mut b = vec![0u8; MD];
+        cur.luns[0].read_at(&mut b, 0)?;
+        let Ok(h) = VolumeHeader::decode(&b, Some(0)) else {
+            return Ok(()); // torn or damaged: the next look decides
+        };
+        if h.uuid != cur.header.uuid || h.config_gen <= cur.header.config_gen {
+            return Ok(());
+        }
+        let mut luns = cur.luns.clone();
+        for (i, e) in h.extents.iter().enumerate().skip(luns.len()) {
+            let url = h.urls.get(i).cloned().unwrap_or_default();
+            let opened = if url.is_empty() {
+                Err(format!("the header records no URL for extent {i}"))
+            } else {
+                lun::open(&url).map_err(|e| e.to_string())
+            };
+            match opened {
+                Ok(l) => luns
+                    .push(Arc::new(lun::FencedLun::new(l, m.lease.clone())) as Arc<dyn lun::Lun>),
+                Err(why) => {
+                    tracing::error!(
+                        "another host added extent {i} ({}) to the datastore, but this host cannot open it: {why}; remount with that LUN to use it",
+                        crate::volume::uuid_str(&e.uuid)
+                    );
+                    return Ok(());
+                }
+            }
+        }
+        let v = Volume::open(luns)?;
+        tracing::info!(
+            "the datastore grew to {} extents ({} blocks): configuration generation {}",
+            v.header.extents.len(),
+            v.header.total_blocks(),
+            v.header.config_gen
+        );
+        self.set_vol(v);
+        st.alloc_stale = true;
         Ok(())
     }
 }

@@ -129,7 +129,7 @@ fn walk_tree(
 /// Check the filesystem; with `repair`, fix what is safe to fix.
 pub fn check(fs: &Fs, repair: bool, progress: Option<&dyn Fn(u64, u64)>) -> Result<Report> {
     let mut r = Report::default();
-    let vol = &fs.vol;
+    let vol = &fs.vol();
     let root = fs.root();
     let total_fds = fs.usage().fds_used;
     let mut w = Walk {
@@ -323,7 +323,7 @@ fn check_dir_layout(st: &mut State, vol: &Volume, d: &Inode, entries: &[DirEntry
 
 /// Compare bitmaps with ownership; returns allocated-but-unreachable FDs.
 fn compare_bitmaps(fs: &Fs, w: &Walk, r: &mut Report) -> Result<Vec<u64>> {
-    let vol = &fs.vol;
+    let vol = &fs.vol();
     let mut st = fs.lock();
     let mut orphans = Vec::new();
     for c in st.alloc.fbc.clone() {
@@ -473,9 +473,9 @@ fn do_repair(fs: &Fs, w: &Walk, orphans: &[u64], r: &mut Report) -> Result<()> {
         {
             let mut st = fs.lock();
             for &o in &adopted {
-                if let Ok(i) = st.iget(&fs.vol, o) {
+                if let Ok(i) = st.iget(&fs.vol(), o) {
                     own_res(&mut w2, &mut r2, ResType::Fd, o, (o, "descriptor"));
-                    walk_tree(&mut st, &fs.vol, &i, &mut w2, &mut r2)?;
+                    walk_tree(&mut st, &fs.vol(), &i, &mut w2, &mut r2)?;
                 }
             }
             if let Ok(lf) = fs.lookup_locked(&mut st, root, b"lost+found") {
@@ -486,7 +486,7 @@ fn do_repair(fs: &Fs, w: &Walk, orphans: &[u64], r: &mut Report) -> Result<()> {
                     lf.addr,
                     (lf.addr, "descriptor"),
                 );
-                walk_tree(&mut st, &fs.vol, &lf, &mut w2, &mut r2)?;
+                walk_tree(&mut st, &fs.vol(), &lf, &mut w2, &mut r2)?;
             }
         }
         w2
@@ -554,7 +554,7 @@ pub fn count_lookup_reads(fs: &Fs, dir: u64, name: &[u8]) -> Result<u64> {
 /// Where one metadata object of each kind lives: (kind, extent, byte offset
 /// of its checksummed body on that extent's LUN). For tests and inspection.
 pub fn locate_objects(fs: &Fs) -> Result<Vec<(&'static str, usize, u64)>> {
-    let vol = &fs.vol;
+    let vol = &fs.vol();
     let h = &vol.header;
     let at = |addr4k: u64, body: usize| -> Result<(usize, u64)> {
         let (i, o) = vol.locate(addr4k * MD as u64)?;

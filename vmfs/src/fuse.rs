@@ -671,10 +671,10 @@ pub fn serve(
     threads: usize,
     stop: std::sync::mpsc::Receiver<()>,
 ) -> crate::Result<()> {
-    let label = if fs.vol.header.label.is_empty() {
-        crate::volume::uuid_str(&fs.vol.header.uuid)
+    let label = if fs.vol().header.label.is_empty() {
+        crate::volume::uuid_str(&fs.vol().header.uuid)
     } else {
-        fs.vol.header.label.clone()
+        fs.vol().header.label.clone()
     };
     let mut cfg = Config::default();
     cfg.mount_options = vec![

@@ -36,9 +36,21 @@ impl Default for MkfsOptions {
 }
 
 /// An opened, validated volume.
+#[derive(Clone)]
 pub struct Volume {
     pub header: VolumeHeader,
     pub luns: Vec<Arc<dyn Lun>>,
+}
+
+/// How another host may find this LUN: its URL, with a relative path made
+/// absolute (best effort).
+pub fn url_hint(name: &str) -> String {
+    if name.contains("://") || name.starts_with('/') {
+        return name.to_string();
+    }
+    std::fs::canonicalize(name)
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| name.to_string())
 }
 
 pub fn uuid_str(u: &[u8; 16]) -> String {
@@ -276,6 +288,7 @@ impl Volume {
                 + (u64::from(opts.max_hosts) * LOCK_SECTOR as u64).next_multiple_of(MD as u64),
             rt_blocks: opts.rt_blocks,
             journal_blocks: opts.journal_blocks,
+            urls: luns.iter().map(|l| url_hint(l.name())).collect(),
             extents,
         };
         let vol = Volume { header, luns };
@@ -479,6 +492,8 @@ impl Volume {
         };
         let e = plan_extent(i, self.header.total_blocks(), new.size(), &opts, new.name())?;
         self.header.extents.push(e);
+        self.header.urls.resize(i, String::new());
+        self.header.urls.push(url_hint(new.name()));
         self.header.config_gen += 1;
         self.luns.push(new);
         self.write_fbcs(i)?;
