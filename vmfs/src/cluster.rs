@@ -84,7 +84,7 @@ fn region(vol: &Volume) -> u64 {
 
 /// How a slot change must be confirmed on a LUN without compare-and-write.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Confirm {
+pub enum Confirm {
     /// Taking ownership (claim, recovery): write, wait two I/O timeouts,
     /// read back: a concurrent claimant's write would be visible by then.
     Wait,
@@ -178,9 +178,11 @@ pub struct Joined {
     pub member: Member,
     /// Journals of dead hosts replayed: (slot, report).
     pub replays: Vec<(u32, journal::Report)>,
-    /// Whether any slot (this host's own included) was left by a host that
-    /// stopped without unmounting.
+    /// Whether a slot was recovered while joining.
     pub unclean: bool,
+    /// Dead hosts found while joining, for the new member to recover under
+    /// the volume lock.
+    pub dead: Vec<Dead>,
 }
 
 type Slots = Vec<(HostSlot, Vec<u8>)>;
@@ -288,6 +290,11 @@ pub fn ensure_idle(vol: &Volume, t: &Timeouts, work: &str) -> Result<()> {
 /// journal, free the slot with generation + 1 (its locks are then stale).
 /// Ok(None) when another host changed the slot first (it recovers it, or
 /// the host was not dead).
+///
+/// `claim`: [`Confirm::Owned`] when the caller holds the volume lock (every
+/// other recoverer needs it too: a read-check-write is enough);
+/// [`Confirm::Wait`] (delta lease) when it cannot take it.
+#[allow(clippy::too_many_arguments)]
 pub fn recover(
     vol: &Volume,
     s: u32,
@@ -296,13 +303,14 @@ pub fn recover(
     replayer: u32,
     t: &Timeouts,
     why: &str,
+    claim: Confirm,
 ) -> Result<Option<Option<journal::Report>>> {
     let lun = vol.luns[0].clone();
     let mut rec = hs.clone();
     rec.state = SLOT_REPLAYING;
     rec.replayer = replayer;
     let enc = rec.encode(region(vol), s);
-    if !swap_sector(&*lun, vol.slot_off(s), sec, &enc, t, Confirm::Wait)? {
+    if !swap_sector(&*lun, vol.slot_off(s), sec, &enc, t, claim)? {
         tracing::info!("slot {s} changed before this host could recover it: another host is on it");
         return Ok(None);
     }
@@ -425,29 +433,53 @@ pub fn join(vol: &Volume, host: [u8; 16], t: Timeouts) -> Result<Joined> {
     let n = vol.header.max_hosts;
     let lun = vol.luns[0].clone();
     let (first, dead) = watch(vol, Some(host), &t, None)?;
+    let free_slot = |now: &Slots| {
+        // Our own slot if we had one, else a never-used one, else any free one.
+        (0..n)
+            .find(|&s| now[s as usize].0.host == host && now[s as usize].0.state == SLOT_FREE)
+            .or_else(|| {
+                (0..n).find(|&s| {
+                    now[s as usize].0.state == SLOT_FREE && now[s as usize].0.host == [0; 16]
+                })
+            })
+            .or_else(|| (0..n).find(|&s| now[s as usize].0.state == SLOT_FREE))
+    };
     let mut replays = Vec::new();
-    for &s in &dead {
+    let mut now = read_slots(vol)?;
+    let live = (0..n)
+        .filter(|&s| now[s as usize].0.state != SLOT_FREE && !dead.contains(&s))
+        .count();
+    if free_slot(&now).is_none() && live == 0 && !dead.is_empty() {
+        // Every slot is held by a dead host and no host lives to recover
+        // them under the volume lock: recover one here (delta lease).
+        let s = dead[0];
         let (hs, sec) = &first[s as usize];
-        // No slot of our own yet: the replayer field names the dead slot.
         let why = format!(
             "stopped without unmounting: no heartbeat for {} ms",
             t.lease.as_millis()
         );
-        if let Some(Some(rep)) = recover(vol, s, hs, sec, s, &t, &why)? {
+        if let Some(Some(rep)) = recover(vol, s, hs, sec, s, &t, &why, Confirm::Wait)? {
             replays.push((s, rep));
         }
+        now = read_slots(vol)?;
     }
-    // Claim: our own slot if we had one, else the first free one.
-    let now = read_slots(vol)?;
-    let slot = (0..n)
-        .find(|&s| now[s as usize].0.host == host && now[s as usize].0.state == SLOT_FREE)
-        .or_else(|| {
-            (0..n).find(|&s| {
-                now[s as usize].0.state == SLOT_FREE && now[s as usize].0.host == [0; 16]
-            })
+    let slot = free_slot(&now).ok_or_else(|| {
+        FsError::Invalid(format!(
+            "all {n} host slots are in use ({} by hosts that stopped and are being recovered: try again in a few seconds)",
+            dead.len()
+        ))
+    })?;
+    // Dead hosts left for this host to recover once it is a member.
+    let dead: Vec<Dead> = dead
+        .iter()
+        .filter(|&&s| s != slot && now[s as usize].1 == first[s as usize].1)
+        .map(|&s| Dead {
+            slot: s,
+            hs: first[s as usize].0.clone(),
+            sector: first[s as usize].1.clone(),
+            silent: t.lease,
         })
-        .or_else(|| (0..n).find(|&s| now[s as usize].0.state == SLOT_FREE))
-        .ok_or_else(|| FsError::Invalid(format!("all {n} host slots are in use")))?;
+        .collect();
     let (old, old_sec) = &now[slot as usize];
     let mut hs = old.clone();
     hs.state = SLOT_LIVE;
@@ -492,8 +524,9 @@ pub fn join(vol: &Volume, host: [u8; 16], t: Timeouts) -> Result<Joined> {
     m.start();
     Ok(Joined {
         member: m,
+        unclean: !replays.is_empty(),
         replays,
-        unclean: !dead.is_empty(),
+        dead,
     })
 }
 

@@ -1270,6 +1270,7 @@ impl Fs {
             member,
             replays,
             unclean,
+            dead,
         } = joined;
         let slot = member.slot;
         let _ = fs.member.set(member);
@@ -1278,7 +1279,21 @@ impl Fs {
             contended: std::sync::atomic::AtomicBool::new(true),
             monitor: Mutex::new(crate::cluster::Monitor::default()),
         });
-        fs.finish_open(slot, replays, unclean)?;
+        // Dead hosts found while joining: recovered as any member would,
+        // under the volume lock (before anything here waits on it).
+        let recovered = match fs.recover_slots(dead, "stopped without unmounting") {
+            Ok(n) => n,
+            Err(e) => {
+                if let Some(m) = fs.member.get() {
+                    let _ = m.leave();
+                }
+                fs.abandon();
+                return Err(e);
+            }
+        };
+        let mut all = replays;
+        all.extend(fs.replays());
+        fs.finish_open(slot, all, unclean || recovered > 0)?;
         Ok(fs)
     }
 
@@ -1610,13 +1625,41 @@ impl Fs {
                 }
             }
         }
+        if self.recover_slots(dead, "stopped")? > 0 {
+            let n = self.free_orphans()?;
+            if n > 0 {
+                tracing::info!("freed {n} file(s) the dead host had unlinked while open");
+            }
+            self.release_volume_lock()?;
+        }
+        Ok(())
+    }
+
+    /// Recover dead hosts (`why` for the log): for each, take the volume
+    /// lock — breaking its holds, and those of the other dead hosts: they
+    /// write nothing any more (self-fencing) — then, if its slot is still
+    /// as seen, mark it being replayed by this host, replay its journal,
+    /// free it with generation + 1. Every recoverer goes through the volume
+    /// lock, so a read-check-write of the slot suffices even on LUNs without
+    /// compare-and-write: no delta-lease waits in a takeover. Returns how
+    /// many this host recovered (their replays are in [`Fs::replays`]).
+    fn recover_slots(&self, dead: Vec<crate::cluster::Dead>, why: &str) -> Result<usize> {
+        let Some(m) = self.member.get() else {
+            return Ok(0);
+        };
+        let breaking: Vec<u32> = dead.iter().map(|d| d.slot).collect();
+        let mut done = 0;
         for d in dead {
+            let mut st = self.lock();
+            // Without reloading allocation summaries: the dead host may
+            // have left them half written until its journal is replayed.
+            self.vl_take(&mut st, &breaking, false)?;
             let why = format!(
-                "stopped: its heartbeat has not changed for {} ms (lease {} ms)",
+                "{why}: its heartbeat has not changed for {} ms (lease {} ms)",
                 d.silent.as_millis(),
                 m.timeouts.lease.as_millis()
             );
-            match crate::cluster::recover(
+            let r = crate::cluster::recover(
                 &self.vol(),
                 d.slot,
                 &d.hs,
@@ -1624,24 +1667,25 @@ impl Fs {
                 m.slot,
                 &m.timeouts,
                 &why,
-            )? {
-                None => {}
-                Some(rep) => {
-                    if let Some(r) = rep {
-                        self.replays
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push((d.slot, r));
-                    }
-                    let n = self.free_orphans()?;
-                    if n > 0 {
-                        tracing::info!("freed {n} file(s) the dead host had unlinked while open");
-                    }
-                    self.release_volume_lock()?;
+                crate::cluster::Confirm::Owned,
+            );
+            // What the replay wrote in place is newer than anything cached.
+            st.meta.clear();
+            st.alloc_stale = true;
+            st.cache_gen = None;
+            let left = self.vl_leave(&mut st, true);
+            if let Some(rep) = r? {
+                done += 1;
+                if let Some(rep) = rep {
+                    self.replays
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((d.slot, rep));
                 }
             }
+            left?;
         }
-        Ok(())
+        Ok(done)
     }
 
     /// Set or clear a file's multi-writer flag (several hosts may then
@@ -1759,6 +1803,12 @@ impl Fs {
     /// mode; nothing otherwise). Waits while another live host holds it; a
     /// dead holder's lock breaks when a survivor has recovered its slot.
     fn vl_enter(&self, st: &mut State) -> Result<()> {
+        self.vl_take(st, &[], true)
+    }
+
+    /// [`Fs::vl_enter`], counting the holds of the hosts in slots `breaking`
+    /// (found dead) as gone; `load_alloc`: reload stale allocation summaries.
+    fn vl_take(&self, st: &mut State, breaking: &[u32], load_alloc: bool) -> Result<()> {
         let (Some(sh), Some(m)) = (self.shared.get(), self.member.get()) else {
             return Ok(());
         };
@@ -1780,6 +1830,9 @@ impl Fs {
                 if *h == me {
                     return true;
                 }
+                if breaking.contains(&h.slot) {
+                    return false;
+                }
                 match table.get_or_init(|| crate::cluster::slot_table(&self.vol()).ok()) {
                     Some(t) => crate::cluster::is_current(t, h),
                     None => true, // cannot tell: assume it holds
@@ -1795,7 +1848,7 @@ impl Fs {
                     }
                     st.vl_held = Some(generation);
                     st.cache_gen = Some(generation);
-                    if st.alloc_stale {
+                    if st.alloc_stale && load_alloc {
                         let mut a = Alloc::load(&self.vol(), &mut st.meta)?;
                         a.keep_hints(&st.alloc);
                         st.alloc = a;
