@@ -79,6 +79,9 @@ pub struct Fs {
     member: std::sync::OnceLock<crate::cluster::Member>,
     /// Cluster mode (mounted with [`Fs::mount`]).
     shared: std::sync::OnceLock<Shared>,
+    /// The configuration generation whose new extent this host could not
+    /// open (said once in the log, not at every look).
+    unopened_gen: std::sync::atomic::AtomicU64,
 }
 
 impl Drop for Fs {
@@ -1408,6 +1411,7 @@ impl Fs {
             replays: Mutex::new(Vec::new()),
             member: std::sync::OnceLock::new(),
             shared: std::sync::OnceLock::new(),
+            unopened_gen: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -1616,13 +1620,10 @@ impl Fs {
             // An extent another host added shows in statfs without waiting
             // for an operation here.
             let mut st = self.lock();
-            if st.vl_held.is_none() {
-                self.refresh_volume(&mut st)?;
-                if st.alloc_stale {
-                    // Summaries are reloaded under the lock at the next operation.
-                    drop(st);
-                    self.op(|_, _| Ok(()))?;
-                }
+            if st.vl_held.is_none() && self.refresh_volume(&mut st)? {
+                // The allocation summaries (statfs) are reloaded under the lock.
+                drop(st);
+                self.op(|_, _| Ok(()))?;
             }
         }
         if self.recover_slots(dead, "stopped")? > 0 {
@@ -2756,18 +2757,18 @@ impl Fs {
     /// check them with the whole volume, and switch to the larger volume.
     /// A LUN this host cannot open leaves it on the old configuration, said
     /// in the log (its files there read as I/O errors here).
-    fn refresh_volume(&self, st: &mut State) -> Result<()> {
+    fn refresh_volume(&self, st: &mut State) -> Result<bool> {
         let Some(m) = self.member.get() else {
-            return Ok(());
+            return Ok(false);
         };
         let cur = self.vol();
         let mut b = vec![0u8; MD];
         cur.luns[0].read_at(&mut b, 0)?;
         let Ok(h) = VolumeHeader::decode(&b, Some(0)) else {
-            return Ok(()); // torn or damaged: the next look decides
+            return Ok(false); // torn or damaged: the next look decides
         };
         if h.uuid != cur.header.uuid || h.config_gen <= cur.header.config_gen {
-            return Ok(());
+            return Ok(false);
         }
         let mut luns = cur.luns.clone();
         for (i, e) in h.extents.iter().enumerate().skip(luns.len()) {
@@ -2781,11 +2782,17 @@ impl Fs {
                 Ok(l) => luns
                     .push(Arc::new(lun::FencedLun::new(l, m.lease.clone())) as Arc<dyn lun::Lun>),
                 Err(why) => {
+                    let was = self
+                        .unopened_gen
+                        .swap(h.config_gen, std::sync::atomic::Ordering::SeqCst);
+                    if was == h.config_gen {
+                        return Ok(false);
+                    }
                     tracing::error!(
                         "another host added extent {i} ({}) to the datastore, but this host cannot open it: {why}; remount with that LUN to use it",
                         crate::volume::uuid_str(&e.uuid)
                     );
-                    return Ok(());
+                    return Ok(false);
                 }
             }
         }
@@ -2798,6 +2805,6 @@ impl Fs {
         );
         self.set_vol(v);
         st.alloc_stale = true;
-        Ok(())
+        Ok(true)
     }
 }
