@@ -2796,7 +2796,22 @@ impl Fs {
                 }
             }
         }
-        let v = Volume::open(luns)?;
+        let v = match Volume::open(luns) {
+            Ok(v) => v,
+            Err(e) => {
+                let was = self
+                    .unopened_gen
+                    .swap(h.config_gen, std::sync::atomic::Ordering::SeqCst);
+                if was != h.config_gen {
+                    tracing::error!(
+                        "another host extended the datastore (configuration {}), but the new volume does not check out here: {e}; staying on configuration {}",
+                        h.config_gen,
+                        cur.header.config_gen
+                    );
+                }
+                return Ok(false);
+            }
+        };
         tracing::info!(
             "the datastore grew to {} extents ({} blocks): configuration generation {}",
             v.header.extents.len(),
