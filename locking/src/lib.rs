@@ -436,6 +436,21 @@ enum Ballot {
     Over,
 }
 
+/// After a phase of ballot `mbal` in instance `l` by slot `s`: why it must
+/// stop, if it must. A block that moved on to a later instance no longer
+/// shows its ballot in this one, so it counts as a higher ballot too
+/// (checked in both phases): without that, a host could "win" an instance
+/// another host had already won, released and left behind.
+fn outrun(all: &[Dblock], s: usize, l: u64, mbal: u64) -> Option<Ballot> {
+    if all.iter().any(|d| d.lver > l) {
+        return Some(Ballot::Over);
+    }
+    all.iter()
+        .enumerate()
+        .any(|(q, d)| q != s && d.lver == l && d.mbal > mbal)
+        .then_some(Ballot::Conflict)
+}
+
 impl VolumeLock {
     pub fn new(lun: Arc<dyn Lun>, off: u64) -> VolumeLock {
         let method = Method::for_lun(&*lun);
@@ -561,15 +576,8 @@ impl VolumeLock {
             inp,
         })?;
         let all = bb.read_all()?;
-        if all.iter().any(|d| d.lver > l) {
-            return Ok(Ballot::Over);
-        }
-        if all
-            .iter()
-            .enumerate()
-            .any(|(q, d)| q != s && d.lver == l && d.mbal > mbal)
-        {
-            return Ok(Ballot::Conflict);
+        if let Some(abort) = outrun(&all, s, l, mbal) {
+            return Ok(abort);
         }
         let v = all
             .iter()
@@ -583,20 +591,9 @@ impl VolumeLock {
             bal: mbal,
             inp: v,
         })?;
-        // A block that moved on to a later instance no longer shows its
-        // ballot in this one, so it counts as a higher ballot too: without
-        // this a host could "win" an instance another host already won,
-        // released and left behind.
         let all = bb.read_all()?;
-        if all.iter().any(|d| d.lver > l) {
-            return Ok(Ballot::Over);
-        }
-        if all
-            .iter()
-            .enumerate()
-            .any(|(q, d)| q != s && d.lver == l && d.mbal > mbal)
-        {
-            return Ok(Ballot::Conflict);
+        if let Some(abort) = outrun(&all, s, l, mbal) {
+            return Ok(abort);
         }
         Ok(if v == me {
             Ballot::Won
