@@ -247,7 +247,7 @@ fn two_survivors_race_and_exactly_one_recovers() {
                 sl,
             ])
             .arg(mnt)
-            .env("VMFS_LOG", "warn")
+            .env("VMFS_LOG", "info")
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap()
@@ -264,10 +264,24 @@ fn two_survivors_race_and_exactly_one_recovers() {
     }
     let t = Instant::now();
     while !(mounted(&mb) && mounted(&mc)) {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "one survivor did not mount"
-        );
+        if t.elapsed() > Duration::from_secs(20) {
+            // Say why: both survivors' logs.
+            let mut logs = String::new();
+            for mut p in [b, c] {
+                signal(&p, libc::SIGKILL);
+                let _ = p.wait();
+                let mut e = String::new();
+                let _ = std::io::Read::read_to_string(p.stderr.as_mut().unwrap(), &mut e);
+                logs.push_str(&e);
+            }
+            for m in [&mb, &mc] {
+                let _ = Command::new("fusermount3")
+                    .args(["-u", "-z"])
+                    .arg(m)
+                    .status();
+            }
+            panic!("one survivor did not mount:\n{logs}");
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(std::fs::read(mb.join("x")).unwrap(), b"x");

@@ -463,12 +463,45 @@ pub fn join(vol: &Volume, host: [u8; 16], t: Timeouts) -> Result<Joined> {
         }
         now = read_slots(vol)?;
     }
-    let slot = free_slot(&now).ok_or_else(|| {
-        FsError::Invalid(format!(
-            "all {n} host slots are in use ({} by hosts that stopped and are being recovered: try again in a few seconds)",
-            dead.len()
-        ))
-    })?;
+    // Claim a free slot; another mounting host may take the same one at
+    // the same moment: then look again (a few times).
+    let mut tries = 0;
+    let (slot, hs, sector) = loop {
+        let slot = free_slot(&now).ok_or_else(|| {
+            FsError::Invalid(format!(
+                "all {n} host slots are in use ({} by hosts that stopped and are being recovered: try again in a few seconds)",
+                dead.len()
+            ))
+        })?;
+        let (old, old_sec) = &now[slot as usize];
+        let mut hs = old.clone();
+        hs.state = SLOT_LIVE;
+        hs.replayer = 0;
+        hs.host = host;
+        hs.generation += 1;
+        hs.heartbeat = 0;
+        let sector = hs.encode(region(vol), slot);
+        if swap_sector(
+            &*lun,
+            vol.slot_off(slot),
+            old_sec,
+            &sector,
+            &t,
+            Confirm::Wait,
+        )? {
+            break (slot, hs, sector);
+        }
+        tries += 1;
+        if tries >= 8 {
+            return Err(FsError::Invalid(format!(
+                "other hosts kept claiming the free heartbeat slots at the same moment (last: slot {slot}); try again"
+            )));
+        }
+        tracing::info!(
+            "another host claimed heartbeat slot {slot} at the same moment: trying another"
+        );
+        now = read_slots(vol)?;
+    };
     // Dead hosts left for this host to recover once it is a member.
     let dead: Vec<Dead> = dead
         .iter()
@@ -480,26 +513,6 @@ pub fn join(vol: &Volume, host: [u8; 16], t: Timeouts) -> Result<Joined> {
             silent: t.lease,
         })
         .collect();
-    let (old, old_sec) = &now[slot as usize];
-    let mut hs = old.clone();
-    hs.state = SLOT_LIVE;
-    hs.replayer = 0;
-    hs.host = host;
-    hs.generation += 1;
-    hs.heartbeat = 0;
-    let sector = hs.encode(region(vol), slot);
-    if !swap_sector(
-        &*lun,
-        vol.slot_off(slot),
-        old_sec,
-        &sector,
-        &t,
-        Confirm::Wait,
-    )? {
-        return Err(FsError::Invalid(format!(
-            "another host claimed heartbeat slot {slot} at the same time; try again"
-        )));
-    }
     lun.flush()?;
     tracing::info!(
         "joined as host {} in slot {slot} (generation {}), heartbeat {} ms, lease {} ms",
