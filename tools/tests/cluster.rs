@@ -180,7 +180,27 @@ fn share_and_takeover(sl: &str, ma: &Path, mb: &Path) {
 #[test]
 fn a_stalled_host_fences_itself() {
     let (_d, lun, ma, mb) = setup();
-    let sl = lun.to_str().unwrap();
+    stalled(lun.to_str().unwrap(), &lun, &ma, &mb);
+}
+
+/// The same over NBD, where nothing is compare-and-write: the stopped host
+/// must not even renew its heartbeat over the recoverer's claim.
+#[test]
+fn a_stalled_host_fences_itself_over_nbd() {
+    let d = tempfile::tempdir().unwrap();
+    let (_server, url) = vmfs_tests::qemu_nbd(d.path(), "stall", 256 << 20);
+    assert!(vmfs(&["mkfs", "--block-size", "64K", &url])
+        .status
+        .success());
+    let (ma, mb) = (d.path().join("a"), d.path().join("b"));
+    std::fs::create_dir(&ma).unwrap();
+    std::fs::create_dir(&mb).unwrap();
+    stalled(&url, &d.path().join("stall.img"), &ma, &mb);
+}
+
+/// `sl`: the LUN as the hosts name it; `lun`: the file holding its bytes.
+fn stalled(sl: &str, lun: &Path, ma: &Path, mb: &Path) {
+    let (ma, mb) = (ma.to_path_buf(), mb.to_path_buf());
     let mut a = mount_fg(sl, &ma, A);
     std::fs::write(ma.join("before"), b"1").unwrap();
     std::fs::File::open(ma.join("before"))
@@ -193,7 +213,7 @@ fn a_stalled_host_fences_itself() {
     std::fs::write(mb.join("from-b"), b"b").unwrap();
     signal(&b, libc::SIGTERM);
     assert!(b.wait().unwrap().success());
-    let sum = digest(&lun);
+    let sum = digest(lun);
     // Host a wakes up with a write queued against it.
     let ma2 = ma.clone();
     let writer = std::thread::spawn(move || {
@@ -205,14 +225,14 @@ fn a_stalled_host_fences_itself() {
     let r = writer.join().unwrap();
     assert!(r.is_err(), "a fenced host acknowledged a write");
     std::thread::sleep(Duration::from_millis(1500)); // heartbeats, commit timer
-    assert_eq!(digest(&lun), sum, "the fenced host wrote to the volume");
+    assert_eq!(digest(lun), sum, "the fenced host wrote to the volume");
     signal(&a, libc::SIGTERM);
     let _ = a.wait();
     let _ = Command::new("fusermount3")
         .args(["-u", "-z"])
         .arg(&ma)
         .status();
-    assert_eq!(digest(&lun), sum, "the fenced host wrote while stopping");
+    assert_eq!(digest(lun), sum, "the fenced host wrote while stopping");
     let o = vmfs(&["fsck", sl]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let o = vmfs(&["hosts", sl]);

@@ -564,6 +564,19 @@ impl Member {
                     }
                     let started = Instant::now();
                     let mut o = own.lock().unwrap_or_else(|p| p.into_inner());
+                    // A host that went silent past its safe window (stalled,
+                    // SIGSTOP) may already be being recovered: it must not
+                    // write its slot again, or on a LUN without
+                    // compare-and-write its renewal could land over the
+                    // recoverer's claim. It stays fenced.
+                    if let Err(why) = lease.check() {
+                        tracing::error!(
+                            "host {} (slot {}): stops writing to the datastore and no longer renews its heartbeat: {why}",
+                            uuid_str(&o.hs.host),
+                            o.slot
+                        );
+                        break;
+                    }
                     let mut next = o.hs.clone();
                     next.heartbeat += 1;
                     let enc = next.encode(region, o.slot);
