@@ -194,12 +194,12 @@ impl LockRec {
 
     /// The same lock with holders that are no longer current removed.
     pub fn live(&self, m: &dyn Members) -> LockRec {
-        let holders: Vec<Holder> = self
-            .holders
-            .iter()
-            .copied()
-            .filter(|h| m.is_current(h))
-            .collect();
+        self.keep(|h| m.is_current(h))
+    }
+
+    /// The same lock with only the holders `f` keeps (free when none).
+    fn keep(&self, f: impl Fn(&Holder) -> bool) -> LockRec {
+        let holders: Vec<Holder> = self.holders.iter().copied().filter(|h| f(h)).collect();
         LockRec {
             mode: if holders.is_empty() {
                 Mode::Free
@@ -236,16 +236,7 @@ impl LockRec {
 
     /// Remove `me`.
     pub fn without(&self, me: &Holder) -> LockRec {
-        let holders: Vec<Holder> = self.holders.iter().copied().filter(|h| h != me).collect();
-        LockRec {
-            mode: if holders.is_empty() {
-                Mode::Free
-            } else {
-                self.mode
-            },
-            generation: self.generation,
-            holders,
-        }
+        self.keep(|h| h != me)
     }
 }
 
@@ -305,36 +296,74 @@ pub fn update(
         }
         return Ok((cur, new));
     }
-    let bs = u64::from(lun.block_size()).max(SECTOR as u64);
+    let mut torn = 0;
+    let mut seen = (LockRec::default(), None);
+    caw_in_block(lun, off, SECTOR, |b| match LockRec::decode(b) {
+        Ok(cur) => {
+            let new = f(&cur)?;
+            let d = new
+                .as_ref()
+                .map_or(Decision::Keep, |n| Decision::Write(n.encode()));
+            seen = (cur, new);
+            Ok(d)
+        }
+        Err(_) if torn < TORN_READ_RETRIES => {
+            torn += 1;
+            torn_read_pause(torn);
+            Ok(Decision::ReadAgain)
+        }
+        Err(r) => Err(corrupt(lun, off, r)),
+    })?;
+    Ok(seen)
+}
+
+/// What [`caw_in_block`] does with the bytes it read.
+pub enum Decision {
+    /// Leave them.
+    Keep,
+    /// Replace them with these (same length).
+    Write(Vec<u8>),
+    /// Read again (a torn read).
+    ReadAgain,
+}
+
+/// Change the `len` bytes at `off` by compare-and-write of the LUN block
+/// that holds them: read the block, let `decide` look at the bytes, write
+/// the block back with the new bytes if the whole block is unchanged, and
+/// start over when other bytes of it moved meanwhile (a neighbouring sector
+/// of a 4K-sector LUN). Returns whether `decide`'s bytes were written.
+pub fn caw_in_block<E: From<LockError>>(
+    lun: &dyn Lun,
+    off: u64,
+    len: usize,
+    mut decide: impl FnMut(&[u8]) -> std::result::Result<Decision, E>,
+) -> std::result::Result<bool, E> {
+    let bs = u64::from(lun.block_size()).max(len as u64);
     let base = off - off % bs;
     let at = (off - base) as usize;
     let mut block = vec![0u8; bs as usize];
-    let mut torn = 0;
     for _ in 0..1000 {
-        lun.read_at(&mut block, base)?;
-        let cur = match LockRec::decode(&block[at..at + SECTOR]) {
-            Ok(c) => c,
-            Err(_) if torn < TORN_READ_RETRIES => {
-                torn += 1;
-                torn_read_pause(torn);
-                continue;
-            }
-            Err(r) => return Err(corrupt(lun, off, r)),
-        };
-        let Some(new) = f(&cur)? else {
-            return Ok((cur, None));
+        lun.read_at(&mut block, base).map_err(LockError::from)?;
+        let new = match decide(&block[at..at + len])? {
+            Decision::Keep => return Ok(false),
+            Decision::ReadAgain => continue,
+            Decision::Write(n) => n,
         };
         let mut nb = block.clone();
-        nb[at..at + SECTOR].copy_from_slice(&new.encode());
-        match lun.compare_and_write(base, &block, &nb)? {
-            CompareAndWrite::Written => return Ok((cur, Some(new))),
+        nb[at..at + len].copy_from_slice(&new);
+        match lun
+            .compare_and_write(base, &block, &nb)
+            .map_err(LockError::from)?
+        {
+            CompareAndWrite::Written => return Ok(true),
             CompareAndWrite::Mismatch => continue,
         }
     }
     Err(LockError::Contended {
         lun: lun.name().to_string(),
         offset: off,
-    })
+    }
+    .into())
 }
 
 /// A host's Disk Paxos ballot block for the volume lock.

@@ -43,6 +43,28 @@ fn digest(p: &Path) -> u64 {
 const A: &str = "aaaaaaaa-0000-4000-8000-000000000001";
 const B: &str = "bbbbbbbb-0000-4000-8000-000000000002";
 
+/// A datastore on an NBD export `name` (image `name.img` in the returned
+/// directory) served by one qemu-nbd, and two mountpoints.
+fn setup_nbd(
+    name: &str,
+) -> (
+    tempfile::TempDir,
+    vmfs_tests::Server,
+    String,
+    PathBuf,
+    PathBuf,
+) {
+    let d = tempfile::tempdir().unwrap();
+    let (server, url) = vmfs_tests::qemu_nbd(d.path(), name, 256 << 20);
+    assert!(vmfs(&["mkfs", "--block-size", "64K", &url])
+        .status
+        .success());
+    let (ma, mb) = (d.path().join("a"), d.path().join("b"));
+    std::fs::create_dir(&ma).unwrap();
+    std::fs::create_dir(&mb).unwrap();
+    (d, server, url, ma, mb)
+}
+
 fn setup() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
     let d = tempfile::tempdir().unwrap();
     let lun = d.path().join("lun.img");
@@ -76,14 +98,7 @@ fn two_hosts_share_and_takeover_after_kill() {
 
 #[test]
 fn two_hosts_share_and_takeover_after_kill_over_nbd() {
-    let d = tempfile::tempdir().unwrap();
-    let (_server, url) = vmfs_tests::qemu_nbd(d.path(), "shared", 256 << 20);
-    assert!(vmfs(&["mkfs", "--block-size", "64K", &url])
-        .status
-        .success());
-    let (ma, mb) = (d.path().join("a"), d.path().join("b"));
-    std::fs::create_dir(&ma).unwrap();
-    std::fs::create_dir(&mb).unwrap();
+    let (_d, _server, url, ma, mb) = setup_nbd("shared");
     share_and_takeover(&url, &ma, &mb);
 }
 
@@ -187,14 +202,7 @@ fn a_stalled_host_fences_itself() {
 /// must not even renew its heartbeat over the recoverer's claim.
 #[test]
 fn a_stalled_host_fences_itself_over_nbd() {
-    let d = tempfile::tempdir().unwrap();
-    let (_server, url) = vmfs_tests::qemu_nbd(d.path(), "stall", 256 << 20);
-    assert!(vmfs(&["mkfs", "--block-size", "64K", &url])
-        .status
-        .success());
-    let (ma, mb) = (d.path().join("a"), d.path().join("b"));
-    std::fs::create_dir(&ma).unwrap();
-    std::fs::create_dir(&mb).unwrap();
+    let (d, _server, url, ma, mb) = setup_nbd("stall");
     stalled(&url, &d.path().join("stall.img"), &ma, &mb);
 }
 

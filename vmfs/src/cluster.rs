@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lun::{CompareAndWrite, Lease, Lun};
+use lun::{Lease, Lun};
 
 use crate::error::{FsError, Result};
 use crate::format::*;
@@ -105,35 +105,21 @@ fn swap_sector(
     t: &Timeouts,
     confirm: Confirm,
 ) -> Result<bool> {
-    let bs = u64::from(lun.block_size());
-    let base = off - off % bs;
-    let at = (off - base) as usize;
-    let mut block = vec![0u8; bs as usize];
     if lun.has_compare_and_write() {
-        for _ in 0..100 {
-            lun.read_at(&mut block, base)?;
-            if block[at..at + expect.len()] != *expect {
-                return Ok(false);
-            }
-            let mut nb = block.clone();
-            nb[at..at + new.len()].copy_from_slice(new);
-            match lun.compare_and_write(base, &block, &nb)? {
-                CompareAndWrite::Written => {
-                    // A claim is made durable; a renewal need only be seen
-                    // (flushing a busy LUN file can take longer than the
-                    // safe window, and would fence a healthy host).
-                    if confirm == Confirm::Wait {
-                        lun.flush()?;
-                    }
-                    return Ok(true);
-                }
-                CompareAndWrite::Mismatch => continue, // a neighbour renewed: again
-            }
+        let written = locking::caw_in_block(lun, off, expect.len(), |cur| {
+            Ok::<_, FsError>(if cur == expect {
+                locking::Decision::Write(new.to_vec())
+            } else {
+                locking::Decision::Keep
+            })
+        })?;
+        // A claim is made durable; a renewal need only be seen (flushing a
+        // busy LUN file can take longer than the safe window, and would
+        // fence a healthy host).
+        if written && confirm == Confirm::Wait {
+            lun.flush()?;
         }
-        return Err(FsError::Invalid(format!(
-            "{}: heartbeat sector at {off} keeps changing under compare-and-write",
-            lun.name()
-        )));
+        return Ok(written);
     }
     let mut cur = vec![0u8; expect.len()];
     lun.read_at(&mut cur, off)?;

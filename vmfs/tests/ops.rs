@@ -226,7 +226,7 @@ fn wrong_missing_reordered_foreign_extents() {
 #[test]
 fn extend_adds_capacity() {
     let l = luns(&[16 << 20]);
-    let mut fs = Fs::mkfs(l.clone(), &MkfsOptions::default()).unwrap();
+    let fs = Fs::mkfs(l.clone(), &MkfsOptions::default()).unwrap();
     let before = fs.usage().total_blocks;
     let n = luns(&[32 << 20]);
     fs.extend(n[0].clone()).unwrap();
@@ -236,7 +236,7 @@ fn extend_adds_capacity() {
         .unwrap();
     fs.write(f.addr, 0, &pattern(9, 30 << 20)).unwrap();
     drop(fs);
-    let mut fs = Fs::open(vec![l[0].clone(), n[0].clone()]).unwrap();
+    let fs = Fs::open(vec![l[0].clone(), n[0].clone()]).unwrap();
     assert_eq!(
         fs.read(fs.lookup(fs.root(), b"f").unwrap().addr, 0, 30 << 20)
             .unwrap(),
