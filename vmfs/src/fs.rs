@@ -1826,19 +1826,8 @@ impl Fs {
         let mut said = false;
         loop {
             m.check_lease()?;
-            let table = std::cell::OnceCell::new();
-            let members = |h: &locking::Holder| {
-                if *h == me {
-                    return true;
-                }
-                if breaking.contains(&h.slot) {
-                    return false;
-                }
-                match table.get_or_init(|| crate::cluster::slot_table(&self.vol()).ok()) {
-                    Some(t) => crate::cluster::is_current(t, h),
-                    None => true, // cannot tell: assume it holds
-                }
-            };
+            let current = self.current_holders(me);
+            let members = |h: &locking::Holder| !breaking.contains(&h.slot) && current(h);
             match sh.vlock.try_acquire(me, &members, &ballots)? {
                 locking::Attempt::Acquired { generation } => {
                     if st.cache_gen.is_none_or(|g| g + 1 != generation) {
@@ -1915,6 +1904,21 @@ impl Fs {
     pub fn release_volume_lock(&self) -> Result<()> {
         let mut st = self.lock();
         self.vl_leave(&mut st, true)
+    }
+
+    /// Whether a lock holder is current (see [`crate::cluster::is_current`]),
+    /// reading the slot table once, and only when asked about a host other
+    /// than `me`. A table that cannot be read counts every holder as current
+    /// (the safe side: wait, or refuse).
+    fn current_holders(&self, me: locking::Holder) -> impl Fn(&locking::Holder) -> bool + '_ {
+        let table = std::cell::OnceCell::new();
+        move |h| {
+            *h == me
+                || match table.get_or_init(|| crate::cluster::slot_table(&self.vol()).ok()) {
+                    Some(t) => crate::cluster::is_current(t, h),
+                    None => true,
+                }
+        }
     }
 
     /// "host UUID (slot N)" for a lock holder.
@@ -2426,8 +2430,7 @@ impl Fs {
             let m = self.member.get().expect("cluster mode has a member");
             let me = m.holder();
             let (lun, off) = self.lock_sector(i.addr)?;
-            let table = crate::cluster::slot_table(&self.vol())?;
-            let members = |h: &locking::Holder| *h == me || crate::cluster::is_current(&table, h);
+            let members = self.current_holders(me);
             if let Err(held) = locking::acquire_under_volume_lock(&*lun, off, mode, me, &members)? {
                 let who: Vec<String> = held
                     .holders
