@@ -5,22 +5,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod common;
-use common::{mounted, text, vmfs, VMFS};
+use common::{digest, mounted, text, vmfs, VMFS};
 
 fn img(dir: &Path, name: &str, size: u64) -> PathBuf {
     let p = dir.join(name);
     std::fs::File::create(&p).unwrap().set_len(size).unwrap();
     p
-}
-
-fn digest(p: &Path) -> u64 {
-    // FNV over the bytes: enough to notice any write.
-    std::fs::read(p)
-        .unwrap()
-        .iter()
-        .fold(0xcbf29ce484222325u64, |h, &b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
-        })
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{mounted, text, vmfs, VMFS};
+use common::{digest, mounted, signal, text, vmfs, VMFS};
 
 const LEASE: &str = "800";
 
@@ -24,20 +24,6 @@ fn kill_host(c: &mut Child, mnt: &Path) {
         .args(["-u", "-z"])
         .arg(mnt)
         .status();
-}
-
-fn signal(c: &Child, sig: i32) {
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(c.id() as i32, sig) };
-}
-
-fn digest(p: &Path) -> u64 {
-    std::fs::read(p)
-        .unwrap()
-        .iter()
-        .fold(0xcbf29ce484222325u64, |h, &b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
-        })
 }
 
 const A: &str = "aaaaaaaa-0000-4000-8000-000000000001";

@@ -110,8 +110,7 @@ fn run(lun: &str, dir: &Path) {
         );
     }
     for (mut h, m) in std::mem::take(&mut guard.0) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(h.id() as i32, libc::SIGTERM) };
+        common::signal(&h, libc::SIGTERM);
         assert!(
             h.wait().unwrap().success(),
             "host on {} failed",
@@ -143,8 +142,7 @@ fn run(lun: &str, dir: &Path) {
         assert_eq!(n, want, "h{i} holds {n} names, {want} expected");
     }
     let (mut h, _) = guard.0.pop().unwrap();
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(h.id() as i32, libc::SIGTERM) };
+    common::signal(&h, libc::SIGTERM);
     assert!(h.wait().unwrap().success());
     eprintln!("{HOSTS} hosts left {total} files, all present and intact");
     // Over NBD every lock change is a Disk Paxos round and every release a

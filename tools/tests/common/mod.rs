@@ -58,3 +58,19 @@ pub fn mount_foreground_lease(args: &[&str], mnt: &Path, lease_ms: u32) -> std::
     }
     child
 }
+
+/// FNV-1a over a file's bytes: enough to notice any write.
+pub fn digest(p: &Path) -> u64 {
+    std::fs::read(p)
+        .unwrap()
+        .iter()
+        .fold(0xcbf29ce484222325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+        })
+}
+
+/// Send `sig` to a child process.
+pub fn signal(c: &std::process::Child, sig: i32) {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(c.id() as i32, sig) };
+}
