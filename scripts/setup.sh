@@ -10,6 +10,9 @@ command -v fusermount3 >/dev/null || need_apt+=(fuse3)
 command -v qemu-nbd    >/dev/null || need_apt+=(qemu-utils)
 command -v nbdkit      >/dev/null || need_apt+=(nbdkit)
 command -v pkg-config  >/dev/null || need_apt+=(pkg-config)
+command -v tgtd        >/dev/null || need_apt+=(tgt)
+command -v iscsi-perf  >/dev/null || need_apt+=(libiscsi-bin)
+[ -e /usr/include/iscsi/iscsi.h ] || need_apt+=(libiscsi-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"
   $SUDO apt-get update -qq

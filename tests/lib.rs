@@ -153,3 +153,222 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// One LUN served by [`Tgt`]: its own target (`tid`, LUN 1) over a file.
+#[derive(Clone)]
+pub struct TgtLun {
+    pub tid: u32,
+    pub iqn: String,
+    pub backing: PathBuf,
+    /// What INQUIRY VPD 0x83 reports (tgt derives its NAA designator from it).
+    pub scsi_id: String,
+    /// CHAP account bound to the target, if any.
+    pub chap: Option<(String, String)>,
+}
+
+/// tgtd, the userspace iSCSI target, on a free loopback port with its own
+/// control port; killed on drop. Its configuration lives only in memory,
+/// so [`Tgt::restart`] sets every target up again (same names, same SCSI
+/// ids), as an administrator's config file would.
+pub struct Tgt {
+    child: Option<Child>,
+    pub port: u16,
+    control: u16,
+    dir: PathBuf,
+    pub luns: Vec<TgtLun>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Tgt {
+    pub fn start(dir: &Path) -> Tgt {
+        require("tgtd");
+        require("tgtadm");
+        let port = free_port();
+        let mut t = Tgt {
+            child: None,
+            port,
+            // tgtd's control socket is /var/run/tgtd/socket.N, N a 16-bit
+            // signed number: unique as long as the ports are (the ephemeral
+            // range is narrower than 32768).
+            control: port & 0x7fff,
+            dir: dir.to_path_buf(),
+            luns: Vec::new(),
+        };
+        t.launch();
+        t
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::File::create(self.dir.join(format!("tgtd-{}.log", self.port))).unwrap();
+        let child = Command::new("tgtd")
+            .args(["-f", "-C", &self.control.to_string(), "--iscsi"])
+            .arg(format!("portal=127.0.0.1:{}", self.port))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start tgtd");
+        self.child = Some(child);
+        let t = Instant::now();
+        loop {
+            let ok = Command::new("tgtadm")
+                .args([
+                    "-C",
+                    &self.control.to_string(),
+                    "--op",
+                    "show",
+                    "--mode",
+                    "sys",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            let listening = std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok();
+            if ok && listening {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(20), "tgtd did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Run `tgtadm --lld iscsi ARGS` against this tgtd.
+    pub fn adm(&self, args: &[&str]) {
+        let out = Command::new("tgtadm")
+            .args(["-C", &self.control.to_string(), "--lld", "iscsi"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "tgtadm {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn configure(&self, l: &TgtLun) {
+        let tid = l.tid.to_string();
+        self.adm(&[
+            "--op", "new", "--mode", "target", "--tid", &tid, "-T", &l.iqn,
+        ]);
+        self.adm(&[
+            "--op",
+            "new",
+            "--mode",
+            "logicalunit",
+            "--tid",
+            &tid,
+            "--lun",
+            "1",
+            "-b",
+            l.backing.to_str().unwrap(),
+        ]);
+        let params = format!(
+            "scsi_id={},scsi_sn={}",
+            l.scsi_id,
+            &l.scsi_id[l.scsi_id.len() - 8..]
+        );
+        self.adm(&[
+            "--op",
+            "update",
+            "--mode",
+            "logicalunit",
+            "--tid",
+            &tid,
+            "--lun",
+            "1",
+            "--params",
+            &params,
+        ]);
+        if let Some((user, pass)) = &l.chap {
+            self.adm(&[
+                "--op",
+                "new",
+                "--mode",
+                "account",
+                "--user",
+                user,
+                "--password",
+                pass,
+            ]);
+            self.adm(&[
+                "--op", "bind", "--mode", "account", "--tid", &tid, "--user", user,
+            ]);
+        }
+        self.adm(&[
+            "--op", "bind", "--mode", "target", "--tid", &tid, "-I", "ALL",
+        ]);
+    }
+
+    /// A new target with one LUN over a new sparse file of `size` bytes;
+    /// returns the LUN's URL.
+    pub fn add_lun(&mut self, name: &str, size: u64) -> String {
+        let backing = self.dir.join(format!("{name}.img"));
+        std::fs::File::create(&backing)
+            .unwrap()
+            .set_len(size)
+            .unwrap();
+        self.add_existing(name, &backing, None)
+    }
+
+    /// A new target with one LUN over an existing file, optionally behind CHAP.
+    pub fn add_existing(
+        &mut self,
+        name: &str,
+        backing: &Path,
+        chap: Option<(&str, &str)>,
+    ) -> String {
+        let tid = self.luns.len() as u32 + 1;
+        let scsi_id = format!("{:08x}{:08x}", self.port, tid * 0x1001 + std::process::id());
+        let l = TgtLun {
+            tid,
+            iqn: format!("iqn.2026-11.org.vmfs.test:{name}"),
+            backing: backing.to_path_buf(),
+            scsi_id,
+            chap: chap.map(|(u, p)| (u.to_string(), p.to_string())),
+        };
+        self.configure(&l);
+        self.luns.push(l.clone());
+        self.url(&l)
+    }
+
+    pub fn url(&self, l: &TgtLun) -> String {
+        format!("iscsi://127.0.0.1:{}/{}/1", self.port, l.iqn)
+    }
+
+    /// Kill tgtd (SIGKILL: connections drop without a goodbye).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start tgtd again on the same port and set every target up again.
+    pub fn revive(&mut self) {
+        self.launch();
+        for l in self.luns.clone() {
+            self.configure(&l);
+        }
+    }
+
+    /// Kill and revive.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.revive();
+    }
+}
+
+impl Drop for Tgt {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -28,7 +28,7 @@ pub enum LunError {
     Unsupported { lun: String, what: &'static str },
     #[error("{lun}: {what}")]
     InvalidArgument { lun: String, what: String },
-    #[error("{url}: not a LUN URL: {reason} (expected a path, file:///path, nbd://host[:port]/export or nbd+unix:///export?socket=/path)")]
+    #[error("{url}: not a LUN URL: {reason} (expected a path, file:///path, nbd://host[:port]/export, nbd+unix:///export?socket=/path or iscsi://[user[%password]@]host[:port]/target-iqn/lun)")]
     BadUrl { url: String, reason: String },
     #[error("{lun}: NBD protocol error: {what}")]
     Protocol { lun: String, what: String },
@@ -45,6 +45,15 @@ pub enum LunError {
         errno: u32,
         message: String,
     },
+    #[error("{lun}: SCSI {command} at offset {offset} failed: {status}")]
+    Scsi {
+        lun: String,
+        command: &'static str,
+        offset: u64,
+        status: String,
+    },
+    #[error("{lun}: iSCSI: {what}")]
+    Iscsi { lun: String, what: String },
     #[error("{lun}: connection lost: {what}")]
     Disconnected { lun: String, what: String },
     #[error("{lun}: this host is fenced and writes nothing more to the datastore: {why}")]

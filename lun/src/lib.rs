@@ -1,7 +1,8 @@
 //! Block access to LUNs.
 //!
 //! One trait, [`Lun`], for every kind of block storage the datastore sits on:
-//! local files and block devices ([`FileLun`]), NBD exports ([`NbdLun`]), and
+//! local files and block devices ([`FileLun`]), NBD exports ([`NbdLun`]),
+//! iSCSI LUNs through libiscsi ([`IscsiLun`]), and
 //! for tests an in-memory LUN ([`MemLun`]) and a fault-injecting wrapper
 //! ([`FaultLun`]). LUNs are addressed in bytes; [`open`] takes a path or a URL
 //! written the way QEMU writes it.
@@ -14,6 +15,7 @@ mod error;
 mod fault;
 mod fence;
 mod file;
+pub mod iscsi;
 mod mem;
 pub mod nbd;
 mod url;
@@ -25,9 +27,10 @@ pub use error::{LunError, Result};
 pub use fault::{FaultLun, FaultPlan};
 pub use fence::{FencedLun, Lease};
 pub use file::FileLun;
+pub use iscsi::{IscsiLun, IscsiOptions};
 pub use mem::MemLun;
 pub use nbd::NbdLun;
-pub use url::{LunUrl, NbdAddr};
+pub use url::{redact, IscsiUrl, LunUrl, NbdAddr};
 
 /// The result of a one-sector compare-and-write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,11 +110,33 @@ pub(crate) fn check_caw(lun: &dyn Lun, offset: u64, expect: &[u8], new: &[u8]) -
     check_range(lun.name(), lun.size(), offset, bs as u64)
 }
 
+/// How to open a LUN.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenOptions {
+    /// The longest one I/O may take on network LUNs that retry on their own
+    /// (iSCSI), re-sends included; `None` for the backend's default. A
+    /// mounted host sets it from its lease (see `vmfs::cluster::Timeouts`).
+    pub io_timeout: Option<std::time::Duration>,
+}
+
 /// Open a LUN by path or URL: `/path`, `file:///path`,
-/// `nbd://host[:port]/export`, `nbd+unix:///export?socket=/path`.
+/// `nbd://host[:port]/export`, `nbd+unix:///export?socket=/path`,
+/// `iscsi://[user[%password]@]host[:port]/target-iqn/lun`.
 pub fn open(spec: &str) -> Result<Arc<dyn Lun>> {
+    open_with(spec, OpenOptions::default())
+}
+
+/// [`open`] with options.
+pub fn open_with(spec: &str, opts: OpenOptions) -> Result<Arc<dyn Lun>> {
     match LunUrl::parse(spec)? {
         LunUrl::File(path) => Ok(Arc::new(FileLun::open(&path, spec)?)),
         LunUrl::Nbd { addr, export } => Ok(Arc::new(NbdLun::connect(addr, &export, spec)?)),
+        LunUrl::Iscsi(url) => {
+            let mut o = IscsiOptions::default();
+            if let Some(t) = opts.io_timeout {
+                o.io_timeout = t;
+            }
+            Ok(Arc::new(IscsiLun::connect(&url, &url.redacted(), o)?))
+        }
     }
 }

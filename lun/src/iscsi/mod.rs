@@ -1,0 +1,793 @@
+//! iSCSI LUNs through libiscsi.
+//!
+//! One event-loop thread per LUN owns the libiscsi context. Callers build a
+//! command (CDB, direction, data), send it to the loop through a channel and
+//! an eventfd, and wait for its completion; large transfers are split and all
+//! pieces are in flight at once, and many callers can have commands in flight
+//! together. The loop polls the iSCSI socket and calls `iscsi_service`, which
+//! also times out overdue commands and drives reconnects.
+//!
+//! **Dropped connections.** libiscsi logs in again by itself and re-sends the
+//! commands that were in flight; re-sending a WRITE rewrites the same bytes,
+//! so no write's effect is lost or doubled. A COMPARE AND WRITE that reports
+//! a miscompare after a reconnect may be our own first attempt, already
+//! applied: the sector is read back, and if it holds our new bytes the
+//! command is reported as written. Unit attentions after a reconnect are
+//! consumed by libiscsi (TEST UNIT READY) and retried by us otherwise.
+//!
+//! **Timeouts and fencing.** Each command has libiscsi's per-command timeout
+//! of half the LUN's I/O timeout (at least a second; libiscsi counts whole
+//! seconds). A re-sent command gets a fresh timeout, so a write reaches the
+//! target within one I/O timeout of being issued or not at all: a host that
+//! fences itself cannot have old writes land later, after a reconnect.
+//!
+//! **COMPARE AND WRITE** is used when the target reports it (VPD page 0xB0,
+//! MAXIMUM COMPARE AND WRITE LENGTH ≥ 1), except on targets known to
+//! implement it without atomicity: tgt's `bs_rdwr` backend reads, compares
+//! and writes from a thread pool without a lock, so two hosts can both
+//! "win" (see [`caw_quirk`]). Those LUNs use the no-ATS locking path.
+
+mod ffi;
+pub mod scsi;
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::url::IscsiUrl;
+use crate::{check_caw, check_range, CompareAndWrite, Lun, LunError, Result};
+use ffi::{Completion, Dir};
+
+/// Commands larger than this are split (and sent concurrently).
+const MAX_TRANSFER: u64 = 1 << 20;
+/// How often a command that met a unit attention is sent again.
+const UA_RETRIES: u32 = 10;
+/// How often a command the target was too busy for is sent again.
+const BUSY_RETRIES: u32 = 50;
+
+/// Options for opening an iSCSI LUN.
+#[derive(Debug, Clone, Copy)]
+pub struct IscsiOptions {
+    /// The longest one command may take, re-sends included (see the module
+    /// documentation). The cluster layer sets it from its lease.
+    pub io_timeout: Duration,
+}
+
+impl Default for IscsiOptions {
+    fn default() -> Self {
+        IscsiOptions {
+            io_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the target told us about the LUN.
+#[derive(Debug, Clone)]
+pub struct IscsiInfo {
+    pub vendor: String,
+    pub product: String,
+    pub revision: String,
+    pub serial: Option<String>,
+    pub identity: String,
+    pub blocks: u64,
+    pub block_len: u32,
+    /// COMPARE AND WRITE advertised by the target.
+    pub caw_advertised: bool,
+    /// COMPARE AND WRITE used (advertised and not known to be non-atomic).
+    pub caw: bool,
+    /// Why an advertised COMPARE AND WRITE is not used.
+    pub caw_quirk: Option<&'static str>,
+    pub unmap: bool,
+    pub unmap_reads_zero: bool,
+    pub max_unmap_blocks: u32,
+    pub max_transfer: u64,
+}
+
+/// Targets whose COMPARE AND WRITE is not atomic, by INQUIRY vendor and product.
+pub fn caw_quirk(vendor: &str, product: &str) -> Option<&'static str> {
+    match (vendor, product) {
+        ("IET", "VIRTUAL-DISK") => Some(
+            "tgt advertises COMPARE AND WRITE, but its rdwr backend reads, compares and \
+             writes without a lock, so it is not atomic between sessions",
+        ),
+        _ => None,
+    }
+}
+
+enum Msg {
+    Cmd {
+        cdb: Vec<u8>,
+        dir: Dir,
+        data_out: Vec<u8>,
+        reply: mpsc::Sender<Completion>,
+    },
+    Stop,
+}
+
+/// A LUN reached over iSCSI.
+pub struct IscsiLun {
+    name: String,
+    tx: mpsc::Sender<Msg>,
+    wake: OwnedFd,
+    thread: Option<JoinHandle<()>>,
+    info: IscsiInfo,
+}
+
+/// The loop's copy of the login parameters (owned strings).
+struct LoginData {
+    initiator: String,
+    target: String,
+    portal: String,
+    lun: u16,
+    chap: Option<(String, String)>,
+    target_chap: Option<(String, String)>,
+    header_digest: Option<i32>,
+    timeout_s: u32,
+    tcp_user_timeout_ms: u32,
+}
+
+fn default_initiator() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let host = if ok {
+        let n = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..n])
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
+            .collect::<String>()
+            .to_lowercase()
+    } else {
+        String::new()
+    };
+    if host.is_empty() {
+        "iqn.2026-11.org.vmfs:host".into()
+    } else {
+        format!("iqn.2026-11.org.vmfs:{host}")
+    }
+}
+
+fn event_loop(
+    login: LoginData,
+    rx: mpsc::Receiver<Msg>,
+    wake: i32,
+    ready: mpsc::SyncSender<std::result::Result<(), String>>,
+    name: String,
+) {
+    let l = ffi::Login {
+        initiator: &login.initiator,
+        target: &login.target,
+        portal: &login.portal,
+        lun: login.lun,
+        chap: login.chap.as_ref().map(|(u, p)| (u.as_str(), p.as_str())),
+        target_chap: login
+            .target_chap
+            .as_ref()
+            .map(|(u, p)| (u.as_str(), p.as_str())),
+        header_digest: login.header_digest,
+        timeout_s: login.timeout_s,
+        tcp_user_timeout_ms: login.tcp_user_timeout_ms,
+    };
+    let mut s = match ffi::Session::connect(&l) {
+        Ok(s) => {
+            let _ = ready.send(Ok(()));
+            s
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    // libiscsi keeps its own copy for reconnects; ours can go.
+    drop(login.chap);
+    drop(login.target_chap);
+    let mut last_log: Option<Instant> = None;
+    loop {
+        loop {
+            match rx.try_recv() {
+                Ok(Msg::Cmd {
+                    cdb,
+                    dir,
+                    data_out,
+                    reply,
+                }) => {
+                    let r2 = reply.clone();
+                    let done = Box::new(move |c: Completion| {
+                        let _ = reply.send(c);
+                    });
+                    if let Err((why, data_out)) = s.submit(login.lun, &cdb, dir, data_out, done) {
+                        let _ = r2.send(Completion {
+                            status: ffi::STATUS_ERROR,
+                            sense_key: 0,
+                            ascq: 0,
+                            data_in: Vec::new(),
+                            data_out,
+                            message: Some(why),
+                        });
+                    }
+                }
+                Ok(Msg::Stop) | Err(mpsc::TryRecvError::Disconnected) => return,
+                Err(mpsc::TryRecvError::Empty) => break,
+            }
+        }
+        let events = s.which_events();
+        let fd = s.fd();
+        let mut fds = [
+            libc::pollfd {
+                fd: wake,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd,
+                events,
+                revents: 0,
+            },
+        ];
+        let n = if events != 0 && fd >= 0 { 2 } else { 1 };
+        // 100 ms while libiscsi backs off a reconnect, else wake up at least
+        // every 250 ms so that command timeouts are noticed.
+        let wait = if n == 1 { 100 } else { 250 };
+        // SAFETY: `fds` holds `n` valid pollfd entries.
+        unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, wait) };
+        if fds[0].revents & libc::POLLIN != 0 {
+            let mut v = 0u64;
+            // SAFETY: reads 8 bytes into a u64 from our eventfd.
+            unsafe { libc::read(wake, (&mut v as *mut u64).cast(), 8) };
+        }
+        let revents = if n == 2 { fds[1].revents } else { 0 };
+        if let Err(e) = s.service(revents) {
+            if last_log.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                tracing::warn!(lun = %name, "iSCSI session: {e} (reconnecting)");
+                last_log = Some(Instant::now());
+            }
+        }
+    }
+}
+
+impl IscsiLun {
+    /// Log in to the target of `url` and learn the LUN's size, identity and
+    /// capabilities. `name` is how messages show the LUN (no password).
+    pub fn connect(url: &IscsiUrl, name: &str, opts: IscsiOptions) -> Result<IscsiLun> {
+        let err = |what: String| LunError::Iscsi {
+            lun: name.to_string(),
+            what,
+        };
+        let header_digest = url.header_digest.as_deref().map(|d| match d {
+            "none" => 0,
+            "none-crc32c" => 1,
+            "crc32c-none" => 2,
+            _ => 3,
+        });
+        let io = opts.io_timeout.max(Duration::from_secs(2));
+        let login = LoginData {
+            initiator: url.initiator.clone().unwrap_or_else(default_initiator),
+            target: url.target.clone(),
+            portal: url.portal(),
+            lun: url.lun,
+            chap: url
+                .chap
+                .as_ref()
+                .map(|c| (c.user.clone(), c.secret.0.clone())),
+            target_chap: url
+                .target_chap
+                .as_ref()
+                .map(|c| (c.user.clone(), c.secret.0.clone())),
+            header_digest,
+            timeout_s: (io.as_secs() / 2).max(1) as u32,
+            tcp_user_timeout_ms: io.as_millis().min(u128::from(u32::MAX)) as u32,
+        };
+        // SAFETY: eventfd returns a new descriptor or -1.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(LunError::Open {
+                lun: name.into(),
+                what: "cannot create an eventfd".into(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: `efd` is a new descriptor that nothing else owns.
+        let wake = unsafe { OwnedFd::from_raw_fd(efd) };
+        let (tx, rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+        let n2 = name.to_string();
+        let thread = std::thread::Builder::new()
+            .name("iscsi".into())
+            .spawn(move || event_loop(login, rx, efd, ready_tx, n2))
+            .map_err(|e| LunError::Open {
+                lun: name.into(),
+                what: "cannot start the iSCSI thread".into(),
+                source: e,
+            })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(err(format!(
+                    "login to {} at {} failed: {e}",
+                    url.target,
+                    url.portal()
+                )));
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(err("the iSCSI thread stopped during login".into()));
+            }
+        }
+        let mut lun = IscsiLun {
+            name: name.to_string(),
+            tx,
+            wake,
+            thread: Some(thread),
+            info: IscsiInfo {
+                vendor: String::new(),
+                product: String::new(),
+                revision: String::new(),
+                serial: None,
+                identity: String::new(),
+                blocks: 0,
+                block_len: 512,
+                caw_advertised: false,
+                caw: false,
+                caw_quirk: None,
+                unmap: false,
+                unmap_reads_zero: false,
+                max_unmap_blocks: 0,
+                max_transfer: MAX_TRANSFER,
+            },
+        };
+        lun.probe(url)?;
+        tracing::debug!(lun = name, info = ?lun.info, "iSCSI LUN ready");
+        Ok(lun)
+    }
+
+    pub fn info(&self) -> &IscsiInfo {
+        &self.info
+    }
+
+    fn probe(&mut self, url: &IscsiUrl) -> Result<()> {
+        let bad = |what: String| LunError::Iscsi {
+            lun: self.name.clone(),
+            what,
+        };
+        self.exec(
+            "TEST UNIT READY",
+            0,
+            scsi::test_unit_ready(),
+            Dir::None,
+            Vec::new(),
+        )?;
+        let inq = self.exec(
+            "INQUIRY",
+            0,
+            scsi::inquiry(None, 96),
+            Dir::Read(96),
+            Vec::new(),
+        )?;
+        let inq = scsi::parse_inquiry(&inq.data_in).map_err(bad)?;
+        if inq.peripheral_type != 0 {
+            return Err(LunError::Iscsi {
+                lun: self.name.clone(),
+                what: format!(
+                    "LUN {} of {} is not a disk (peripheral device type {:#x}); give the number of a disk LUN",
+                    url.lun, url.target, inq.peripheral_type
+                ),
+            });
+        }
+        let cap = self.exec(
+            "READ CAPACITY(16)",
+            0,
+            scsi::read_capacity16(),
+            Dir::Read(32),
+            Vec::new(),
+        )?;
+        let cap = scsi::parse_capacity(&cap.data_in).map_err(|e| LunError::Iscsi {
+            lun: self.name.clone(),
+            what: e,
+        })?;
+        let vpd = |me: &Self, page: u8| -> Result<Vec<u8>> {
+            Ok(me
+                .exec(
+                    "INQUIRY (VPD)",
+                    0,
+                    scsi::inquiry(Some(page), 255),
+                    Dir::Read(255),
+                    Vec::new(),
+                )?
+                .data_in)
+        };
+        let bad = |what: String| LunError::Iscsi {
+            lun: self.name.clone(),
+            what,
+        };
+        let pages = scsi::parse_supported_pages(&vpd(self, 0x00)?).map_err(bad)?;
+        let serial = if pages.contains(&0x80) {
+            Some(scsi::parse_serial(&vpd(self, 0x80)?).map_err(bad)?)
+        } else {
+            None
+        };
+        let designator = if pages.contains(&0x83) {
+            scsi::parse_identity(&vpd(self, 0x83)?).map_err(bad)?
+        } else {
+            None
+        };
+        let limits = if pages.contains(&0xb0) {
+            scsi::parse_block_limits(&vpd(self, 0xb0)?).map_err(bad)?
+        } else {
+            scsi::BlockLimits::default()
+        };
+        let prov = if pages.contains(&0xb2) {
+            scsi::parse_provisioning(&vpd(self, 0xb2)?).map_err(bad)?
+        } else {
+            scsi::Provisioning::default()
+        };
+        let identity = match (designator, &serial) {
+            (Some(d), _) => d,
+            (None, Some(s)) if !s.is_empty() => format!("serial.{}.{}", inq.vendor, s),
+            _ => format!("iscsi:{}/{}", url.target, url.lun),
+        };
+        let quirk = caw_quirk(&inq.vendor, &inq.product);
+        let bl = u64::from(cap.block_len);
+        let mut max_transfer = MAX_TRANSFER;
+        if limits.max_transfer_blocks != 0 {
+            max_transfer = max_transfer.min(u64::from(limits.max_transfer_blocks) * bl);
+        }
+        max_transfer = (max_transfer / bl).max(1) * bl;
+        self.info = IscsiInfo {
+            vendor: inq.vendor,
+            product: inq.product,
+            revision: inq.revision,
+            serial,
+            identity,
+            blocks: cap.blocks,
+            block_len: cap.block_len,
+            caw_advertised: limits.max_caw_blocks >= 1,
+            caw: limits.max_caw_blocks >= 1 && quirk.is_none(),
+            caw_quirk: if limits.max_caw_blocks >= 1 {
+                quirk
+            } else {
+                None
+            },
+            unmap: prov.lbpu && cap.lbpme,
+            unmap_reads_zero: prov.lbprz || cap.lbprz,
+            max_unmap_blocks: limits.max_unmap_blocks,
+            max_transfer,
+        };
+        Ok(())
+    }
+
+    /// Hand one command to the event loop; the completion arrives on the receiver.
+    fn submit(&self, cdb: Vec<u8>, dir: Dir, data_out: Vec<u8>) -> mpsc::Receiver<Completion> {
+        let (reply, rx) = mpsc::channel();
+        if self
+            .tx
+            .send(Msg::Cmd {
+                cdb,
+                dir,
+                data_out,
+                reply,
+            })
+            .is_ok()
+        {
+            let one = 1u64;
+            // SAFETY: writes 8 bytes from a u64 to our eventfd.
+            unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        }
+        rx
+    }
+
+    fn wait(&self, rx: mpsc::Receiver<Completion>) -> Completion {
+        rx.recv().unwrap_or_else(|_| Completion {
+            status: ffi::STATUS_ERROR,
+            sense_key: 0,
+            ascq: 0,
+            data_in: Vec::new(),
+            data_out: Vec::new(),
+            message: Some("the iSCSI thread has stopped".into()),
+        })
+    }
+
+    /// Whether a completion asks for the same command again, after how long.
+    fn retry_after(c: &Completion, attempt: u32) -> Option<Duration> {
+        match c.status {
+            ffi::STATUS_CHECK_CONDITION if c.sense_key == 0x6 && attempt < UA_RETRIES => {
+                Some(Duration::ZERO)
+            }
+            // NOT READY, becoming ready.
+            ffi::STATUS_CHECK_CONDITION
+                if c.sense_key == 0x2 && c.ascq == 0x0401 && attempt < BUSY_RETRIES =>
+            {
+                Some(Duration::from_millis(20))
+            }
+            ffi::STATUS_BUSY | ffi::STATUS_TASK_SET_FULL if attempt < BUSY_RETRIES => {
+                Some(Duration::from_millis(u64::from(attempt.min(7)) * 10 + 1))
+            }
+            _ => None,
+        }
+    }
+
+    /// Finish a command that came back: retry it while the target asks for
+    /// that, then turn what is left into an error.
+    fn settle(
+        &self,
+        what: &'static str,
+        offset: u64,
+        cdb: &[u8],
+        dir: Dir,
+        mut c: Completion,
+        accept_miscompare: bool,
+    ) -> Result<Completion> {
+        let mut attempt = 0;
+        while let Some(pause) = Self::retry_after(&c, attempt) {
+            if c.sense_key == 0x6 {
+                tracing::debug!(lun = %self.name, "{what}: unit attention {:#06x}, sending again", c.ascq);
+            }
+            if !pause.is_zero() {
+                std::thread::sleep(pause);
+            }
+            attempt += 1;
+            let data_out = std::mem::take(&mut c.data_out);
+            c = self.wait(self.submit(cdb.to_vec(), dir, data_out));
+        }
+        match c.status {
+            ffi::STATUS_GOOD => Ok(c),
+            ffi::STATUS_CHECK_CONDITION if accept_miscompare && c.sense_key == 0xe => Ok(c),
+            ffi::STATUS_CHECK_CONDITION => Err(LunError::Scsi {
+                lun: self.name.clone(),
+                command: what,
+                offset,
+                status: scsi::sense_text(c.sense_key, c.ascq),
+            }),
+            ffi::STATUS_TIMEOUT => Err(LunError::Disconnected {
+                lun: self.name.clone(),
+                what: format!("{what} at offset {offset} timed out"),
+            }),
+            ffi::STATUS_CANCELLED | ffi::STATUS_ERROR => Err(LunError::Disconnected {
+                lun: self.name.clone(),
+                what: format!(
+                    "{what} at offset {offset}: {}",
+                    c.message.as_deref().unwrap_or("cancelled")
+                ),
+            }),
+            s => Err(LunError::Scsi {
+                lun: self.name.clone(),
+                command: what,
+                offset,
+                status: match s {
+                    ffi::STATUS_RESERVATION_CONFLICT => "RESERVATION CONFLICT".into(),
+                    ffi::STATUS_TASK_ABORTED => "TASK ABORTED".into(),
+                    ffi::STATUS_BUSY => "BUSY (gave up)".into(),
+                    ffi::STATUS_TASK_SET_FULL => "TASK SET FULL (gave up)".into(),
+                    s => format!("status {s:#x}"),
+                },
+            }),
+        }
+    }
+
+    fn exec(
+        &self,
+        what: &'static str,
+        offset: u64,
+        cdb: Vec<u8>,
+        dir: Dir,
+        data_out: Vec<u8>,
+    ) -> Result<Completion> {
+        let c = self.wait(self.submit(cdb.clone(), dir, data_out));
+        self.settle(what, offset, &cdb, dir, c, false)
+    }
+
+    /// Read or write `len` bytes at `offset` in pieces of at most
+    /// `max_transfer`, all in flight at once.
+    fn transfer(
+        &self,
+        write: Option<&[u8]>,
+        read: Option<&mut [u8]>,
+        offset: u64,
+        fua: bool,
+    ) -> Result<()> {
+        let bl = u64::from(self.info.block_len);
+        let len = write.map_or_else(|| read.as_ref().map_or(0, |r| r.len()), |w| w.len()) as u64;
+        check_range(&self.name, self.size(), offset, len)?;
+        if offset % bl != 0 || len % bl != 0 {
+            return Err(LunError::InvalidArgument {
+                lun: self.name.clone(),
+                what: format!(
+                    "access at offset {offset} (+{len} bytes) is not aligned to the {bl}-byte logical block"
+                ),
+            });
+        }
+        let what = if write.is_some() {
+            "WRITE(16)"
+        } else {
+            "READ(16)"
+        };
+        let mut pieces = Vec::new();
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(self.info.max_transfer);
+            let off = offset + done;
+            let lba = off / bl;
+            let blocks = (n / bl) as u32;
+            let (cdb, dir, data) = match write {
+                Some(w) => (
+                    scsi::write16(lba, blocks, fua),
+                    Dir::Write,
+                    w[done as usize..(done + n) as usize].to_vec(),
+                ),
+                None => (scsi::read16(lba, blocks), Dir::Read(n as usize), Vec::new()),
+            };
+            let rx = self.submit(cdb.clone(), dir, data);
+            pieces.push((off, n, cdb, dir, rx));
+            done += n;
+        }
+        let mut out = read;
+        let mut first_err = None;
+        for (off, n, cdb, dir, rx) in pieces {
+            let c = self.wait(rx);
+            match self.settle(what, off, &cdb, dir, c, false) {
+                Ok(c) => {
+                    if let Some(o) = out.as_deref_mut() {
+                        let s = (off - offset) as usize;
+                        if c.data_in.len() != n as usize {
+                            first_err.get_or_insert(LunError::Iscsi {
+                                lun: self.name.clone(),
+                                what: format!(
+                                    "READ(16) at offset {off} returned {} bytes, not {n}",
+                                    c.data_in.len()
+                                ),
+                            });
+                            continue;
+                        }
+                        o[s..s + n as usize].copy_from_slice(&c.data_in);
+                    }
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Write with Force Unit Access: durable when this returns.
+    pub fn write_fua(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.transfer(Some(buf), None, offset, true)
+    }
+}
+
+impl Lun for IscsiLun {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn size(&self) -> u64 {
+        self.info.blocks * u64::from(self.info.block_len)
+    }
+    fn block_size(&self) -> u32 {
+        self.info.block_len
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if buf.is_empty() {
+            return check_range(&self.name, self.size(), offset, 0);
+        }
+        self.transfer(None, Some(buf), offset, false)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if buf.is_empty() {
+            return check_range(&self.name, self.size(), offset, 0);
+        }
+        self.transfer(Some(buf), None, offset, false)
+    }
+    fn flush(&self) -> Result<()> {
+        match self.exec(
+            "SYNCHRONIZE CACHE(16)",
+            0,
+            scsi::synchronize_cache16(),
+            Dir::None,
+            Vec::new(),
+        ) {
+            Err(LunError::Scsi { status, .. })
+                if status.contains("invalid command operation code") =>
+            {
+                self.exec(
+                    "SYNCHRONIZE CACHE(10)",
+                    0,
+                    scsi::synchronize_cache10(),
+                    Dir::None,
+                    Vec::new(),
+                )
+                .map(|_| ())
+            }
+            r => r.map(|_| ()),
+        }
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        check_range(&self.name, self.size(), offset, len)?;
+        let bl = u64::from(self.info.block_len);
+        if unmap
+            && self.info.unmap
+            && self.info.unmap_reads_zero
+            && offset % bl == 0
+            && len % bl == 0
+        {
+            let max = if self.info.max_unmap_blocks == 0 {
+                1 << 16
+            } else {
+                u64::from(self.info.max_unmap_blocks)
+            };
+            let mut lba = offset / bl;
+            let end = (offset + len) / bl;
+            while lba < end {
+                let n = (end - lba).min(max);
+                let params = scsi::unmap_params(&[(lba, n as u32)]);
+                self.exec(
+                    "UNMAP",
+                    lba * bl,
+                    scsi::unmap(params.len() as u16),
+                    Dir::Write,
+                    params,
+                )?;
+                lba += n;
+            }
+            return Ok(());
+        }
+        let chunk = self.info.max_transfer.min(len.max(bl));
+        let zeros = vec![0u8; chunk as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(chunk) as usize;
+            self.write_at(&zeros[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+    fn identity(&self) -> Result<String> {
+        Ok(self.info.identity.clone())
+    }
+    fn has_compare_and_write(&self) -> bool {
+        self.info.caw
+    }
+    fn compare_and_write(&self, offset: u64, expect: &[u8], new: &[u8]) -> Result<CompareAndWrite> {
+        if !self.info.caw {
+            return Err(LunError::Unsupported {
+                lun: self.name.clone(),
+                what: "compare-and-write",
+            });
+        }
+        check_caw(self, offset, expect, new)?;
+        let mut data = Vec::with_capacity(expect.len() * 2);
+        data.extend_from_slice(expect);
+        data.extend_from_slice(new);
+        let bl = u64::from(self.info.block_len);
+        let cdb = scsi::compare_and_write(offset / bl, 1);
+        let c = self.wait(self.submit(cdb.clone(), Dir::Write, data));
+        let c = self.settle("COMPARE AND WRITE", offset, &cdb, Dir::Write, c, true)?;
+        if c.status == ffi::STATUS_GOOD {
+            return Ok(CompareAndWrite::Written);
+        }
+        // A miscompare. After a reconnect it may be our own first attempt,
+        // applied before the connection dropped: then the sector holds `new`.
+        let mut now = vec![0u8; new.len()];
+        self.read_at(&mut now, offset)?;
+        if now == new {
+            Ok(CompareAndWrite::Written)
+        } else {
+            Ok(CompareAndWrite::Mismatch)
+        }
+    }
+}
+
+impl Drop for IscsiLun {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Msg::Stop);
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a u64 to our eventfd.
+        unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
