@@ -223,6 +223,9 @@ impl Lun for RecordingLun {
     fn has_compare_and_write(&self) -> bool {
         self.inner.has_compare_and_write()
     }
+    fn compare_and_write_note(&self) -> Option<String> {
+        self.inner.compare_and_write_note()
+    }
     fn compare_and_write(&self, offset: u64, expect: &[u8], new: &[u8]) -> Result<CompareAndWrite> {
         let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
         let r = self.inner.compare_and_write(offset, expect, new)?;

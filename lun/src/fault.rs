@@ -139,6 +139,9 @@ impl Lun for FaultLun {
     fn has_compare_and_write(&self) -> bool {
         self.inner.has_compare_and_write()
     }
+    fn compare_and_write_note(&self) -> Option<String> {
+        self.inner.compare_and_write_note()
+    }
     fn compare_and_write(&self, offset: u64, expect: &[u8], new: &[u8]) -> Result<CompareAndWrite> {
         self.check_write(offset, new.len() as u64)?;
         let r = self.inner.compare_and_write(offset, expect, new)?;

@@ -122,6 +122,9 @@ impl Lun for FencedLun {
     fn has_compare_and_write(&self) -> bool {
         self.inner.has_compare_and_write()
     }
+    fn compare_and_write_note(&self) -> Option<String> {
+        self.inner.compare_and_write_note()
+    }
     fn compare_and_write(&self, offset: u64, expect: &[u8], new: &[u8]) -> Result<CompareAndWrite> {
         self.guard()?;
         self.inner.compare_and_write(offset, expect, new)

@@ -69,6 +69,11 @@ pub trait Lun: Send + Sync {
     fn has_compare_and_write(&self) -> bool {
         false
     }
+    /// Why this LUN has no compare-and-write although its device advertises
+    /// one (a known non-atomic implementation), for `vmfs info`.
+    fn compare_and_write_note(&self) -> Option<String> {
+        None
+    }
     /// Atomically: if the `expect.len()` bytes at `offset` equal `expect`,
     /// replace them with `new`. `expect` and `new` must be one logical block.
     fn compare_and_write(&self, offset: u64, expect: &[u8], new: &[u8]) -> Result<CompareAndWrite> {

@@ -65,16 +65,15 @@ impl IscsiUrl {
             format!("{}:{}", self.host, self.port)
         }
     }
-    /// The URL without any password: what messages and on-disk hints show.
+    /// The URL without any password, nor this host's initiator name: what
+    /// messages and on-disk hints show (another host opening the hint uses
+    /// its own initiator name and its own credentials).
     pub fn redacted(&self) -> String {
         let user = match &self.chap {
             Some(c) => format!("{}@", escape(&c.user)),
             None => String::new(),
         };
         let mut args = Vec::new();
-        if let Some(i) = &self.initiator {
-            args.push(format!("initiator_name={}", escape(i)));
-        }
         if let Some(t) = &self.target_chap {
             args.push(format!("target_user={}", escape(&t.user)));
         }
@@ -312,12 +311,14 @@ fn parse_iscsi(spec: &str, rest: &str, env: &dyn Fn(&str) -> Option<String>) -> 
             "target_password" => target_password = Some(v),
             "header_digest" => match v.as_str() {
                 "none" | "crc32c" | "none-crc32c" | "crc32c-none" => header_digest = Some(v),
-                _ => return Err(bad(
-                    spec,
-                    format!(
+                _ => {
+                    return Err(bad(
+                        spec,
+                        format!(
                         "header_digest {v:?}: expected none, crc32c, none-crc32c or crc32c-none"
                     ),
-                )),
+                    ))
+                }
             },
             _ => return Err(bad(spec, format!("unknown argument {k:?}"))),
         }

@@ -51,14 +51,23 @@ fn reads_writes_and_knows_the_lun() {
     l.read_at(&mut z, 5 * MIB + 4096).unwrap();
     assert!(z.iter().all(|&b| b == 0));
 
-    // Out of range and misaligned: clear errors naming the LUN.
+    // Out of range: a clear error naming the LUN.
     let e = l
         .read_at(&mut [0u8; 512], 64 * MIB)
         .unwrap_err()
         .to_string();
     assert!(e.contains(&url) && e.contains("beyond the end"), "{e}");
-    let e = l.write_at(&[0u8; 100], 0).unwrap_err().to_string();
-    assert!(e.contains("not aligned"), "{e}");
+
+    // Bytes, not blocks: partial blocks are read, merged and written.
+    l.write_at(&[0xaa; 100], 1000).unwrap();
+    l.write_at(&[0xbb; 10], 1020).unwrap();
+    let mut b = vec![0u8; 200];
+    l.read_at(&mut b, 950).unwrap();
+    assert!(b[..50].iter().all(|&x| x == 0));
+    assert!(b[50..70].iter().all(|&x| x == 0xaa));
+    assert!(b[70..80].iter().all(|&x| x == 0xbb));
+    assert!(b[80..150].iter().all(|&x| x == 0xaa));
+    assert!(b[150..].iter().all(|&x| x == 0));
 }
 
 #[test]

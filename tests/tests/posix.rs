@@ -15,11 +15,9 @@ fn mounted(d: &std::path::Path) -> Mounted {
     Mounted::new(&urls, &d.join("mnt"))
 }
 
-#[test]
-fn pjdfstest_passes() {
+/// Run pjdfstest in `m` and require 0 failures.
+fn pjdfstest(m: &Mounted) {
     require("pjdfstest");
-    let d = tempfile::tempdir().unwrap();
-    let m = mounted(d.path());
     let conf = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/pjdfstest.toml");
     let o = Command::new("pjdfstest")
         .arg("-c")
@@ -36,13 +34,45 @@ fn pjdfstest_passes() {
         .find(|l| l.starts_with("Summary:"))
         .unwrap_or("no summary");
     println!("pjdfstest {summary}");
-    let failed: Vec<&str> = out.lines().filter(|l| l.contains("FAILED")).collect();
+    let lines: Vec<&str> = out.lines().collect();
+    let failed: Vec<String> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.contains("FAILED"))
+        .map(|(i, _)| lines[i..(i + 4).min(lines.len())].join("\n"))
+        .collect();
     assert!(
         o.status.success() && summary.contains(" 0 failed"),
         "pjdfstest: {summary}\n{}",
         failed.join("\n")
     );
+}
+
+#[test]
+fn pjdfstest_passes() {
+    let d = tempfile::tempdir().unwrap();
+    let m = mounted(d.path());
+    pjdfstest(&m);
     m.unmount();
+}
+
+/// A datastore on an iSCSI LUN (tgt) and a file LUN: mkfs, mount,
+/// pjdfstest, then fsck clean.
+#[test]
+fn pjdfstest_passes_on_iscsi_and_file_luns() {
+    let d = tempfile::tempdir().unwrap();
+    let mut tgt = Tgt::start(d.path());
+    let urls = vec![
+        tgt.add_lun("ds0", 512 << 20),
+        file_lun(d.path(), "b.img", 512 << 20),
+    ];
+    Fs::mkfs(open_luns(&urls), &MkfsOptions::default()).unwrap();
+    let m = Mounted::new(&urls, &d.path().join("mnt"));
+    pjdfstest(&m);
+    m.unmount();
+    let fs = Fs::open(open_luns(&urls)).unwrap();
+    let r = vmfs::fsck::check(&fs, false, None).unwrap();
+    assert!(r.errors.is_empty(), "fsck: {:?}", r.errors);
 }
 
 #[test]

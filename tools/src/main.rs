@@ -110,9 +110,19 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
 }
 
 fn open_luns(specs: &[String]) -> Result<Vec<Arc<dyn lun::Lun>>> {
+    open_luns_with(specs, lun::OpenOptions::default())
+}
+
+/// Open LUNs for a host of the cluster: network I/O bounded by the I/O
+/// timeout its lease implies (see `Timeouts::io`).
+fn open_luns_for(specs: &[String], t: &vmfs::cluster::Timeouts) -> Result<Vec<Arc<dyn lun::Lun>>> {
+    open_luns_with(specs, t.lun_options())
+}
+
+fn open_luns_with(specs: &[String], o: lun::OpenOptions) -> Result<Vec<Arc<dyn lun::Lun>>> {
     specs
         .iter()
-        .map(|s| lun::open(s).with_context(|| format!("opening LUN {s}")))
+        .map(|s| lun::open_with(s, o).with_context(|| format!("opening LUN {}", lun::redact(s))))
         .collect()
 }
 
@@ -263,6 +273,9 @@ fn info(specs: &[String]) -> Result<()> {
             l.name(),
             atomic
         );
+        if let Some(note) = l.compare_and_write_note() {
+            println!("      {note}");
+        }
     }
     Ok(())
 }
@@ -342,7 +355,7 @@ fn mount(
     // user: join (waits out a dead host's lease and recovers it), open.
     let uuid = host.uuid()?;
     let t = vmfs::cluster::Timeouts::new(host.heartbeat_ms, host.lease_ms)?;
-    let fs = Arc::new(Fs::mount(open_luns(specs)?, uuid, t)?);
+    let fs = Arc::new(Fs::mount(open_luns_for(specs, &t)?, uuid, t)?);
     for (s, rep) in fs.replays() {
         tracing::info!("journal of slot {s} (the host stopped without unmounting): {rep}");
     }
@@ -499,9 +512,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Locks { luns } => locks(&luns)?,
         Cmd::Crashtest(a) => return crashtest(a),
         Cmd::Extend { luns, add, host } => {
-            let luns = open_luns(&luns)?;
-            let new = lun::open(&add).with_context(|| format!("opening LUN {add}"))?;
             let t = vmfs::cluster::Timeouts::new(host.heartbeat_ms, host.lease_ms)?;
+            let luns = open_luns_for(&luns, &t)?;
+            let new = lun::open_with(&add, t.lun_options())
+                .with_context(|| format!("opening LUN {}", lun::redact(&add)))?;
             let live = vmfs::cluster::live_slots(&vmfs::Volume::open(luns.clone())?, &t)?;
             // Offline, or online: as one more host, under the volume lock;
             // the mounted hosts pick the new extent up by its URL.

@@ -72,6 +72,14 @@ impl Timeouts {
     pub fn io(&self) -> Duration {
         self.lease / 4
     }
+    /// How this host opens LUNs: network backends that retry on their own
+    /// (iSCSI) give up on a command after [`Timeouts::io`], so no write of a
+    /// host can land after it has fenced itself.
+    pub fn lun_options(&self) -> lun::OpenOptions {
+        lun::OpenOptions {
+            io_timeout: Some(self.io()),
+        }
+    }
     /// How long after a renewal started this host may still write.
     pub fn safe_window(&self) -> Duration {
         self.lease / 2

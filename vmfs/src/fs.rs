@@ -2779,7 +2779,7 @@ impl Fs {
             let opened = if url.is_empty() {
                 Err(format!("the header records no URL for extent {i}"))
             } else {
-                lun::open(&url).map_err(|e| e.to_string())
+                lun::open_with(&url, m.timeouts.lun_options()).map_err(|e| e.to_string())
             };
             match opened {
                 Ok(l) => luns

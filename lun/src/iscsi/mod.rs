@@ -112,6 +112,8 @@ pub struct IscsiLun {
     wake: OwnedFd,
     thread: Option<JoinHandle<()>>,
     info: IscsiInfo,
+    /// Striped locks for read-modify-write of partial logical blocks.
+    rmw: Vec<std::sync::Mutex<()>>,
 }
 
 /// The loop's copy of the login parameters (owned strings).
@@ -261,6 +263,13 @@ impl IscsiLun {
             _ => 3,
         });
         let io = opts.io_timeout.max(Duration::from_secs(2));
+        if opts.io_timeout < io {
+            tracing::warn!(
+                lun = name,
+                "an I/O timeout of {:?} cannot be kept over iSCSI (libiscsi counts whole seconds): using {io:?}; give hosts a lease of 8 s or more",
+                opts.io_timeout
+            );
+        }
         let login = LoginData {
             initiator: url.initiator.clone().unwrap_or_else(default_initiator),
             target: url.target.clone(),
@@ -320,6 +329,7 @@ impl IscsiLun {
             tx,
             wake,
             thread: Some(thread),
+            rmw: (0..64).map(|_| std::sync::Mutex::new(())).collect(),
             info: IscsiInfo {
                 vendor: String::new(),
                 product: String::new(),
@@ -653,6 +663,37 @@ impl IscsiLun {
         }
     }
 
+    /// The logical-block-aligned range covering `[offset, offset+len)`.
+    fn aligned(&self, offset: u64, len: u64) -> (u64, u64) {
+        let bl = u64::from(self.info.block_len);
+        (offset / bl * bl, (offset + len).div_ceil(bl) * bl)
+    }
+
+    /// A write that starts or ends inside a logical block: read the partial
+    /// blocks, merge, write whole blocks. Partial blocks are serialized
+    /// within this process (two writers of different bytes of one block
+    /// must not undo each other); between hosts, only one writes a block.
+    fn write_unaligned(&self, buf: &[u8], offset: u64, start: u64, end: u64) -> Result<()> {
+        let bl = u64::from(self.info.block_len);
+        let head = start / bl;
+        let tail = (end - bl) / bl;
+        let stripe = |lba: u64| (lba % self.rmw.len() as u64) as usize;
+        let (a, b) = (stripe(head), stripe(tail));
+        let _g1 = self.rmw[a.min(b)].lock().unwrap_or_else(|p| p.into_inner());
+        let _g2 = (a != b).then(|| self.rmw[a.max(b)].lock().unwrap_or_else(|p| p.into_inner()));
+        let mut whole = vec![0u8; (end - start) as usize];
+        if offset != start {
+            self.transfer(None, Some(&mut whole[..bl as usize]), start, false)?;
+        }
+        let last = whole.len() - bl as usize;
+        if offset + buf.len() as u64 != end && (last != 0 || offset == start) {
+            self.transfer(None, Some(&mut whole[last..]), end - bl, false)?;
+        }
+        let s = (offset - start) as usize;
+        whole[s..s + buf.len()].copy_from_slice(buf);
+        self.transfer(Some(&whole), None, start, false)
+    }
+
     /// Write with Force Unit Access: durable when this returns.
     pub fn write_fua(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.transfer(Some(buf), None, offset, true)
@@ -670,16 +711,30 @@ impl Lun for IscsiLun {
         self.info.block_len
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(&self.name, self.size(), offset, buf.len() as u64)?;
         if buf.is_empty() {
-            return check_range(&self.name, self.size(), offset, 0);
+            return Ok(());
         }
-        self.transfer(None, Some(buf), offset, false)
+        let (start, end) = self.aligned(offset, buf.len() as u64);
+        if start == offset && end == offset + buf.len() as u64 {
+            return self.transfer(None, Some(buf), offset, false);
+        }
+        let mut tmp = vec![0u8; (end - start) as usize];
+        self.transfer(None, Some(&mut tmp), start, false)?;
+        let s = (offset - start) as usize;
+        buf.copy_from_slice(&tmp[s..s + buf.len()]);
+        Ok(())
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        check_range(&self.name, self.size(), offset, buf.len() as u64)?;
         if buf.is_empty() {
-            return check_range(&self.name, self.size(), offset, 0);
+            return Ok(());
         }
-        self.transfer(Some(buf), None, offset, false)
+        let (start, end) = self.aligned(offset, buf.len() as u64);
+        if start == offset && end == offset + buf.len() as u64 {
+            return self.transfer(Some(buf), None, offset, false);
+        }
+        self.write_unaligned(buf, offset, start, end)
     }
     fn flush(&self) -> Result<()> {
         match self.exec(
@@ -734,7 +789,7 @@ impl Lun for IscsiLun {
             }
             return Ok(());
         }
-        let chunk = self.info.max_transfer.min(len.max(bl));
+        let chunk = self.info.max_transfer.min(len.max(1));
         let zeros = vec![0u8; chunk as usize];
         let mut done = 0;
         while done < len {
@@ -749,6 +804,14 @@ impl Lun for IscsiLun {
     }
     fn has_compare_and_write(&self) -> bool {
         self.info.caw
+    }
+    fn compare_and_write_note(&self) -> Option<String> {
+        self.info.caw_quirk.map(|q| {
+            format!(
+                "{} {} advertises COMPARE AND WRITE; not used: {q}",
+                self.info.vendor, self.info.product
+            )
+        })
     }
     fn compare_and_write(&self, offset: u64, expect: &[u8], new: &[u8]) -> Result<CompareAndWrite> {
         if !self.info.caw {
