@@ -127,6 +127,9 @@ impl Lun for CowLun {
     fn has_compare_and_write(&self) -> bool {
         self.base.has_compare_and_write()
     }
+    fn compare_and_write_note(&self) -> Option<String> {
+        self.base.compare_and_write_note()
+    }
     fn compare_and_write(&self, offset: u64, expect: &[u8], new: &[u8]) -> Result<CompareAndWrite> {
         check_caw(self, offset, expect, new)?;
         // One lock over compare and write: atomic against other threads.

@@ -185,3 +185,40 @@ fn survives_a_target_restart() {
         assert!(b == pattern(i, 16 * 1024), "write {i} lost");
     }
 }
+
+/// A target that stays away: I/O fails at its deadline with a message that
+/// says so, instead of hanging; nothing is sent later.
+#[test]
+fn a_dead_target_fails_io_at_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tgt = Tgt::start(dir.path());
+    let url = tgt.add_lun("gone", 8 * MIB);
+    let l = lun::open_with(
+        &url,
+        lun::OpenOptions {
+            io_timeout: Some(Duration::from_secs(1)),
+        },
+    )
+    .unwrap();
+    l.write_at(&[1u8; 4096], 0).unwrap();
+    tgt.kill();
+    let t = Instant::now();
+    let e = l.write_at(&[2u8; 4096], 0).unwrap_err().to_string();
+    let took = t.elapsed();
+    assert!(e.contains("timed out") && e.contains(&url), "{e}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "failed after {took:?}"
+    );
+    // Started again, the target has the first write, not the failed one
+    // (it was never sent), and the LUN works again.
+    std::thread::sleep(Duration::from_millis(1500));
+    tgt.revive();
+    let mut b = vec![0u8; 4096];
+    let t = Instant::now();
+    // Logins are retried at most a second apart: the first reads may still time out.
+    while let Err(e) = l.read_at(&mut b, 0) {
+        assert!(t.elapsed() < Duration::from_secs(10), "{e}");
+    }
+    assert!(b.iter().all(|&x| x == 1));
+}

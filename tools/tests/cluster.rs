@@ -376,3 +376,68 @@ fn online_extend_while_two_hosts_are_mounted() {
     let o = vmfs(&["fsck", s0, l1.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
+
+/// Two hosts over the same iSCSI LUNs (tgt, so Disk Paxos): one writer per
+/// file, EBUSY for the other host, the lock visible in `vmfs locks`, and
+/// the file free for the other host once closed.
+#[test]
+fn two_hosts_over_iscsi_one_writer() {
+    let d = tempfile::tempdir().unwrap();
+    let mut tgt = vmfs_tests::Tgt::start(d.path());
+    let l0 = tgt.add_lun("c0", 128 << 20);
+    let l1 = tgt.add_lun("c1", 128 << 20);
+    let o = vmfs(&["mkfs", &l0, &l1]);
+    assert!(o.status.success(), "{}", text(&o));
+    let (ma, mb) = (d.path().join("a"), d.path().join("b"));
+    std::fs::create_dir(&ma).unwrap();
+    std::fs::create_dir(&mb).unwrap();
+    let mut a = common::mount_foreground_lease(&["--host-uuid", A, &l0, &l1], &ma, 8000);
+    let mut b = common::mount_foreground_lease(&["--host-uuid", B, &l0, &l1], &mb, 8000);
+    std::fs::write(ma.join("disk.vmdk"), b"extent").unwrap();
+    let held = open_rw(&ma.join("disk.vmdk")).unwrap();
+    let t = Instant::now();
+    while !mb.join("disk.vmdk").exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "a's file not seen on b"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let e = open_rw(&mb.join("disk.vmdk")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EBUSY), "{e}");
+    let e = std::fs::remove_file(mb.join("disk.vmdk")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EBUSY), "{e}");
+    let o = vmfs(&["locks", &l0, &l1]);
+    assert!(
+        text(&o).contains("exclusive") && text(&o).contains(A) && text(&o).contains("Disk Paxos"),
+        "{}",
+        text(&o)
+    );
+    drop(held);
+    let t = Instant::now();
+    let mut f = loop {
+        match open_rw(&mb.join("disk.vmdk")) {
+            Ok(f) => break f,
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                assert!(
+                    t.elapsed() < Duration::from_secs(5),
+                    "a's close never freed the file"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    f.write_all(b"b").unwrap();
+    drop(f);
+    for (c, m) in [(&mut a, &ma), (&mut b, &mb)] {
+        signal(c, libc::SIGTERM);
+        assert!(
+            c.wait().unwrap().success(),
+            "host on {} failed",
+            m.display()
+        );
+    }
+    let o = vmfs(&["fsck", &l0, &l1]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}

@@ -3,6 +3,8 @@
 //! qemu-nbd, run create/write/rename/unlink in shared and private
 //! directories for a bounded time. Then: fsck clean (which also finds any
 //! block owned twice) and every acknowledged file present with its contents.
+//! The same with two hosts over two iSCSI LUNs served by tgtd, once as is and
+//! once with tgtd killed and restarted in the middle of the run.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -12,7 +14,6 @@ use std::time::{Duration, Instant};
 mod common;
 use common::{text, vmfs};
 
-const HOSTS: usize = 4;
 const RUN: Duration = Duration::from_secs(6);
 
 fn host_uuid(i: usize) -> String {
@@ -80,12 +81,21 @@ impl Drop for Hosts {
 }
 
 fn run(lun: &str, dir: &Path) {
-    let mnts: Vec<PathBuf> = (0..HOSTS).map(|i| dir.join(format!("m{i}"))).collect();
+    // A lease of 4 s: eight hosts share two CPUs here.
+    run_with(&[lun], dir, 4, 4000, || {});
+}
+
+/// `hosts` host processes on the datastore over `luns` (its extents, in
+/// order), each with a lease of `lease_ms`; `during` runs while they work.
+fn run_with(luns: &[&str], dir: &Path, hosts: usize, lease_ms: u32, during: impl FnOnce()) {
+    let mnts: Vec<PathBuf> = (0..hosts).map(|i| dir.join(format!("m{i}"))).collect();
     let mut guard = Hosts(Vec::new());
     for (i, m) in mnts.iter().enumerate() {
         std::fs::create_dir(m).unwrap();
-        // A lease of 4 s: eight debug-built hosts share two CPUs here.
-        let h = common::mount_foreground_lease(&["--host-uuid", &host_uuid(i), lun], m, 4000);
+        let id = host_uuid(i);
+        let mut args = vec!["--host-uuid", id.as_str()];
+        args.extend_from_slice(luns);
+        let h = common::mount_foreground_lease(&args, m, lease_ms);
         guard.0.push((h, m.clone()));
     }
     std::fs::create_dir(mnts[0].join("shared")).unwrap();
@@ -96,6 +106,7 @@ fn run(lun: &str, dir: &Path) {
             .enumerate()
             .map(|(i, m)| s.spawn(move || workload(m, i, until)))
             .collect();
+        during();
         hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
     });
     // A name made on one host is seen by the others.
@@ -117,12 +128,17 @@ fn run(lun: &str, dir: &Path) {
             m.display()
         );
     }
-    let o = vmfs(&["fsck", lun]);
+    let mut args = vec!["fsck"];
+    args.extend_from_slice(luns);
+    let o = vmfs(&args);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     // Every acknowledged file, with its contents, through a fresh mount.
     let check = dir.join("check");
     std::fs::create_dir(&check).unwrap();
-    let h = common::mount_foreground(&["--host-uuid", &host_uuid(9), lun], &check);
+    let id = host_uuid(9);
+    let mut args = vec!["--host-uuid", id.as_str()];
+    args.extend_from_slice(luns);
+    let h = common::mount_foreground(&args, &check);
     guard.0.push((h, check.clone()));
     let mut total = 0;
     for (path, data) in &expected {
@@ -131,7 +147,7 @@ fn run(lun: &str, dir: &Path) {
         assert!(got == *data, "{path}: contents differ");
         total += 1;
     }
-    for i in 0..HOSTS {
+    for i in 0..hosts {
         let n = std::fs::read_dir(check.join(format!("h{i}")))
             .unwrap()
             .count();
@@ -144,11 +160,11 @@ fn run(lun: &str, dir: &Path) {
     let (mut h, _) = guard.0.pop().unwrap();
     common::signal(&h, libc::SIGTERM);
     assert!(h.wait().unwrap().success());
-    eprintln!("{HOSTS} hosts left {total} files, all present and intact");
+    eprintln!("{hosts} hosts left {total} files, all present and intact");
     // Over NBD every lock change is a Disk Paxos round and every release a
     // checkpoint with four flushes through qemu-nbd: few files, but each
     // host must have made some.
-    for i in 0..HOSTS {
+    for i in 0..hosts {
         assert!(
             expected.keys().any(|k| k.starts_with(&format!("h{i}/"))),
             "host {i} made no file"
@@ -179,4 +195,47 @@ fn four_hosts_on_one_nbd_export() {
     let o = vmfs(&["info", &url]);
     assert!(text(&o).contains("Disk Paxos"), "{}", text(&o));
     run(&url, d.path());
+}
+
+/// Two iSCSI LUNs (two targets of one tgtd), mkfs'd as one datastore.
+fn iscsi_datastore(dir: &Path) -> (vmfs_tests::Tgt, Vec<String>) {
+    let mut tgt = vmfs_tests::Tgt::start(dir);
+    let luns = vec![tgt.add_lun("ds0", 256 << 20), tgt.add_lun("ds1", 256 << 20)];
+    let mut args = vec!["mkfs", "--block-size", "64K"];
+    args.extend(luns.iter().map(String::as_str));
+    let o = vmfs(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = vmfs(&["info", &luns[0], &luns[1]]);
+    assert!(
+        text(&o).contains("Disk Paxos") && text(&o).contains("not atomic"),
+        "tgt's compare-and-write must not be used:\n{}",
+        text(&o)
+    );
+    (tgt, luns)
+}
+
+#[test]
+fn two_hosts_on_iscsi_luns() {
+    let d = tempfile::tempdir().unwrap();
+    let (_tgt, luns) = iscsi_datastore(d.path());
+    let luns: Vec<&str> = luns.iter().map(String::as_str).collect();
+    run_with(&luns, d.path(), 2, 8000, || {});
+}
+
+/// tgtd is killed and started again two seconds into the run: the hosts'
+/// I/O stalls, libiscsi logs in again and re-sends what was in flight, and
+/// the workload goes on without an error. A lease of 16 s (I/O timeout
+/// 4 s) covers the outage.
+#[test]
+fn two_hosts_on_iscsi_survive_a_target_restart() {
+    let d = tempfile::tempdir().unwrap();
+    let (mut tgt, luns) = iscsi_datastore(d.path());
+    let luns: Vec<&str> = luns.iter().map(String::as_str).collect();
+    run_with(&luns, d.path(), 2, 16_000, || {
+        std::thread::sleep(Duration::from_secs(2));
+        tgt.kill();
+        std::thread::sleep(Duration::from_millis(300));
+        tgt.revive();
+        eprintln!("tgtd restarted");
+    });
 }

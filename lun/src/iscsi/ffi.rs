@@ -72,9 +72,9 @@ extern "C" {
     fn iscsi_get_fd(iscsi: *mut iscsi_context) -> c_int;
     fn iscsi_which_events(iscsi: *mut iscsi_context) -> c_int;
     fn iscsi_service(iscsi: *mut iscsi_context, revents: c_int) -> c_int;
-    fn iscsi_set_timeout(iscsi: *mut iscsi_context, timeout: c_int) -> c_int;
-    fn iscsi_set_no_ua_on_reconnect(iscsi: *mut iscsi_context, state: c_int);
-    fn iscsi_set_reconnect_max_retries(iscsi: *mut iscsi_context, count: c_int);
+    fn iscsi_set_noautoreconnect(iscsi: *mut iscsi_context, state: c_int);
+    fn iscsi_is_logged_in(iscsi: *mut iscsi_context) -> c_int;
+    fn iscsi_scsi_cancel_task(iscsi: *mut iscsi_context, task: *mut scsi_task) -> c_int;
     fn iscsi_set_tcp_user_timeout(iscsi: *mut iscsi_context, timeout_ms: c_int);
     fn iscsi_set_log_level(iscsi: *mut iscsi_context, level: c_int);
     fn iscsi_set_log_fn(iscsi: *mut iscsi_context, f: iscsi_log_fn);
@@ -107,6 +107,7 @@ pub const STATUS_TASK_SET_FULL: i32 = 0x28;
 pub const STATUS_TASK_ABORTED: i32 = 0x40;
 pub const STATUS_CANCELLED: i32 = 0x0f00_0000;
 pub const STATUS_ERROR: i32 = 0x0f00_0001;
+/// Also used by us for commands that outlived their deadline.
 pub const STATUS_TIMEOUT: i32 = 0x0f00_0002;
 
 /// Which way data moves.
@@ -141,6 +142,10 @@ struct InFlight {
     done: Box<dyn FnOnce(Completion)>,
 }
 
+/// A command in flight, for [`Session::cancel`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Task(*mut scsi_task);
+
 /// Login parameters.
 pub struct Login<'a> {
     pub initiator: &'a str,
@@ -151,8 +156,6 @@ pub struct Login<'a> {
     pub target_chap: Option<(&'a str, &'a str)>,
     /// libiscsi's enum: 0 none, 1 none-crc32c, 2 crc32c-none, 3 crc32c.
     pub header_digest: Option<i32>,
-    /// Per-command timeout in whole seconds (0: none).
-    pub timeout_s: u32,
     pub tcp_user_timeout_ms: u32,
 }
 
@@ -171,17 +174,19 @@ extern "C" fn log_to_tracing(level: c_int, msg: *const c_char) {
     }
     // SAFETY: libiscsi passes a NUL-terminated message valid for this call.
     let m = unsafe { CStr::from_ptr(msg) }.to_string_lossy();
-    if level <= 1 {
-        tracing::warn!(target: "libiscsi", "{m}");
-    } else {
-        tracing::debug!(target: "libiscsi", "{m}");
-    }
+    // Everything libiscsi reports is also reported by us, once and with the
+    // LUN's name (lost connections, failed logins, unit attentions): its
+    // own messages are for debugging.
+    let _ = level;
+    tracing::debug!(target: "libiscsi", "{m}");
 }
 
 impl Session {
     /// Create a context, log in to `login.target` at `login.portal` and check
-    /// that LUN `login.lun` exists. libiscsi reconnects by itself when the
-    /// connection drops, re-logs in and re-sends the commands in flight.
+    /// that LUN `login.lun` exists (eating the unit attention of a new
+    /// session). libiscsi's own reconnect is off: when the connection drops,
+    /// every command in flight completes with `STATUS_CANCELLED` and the
+    /// caller decides what to send again on a new session, and when.
     pub fn connect(login: &Login<'_>) -> Result<Session, String> {
         let initiator = cstring("the initiator name", login.initiator)?;
         let target = cstring("the target name", login.target)?;
@@ -222,12 +227,8 @@ impl Session {
                     return Err(s.error());
                 }
             }
-            iscsi_set_timeout(ctx, login.timeout_s as c_int);
             iscsi_set_tcp_user_timeout(ctx, login.tcp_user_timeout_ms as c_int);
-            // Retry reconnecting forever; each command still ends at its timeout.
-            iscsi_set_reconnect_max_retries(ctx, -1);
-            // After a reconnect, eat the target's unit attentions with TEST UNIT READY.
-            iscsi_set_no_ua_on_reconnect(ctx, 1);
+            iscsi_set_noautoreconnect(ctx, 1);
             if iscsi_full_connect_sync(ctx, portal.as_ptr(), c_int::from(login.lun)) != 0 {
                 return Err(s.error());
             }
@@ -251,7 +252,24 @@ impl Session {
         }
     }
 
-    /// The socket to poll (it changes across reconnects).
+    /// Whether the session is still logged in (false once the connection dropped).
+    pub fn logged_in(&self) -> bool {
+        // SAFETY: live context.
+        unsafe { iscsi_is_logged_in(self.ctx) != 0 }
+    }
+
+    /// Forget a command: its completion runs now, with `STATUS_CANCELLED`.
+    /// `task` must be the handle of a command whose completion has not run.
+    /// A command already sent may still be carried out by the target.
+    pub fn cancel(&mut self, task: Task) {
+        // SAFETY: per the contract, the task is live (its callback has not
+        // run, so it has not been freed).
+        unsafe {
+            iscsi_scsi_cancel_task(self.ctx, task.0);
+        }
+    }
+
+    /// The socket to poll.
     pub fn fd(&self) -> i32 {
         // SAFETY: live context.
         unsafe { iscsi_get_fd(self.ctx) }
@@ -274,7 +292,8 @@ impl Session {
     }
 
     /// Queue one command for LUN `lun`. `done` runs exactly once, from a later
-    /// [`Session::service`] (or from drop, with `STATUS_CANCELLED`).
+    /// [`Session::service`] or [`Session::cancel`] (or from drop, with
+    /// `STATUS_CANCELLED`). The returned handle is valid until then.
     pub fn submit(
         &mut self,
         lun: u16,
@@ -282,7 +301,7 @@ impl Session {
         dir: Dir,
         data_out: Vec<u8>,
         done: Box<dyn FnOnce(Completion)>,
-    ) -> Result<(), (String, Vec<u8>)> {
+    ) -> Result<Task, (String, Vec<u8>)> {
         let (xfer, len) = match dir {
             Dir::None => (SCSI_XFER_NONE, 0),
             Dir::Read(n) => (SCSI_XFER_READ, n),
@@ -342,8 +361,8 @@ impl Session {
                 scsi_free_scsi_task(task);
                 return Err((self.error(), fl.data_out));
             }
+            Ok(Task(task))
         }
-        Ok(())
     }
 }
 

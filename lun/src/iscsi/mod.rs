@@ -7,19 +7,26 @@
 //! together. The loop polls the iSCSI socket and calls `iscsi_service`, which
 //! also times out overdue commands and drives reconnects.
 //!
-//! **Dropped connections.** libiscsi logs in again by itself and re-sends the
-//! commands that were in flight; re-sending a WRITE rewrites the same bytes,
-//! so no write's effect is lost or doubled. A COMPARE AND WRITE that reports
-//! a miscompare after a reconnect may be our own first attempt, already
-//! applied: the sector is read back, and if it holds our new bytes the
-//! command is reported as written. Unit attentions after a reconnect are
-//! consumed by libiscsi (TEST UNIT READY) and retried by us otherwise.
+//! **Dropped connections.** libiscsi's own reconnect is off; the loop does
+//! it. When the connection drops, every command in flight comes back
+//! cancelled; the loop logs in again (a new session, backing off from 100 ms
+//! to 1 s between attempts) and sends those commands again, oldest first.
+//! Sending a WRITE again writes the same bytes again, so no write's effect
+//! is lost or doubled. A COMPARE AND WRITE that reports a miscompare may be
+//! our own first attempt, already applied before the connection dropped: the
+//! sector is read back, and if it holds our new bytes the command is
+//! reported as written. Unit attentions (a new session, a target restart)
+//! are answered by sending the command again.
 //!
-//! **Timeouts and fencing.** Each command has libiscsi's per-command timeout
-//! of half the LUN's I/O timeout (at least a second; libiscsi counts whole
-//! seconds). A re-sent command gets a fresh timeout, so a write reaches the
-//! target within one I/O timeout of being issued or not at all: a host that
-//! fences itself cannot have old writes land later, after a reconnect.
+//! **Deadlines and fencing.** Every command has a deadline of one I/O
+//! timeout (`IscsiOptions::io_timeout`; a mounted host derives it from its
+//! lease). A command past it is cancelled (if in flight) or never sent again
+//! (if waiting for a new session), and fails. So no write of a host is sent
+//! later than one I/O timeout after the host issued it: a host that has
+//! fenced itself cannot have old writes land after a reconnect, while its
+//! lease may already have been broken. (A command already on the wire to a
+//! live target when cancelled may still be carried out by it; the target
+//! aborts everything of a connection that drops.)
 //!
 //! **COMPARE AND WRITE** is used when the target reports it (VPD page 0xB0,
 //! MAXIMUM COMPARE AND WRITE LENGTH ≥ 1), except on targets known to
@@ -125,7 +132,6 @@ struct LoginData {
     chap: Option<(String, String)>,
     target_chap: Option<(String, String)>,
     header_digest: Option<i32>,
-    timeout_s: u32,
     tcp_user_timeout_ms: u32,
 }
 
@@ -150,28 +156,282 @@ fn default_initiator() -> String {
     }
 }
 
+/// One command the loop owns until its caller has an answer.
+struct Pending {
+    cdb: Vec<u8>,
+    dir: Dir,
+    /// The data-out bytes while not in flight (libiscsi holds them in flight).
+    data_out: Vec<u8>,
+    reply: mpsc::Sender<Completion>,
+    deadline: Instant,
+    /// The libiscsi task while in flight on the current session.
+    task: Option<ffi::Task>,
+    /// Cancelled by us at its deadline (not by a dropped connection).
+    expired: bool,
+}
+
+fn failed(status: i32, data_out: Vec<u8>, message: String) -> Completion {
+    Completion {
+        status,
+        sense_key: 0,
+        ascq: 0,
+        data_in: Vec::new(),
+        data_out,
+        message: Some(message),
+    }
+}
+
+/// The event loop: owns the session, the commands in flight and the ones
+/// waiting for a connection; logs in again when the connection drops.
+struct Looper {
+    login: LoginData,
+    name: String,
+    io_timeout: Duration,
+    pending: std::collections::HashMap<u64, Pending>,
+    /// Commands to send once there is a session, oldest first.
+    waiting: std::collections::VecDeque<u64>,
+    next_id: u64,
+    /// Completions handed over by libiscsi's callbacks, for `settle`.
+    done: std::rc::Rc<std::cell::RefCell<Vec<(u64, Completion)>>>,
+    session: Option<ffi::Session>,
+    next_login: Instant,
+    backoff: Duration,
+    down_since: Option<Instant>,
+}
+
+impl Looper {
+    fn connect(login: &LoginData) -> std::result::Result<ffi::Session, String> {
+        ffi::Session::connect(&ffi::Login {
+            initiator: &login.initiator,
+            target: &login.target,
+            portal: &login.portal,
+            lun: login.lun,
+            chap: login.chap.as_ref().map(|(u, p)| (u.as_str(), p.as_str())),
+            target_chap: login
+                .target_chap
+                .as_ref()
+                .map(|(u, p)| (u.as_str(), p.as_str())),
+            header_digest: login.header_digest,
+            tcp_user_timeout_ms: login.tcp_user_timeout_ms,
+        })
+    }
+
+    fn accept(
+        &mut self,
+        cdb: Vec<u8>,
+        dir: Dir,
+        data_out: Vec<u8>,
+        reply: mpsc::Sender<Completion>,
+    ) {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.pending.insert(
+            id,
+            Pending {
+                cdb,
+                dir,
+                data_out,
+                reply,
+                deadline: Instant::now() + self.io_timeout,
+                task: None,
+                expired: false,
+            },
+        );
+        self.waiting.push_back(id);
+    }
+
+    /// Send what waits, if there is a session.
+    fn send_waiting(&mut self) {
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
+        while let Some(id) = self.waiting.pop_front() {
+            let Some(p) = self.pending.get_mut(&id) else {
+                continue;
+            };
+            let q = self.done.clone();
+            let done = Box::new(move |c: Completion| q.borrow_mut().push((id, c)));
+            let data_out = std::mem::take(&mut p.data_out);
+            match s.submit(self.login.lun, &p.cdb, p.dir, data_out, done) {
+                Ok(t) => p.task = Some(t),
+                Err((why, data_out)) => {
+                    self.done
+                        .borrow_mut()
+                        .push((id, failed(ffi::STATUS_ERROR, data_out, why)));
+                }
+            }
+        }
+    }
+
+    /// Hand finished commands to their callers, or keep those the dropped
+    /// connection cancelled (within their deadline) to send again.
+    fn settle(&mut self) {
+        let finished: Vec<(u64, Completion)> = std::mem::take(&mut *self.done.borrow_mut());
+        for (id, mut c) in finished {
+            let Some(mut p) = self.pending.remove(&id) else {
+                continue;
+            };
+            p.task = None;
+            if c.status == ffi::STATUS_CANCELLED && !p.expired && Instant::now() < p.deadline {
+                // The connection dropped under it: send it again on the next
+                // session. A write sent twice writes the same bytes twice.
+                p.data_out = std::mem::take(&mut c.data_out);
+                self.pending.insert(id, p);
+                self.waiting.push_back(id);
+                continue;
+            }
+            if p.expired {
+                c.status = ffi::STATUS_TIMEOUT;
+                c.message = Some(format!(
+                    "no answer within the I/O timeout of {:?}",
+                    self.io_timeout
+                ));
+            }
+            let _ = p.reply.send(c);
+        }
+    }
+
+    /// Commands past their deadline: cancel those in flight, fail those waiting.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let overdue: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| !p.expired && now >= p.deadline)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in overdue {
+            let Some(p) = self.pending.get_mut(&id) else {
+                continue;
+            };
+            p.expired = true;
+            match (p.task.take(), self.session.as_mut()) {
+                (Some(t), Some(s)) => s.cancel(t),
+                _ => {
+                    self.waiting.retain(|w| *w != id);
+                    let data_out = std::mem::take(&mut p.data_out);
+                    self.done
+                        .borrow_mut()
+                        .push((id, failed(ffi::STATUS_TIMEOUT, data_out, String::new())));
+                }
+            }
+        }
+    }
+
+    /// The connection dropped: every command in flight completes (cancelled)
+    /// when the session goes; log in again soon.
+    fn lost(&mut self, why: &str) {
+        if self.down_since.is_none() {
+            tracing::warn!(lun = %self.name, "iSCSI connection lost ({}); logging in again", why.trim());
+            self.down_since = Some(Instant::now());
+        }
+        for p in self.pending.values_mut() {
+            p.task = None;
+        }
+        self.session = None; // destroying the context cancels what was in flight
+        self.next_login = Instant::now();
+        self.backoff = Duration::from_millis(100);
+    }
+
+    fn try_login(&mut self) {
+        if self.session.is_some() || Instant::now() < self.next_login {
+            return;
+        }
+        match Self::connect(&self.login) {
+            Ok(s) => {
+                if let Some(t) = self.down_since.take() {
+                    tracing::warn!(
+                        lun = %self.name,
+                        "iSCSI session restored after {:?}; sending {} command(s) again",
+                        t.elapsed(),
+                        self.waiting.len()
+                    );
+                }
+                self.session = Some(s);
+            }
+            Err(e) => {
+                tracing::debug!(lun = %self.name, "iSCSI login failed: {e}");
+                self.next_login = Instant::now() + self.backoff;
+                self.backoff = (self.backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+
+    fn run(&mut self, rx: mpsc::Receiver<Msg>, wake: i32) {
+        loop {
+            loop {
+                match rx.try_recv() {
+                    Ok(Msg::Cmd {
+                        cdb,
+                        dir,
+                        data_out,
+                        reply,
+                    }) => self.accept(cdb, dir, data_out, reply),
+                    Ok(Msg::Stop) | Err(mpsc::TryRecvError::Disconnected) => {
+                        self.session = None;
+                        self.settle();
+                        return;
+                    }
+                    Err(mpsc::TryRecvError::Empty) => break,
+                }
+            }
+            self.try_login();
+            self.send_waiting();
+            let (fd, events) = match &self.session {
+                Some(s) => (s.fd(), s.which_events()),
+                None => (-1, 0),
+            };
+            let mut fds = [
+                libc::pollfd {
+                    fd: wake,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd,
+                    events,
+                    revents: 0,
+                },
+            ];
+            let n = if events != 0 && fd >= 0 { 2 } else { 1 };
+            // Deadlines are checked at least every 100 ms.
+            // SAFETY: `fds` holds `n` valid pollfd entries.
+            unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, 100) };
+            if fds[0].revents & libc::POLLIN != 0 {
+                let mut v = 0u64;
+                // SAFETY: reads 8 bytes into a u64 from our eventfd.
+                unsafe { libc::read(wake, (&mut v as *mut u64).cast(), 8) };
+            }
+            if let Some(s) = self.session.as_mut() {
+                let revents = if n == 2 { fds[1].revents } else { 0 };
+                let r = s.service(revents);
+                let down = match r {
+                    Err(e) => Some(e),
+                    Ok(()) if !s.logged_in() => Some(s.error()),
+                    Ok(()) => None,
+                };
+                if let Some(why) = down {
+                    self.lost(&why);
+                }
+            }
+            // Settle first: a task that completed in this round is freed and
+            // must not be cancelled by `expire`.
+            self.settle();
+            self.expire();
+            self.settle();
+        }
+    }
+}
+
 fn event_loop(
     login: LoginData,
+    io_timeout: Duration,
     rx: mpsc::Receiver<Msg>,
     wake: i32,
     ready: mpsc::SyncSender<std::result::Result<(), String>>,
     name: String,
 ) {
-    let l = ffi::Login {
-        initiator: &login.initiator,
-        target: &login.target,
-        portal: &login.portal,
-        lun: login.lun,
-        chap: login.chap.as_ref().map(|(u, p)| (u.as_str(), p.as_str())),
-        target_chap: login
-            .target_chap
-            .as_ref()
-            .map(|(u, p)| (u.as_str(), p.as_str())),
-        header_digest: login.header_digest,
-        timeout_s: login.timeout_s,
-        tcp_user_timeout_ms: login.tcp_user_timeout_ms,
-    };
-    let mut s = match ffi::Session::connect(&l) {
+    let session = match Looper::connect(&login) {
         Ok(s) => {
             let _ = ready.send(Ok(()));
             s
@@ -181,71 +441,20 @@ fn event_loop(
             return;
         }
     };
-    // libiscsi keeps its own copy for reconnects; ours can go.
-    drop(login.chap);
-    drop(login.target_chap);
-    let mut last_log: Option<Instant> = None;
-    loop {
-        loop {
-            match rx.try_recv() {
-                Ok(Msg::Cmd {
-                    cdb,
-                    dir,
-                    data_out,
-                    reply,
-                }) => {
-                    let r2 = reply.clone();
-                    let done = Box::new(move |c: Completion| {
-                        let _ = reply.send(c);
-                    });
-                    if let Err((why, data_out)) = s.submit(login.lun, &cdb, dir, data_out, done) {
-                        let _ = r2.send(Completion {
-                            status: ffi::STATUS_ERROR,
-                            sense_key: 0,
-                            ascq: 0,
-                            data_in: Vec::new(),
-                            data_out,
-                            message: Some(why),
-                        });
-                    }
-                }
-                Ok(Msg::Stop) | Err(mpsc::TryRecvError::Disconnected) => return,
-                Err(mpsc::TryRecvError::Empty) => break,
-            }
-        }
-        let events = s.which_events();
-        let fd = s.fd();
-        let mut fds = [
-            libc::pollfd {
-                fd: wake,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd,
-                events,
-                revents: 0,
-            },
-        ];
-        let n = if events != 0 && fd >= 0 { 2 } else { 1 };
-        // 100 ms while libiscsi backs off a reconnect, else wake up at least
-        // every 250 ms so that command timeouts are noticed.
-        let wait = if n == 1 { 100 } else { 250 };
-        // SAFETY: `fds` holds `n` valid pollfd entries.
-        unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, wait) };
-        if fds[0].revents & libc::POLLIN != 0 {
-            let mut v = 0u64;
-            // SAFETY: reads 8 bytes into a u64 from our eventfd.
-            unsafe { libc::read(wake, (&mut v as *mut u64).cast(), 8) };
-        }
-        let revents = if n == 2 { fds[1].revents } else { 0 };
-        if let Err(e) = s.service(revents) {
-            if last_log.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
-                tracing::warn!(lun = %name, "iSCSI session: {e} (reconnecting)");
-                last_log = Some(Instant::now());
-            }
-        }
-    }
+    let mut l = Looper {
+        login,
+        name,
+        io_timeout,
+        pending: Default::default(),
+        waiting: Default::default(),
+        next_id: 1,
+        done: Default::default(),
+        session: Some(session),
+        next_login: Instant::now(),
+        backoff: Duration::from_millis(100),
+        down_since: None,
+    };
+    l.run(rx, wake);
 }
 
 impl IscsiLun {
@@ -262,14 +471,7 @@ impl IscsiLun {
             "crc32c-none" => 2,
             _ => 3,
         });
-        let io = opts.io_timeout.max(Duration::from_secs(2));
-        if opts.io_timeout < io {
-            tracing::warn!(
-                lun = name,
-                "an I/O timeout of {:?} cannot be kept over iSCSI (libiscsi counts whole seconds): using {io:?}; give hosts a lease of 8 s or more",
-                opts.io_timeout
-            );
-        }
+        let io = opts.io_timeout.max(Duration::from_millis(100));
         let login = LoginData {
             initiator: url.initiator.clone().unwrap_or_else(default_initiator),
             target: url.target.clone(),
@@ -284,7 +486,6 @@ impl IscsiLun {
                 .as_ref()
                 .map(|c| (c.user.clone(), c.secret.0.clone())),
             header_digest,
-            timeout_s: (io.as_secs() / 2).max(1) as u32,
             tcp_user_timeout_ms: io.as_millis().min(u128::from(u32::MAX)) as u32,
         };
         // SAFETY: eventfd returns a new descriptor or -1.
@@ -303,7 +504,7 @@ impl IscsiLun {
         let n2 = name.to_string();
         let thread = std::thread::Builder::new()
             .name("iscsi".into())
-            .spawn(move || event_loop(login, rx, efd, ready_tx, n2))
+            .spawn(move || event_loop(login, io, rx, efd, ready_tx, n2))
             .map_err(|e| LunError::Open {
                 lun: name.into(),
                 what: "cannot start the iSCSI thread".into(),
