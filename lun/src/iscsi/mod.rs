@@ -38,7 +38,8 @@ mod ffi;
 pub mod scsi;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -117,6 +118,8 @@ pub struct IscsiLun {
     name: String,
     tx: mpsc::Sender<Msg>,
     wake: OwnedFd,
+    /// Set by the loop while it sleeps in poll: only then is the eventfd written.
+    asleep: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     info: IscsiInfo,
     /// Striped locks for read-modify-write of partial logical blocks.
@@ -357,22 +360,37 @@ impl Looper {
         }
     }
 
-    fn run(&mut self, rx: mpsc::Receiver<Msg>, wake: i32) {
+    /// Take one message; false when the loop must end.
+    fn take(&mut self, m: Msg) -> bool {
+        match m {
+            Msg::Cmd {
+                cdb,
+                dir,
+                data_out,
+                reply,
+            } => {
+                self.accept(cdb, dir, data_out, reply);
+                true
+            }
+            Msg::Stop => false,
+        }
+    }
+
+    fn run(&mut self, rx: mpsc::Receiver<Msg>, wake: i32, asleep: &AtomicBool) {
+        let stop = |me: &mut Self| {
+            me.session = None; // completes what was in flight (cancelled)
+            me.settle();
+        };
         loop {
             loop {
                 match rx.try_recv() {
-                    Ok(Msg::Cmd {
-                        cdb,
-                        dir,
-                        data_out,
-                        reply,
-                    }) => self.accept(cdb, dir, data_out, reply),
-                    Ok(Msg::Stop) | Err(mpsc::TryRecvError::Disconnected) => {
-                        self.session = None;
-                        self.settle();
-                        return;
+                    Ok(m) => {
+                        if !self.take(m) {
+                            return stop(self);
+                        }
                     }
                     Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => return stop(self),
                 }
             }
             self.try_login();
@@ -394,9 +412,25 @@ impl Looper {
                 },
             ];
             let n = if events != 0 && fd >= 0 { 2 } else { 1 };
-            // Deadlines are checked at least every 100 ms.
+            // Say we sleep, then look once more: a caller that sent after
+            // that look sees `asleep` and wakes us; one that sent before is
+            // seen here. Callers skip the eventfd while we are awake.
+            asleep.store(true, Ordering::SeqCst);
+            let mut wait = 100; // deadlines are checked at least every 100 ms
+            match rx.try_recv() {
+                Ok(m) => {
+                    asleep.store(false, Ordering::SeqCst);
+                    if !self.take(m) {
+                        return stop(self);
+                    }
+                    wait = 0;
+                }
+                Err(mpsc::TryRecvError::Empty) => {}
+                Err(mpsc::TryRecvError::Disconnected) => return stop(self),
+            }
             // SAFETY: `fds` holds `n` valid pollfd entries.
-            unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, 100) };
+            unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, wait) };
+            asleep.store(false, Ordering::SeqCst);
             if fds[0].revents & libc::POLLIN != 0 {
                 let mut v = 0u64;
                 // SAFETY: reads 8 bytes into a u64 from our eventfd.
@@ -426,6 +460,7 @@ impl Looper {
 fn event_loop(
     login: LoginData,
     io_timeout: Duration,
+    asleep: Arc<AtomicBool>,
     rx: mpsc::Receiver<Msg>,
     wake: i32,
     ready: mpsc::SyncSender<std::result::Result<(), String>>,
@@ -454,7 +489,7 @@ fn event_loop(
         backoff: Duration::from_millis(100),
         down_since: None,
     };
-    l.run(rx, wake);
+    l.run(rx, wake, &asleep);
 }
 
 impl IscsiLun {
@@ -501,10 +536,14 @@ impl IscsiLun {
         let wake = unsafe { OwnedFd::from_raw_fd(efd) };
         let (tx, rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+        let asleep = Arc::new(AtomicBool::new(false));
         let n2 = name.to_string();
         let thread = std::thread::Builder::new()
             .name("iscsi".into())
-            .spawn(move || event_loop(login, io, rx, efd, ready_tx, n2))
+            .spawn({
+                let asleep = asleep.clone();
+                move || event_loop(login, io, asleep, rx, efd, ready_tx, n2)
+            })
             .map_err(|e| LunError::Open {
                 lun: name.into(),
                 what: "cannot start the iSCSI thread".into(),
@@ -529,6 +568,7 @@ impl IscsiLun {
             name: name.to_string(),
             tx,
             wake,
+            asleep,
             thread: Some(thread),
             rmw: (0..64).map(|_| std::sync::Mutex::new(())).collect(),
             info: IscsiInfo {
@@ -671,16 +711,14 @@ impl IscsiLun {
     /// Hand one command to the event loop; the completion arrives on the receiver.
     fn submit(&self, cdb: Vec<u8>, dir: Dir, data_out: Vec<u8>) -> mpsc::Receiver<Completion> {
         let (reply, rx) = mpsc::channel();
-        if self
-            .tx
-            .send(Msg::Cmd {
-                cdb,
-                dir,
-                data_out,
-                reply,
-            })
-            .is_ok()
-        {
+        let msg = Msg::Cmd {
+            cdb,
+            dir,
+            data_out,
+            reply,
+        };
+        // A failed send drops `reply`: `wait` then reports the stopped thread.
+        if self.tx.send(msg).is_ok() && self.asleep.swap(false, Ordering::SeqCst) {
             let one = 1u64;
             // SAFETY: writes 8 bytes from a u64 to our eventfd.
             unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
