@@ -94,6 +94,43 @@ enum Cmd {
         #[command(flatten)]
         host: HostArgs,
     },
+    /// Raw device mappings: a file on the datastore that stands for a whole LUN.
+    #[command(subcommand)]
+    Rdm(RdmCmd),
+}
+
+#[derive(Subcommand)]
+enum RdmCmd {
+    /// Map LUN-URL as a file PATH (from the datastore's root) on the datastore
+    /// over DATASTORE-LUN...: records the LUN's identity, size, the mode and
+    /// the URL. A LUN of a datastore is refused.
+    #[command(
+        override_usage = "vmfs rdm create --mode virtual|physical [HOST OPTIONS] LUN-URL DATASTORE-LUN... PATH"
+    )]
+    Create {
+        /// virtual (a virtual disk over the LUN; snapshots allowed) or
+        /// physical (SCSI commands pass through; no snapshots).
+        #[arg(long, value_parser = ["virtual", "physical"])]
+        mode: String,
+        /// LUN-URL, then the datastore's LUNs, then the path of the mapping.
+        #[arg(required = true, num_args = 3..)]
+        args: Vec<String>,
+        /// While other hosts have the datastore mounted, this command joins
+        /// as a host for the time of the change.
+        #[command(flatten)]
+        host: HostArgs,
+    },
+    /// Show a mapping and whether this host reaches its LUN unchanged (exit 1
+    /// if not): the LUNs listed in STATE_DIR/luns are searched, then the
+    /// mapping's URL hint.
+    #[command(override_usage = "vmfs rdm info [--state-dir DIR] DATASTORE-LUN... PATH")]
+    Info {
+        #[arg(required = true, num_args = 2..)]
+        args: Vec<String>,
+        /// Where this host keeps its LUN list (file `luns`, one URL per line).
+        #[arg(long, default_value = "/var/lib/vmfs")]
+        state_dir: PathBuf,
+    },
 }
 
 fn parse_size(s: &str) -> std::result::Result<u64, String> {
@@ -511,6 +548,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Hosts { luns } => hosts(&luns)?,
         Cmd::Locks { luns } => locks(&luns)?,
         Cmd::Crashtest(a) => return crashtest(a),
+        Cmd::Rdm(c) => return rdm_cmd(c),
         Cmd::Extend { luns, add, host } => {
             let t = vmfs::cluster::Timeouts::new(host.heartbeat_ms, host.lease_ms)?;
             let luns = open_luns_for(&luns, &t)?;
@@ -541,6 +579,102 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Walk `path` (from the root, `/`-separated) to its parent directory;
+/// returns (parent, last name).
+fn parent_of(fs: &Fs, path: &str) -> Result<(u64, Vec<u8>)> {
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    let Some((last, dirs)) = parts.split_last() else {
+        bail!("{path:?}: give a path to a file inside the datastore");
+    };
+    let mut dir = fs.root();
+    for d in dirs {
+        dir = fs
+            .lookup(dir, d.as_bytes())
+            .with_context(|| format!("{path}: directory {d:?}"))?
+            .addr;
+    }
+    Ok((dir, last.as_bytes().to_vec()))
+}
+
+/// Does this LUN carry a datastore's volume header?
+fn is_datastore_lun(l: &dyn lun::Lun) -> bool {
+    let mut b = vec![0u8; vmfs::format::MD];
+    l.read_at(&mut b, 0).is_ok() && vmfs::format::VolumeHeader::decode(&b, None).is_ok()
+}
+
+fn rdm_cmd(c: RdmCmd) -> Result<ExitCode> {
+    match c {
+        RdmCmd::Create { mode, args, host } => {
+            let mode = rdm::Mode::parse(&mode).context("--mode is virtual or physical")?;
+            let (url, rest) = args.split_first().context("LUN-URL")?;
+            let (path, ds) = rest.split_last().context("PATH")?;
+            let t = vmfs::cluster::Timeouts::new(host.heartbeat_ms, host.lease_ms)?;
+            let target = lun::open_with(url, t.lun_options())
+                .with_context(|| format!("opening LUN {}", lun::redact(url)))?;
+            let luns = open_luns_for(ds, &t)?;
+            let m = rdm::create(&*target, mode, &luns, is_datastore_lun)?;
+            let live = vmfs::cluster::live_slots(&vmfs::Volume::open(luns.clone())?, &t)?;
+            let fs = if live.is_empty() {
+                Fs::open(luns)?
+            } else {
+                Fs::mount(luns, host.uuid()?, t)?
+            };
+            let r = (|| -> Result<()> {
+                let (dir, name) = parent_of(&fs, path)?;
+                fs.create_mapping(dir, &name, &m.encode())
+                    .with_context(|| format!("creating the mapping file {path}"))?;
+                Ok(())
+            })();
+            fs.unmount()?;
+            r?;
+            println!(
+                "{path}: {} mapping of {} ({}, {})",
+                mode.name(),
+                m.url_hint,
+                m.identity,
+                human(m.size)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        RdmCmd::Info { args, state_dir } => {
+            let (path, ds) = args.split_last().context("PATH")?;
+            let fs = Fs::open_for_check(open_luns(ds)?, false)?;
+            let (dir, name) = parent_of(&fs, path)?;
+            let ino = fs
+                .lookup(dir, &name)
+                .with_context(|| format!("{path}: no such file in the datastore"))?;
+            if ino.flags & vmfs::format::FD_FLAG_RDM == 0 {
+                bail!("{path}: not a raw device mapping (an ordinary file)");
+            }
+            let len = usize::try_from(ino.size.min(rdm::MAX_DESCRIPTOR as u64 + 1))?;
+            let text = fs.read(ino.addr, 0, len)?;
+            let m = rdm::Mapping::parse(&text, path)?;
+            println!("mapping     {path}");
+            println!("mode        {} ({})", m.mode.name(), m.mode.create_type());
+            println!("identity    {}", m.identity);
+            println!(
+                "size        {} ({} bytes, {}-byte blocks)",
+                human(m.size),
+                m.size,
+                m.block_size
+            );
+            println!("url hint    {}", m.url_hint);
+            let list = rdm::host_luns(&state_dir)
+                .with_context(|| format!("reading {}", state_dir.join("luns").display()))?;
+            match rdm::resolve(&m, &list, lun::OpenOptions::default()) {
+                Ok(l) => {
+                    println!("lun         {} (identity and size match)", l.name());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    println!("lun         not usable: {e}");
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+    }
 }
 
 /// Who this host is on the datastore, and its heartbeat timing.

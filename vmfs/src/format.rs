@@ -400,6 +400,9 @@ pub enum Layout {
 /// Descriptor flag: the file may be opened for writing by several hosts at
 /// once (clustered guests); set with the `user.vmfs.multi-writer` xattr.
 pub const FD_FLAG_MULTI_WRITER: u32 = 1;
+/// FD flag: the file is a raw device mapping (its contents, the mapping
+/// descriptor, are written by `rdm`; the mapped LUN holds the data).
+pub const FD_FLAG_RDM: u32 = 2;
 
 /// A decoded file descriptor (inode). The pointer area is kept raw.
 #[derive(Debug, Clone, PartialEq, Eq)]

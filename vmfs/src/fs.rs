@@ -1714,6 +1714,27 @@ impl Fs {
         })
     }
 
+    /// Write `descriptor` as the new regular file `name` in `dir` and flag it
+    /// a raw device mapping (FD flag [`FD_FLAG_RDM`]).
+    pub fn create_mapping(&self, dir: u64, name: &[u8], descriptor: &[u8]) -> Result<Inode> {
+        let i = self.create(dir, name, libc::S_IFREG | 0o600, 0, 0, 0, None)?;
+        self.open_file(i.addr, true)?;
+        let r = (|| {
+            self.write(i.addr, 0, descriptor)?;
+            self.op(|st, vol| {
+                let mut n = st.iget(vol, i.addr)?;
+                n.flags |= crate::format::FD_FLAG_RDM;
+                st.iput(vol, &n)?;
+                Ok(n)
+            })
+        })();
+        let closed = self.release(i.addr, true);
+        let n = r?;
+        closed?;
+        self.sync()?;
+        Ok(n)
+    }
+
     /// Every lock that is not free: the volume lock, then file descriptors
     /// (object, its 4K address or 0, the lock as on disk). Holders may be
     /// stale (their slot recovered since): the caller judges them.
