@@ -467,14 +467,14 @@ mod tests {
         let l: Arc<dyn Lun> = Arc::new(lun::MemLun::new("mem:a", 1 << 20));
         let other: Arc<dyn Lun> = Arc::new(lun::MemLun::new("mem:b", 1 << 20));
         assert!(matches!(
-            create(&*l, Mode::Virtual, &[l.clone()], |_| false),
+            create(&*l, Mode::Virtual, std::slice::from_ref(&l), |_| false),
             Err(RdmError::DatastoreLun { .. })
         ));
         assert!(matches!(
             create(&*l, Mode::Virtual, &[], |_| true),
             Err(RdmError::DatastoreLun { .. })
         ));
-        let m = create(&*l, Mode::Virtual, &[other.clone()], |_| false).unwrap();
+        let m = create(&*l, Mode::Virtual, std::slice::from_ref(&other), |_| false).unwrap();
         m.check(&*l).unwrap();
         assert!(matches!(
             m.check(&*other),
