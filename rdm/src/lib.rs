@@ -288,6 +288,13 @@ impl Mapping {
         })
     }
 
+    /// Parse a mapping file's contents: the descriptor, then zeros up to
+    /// the file's size (the LUN's).
+    pub fn parse_file(bytes: &[u8], path: &str) -> Result<Mapping> {
+        let end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+        Mapping::parse(&bytes[..end], path)
+    }
+
     /// Is `lun` the mapped LUN, unchanged in size?
     pub fn check(&self, lun: &dyn Lun) -> Result<()> {
         let got = lun.identity()?;

@@ -393,6 +393,13 @@ fn mount(
     let uuid = host.uuid()?;
     let t = vmfs::cluster::Timeouts::new(host.heartbeat_ms, host.lease_ms)?;
     let fs = Arc::new(Fs::mount(open_luns_for(specs, &t)?, uuid, t)?);
+    match rdm::host_luns(&host.state_dir) {
+        Ok(list) => fs.set_rdm_luns(list),
+        Err(e) => tracing::warn!(
+            "cannot read this host's LUN list {}: {e}; raw device mappings are found by their URL hints only",
+            host.state_dir.join("luns").display()
+        ),
+    }
     for (s, rep) in fs.replays() {
         tracing::info!("journal of slot {s} (the host stopped without unmounting): {rep}");
     }
@@ -623,7 +630,7 @@ fn rdm_cmd(c: RdmCmd) -> Result<ExitCode> {
             };
             let r = (|| -> Result<()> {
                 let (dir, name) = parent_of(&fs, path)?;
-                fs.create_mapping(dir, &name, &m.encode())
+                fs.create_mapping(dir, &name, &m.encode(), m.size)
                     .with_context(|| format!("creating the mapping file {path}"))?;
                 Ok(())
             })();
@@ -648,9 +655,9 @@ fn rdm_cmd(c: RdmCmd) -> Result<ExitCode> {
             if ino.flags & vmfs::format::FD_FLAG_RDM == 0 {
                 bail!("{path}: not a raw device mapping (an ordinary file)");
             }
-            let len = usize::try_from(ino.size.min(rdm::MAX_DESCRIPTOR as u64 + 1))?;
-            let text = fs.read(ino.addr, 0, len)?;
-            let m = rdm::Mapping::parse(&text, path)?;
+            let m = fs
+                .mapping_of(&ino)
+                .with_context(|| format!("{path}: reading the mapping"))?;
             println!("mapping     {path}");
             println!("mode        {} ({})", m.mode.name(), m.mode.create_type());
             println!("identity    {}", m.identity);

@@ -82,6 +82,18 @@ pub struct Fs {
     /// The configuration generation whose new extent this host could not
     /// open (said once in the log, not at every look).
     unopened_gen: std::sync::atomic::AtomicU64,
+    /// Raw device mappings open on this host: their LUNs, by file.
+    mapped: Mutex<HashMap<u64, Mapped>>,
+    /// The LUN URLs this host may open for raw device mappings (its LUN list).
+    rdm_luns: RwLock<Vec<String>>,
+}
+
+/// A raw device mapping open on this host.
+struct Mapped {
+    lun: Arc<dyn lun::Lun>,
+    /// The mapping file's inode at open (its size is the LUN's).
+    inode: Inode,
+    opens: u32,
 }
 
 impl Drop for Fs {
@@ -1412,6 +1424,8 @@ impl Fs {
             member: std::sync::OnceLock::new(),
             shared: std::sync::OnceLock::new(),
             unopened_gen: std::sync::atomic::AtomicU64::new(0),
+            mapped: Mutex::new(HashMap::new()),
+            rdm_luns: RwLock::new(Vec::new()),
         })
     }
 
@@ -1714,15 +1728,25 @@ impl Fs {
         })
     }
 
-    /// Write `descriptor` as the new regular file `name` in `dir` and flag it
-    /// a raw device mapping (FD flag [`FD_FLAG_RDM`]).
-    pub fn create_mapping(&self, dir: u64, name: &[u8], descriptor: &[u8]) -> Result<Inode> {
+    /// Write `descriptor` as the new regular file `name` in `dir`, flag it a
+    /// raw device mapping (FD flag [`FD_FLAG_RDM`]) and give it the mapped
+    /// LUN's size (sparse: only the descriptor takes space).
+    pub fn create_mapping(
+        &self,
+        dir: u64,
+        name: &[u8],
+        descriptor: &[u8],
+        lun_size: u64,
+    ) -> Result<Inode> {
         let i = self.create(dir, name, libc::S_IFREG | 0o600, 0, 0, 0, None)?;
         self.open_file(i.addr, true)?;
         let r = (|| {
             self.write(i.addr, 0, descriptor)?;
             self.op(|st, vol| {
                 let mut n = st.iget(vol, i.addr)?;
+                if lun_size > n.size {
+                    st.truncate(vol, &mut n, lun_size)?;
+                }
                 n.flags |= crate::format::FD_FLAG_RDM;
                 st.iput(vol, &n)?;
                 Ok(n)
@@ -1733,6 +1757,84 @@ impl Fs {
         closed?;
         self.sync()?;
         Ok(n)
+    }
+
+    /// The LUN URLs this host may open for raw device mappings (searched
+    /// before a mapping's own URL hint).
+    pub fn set_rdm_luns(&self, urls: Vec<String>) {
+        *self.rdm_luns.write().unwrap_or_else(|p| p.into_inner()) = urls;
+    }
+
+    /// The descriptor of mapping `i`, as stored (not the LUN's data).
+    pub fn mapping_of(&self, i: &Inode) -> Result<rdm::Mapping> {
+        let len = i.size.min(rdm::MAX_DESCRIPTOR as u64 + 1) as usize;
+        let text = self.read_stored(i.addr, 0, len)?;
+        rdm::Mapping::parse_file(&text, &format!("mapping file {:#x}", i.addr))
+            .map_err(|e| FsError::Posix(libc::ENXIO, e.to_string()))
+    }
+
+    /// After the file lock of mapping `i` is taken: open its LUN (once per
+    /// host), found by identity and checked; writes go through this host's
+    /// fence like every other write.
+    fn attach_mapping(&self, i: &Inode) -> Result<()> {
+        let mut m = self.mapped.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(x) = m.get_mut(&i.addr) {
+            x.opens += 1;
+            return Ok(());
+        }
+        let mapping = self.mapping_of(i)?;
+        let opts = self
+            .member
+            .get()
+            .map(|mb| mb.timeouts.lun_options())
+            .unwrap_or_default();
+        let list = self
+            .rdm_luns
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let lun = rdm::resolve(&mapping, &list, opts).map_err(|e| {
+            tracing::error!("raw device mapping {:#x}: {e}", i.addr);
+            FsError::Posix(libc::ENXIO, e.to_string())
+        })?;
+        let lun: Arc<dyn lun::Lun> = match self.member.get() {
+            Some(mb) => Arc::new(lun::FencedLun::new(lun, mb.lease.clone())),
+            None => lun,
+        };
+        m.insert(
+            i.addr,
+            Mapped {
+                lun,
+                inode: i.clone(),
+                opens: 1,
+            },
+        );
+        Ok(())
+    }
+
+    fn detach_mapping(&self, ino: u64) {
+        let mut m = self.mapped.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(x) = m.get_mut(&ino) {
+            x.opens -= 1;
+            if x.opens == 0 {
+                m.remove(&ino);
+            }
+        }
+    }
+
+    /// The LUN of an open raw device mapping, with the mapping's inode.
+    fn mapped_lun(&self, ino: u64) -> Option<(Arc<dyn lun::Lun>, Inode)> {
+        let m = self.mapped.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(&ino).map(|x| (x.lun.clone(), x.inode.clone()))
+    }
+
+    /// fsync of one file: an open mapping flushes its LUN; then the
+    /// metadata is committed.
+    pub fn fsync_file(&self, ino: u64) -> Result<()> {
+        if let Some((lun, _)) = self.mapped_lun(ino) {
+            lun.flush()?;
+        }
+        self.sync()
     }
 
     /// Every lock that is not free: the volume lock, then file descriptors
@@ -2368,6 +2470,12 @@ impl Fs {
             .map(|_| lock.write().unwrap_or_else(|p| p.into_inner()));
         self.op(|st, vol| {
             let mut i = st.iget(vol, ino)?;
+            if a.size.is_some() && i.flags & FD_FLAG_RDM != 0 {
+                return Err(FsError::Posix(
+                    libc::EPERM,
+                    format!("file {ino:#x} is a raw device mapping: its size is its LUN's"),
+                ));
+            }
             let t = now();
             if let Some(m) = a.mode {
                 i.mode = (i.mode & S_IFMT) | (m & 0o7777);
@@ -2412,7 +2520,21 @@ impl Fs {
     /// is taken on disk: exclusive for writing (multi-writer when the file
     /// has that flag), shared for reading; a file another host holds in a
     /// mode that excludes this one is EBUSY, and the log names that host.
+    /// Open file `ino` on this host: take its lock (exclusive for writing,
+    /// shared for reading, or multi-writer); a raw device mapping also opens
+    /// its LUN, or the open fails (ENXIO) and the lock is given back.
     pub fn open_file(&self, ino: u64, write: bool) -> Result<Inode> {
+        let i = self.open_file_lock(ino, write)?;
+        if i.flags & FD_FLAG_RDM != 0 && !i.is_dir() {
+            if let Err(e) = self.attach_mapping(&i) {
+                let _ = self.release(ino, write);
+                return Err(e);
+            }
+        }
+        Ok(i)
+    }
+
+    fn open_file_lock(&self, ino: u64, write: bool) -> Result<Inode> {
         if self.shared.get().is_none() {
             let mut st = self.lock();
             let i = st.iget(&self.vol(), ino)?;
@@ -2557,6 +2679,7 @@ impl Fs {
 
     /// The last close of an unlinked file frees it.
     pub fn release(&self, ino: u64, write: bool) -> Result<()> {
+        self.detach_mapping(ino);
         if self.shared.get().is_some() {
             self.op(|st, _| self.unlock_file(st, ino, write))?;
         }
@@ -2591,7 +2714,25 @@ impl Fs {
     }
 
     /// Read into the caller's buffer; returns the bytes read (short at EOF).
+    /// An open raw device mapping reads its LUN.
     pub fn read_into(&self, ino: u64, off: u64, buf: &mut [u8]) -> Result<usize> {
+        if let Some((lun, _)) = self.mapped_lun(ino) {
+            let n = lun.size().saturating_sub(off).min(buf.len() as u64) as usize;
+            lun.read_at(&mut buf[..n], off)?;
+            return Ok(n);
+        }
+        self.read_into_stored(ino, off, buf)
+    }
+
+    /// What the file itself holds (a mapping's descriptor, not its LUN).
+    pub fn read_stored(&self, ino: u64, off: u64, len: usize) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; len];
+        let n = self.read_into_stored(ino, off, &mut out)?;
+        out.truncate(n);
+        Ok(out)
+    }
+
+    fn read_into_stored(&self, ino: u64, off: u64, buf: &mut [u8]) -> Result<usize> {
         let lock = self.data_lock(ino);
         let _g = lock.read().unwrap_or_else(|p| p.into_inner());
         let (n, segs) = self.read_op(|st, vol| {
@@ -2606,6 +2747,24 @@ impl Fs {
     }
 
     pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> Result<Inode> {
+        if let Some((lun, i)) = self.mapped_lun(ino) {
+            // A mapping is exactly its LUN: no writing past its end.
+            if off
+                .checked_add(data.len() as u64)
+                .is_none_or(|e| e > lun.size())
+            {
+                return Err(FsError::Posix(
+                    libc::ENOSPC,
+                    format!(
+                        "write at {off} (+{} bytes) past the end of the mapped LUN ({} bytes)",
+                        data.len(),
+                        lun.size()
+                    ),
+                ));
+            }
+            lun.write_at(data, off)?;
+            return Ok(i);
+        }
         let lock = self.data_lock(ino);
         let _g = lock.read().unwrap_or_else(|p| p.into_inner());
         // Fast path: every byte lands in a written, mapped leaf: data moves
@@ -2662,6 +2821,12 @@ impl Fs {
 
     /// fallocate: mode bits as in fallocate(2).
     pub fn fallocate(&self, ino: u64, off: u64, len: u64, mode: i32) -> Result<()> {
+        if self.getattr(ino)?.flags & FD_FLAG_RDM != 0 {
+            return Err(FsError::Posix(
+                libc::EOPNOTSUPP,
+                format!("file {ino:#x} is a raw device mapping: allocate on its LUN"),
+            ));
+        }
         let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
         let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
         let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;

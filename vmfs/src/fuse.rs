@@ -415,12 +415,12 @@ impl Filesystem for VmfsFuse {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        done(reply, self.fs.sync())
+        done(reply, self.fs.fsync_file(self.ino(ino)))
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -646,9 +646,10 @@ pub const COMMIT_INTERVAL: Duration = Duration::from_secs(5);
 /// The extended attribute that marks a file multi-writer ("1" or "0").
 pub const MULTI_WRITER_XATTR: &[u8] = b"user.vmfs.multi-writer";
 
-/// A multi-writer file bypasses the page cache: other hosts write it too.
+/// A multi-writer file bypasses the page cache: other hosts write it too;
+/// so does a raw device mapping (others may reach its LUN directly).
 fn open_flags(i: &Inode) -> FopenFlags {
-    if i.flags & crate::format::FD_FLAG_MULTI_WRITER != 0 {
+    if i.flags & (crate::format::FD_FLAG_MULTI_WRITER | crate::format::FD_FLAG_RDM) != 0 {
         FopenFlags::FOPEN_DIRECT_IO
     } else {
         FopenFlags::empty()
