@@ -1,8 +1,10 @@
 //! Read throughput of our iSCSI backend against libiscsi's own `iscsi-perf`
 //! on the same LUN, side by side: sequential 1 MiB and random 4 KiB reads,
-//! 16 in flight each, and the ratio ours / iscsi-perf.
+//! 16 in flight each, and the ratio ours / iscsi-perf. Each figure is the
+//! median of ROUNDS runs, ours and iscsi-perf alternating, so that noise
+//! from a busy machine hits both alike.
 //!
-//! vmfs-iscsibench [SECONDS] [iscsi://...]
+//! vmfs-iscsibench [SECONDS] [ROUNDS] [iscsi://...]   (defaults 3 and 3)
 //!
 //! Without a URL it starts tgtd on a free loopback port over a 1 GiB file of
 //! random bytes (in a temporary directory) and measures that.
@@ -179,7 +181,8 @@ fn iscsi_perf(url: &str, blocks: u64, random: bool, secs: u64) -> Result<(f64, f
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let secs: u64 = args.first().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let secs: u64 = args.first().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let rounds: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3).max(1);
     let dir = tempfile::tempdir()?;
     let (_server, url) = match args.iter().find(|a| a.starts_with("iscsi://")) {
         Some(u) => (None, u.clone()),
