@@ -196,19 +196,27 @@ fn main() -> Result<()> {
         bail!("this bench assumes 512-byte blocks (iscsi-perf counts in blocks)");
     }
     println!(
-        "{url}: {} MiB, {IN_FLIGHT} reads in flight, {secs} s each",
+        "{url}: {} MiB, {IN_FLIGHT} reads in flight, median of {rounds} runs of {secs} s",
         lun.size() >> 20
     );
     println!(
         "{:<22} {:>14} {:>14} {:>7}",
         "reads", "ours", "iscsi-perf", "ratio"
     );
+    let median = |mut v: Vec<(f64, f64)>| {
+        v.sort_by(|a, b| a.0.total_cmp(&b.0));
+        v[v.len() / 2]
+    };
     for (name, len, random) in [
         ("sequential 1 MiB", 1u64 << 20, false),
         ("random 4 KiB", 4096, true),
     ] {
-        let (mb, iops) = ours(&lun, len, random, secs);
-        let (pmb, piops) = iscsi_perf(&url, len / 512, random, secs)?;
+        let (mut o, mut p) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            o.push(ours(&lun, len, random, secs));
+            p.push(iscsi_perf(&url, len / 512, random, secs)?);
+        }
+        let ((mb, iops), (pmb, piops)) = (median(o), median(p));
         let (a, b) = if random {
             (format!("{iops:.0} IOPS"), format!("{piops:.0} IOPS"))
         } else {
