@@ -8,8 +8,9 @@
 //! (`super::scsi`), so no libiscsi structure is mirrored here except the
 //! leading fields of `struct scsi_sense` and the two-field `struct iscsi_data`.
 //!
-//! A [`Session`] is not `Send`: libiscsi contexts are single-threaded, so one
-//! is created, used and destroyed on the backend's event-loop thread.
+//! libiscsi contexts are single-threaded: a [`Session`] may move between
+//! threads, but its calls must never overlap (the backend keeps it behind a
+//! mutex).
 
 #![allow(non_camel_case_types)]
 
@@ -139,12 +140,16 @@ pub struct Completion {
 struct InFlight {
     data_in: Vec<u8>,
     data_out: Vec<u8>,
-    done: Box<dyn FnOnce(Completion)>,
+    done: Box<dyn FnOnce(Completion) + Send>,
 }
 
 /// A command in flight, for [`Session::cancel`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Task(*mut scsi_task);
+
+// SAFETY: a task handle is only dereferenced by libiscsi inside calls on its
+// session, which the owner serializes (see `Session`).
+unsafe impl Send for Task {}
 
 /// Login parameters.
 pub struct Login<'a> {
@@ -163,6 +168,12 @@ pub struct Login<'a> {
 pub struct Session {
     ctx: *mut iscsi_context,
 }
+
+// SAFETY: libiscsi keeps no thread-local state: a context may be used from
+// any thread as long as calls on it never overlap. `Session`'s methods take
+// `&mut self` (or `&self` for reads of its state), and the backend keeps the
+// session behind a mutex, so calls are serialized.
+unsafe impl Send for Session {}
 
 fn cstring(what: &str, s: &str) -> Result<CString, String> {
     CString::new(s).map_err(|_| format!("{what} contains a NUL byte"))
@@ -300,7 +311,7 @@ impl Session {
         cdb: &[u8],
         dir: Dir,
         data_out: Vec<u8>,
-        done: Box<dyn FnOnce(Completion)>,
+        done: Box<dyn FnOnce(Completion) + Send>,
     ) -> Result<Task, (String, Vec<u8>)> {
         let (xfer, len) = match dir {
             Dir::None => (SCSI_XFER_NONE, 0),

@@ -1,11 +1,14 @@
 //! iSCSI LUNs through libiscsi.
 //!
-//! One event-loop thread per LUN owns the libiscsi context. Callers build a
-//! command (CDB, direction, data), send it to the loop through a channel and
-//! an eventfd, and wait for its completion; large transfers are split and all
-//! pieces are in flight at once, and many callers can have commands in flight
-//! together. The loop polls the iSCSI socket and calls `iscsi_service`, which
-//! also times out overdue commands and drives reconnects.
+//! The libiscsi context lives behind a mutex shared by the callers and one
+//! event-loop thread per LUN. A caller builds its command (CDB, direction,
+//! data), queues it and writes it to the socket itself, then waits for its
+//! completion; large transfers are split and all pieces are in flight at
+//! once, and many callers can have commands in flight together. The loop
+//! thread polls the socket (without the lock), receives and completes
+//! commands (`iscsi_service`), logs in again after a drop and enforces
+//! deadlines. So a command costs one thread hand-off (its completion), not
+//! two.
 //!
 //! **Dropped connections.** libiscsi's own reconnect is off; the loop does
 //! it. When the connection drops, every command in flight comes back
@@ -39,7 +42,7 @@ pub mod scsi;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -103,23 +106,12 @@ pub fn caw_quirk(vendor: &str, product: &str) -> Option<&'static str> {
     }
 }
 
-enum Msg {
-    Cmd {
-        cdb: Vec<u8>,
-        dir: Dir,
-        data_out: Vec<u8>,
-        reply: mpsc::Sender<Completion>,
-    },
-    Stop,
-}
-
 /// A LUN reached over iSCSI.
 pub struct IscsiLun {
     name: String,
-    tx: mpsc::Sender<Msg>,
+    shared: Arc<Shared>,
+    /// Wakes the event loop (to poll for writability, or to stop).
     wake: OwnedFd,
-    /// Set by the loop while it sleeps in poll: only then is the eventfd written.
-    asleep: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     info: IscsiInfo,
     /// Striped locks for read-modify-write of partial logical blocks.
@@ -195,7 +187,9 @@ struct Looper {
     waiting: std::collections::VecDeque<u64>,
     next_id: u64,
     /// Completions handed over by libiscsi's callbacks, for `settle`.
-    done: std::rc::Rc<std::cell::RefCell<Vec<(u64, Completion)>>>,
+    done: Arc<Mutex<Vec<(u64, Completion)>>>,
+    /// Shutting down: cancelled commands are answered, not sent again.
+    stopping: bool,
     session: Option<ffi::Session>,
     next_login: Instant,
     backoff: Duration,
@@ -253,13 +247,16 @@ impl Looper {
                 continue;
             };
             let q = self.done.clone();
-            let done = Box::new(move |c: Completion| q.borrow_mut().push((id, c)));
+            let done = Box::new(move |c: Completion| {
+                q.lock().unwrap_or_else(|p| p.into_inner()).push((id, c))
+            });
             let data_out = std::mem::take(&mut p.data_out);
             match s.submit(self.login.lun, &p.cdb, p.dir, data_out, done) {
                 Ok(t) => p.task = Some(t),
                 Err((why, data_out)) => {
                     self.done
-                        .borrow_mut()
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
                         .push((id, failed(ffi::STATUS_ERROR, data_out, why)));
                 }
             }
@@ -269,13 +266,18 @@ impl Looper {
     /// Hand finished commands to their callers, or keep those the dropped
     /// connection cancelled (within their deadline) to send again.
     fn settle(&mut self) {
-        let finished: Vec<(u64, Completion)> = std::mem::take(&mut *self.done.borrow_mut());
+        let finished: Vec<(u64, Completion)> =
+            std::mem::take(&mut *self.done.lock().unwrap_or_else(|p| p.into_inner()));
         for (id, mut c) in finished {
             let Some(mut p) = self.pending.remove(&id) else {
                 continue;
             };
             p.task = None;
-            if c.status == ffi::STATUS_CANCELLED && !p.expired && Instant::now() < p.deadline {
+            if c.status == ffi::STATUS_CANCELLED
+                && !p.expired
+                && !self.stopping
+                && Instant::now() < p.deadline
+            {
                 // The connection dropped under it: send it again on the next
                 // session. A write sent twice writes the same bytes twice.
                 p.data_out = std::mem::take(&mut c.data_out);
@@ -314,7 +316,8 @@ impl Looper {
                     self.waiting.retain(|w| *w != id);
                     let data_out = std::mem::take(&mut p.data_out);
                     self.done
-                        .borrow_mut()
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
                         .push((id, failed(ffi::STATUS_TIMEOUT, data_out, String::new())));
                 }
             }
@@ -360,136 +363,108 @@ impl Looper {
         }
     }
 
-    /// Take one message; false when the loop must end.
-    fn take(&mut self, m: Msg) -> bool {
-        match m {
-            Msg::Cmd {
-                cdb,
-                dir,
-                data_out,
-                reply,
-            } => {
-                self.accept(cdb, dir, data_out, reply);
-                true
+    /// Stop: every command still here is answered (cancelled).
+    fn shutdown(&mut self) {
+        self.stopping = true;
+        self.session = None; // completes what was in flight (cancelled)
+        self.settle();
+        for id in std::mem::take(&mut self.waiting) {
+            if let Some(p) = self.pending.remove(&id) {
+                let _ = p.reply.send(failed(
+                    ffi::STATUS_CANCELLED,
+                    p.data_out,
+                    "the LUN was closed".into(),
+                ));
             }
-            Msg::Stop => false,
         }
     }
 
-    fn run(&mut self, rx: mpsc::Receiver<Msg>, wake: i32, asleep: &AtomicBool) {
-        let stop = |me: &mut Self| {
-            me.session = None; // completes what was in flight (cancelled)
-            me.settle();
-        };
-        loop {
-            loop {
-                match rx.try_recv() {
-                    Ok(m) => {
-                        if !self.take(m) {
-                            return stop(self);
-                        }
-                    }
-                    Err(mpsc::TryRecvError::Empty) => break,
-                    Err(mpsc::TryRecvError::Disconnected) => return stop(self),
-                }
-            }
-            self.try_login();
-            self.send_waiting();
-            let (fd, events) = match &self.session {
-                Some(s) => (s.fd(), s.which_events()),
-                None => (-1, 0),
+    /// Let libiscsi work on the socket (`revents` from poll, or POLLOUT from
+    /// a caller that just queued a command); a dropped connection is noticed here.
+    fn service(&mut self, revents: i16) {
+        if let Some(s) = self.session.as_mut() {
+            let down = match s.service(revents) {
+                Err(e) => Some(e),
+                Ok(()) if !s.logged_in() => Some(s.error()),
+                Ok(()) => None,
             };
-            let mut fds = [
-                libc::pollfd {
-                    fd: wake,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd,
-                    events,
-                    revents: 0,
-                },
-            ];
-            let n = if events != 0 && fd >= 0 { 2 } else { 1 };
-            // Say we sleep, then look once more: a caller that sent after
-            // that look sees `asleep` and wakes us; one that sent before is
-            // seen here. Callers skip the eventfd while we are awake.
-            asleep.store(true, Ordering::SeqCst);
-            let mut wait = 100; // deadlines are checked at least every 100 ms
-            match rx.try_recv() {
-                Ok(m) => {
-                    asleep.store(false, Ordering::SeqCst);
-                    if !self.take(m) {
-                        return stop(self);
-                    }
-                    wait = 0;
-                }
-                Err(mpsc::TryRecvError::Empty) => {}
-                Err(mpsc::TryRecvError::Disconnected) => return stop(self),
+            if let Some(why) = down {
+                self.lost(&why);
             }
-            // SAFETY: `fds` holds `n` valid pollfd entries.
-            unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, wait) };
-            asleep.store(false, Ordering::SeqCst);
-            if fds[0].revents & libc::POLLIN != 0 {
-                let mut v = 0u64;
-                // SAFETY: reads 8 bytes into a u64 from our eventfd.
-                unsafe { libc::read(wake, (&mut v as *mut u64).cast(), 8) };
-            }
-            if let Some(s) = self.session.as_mut() {
-                let revents = if n == 2 { fds[1].revents } else { 0 };
-                let r = s.service(revents);
-                let down = match r {
-                    Err(e) => Some(e),
-                    Ok(()) if !s.logged_in() => Some(s.error()),
-                    Ok(()) => None,
-                };
-                if let Some(why) = down {
-                    self.lost(&why);
-                }
-            }
-            // Settle first: a task that completed in this round is freed and
-            // must not be cancelled by `expire`.
-            self.settle();
-            self.expire();
-            self.settle();
+        }
+    }
+
+    /// The socket and the events to poll it for (none without a session).
+    fn poll_target(&self) -> (i32, i16) {
+        match &self.session {
+            Some(s) => (s.fd(), s.which_events()),
+            None => (-1, 0),
         }
     }
 }
 
-fn event_loop(
-    login: LoginData,
-    io_timeout: Duration,
-    asleep: Arc<AtomicBool>,
-    rx: mpsc::Receiver<Msg>,
-    wake: i32,
-    ready: mpsc::SyncSender<std::result::Result<(), String>>,
-    name: String,
-) {
-    let session = match Looper::connect(&login) {
-        Ok(s) => {
-            let _ = ready.send(Ok(()));
-            s
+/// What the caller threads and the event-loop thread share. Callers queue
+/// and send their commands themselves (no hand-off to the loop); the loop
+/// polls the socket, receives, logs in again, and enforces deadlines.
+struct Shared {
+    looper: Mutex<Looper>,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Looper> {
+        self.looper.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn event_loop(shared: Arc<Shared>, wake: i32) {
+    loop {
+        let (fd, events) = {
+            let mut l = shared.lock();
+            if shared.stop.load(Ordering::SeqCst) {
+                return l.shutdown();
+            }
+            l.try_login();
+            l.send_waiting();
+            l.settle();
+            l.poll_target()
+        };
+        let mut fds = [
+            libc::pollfd {
+                fd: wake,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd,
+                events,
+                revents: 0,
+            },
+        ];
+        let n = if events != 0 && fd >= 0 { 2 } else { 1 };
+        // Deadlines are checked at least every 100 ms.
+        // SAFETY: `fds` holds `n` valid pollfd entries.
+        unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, 100) };
+        if fds[0].revents & libc::POLLIN != 0 {
+            let mut v = 0u64;
+            // SAFETY: reads 8 bytes into a u64 from our eventfd.
+            unsafe { libc::read(wake, (&mut v as *mut u64).cast(), 8) };
         }
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
+        let mut l = shared.lock();
+        if shared.stop.load(Ordering::SeqCst) {
+            return l.shutdown();
         }
-    };
-    let mut l = Looper {
-        login,
-        name,
-        io_timeout,
-        pending: Default::default(),
-        waiting: Default::default(),
-        next_id: 1,
-        done: Default::default(),
-        session: Some(session),
-        next_login: Instant::now(),
-        backoff: Duration::from_millis(100),
-        down_since: None,
-    };
-    l.run(rx, wake, &asleep);
+        // The session may have changed while we slept (a caller saw the
+        // connection drop): its events then belong to a closed socket.
+        if l.poll_target().0 == fd {
+            l.service(if n == 2 { fds[1].revents } else { 0 });
+        }
+        // Settle first: a task that completed in this round is freed and
+        // must not be cancelled by `expire`.
+        l.settle();
+        l.expire();
+        l.settle();
+    }
 }
 
 impl IscsiLun {
@@ -534,41 +509,45 @@ impl IscsiLun {
         }
         // SAFETY: `efd` is a new descriptor that nothing else owns.
         let wake = unsafe { OwnedFd::from_raw_fd(efd) };
-        let (tx, rx) = mpsc::channel();
-        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
-        let asleep = Arc::new(AtomicBool::new(false));
-        let n2 = name.to_string();
+        let session = Looper::connect(&login).map_err(|e| {
+            err(format!(
+                "login to {} at {} failed: {e}",
+                url.target,
+                url.portal()
+            ))
+        })?;
+        let shared = Arc::new(Shared {
+            looper: Mutex::new(Looper {
+                login,
+                name: name.to_string(),
+                io_timeout: io,
+                pending: Default::default(),
+                waiting: Default::default(),
+                next_id: 1,
+                done: Default::default(),
+                stopping: false,
+                session: Some(session),
+                next_login: Instant::now(),
+                backoff: Duration::from_millis(100),
+                down_since: None,
+            }),
+            stop: AtomicBool::new(false),
+        });
         let thread = std::thread::Builder::new()
             .name("iscsi".into())
             .spawn({
-                let asleep = asleep.clone();
-                move || event_loop(login, io, asleep, rx, efd, ready_tx, n2)
+                let shared = shared.clone();
+                move || event_loop(shared, efd)
             })
             .map_err(|e| LunError::Open {
                 lun: name.into(),
                 what: "cannot start the iSCSI thread".into(),
                 source: e,
             })?;
-        match ready_rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                let _ = thread.join();
-                return Err(err(format!(
-                    "login to {} at {} failed: {e}",
-                    url.target,
-                    url.portal()
-                )));
-            }
-            Err(_) => {
-                let _ = thread.join();
-                return Err(err("the iSCSI thread stopped during login".into()));
-            }
-        }
         let mut lun = IscsiLun {
             name: name.to_string(),
-            tx,
+            shared,
             wake,
-            asleep,
             thread: Some(thread),
             rmw: (0..64).map(|_| std::sync::Mutex::new(())).collect(),
             info: IscsiInfo {
@@ -708,17 +687,20 @@ impl IscsiLun {
         Ok(())
     }
 
-    /// Hand one command to the event loop; the completion arrives on the receiver.
+    /// Queue one command and send it from this thread; the completion
+    /// arrives on the receiver (answered by whichever thread receives it).
     fn submit(&self, cdb: Vec<u8>, dir: Dir, data_out: Vec<u8>) -> mpsc::Receiver<Completion> {
         let (reply, rx) = mpsc::channel();
-        let msg = Msg::Cmd {
-            cdb,
-            dir,
-            data_out,
-            reply,
-        };
-        // A failed send drops `reply`: `wait` then reports the stopped thread.
-        if self.tx.send(msg).is_ok() && self.asleep.swap(false, Ordering::SeqCst) {
+        let mut l = self.shared.lock();
+        l.accept(cdb, dir, data_out, reply);
+        l.send_waiting();
+        // Write it to the socket now, rather than waking the loop to do it.
+        l.service(libc::POLLOUT);
+        l.settle();
+        let more = l.poll_target().1 & libc::POLLOUT != 0;
+        drop(l);
+        if more {
+            // The socket is full: the loop must poll for writability.
             let one = 1u64;
             // SAFETY: writes 8 bytes from a u64 to our eventfd.
             unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
@@ -1084,7 +1066,7 @@ impl Lun for IscsiLun {
 
 impl Drop for IscsiLun {
     fn drop(&mut self) {
-        let _ = self.tx.send(Msg::Stop);
+        self.shared.stop.store(true, Ordering::SeqCst);
         let one = 1u64;
         // SAFETY: writes 8 bytes from a u64 to our eventfd.
         unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
