@@ -265,7 +265,11 @@ impl Looper {
 
     /// Hand finished commands to their callers, or keep those the dropped
     /// connection cancelled (within their deadline) to send again.
-    fn settle(&mut self) {
+    /// Returns the answers to send; the caller sends them once it has let
+    /// go of the session lock (a send may wake a thread).
+    #[must_use]
+    fn settle(&mut self) -> Vec<(mpsc::Sender<Completion>, Completion)> {
+        let mut out = Vec::new();
         let finished: Vec<(u64, Completion)> =
             std::mem::take(&mut *self.done.lock().unwrap_or_else(|p| p.into_inner()));
         for (id, mut c) in finished {
@@ -292,8 +296,9 @@ impl Looper {
                     self.io_timeout
                 ));
             }
-            let _ = p.reply.send(c);
+            out.push((p.reply, c));
         }
+        out
     }
 
     /// Commands past their deadline: cancel those in flight, fail those waiting.
@@ -367,7 +372,7 @@ impl Looper {
     fn shutdown(&mut self) {
         self.stopping = true;
         self.session = None; // completes what was in flight (cancelled)
-        self.settle();
+        answer(self.settle());
         for id in std::mem::take(&mut self.waiting) {
             if let Some(p) = self.pending.remove(&id) {
                 let _ = p.reply.send(failed(
@@ -403,6 +408,13 @@ impl Looper {
     }
 }
 
+/// Send answers (outside the session lock).
+fn answer(out: Vec<(mpsc::Sender<Completion>, Completion)>) {
+    for (reply, c) in out {
+        let _ = reply.send(c);
+    }
+}
+
 /// What the caller threads and the event-loop thread share. Callers queue
 /// and send their commands themselves (no hand-off to the loop); the loop
 /// polls the socket, receives, logs in again, and enforces deadlines.
@@ -419,16 +431,18 @@ impl Shared {
 
 fn event_loop(shared: Arc<Shared>, wake: i32) {
     loop {
-        let (fd, events) = {
+        let (fd, events, out) = {
             let mut l = shared.lock();
             if shared.stop.load(Ordering::SeqCst) {
                 return l.shutdown();
             }
             l.try_login();
             l.send_waiting();
-            l.settle();
-            l.poll_target()
+            let out = l.settle();
+            let (fd, events) = l.poll_target();
+            (fd, events, out)
         };
+        answer(out);
         let mut fds = [
             libc::pollfd {
                 fd: wake,
@@ -461,9 +475,11 @@ fn event_loop(shared: Arc<Shared>, wake: i32) {
         }
         // Settle first: a task that completed in this round is freed and
         // must not be cancelled by `expire`.
-        l.settle();
+        let mut out = l.settle();
         l.expire();
-        l.settle();
+        out.extend(l.settle());
+        drop(l);
+        answer(out);
     }
 }
 
@@ -696,9 +712,10 @@ impl IscsiLun {
         l.send_waiting();
         // Write it to the socket now, rather than waking the loop to do it.
         l.service(libc::POLLOUT);
-        l.settle();
+        let out = l.settle();
         let more = l.poll_target().1 & libc::POLLOUT != 0;
         drop(l);
+        answer(out);
         if more {
             // The socket is full: the loop must poll for writability.
             let one = 1u64;
