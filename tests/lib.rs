@@ -164,6 +164,10 @@ pub struct TgtLun {
     pub scsi_id: String,
     /// CHAP account bound to the target, if any.
     pub chap: Option<(String, String)>,
+    /// The target's own account for mutual CHAP, if any.
+    pub mutual: Option<(String, String)>,
+    /// Thin provisioning: UNMAP supported, unmapped blocks read as zeros.
+    pub thin: bool,
 }
 
 /// tgtd, the userspace iSCSI target, on a free loopback port with its own
@@ -271,23 +275,17 @@ impl Tgt {
             "-b",
             l.backing.to_str().unwrap(),
         ]);
-        let params = format!(
+        let mut params = format!(
             "scsi_id={},scsi_sn={}",
             l.scsi_id,
             &l.scsi_id[l.scsi_id.len() - 8..]
         );
-        self.adm(&[
-            "--op",
-            "update",
-            "--mode",
-            "logicalunit",
-            "--tid",
-            &tid,
-            "--lun",
-            "1",
-            "--params",
-            &params,
-        ]);
+        if l.thin {
+            params.push_str(",thin_provisioning=1");
+        }
+        let lu = ["--mode", "logicalunit", "--tid", &tid, "--lun", "1"];
+        self.adm(&[&["--op", "update"][..], &lu, &["--params", &params]].concat());
+        let account = ["--mode", "account", "--tid", &tid, "--user"];
         if let Some((user, pass)) = &l.chap {
             self.adm(&[
                 "--op",
@@ -299,9 +297,20 @@ impl Tgt {
                 "--password",
                 pass,
             ]);
+            self.adm(&[&["--op", "bind"][..], &account, &[user]].concat());
+        }
+        if let Some((user, pass)) = &l.mutual {
             self.adm(&[
-                "--op", "bind", "--mode", "account", "--tid", &tid, "--user", user,
+                "--op",
+                "new",
+                "--mode",
+                "account",
+                "--user",
+                user,
+                "--password",
+                pass,
             ]);
+            self.adm(&[&["--op", "bind"][..], &account, &[user, "--outgoing"]].concat());
         }
         self.adm(&[
             "--op", "bind", "--mode", "target", "--tid", &tid, "-I", "ALL",
@@ -326,6 +335,28 @@ impl Tgt {
         backing: &Path,
         chap: Option<(&str, &str)>,
     ) -> String {
+        self.add_with(name, backing, chap, None, false)
+    }
+
+    /// A new target with one thin-provisioned LUN (UNMAP) over a new sparse file.
+    pub fn add_thin_lun(&mut self, name: &str, size: u64) -> String {
+        let backing = self.dir.join(format!("{name}.img"));
+        std::fs::File::create(&backing)
+            .unwrap()
+            .set_len(size)
+            .unwrap();
+        self.add_with(name, &backing, None, None, true)
+    }
+
+    /// The general form: CHAP, mutual CHAP (the target's account), thin.
+    pub fn add_with(
+        &mut self,
+        name: &str,
+        backing: &Path,
+        chap: Option<(&str, &str)>,
+        mutual: Option<(&str, &str)>,
+        thin: bool,
+    ) -> String {
         let tid = self.luns.len() as u32 + 1;
         let scsi_id = format!("{:08x}{:08x}", self.port, tid * 0x1001 + std::process::id());
         let l = TgtLun {
@@ -334,6 +365,8 @@ impl Tgt {
             backing: backing.to_path_buf(),
             scsi_id,
             chap: chap.map(|(u, p)| (u.to_string(), p.to_string())),
+            mutual: mutual.map(|(u, p)| (u.to_string(), p.to_string())),
+            thin,
         };
         self.configure(&l);
         self.luns.push(l.clone());

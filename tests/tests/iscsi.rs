@@ -135,6 +135,72 @@ fn login_errors_are_clear_and_chap_works() {
     eprintln!("wrong CHAP secret: {e}");
     let e = lun::open(&plain).err().unwrap().to_string();
     assert!(e.contains("login"), "{e}");
+
+    // Mutual CHAP: the target proves itself too; a wrong target secret in
+    // the URL fails the login.
+    let backing = dir.path().join("mutual.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(8 * MIB)
+        .unwrap();
+    let url = tgt.add_with(
+        "mutual",
+        &backing,
+        Some(("bob", "bobsecret12345")),
+        Some(("tgtacct", "targetsecret123")),
+        false,
+    );
+    let with = |tp: &str| {
+        format!(
+            "{}?target_user=tgtacct&target_password={tp}",
+            url.replace("iscsi://", "iscsi://bob%bobsecret12345@")
+        )
+    };
+    let l = lun::open(&with("targetsecret123")).unwrap();
+    l.write_at(&[7u8; 512], 0).unwrap();
+    assert!(!l.name().contains("secret"), "{}", l.name());
+    let e = lun::open(&with("notthetarget999"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        !e.contains("notthetarget") && !e.contains("bobsecret"),
+        "{e}"
+    );
+    eprintln!("wrong target secret: {e}");
+}
+
+/// A thin LUN (tgt with thin_provisioning): write_zeroes with unmap uses
+/// UNMAP, the blocks read as zeros and the backing file gets its space back.
+#[test]
+fn unmap_on_a_thin_lun() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut tgt = Tgt::start(dir.path());
+    let url = tgt.add_thin_lun("thin", 64 * MIB);
+    let backing = tgt.luns[0].backing.clone();
+    let lun::LunUrl::Iscsi(u) = lun::LunUrl::parse(&url).unwrap() else {
+        panic!("not an iSCSI URL")
+    };
+    let l = lun::IscsiLun::connect(&u, &url, lun::IscsiOptions::default()).unwrap();
+    assert!(
+        l.info().unmap && l.info().unmap_reads_zero,
+        "{:?}",
+        l.info()
+    );
+    l.write_at(&pattern(3, 8 * MIB as usize), 8 * MIB).unwrap();
+    l.flush().unwrap();
+    let full = std::fs::metadata(&backing).unwrap().blocks();
+    l.write_zeroes(8 * MIB, 8 * MIB, true).unwrap();
+    l.flush().unwrap();
+    let after = std::fs::metadata(&backing).unwrap().blocks();
+    assert!(
+        after + 8 * MIB / 512 / 2 < full,
+        "UNMAP did not give space back ({full} -> {after} 512-byte blocks)"
+    );
+    let mut b = vec![1u8; 8 * MIB as usize];
+    l.read_at(&mut b, 8 * MIB).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
 }
 
 /// tgtd killed and started again while a writer runs: I/O stalls, resumes
