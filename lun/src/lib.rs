@@ -18,6 +18,7 @@ mod file;
 pub mod iscsi;
 mod mem;
 pub mod nbd;
+mod tracked;
 mod url;
 
 use std::sync::Arc;
@@ -30,6 +31,7 @@ pub use file::FileLun;
 pub use iscsi::{IscsiLun, IscsiOptions};
 pub use mem::MemLun;
 pub use nbd::NbdLun;
+pub use tracked::FlushTracked;
 pub use url::{redact, IscsiUrl, LunUrl, NbdAddr};
 
 /// The result of a one-sector compare-and-write.
@@ -132,16 +134,19 @@ pub fn open(spec: &str) -> Result<Arc<dyn Lun>> {
 }
 
 /// [`open`] with options.
+/// Every LUN opened this way skips flushes that follow no write
+/// ([`FlushTracked`]).
 pub fn open_with(spec: &str, opts: OpenOptions) -> Result<Arc<dyn Lun>> {
-    match LunUrl::parse(spec)? {
-        LunUrl::File(path) => Ok(Arc::new(FileLun::open(&path, spec)?)),
-        LunUrl::Nbd { addr, export } => Ok(Arc::new(NbdLun::connect(addr, &export, spec)?)),
+    let lun: Arc<dyn Lun> = match LunUrl::parse(spec)? {
+        LunUrl::File(path) => Arc::new(FileLun::open(&path, spec)?),
+        LunUrl::Nbd { addr, export } => Arc::new(NbdLun::connect(addr, &export, spec)?),
         LunUrl::Iscsi(url) => {
             let mut o = IscsiOptions::default();
             if let Some(t) = opts.io_timeout {
                 o.io_timeout = t;
             }
-            Ok(Arc::new(IscsiLun::connect(&url, &url.redacted(), o)?))
+            Arc::new(IscsiLun::connect(&url, &url.redacted(), o)?)
         }
-    }
+    };
+    Ok(Arc::new(FlushTracked::new(lun)))
 }
