@@ -120,8 +120,9 @@ pub(crate) fn check_caw(lun: &dyn Lun, offset: u64, expect: &[u8], new: &[u8]) -
 /// How to open a LUN.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OpenOptions {
-    /// The longest one I/O may take on network LUNs that retry on their own
-    /// (iSCSI), re-sends included; `None` for the backend's default. A
+    /// The longest one I/O may take on network LUNs, which send a command
+    /// again on a new connection when one drops (NBD, iSCSI): re-sends
+    /// included; `None` for the backend's default (30 s). A
     /// mounted host sets it from its lease (see `vmfs::cluster::Timeouts`).
     pub io_timeout: Option<std::time::Duration>,
 }
@@ -139,7 +140,12 @@ pub fn open(spec: &str) -> Result<Arc<dyn Lun>> {
 pub fn open_with(spec: &str, opts: OpenOptions) -> Result<Arc<dyn Lun>> {
     let lun: Arc<dyn Lun> = match LunUrl::parse(spec)? {
         LunUrl::File(path) => Arc::new(FileLun::open(&path, spec)?),
-        LunUrl::Nbd { addr, export } => Arc::new(NbdLun::connect(addr, &export, spec)?),
+        LunUrl::Nbd { addr, export } => Arc::new(NbdLun::connect(
+            addr,
+            &export,
+            spec,
+            opts.io_timeout.unwrap_or(nbd::DEFAULT_IO_TIMEOUT),
+        )?),
         LunUrl::Iscsi(url) => {
             let mut o = IscsiOptions::default();
             if let Some(t) = opts.io_timeout {

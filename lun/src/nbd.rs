@@ -96,15 +96,20 @@ struct Shared {
     name: String,
     pending: Mutex<HashMap<u64, Pending>>,
     /// Set once the connection is dead: every later request fails with it.
-    dead: Mutex<Option<String>>,
+    /// `true` when the server broke the protocol (not worth a new connection).
+    dead: Mutex<Option<(String, bool)>>,
 }
 
 impl Shared {
-    fn fail_all(&self, why: String) {
+    /// End the connection: every request in flight, and every later one,
+    /// fails with `why`; as a protocol error when the server broke the
+    /// protocol, else as a lost connection (which callers may retry on a
+    /// new one).
+    fn fail_all(&self, why: String, protocol: bool) {
         let mut dead = self.dead.lock().unwrap_or_else(|p| p.into_inner());
         if dead.is_none() {
             tracing::error!(lun = %self.name, "NBD connection lost: {why}");
-            *dead = Some(why.clone());
+            *dead = Some((why.clone(), protocol));
         }
         for (_, p) in self
             .pending
@@ -112,19 +117,43 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .drain()
         {
-            let _ = p.done.send(Err(LunError::Disconnected {
+            let _ = p.done.send(Err(self.error(&why, protocol)));
+        }
+    }
+
+    fn error(&self, why: &str, protocol: bool) -> LunError {
+        if protocol {
+            proto(&self.name, why)
+        } else {
+            LunError::Disconnected {
                 lun: self.name.clone(),
-                what: why.clone(),
-            }));
+                what: why.to_string(),
+            }
         }
     }
 }
 
+/// One connection to the server: its reply reader's state and its writer.
+struct Conn {
+    shared: Arc<Shared>,
+    writer: tokio::sync::Mutex<WriteHalf<BoxStream>>,
+    /// Counts connections: a caller that saw connection `gen` fail asks for
+    /// a new one only if it is still the current one.
+    gen: u64,
+}
+
 /// A LUN reached over NBD.
 pub struct NbdLun {
-    shared: Arc<Shared>,
+    name: String,
+    addr: NbdAddr,
+    export: String,
+    conn: std::sync::RwLock<Arc<Conn>>,
+    /// Held while connecting again, so that one caller does it.
+    reconnecting: tokio::sync::Mutex<()>,
+    /// A command is sent again on a new connection only within this long
+    /// of being issued (see [`NbdLun::connect`]).
+    io_timeout: std::time::Duration,
     info: ExportInfo,
-    writer: tokio::sync::Mutex<WriteHalf<BoxStream>>,
     next_cookie: std::sync::atomic::AtomicU64,
     identity: String,
     rt: tokio::runtime::Runtime,
@@ -306,11 +335,12 @@ async fn handshake(s: &mut BoxStream, name: &str, export: &str) -> Result<Export
 }
 
 async fn reader_loop(mut r: ReadHalf<BoxStream>, shared: Arc<Shared>) {
-    let why = match read_replies(&mut r, &shared).await {
-        Ok(()) => "server closed the connection".to_string(),
-        Err(e) => e.to_string(),
+    let (why, protocol) = match read_replies(&mut r, &shared).await {
+        Ok(()) => ("server closed the connection".to_string(), false),
+        Err(LunError::Protocol { what, .. }) => (what, true),
+        Err(e) => (e.to_string(), false),
     };
-    shared.fail_all(why);
+    shared.fail_all(why, protocol);
 }
 
 async fn read_replies(r: &mut ReadHalf<BoxStream>, sh: &Shared) -> Result<()> {
@@ -490,9 +520,72 @@ fn errno_text(e: u32) -> String {
     }
 }
 
+/// Open a connection and negotiate the export.
+async fn dial(addr: &NbdAddr, export: &str, name: &str) -> Result<(BoxStream, ExportInfo)> {
+    let mut s: BoxStream =
+        match addr {
+            NbdAddr::Tcp { host, port } => {
+                let t = tokio::net::TcpStream::connect((host.as_str(), *port))
+                    .await
+                    .map_err(|e| LunError::Open {
+                        lun: name.into(),
+                        what: format!("cannot connect to {host}:{port}"),
+                        source: e,
+                    })?;
+                let _ = t.set_nodelay(true);
+                Box::new(t)
+            }
+            NbdAddr::Unix(p) => Box::new(tokio::net::UnixStream::connect(p).await.map_err(
+                |e| LunError::Open {
+                    lun: name.into(),
+                    what: format!("cannot connect to {}", p.display()),
+                    source: e,
+                },
+            )?),
+        };
+    let info = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        handshake(&mut s, name, export),
+    )
+    .await
+    .map_err(|_| proto(name, "handshake timed out after 30 s"))??;
+    Ok((s, info))
+}
+
+/// Start the reply reader of a new connection (on the current runtime).
+fn start_conn(stream: BoxStream, name: &str, gen: u64) -> Conn {
+    let (r, w) = tokio::io::split(stream);
+    let shared = Arc::new(Shared {
+        name: name.into(),
+        pending: Mutex::new(HashMap::new()),
+        dead: Mutex::new(None),
+    });
+    tokio::spawn(reader_loop(r, shared.clone()));
+    Conn {
+        shared,
+        writer: tokio::sync::Mutex::new(w),
+        gen,
+    }
+}
+
+/// The I/O timeout of an NBD LUN when none is given.
+pub const DEFAULT_IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl NbdLun {
     /// Connect, negotiate, and start the reply reader.
-    pub fn connect(addr: NbdAddr, export: &str, name: &str) -> Result<NbdLun> {
+    ///
+    /// When the connection drops, a command is sent again on a new
+    /// connection (negotiated again, the export must have the same size) as
+    /// long as it is within `io_timeout` of being issued; after that it
+    /// fails. Sending a WRITE again writes the same bytes again, so no
+    /// write's effect is lost or doubled, and no command of a host reaches
+    /// the server later than one I/O timeout after it was issued.
+    pub fn connect(
+        addr: NbdAddr,
+        export: &str,
+        name: &str,
+        io_timeout: std::time::Duration,
+    ) -> Result<NbdLun> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("nbd-client")
@@ -503,44 +596,11 @@ impl NbdLun {
                 what: "cannot start the NBD runtime".into(),
                 source: e,
             })?;
-        let (stream, info) = rt.block_on(async {
-            let mut s: BoxStream = match &addr {
-                NbdAddr::Tcp { host, port } => {
-                    let t = tokio::net::TcpStream::connect((host.as_str(), *port))
-                        .await
-                        .map_err(|e| LunError::Open {
-                            lun: name.into(),
-                            what: format!("cannot connect to {host}:{port}"),
-                            source: e,
-                        })?;
-                    let _ = t.set_nodelay(true);
-                    Box::new(t)
-                }
-                NbdAddr::Unix(p) => {
-                    Box::new(tokio::net::UnixStream::connect(p).await.map_err(|e| {
-                        LunError::Open {
-                            lun: name.into(),
-                            what: format!("cannot connect to {}", p.display()),
-                            source: e,
-                        }
-                    })?)
-                }
-            };
-            let info = tokio::time::timeout(
-                std::time::Duration::from_secs(30),
-                handshake(&mut s, name, export),
-            )
-            .await
-            .map_err(|_| proto(name, "handshake timed out after 30 s"))??;
-            Ok::<_, LunError>((s, info))
-        })?;
-        let (r, w) = tokio::io::split(stream);
-        let shared = Arc::new(Shared {
-            name: name.into(),
-            pending: Mutex::new(HashMap::new()),
-            dead: Mutex::new(None),
+        let conn = rt.block_on(async {
+            let (stream, info) = dial(&addr, export, name).await?;
+            Ok::<_, LunError>((start_conn(stream, name, 0), info))
         });
-        rt.spawn(reader_loop(r, shared.clone()));
+        let (conn, info) = conn?;
         let where_ = match &addr {
             NbdAddr::Tcp { host, port } => format!("{host}:{port}"),
             NbdAddr::Unix(p) => p.display().to_string(),
@@ -552,20 +612,75 @@ impl NbdLun {
             "NBD export ready"
         );
         Ok(NbdLun {
-            shared,
+            name: name.into(),
+            addr,
+            export: export.into(),
+            conn: std::sync::RwLock::new(Arc::new(conn)),
+            reconnecting: tokio::sync::Mutex::new(()),
+            io_timeout,
             info,
-            writer: tokio::sync::Mutex::new(w),
             next_cookie: std::sync::atomic::AtomicU64::new(1),
             identity: format!("nbd:{where_}/{export}"),
             rt,
         })
     }
 
-    pub fn info(&self) -> ExportInfo {
-        self.info
+    fn current(&self) -> Arc<Conn> {
+        self.conn.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Send one command and wait for its complete reply.
+    /// Connection `seen` failed: connect again (once, whoever comes first),
+    /// retrying until `deadline`.
+    async fn reconnect(&self, seen: u64, deadline: std::time::Instant) -> Result<()> {
+        let _one = self.reconnecting.lock().await;
+        if self.current().gen != seen {
+            return Ok(()); // another caller already did
+        }
+        let lost = std::time::Instant::now();
+        let mut pause = std::time::Duration::from_millis(100);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let attempt =
+                tokio::time::timeout(left, dial(&self.addr, &self.export, &self.name)).await;
+            match attempt {
+                Ok(Ok((stream, info))) => {
+                    if info.size != self.info.size {
+                        return Err(proto(
+                            &self.name,
+                            format!(
+                                "after reconnecting, the export is {} bytes instead of {}",
+                                info.size, self.info.size
+                            ),
+                        ));
+                    }
+                    let conn = start_conn(stream, &self.name, seen + 1);
+                    *self.conn.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(conn);
+                    tracing::warn!(
+                        lun = %self.name,
+                        "NBD connection restored after {:?}",
+                        lost.elapsed()
+                    );
+                    return Ok(());
+                }
+                Ok(Err(e)) => tracing::debug!(lun = %self.name, "NBD reconnect failed: {e}"),
+                Err(_) => {}
+            }
+            if std::time::Instant::now() + pause >= deadline {
+                return Err(LunError::Disconnected {
+                    lun: self.name.clone(),
+                    what: format!(
+                        "the server did not come back within the I/O timeout of {:?}",
+                        self.io_timeout
+                    ),
+                });
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_secs(1));
+        }
+    }
+
+    /// Send one command and wait for its complete reply, on a new connection
+    /// if the current one drops (within the I/O timeout).
     async fn command(
         &self,
         cmd: u16,
@@ -574,18 +689,41 @@ impl NbdLun {
         len: u32,
         data: Option<&[u8]>,
     ) -> Result<Vec<u8>> {
-        let name = self.shared.name.as_str();
-        if let Some(why) = self
+        let deadline = std::time::Instant::now() + self.io_timeout;
+        loop {
+            let conn = self.current();
+            match self.command_on(&conn, cmd, flags, offset, len, data).await {
+                Err(LunError::Disconnected { .. }) if std::time::Instant::now() < deadline => {
+                    self.reconnect(conn.gen, deadline).await?;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    pub fn info(&self) -> ExportInfo {
+        self.info
+    }
+
+    /// Send one command on `conn` and wait for its complete reply.
+    async fn command_on(
+        &self,
+        conn: &Conn,
+        cmd: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        data: Option<&[u8]>,
+    ) -> Result<Vec<u8>> {
+        let name = conn.shared.name.as_str();
+        if let Some((why, protocol)) = conn
             .shared
             .dead
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
         {
-            return Err(LunError::Disconnected {
-                lun: name.into(),
-                what: why,
-            });
+            return Err(conn.shared.error(&why, protocol));
         }
         let cookie = self
             .next_cookie
@@ -596,7 +734,7 @@ impl NbdLun {
         } else {
             Vec::new()
         };
-        self.shared
+        conn.shared
             .pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -617,7 +755,7 @@ impl NbdLun {
         h[16..24].copy_from_slice(&offset.to_be_bytes());
         h[24..28].copy_from_slice(&len.to_be_bytes());
         {
-            let mut w = self.writer.lock().await;
+            let mut w = conn.writer.lock().await;
             let sent = async {
                 w.write_all(&h).await?;
                 if let Some(d) = data {
@@ -627,13 +765,13 @@ impl NbdLun {
             }
             .await;
             if let Err(e) = sent {
-                self.shared
+                conn.shared
                     .pending
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&cookie);
                 let err = io_to_lun(name, "request send", e);
-                self.shared.fail_all(err.to_string());
+                conn.shared.fail_all(err.to_string(), false);
                 return Err(err);
             }
         }
@@ -733,7 +871,7 @@ where
 
 impl Lun for NbdLun {
     fn name(&self) -> &str {
-        &self.shared.name
+        &self.name
     }
     fn size(&self) -> u64 {
         self.info.size
@@ -840,8 +978,9 @@ impl Drop for NbdLun {
         let mut h = [0u8; 28];
         h[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
         h[6..8].copy_from_slice(&CMD_DISC.to_be_bytes());
+        let conn = self.current();
         self.rt.block_on(async {
-            let mut w = self.writer.lock().await;
+            let mut w = conn.writer.lock().await;
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
                 let _ = w.write_all(&h).await;
                 let _ = w.shutdown().await;

@@ -42,10 +42,16 @@ fn require(bin: &str) {
 }
 
 fn qemu_nbd(dir: &std::path::Path, size: u64) -> (Server, String) {
-    require("qemu-nbd");
     let img = dir.join("q.img");
     std::fs::File::create(&img).unwrap().set_len(size).unwrap();
+    serve_image(dir, &img)
+}
+
+/// qemu-nbd serving an existing image on `dir/q.sock`.
+fn serve_image(dir: &std::path::Path, img: &std::path::Path) -> (Server, String) {
+    require("qemu-nbd");
     let sock = dir.join("q.sock");
+    let _ = std::fs::remove_file(&sock);
     let child = Command::new("qemu-nbd")
         .args([
             "-f",
@@ -58,7 +64,7 @@ fn qemu_nbd(dir: &std::path::Path, size: u64) -> (Server, String) {
             "-k",
         ])
         .arg(&sock)
-        .arg(&img)
+        .arg(img)
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
@@ -223,7 +229,14 @@ fn garbage_and_short_replies() {
             }
         });
         let url = format!("nbd+unix:///x?socket={}", sock.display());
-        let lun = lun::open(&url).unwrap();
+        // A short I/O timeout: a cut connection is tried again until then.
+        let lun = lun::open_with(
+            &url,
+            lun::OpenOptions {
+                io_timeout: Some(Duration::from_millis(500)),
+            },
+        )
+        .unwrap();
         let mut b = vec![0u8; 4096];
         let err = lun
             .read_at(&mut b, 0)
@@ -233,8 +246,60 @@ fn garbage_and_short_replies() {
             msg.contains("x?socket") || msg.contains("fake.sock"),
             "error names the LUN: {msg}"
         );
-        // The connection is now dead: later requests fail at once.
+        // The connection is now dead, the server gone: later requests fail
+        // (at once after a protocol error; within the I/O timeout after a
+        // cut connection, which is tried again until then).
+        let t = Instant::now();
         assert!(lun.read_at(&mut b, 0).is_err());
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
         h.join().unwrap();
+    }
+}
+
+/// qemu-nbd killed and started again under a writer: the client connects
+/// again and sends what was in flight; every acknowledged write is there.
+#[test]
+fn survives_a_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, url) = qemu_nbd(dir.path(), 64 << 20);
+    let lun: Arc<dyn Lun> = lun::open_with(
+        &url,
+        lun::OpenOptions {
+            io_timeout: Some(Duration::from_secs(20)),
+        },
+    )
+    .unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (lun, stop) = (lun.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            let mut longest = Duration::ZERO;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && n < 3000 {
+                let t = Instant::now();
+                lun.write_at(&[(n % 251) as u8; 16384], n * 16384)
+                    .unwrap_or_else(|e| panic!("write {n}: {e}"));
+                longest = longest.max(t.elapsed());
+                n += 1;
+            }
+            (n, longest)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    drop(server); // SIGKILL
+    std::thread::sleep(Duration::from_millis(500));
+    let (_server, _) = serve_image(dir.path(), &dir.path().join("q.img"));
+    std::thread::sleep(Duration::from_millis(1000));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (n, longest) = writer.join().unwrap();
+    eprintln!("{n} writes acknowledged, the longest took {longest:?}");
+    assert!(
+        longest > Duration::from_millis(400),
+        "the restart was not noticed"
+    );
+    for i in 0..n {
+        let mut b = vec![0u8; 16384];
+        lun.read_at(&mut b, i * 16384).unwrap();
+        assert!(b.iter().all(|&x| x == (i % 251) as u8), "write {i} lost");
     }
 }
