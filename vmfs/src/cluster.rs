@@ -650,6 +650,16 @@ impl Member {
         }
     }
 
+    /// Say (in this host's heartbeat sector, not flushed) whether it waits
+    /// for the volume lock; written only when it changes.
+    pub fn set_wants(&self, on: bool) -> Result<()> {
+        let v = u32::from(on);
+        if self.slot_state().wants == v {
+            return Ok(());
+        }
+        self.change(|hs| hs.wants = v, false)
+    }
+
     /// Write this host's Disk Paxos ballot block (in its heartbeat sector).
     /// Not flushed: other hosts read the LUN, and a ballot need not
     /// survive a power loss (every holder's slot is recovered after one).

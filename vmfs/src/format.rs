@@ -805,6 +805,10 @@ pub struct HostSlot {
     /// This slot's Disk Paxos ballot block for the volume lock (used on
     /// LUNs without compare-and-write; written only by the slot's host).
     pub ballot: locking::Dblock,
+    /// Bit 0: this host is waiting for the volume lock. A holder that sees
+    /// it gives the lock back after its current operation; a holder that
+    /// sees no waiter keeps it (a hint for speed, never for safety).
+    pub wants: u32,
 }
 
 /// Offset of the ballot block in a heartbeat sector.
@@ -822,6 +826,7 @@ impl HostSlot {
         put64(&mut b, 64, self.heartbeat);
         put64(&mut b, 72, self.journal);
         put32(&mut b, 80, self.journal_blocks);
+        put32(&mut b, 84, self.wants);
         b[SLOT_BALLOT_OFF..SLOT_BALLOT_OFF + locking::DBLOCK_LEN]
             .copy_from_slice(&self.ballot.encode());
         seal(&mut b);
@@ -847,6 +852,7 @@ impl HostSlot {
             ballot: locking::Dblock::decode(
                 &b[SLOT_BALLOT_OFF..SLOT_BALLOT_OFF + locking::DBLOCK_LEN],
             ),
+            wants: get32(b, 84),
         };
         if s.state > SLOT_REPLAYING {
             return Err(format!("unknown slot state {}", s.state));

@@ -26,6 +26,8 @@ pub struct State {
     next_gen: u64,
     /// Cluster mode: the volume lock's generation while this host holds it.
     vl_held: Option<u64>,
+    /// When this host got the volume lock (for [`LOCK_QUANTUM`]).
+    vl_since: std::time::Instant,
     /// The volume lock generation the metadata cache is valid for.
     cache_gen: Option<u64>,
     /// The allocation summaries must be re-read under the volume lock.
@@ -60,6 +62,10 @@ pub struct Shared {
     pub vlock: locking::VolumeLock,
     /// Another host is in a slot: give the volume lock back after each operation.
     pub contended: std::sync::atomic::AtomicBool,
+    /// A thread calls [`Fs::yield_if_wanted`] often (the FUSE mount's
+    /// housekeeping thread): only then may an idle host keep the volume lock
+    /// while other hosts are mounted.
+    pub watched: std::sync::atomic::AtomicBool,
     monitor: Mutex<crate::cluster::Monitor>,
 }
 
@@ -87,6 +93,13 @@ pub struct Fs {
     /// The LUN URLs this host may open for raw device mappings (its LUN list).
     rdm_luns: RwLock<Vec<String>>,
 }
+
+/// How long a host keeps the volume lock at least, once it has it, when
+/// another host waits (see [`Fs::vl_leave`]).
+const LOCK_QUANTUM: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// How long a host that gave the volume lock to a waiter lets it go first.
+const LOCK_DEFER: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// A raw device mapping open on this host.
 struct Mapped {
@@ -1292,6 +1305,7 @@ impl Fs {
         let _ = fs.shared.set(Shared {
             vlock,
             contended: std::sync::atomic::AtomicBool::new(true),
+            watched: std::sync::atomic::AtomicBool::new(false),
             monitor: Mutex::new(crate::cluster::Monitor::default()),
         });
         // Dead hosts found while joining: recovered as any member would,
@@ -1413,6 +1427,7 @@ impl Fs {
                 orphans: HashSet::new(),
                 next_gen: (seed.0 as u64) << 20 ^ u64::from(seed.1),
                 vl_held: None,
+                vl_since: std::time::Instant::now(),
                 cache_gen: None,
                 alloc_stale: false,
                 flocks: HashMap::new(),
@@ -1568,10 +1583,13 @@ impl Fs {
             return Ok(());
         }
         let slot = self.slot.load(std::sync::atomic::Ordering::SeqCst);
-        let mut st = self.lock();
+        let mut st = if self.shared.get().is_some() {
+            self.lock_with_volume_lock()?
+        } else {
+            self.lock()
+        };
         if self.shared.get().is_some() {
             // Give back every file lock, then the volume lock (after a checkpoint).
-            self.vl_enter(&mut st)?;
             let me = self
                 .member
                 .get()
@@ -1626,7 +1644,7 @@ impl Fs {
             .swap(others, std::sync::atomic::Ordering::SeqCst);
         if others && !was {
             tracing::info!(
-                "another host is mounted: the volume lock is given back after every operation"
+                "another host is mounted: the volume lock is given back whenever another host waits for it"
             );
         }
         if others {
@@ -1668,7 +1686,7 @@ impl Fs {
             let mut st = self.lock();
             // Without reloading allocation summaries: the dead host may
             // have left them half written until its journal is replayed.
-            self.vl_take(&mut st, &breaking, false)?;
+            self.vl_take(&mut st, &breaking, false, true)?;
             let why = format!(
                 "{why}: its heartbeat has not changed for {} ms (lease {} ms)",
                 d.silent.as_millis(),
@@ -1886,8 +1904,7 @@ impl Fs {
     /// Run `f` as one transaction: commit on success, nothing written on
     /// error. In cluster mode, under the volume lock.
     pub fn op<R>(&self, f: impl FnOnce(&mut State, &Volume) -> Result<R>) -> Result<R> {
-        let mut st = self.lock();
-        self.vl_enter(&mut st)?;
+        let mut st = self.lock_with_volume_lock()?;
         let r = self.op_locked(&mut st, f);
         let left = self.vl_leave(&mut st, false);
         let r = r?;
@@ -1923,21 +1940,66 @@ impl Fs {
         }
     }
 
-    /// Take the volume lock for this host if it does not hold it (cluster
-    /// mode; nothing otherwise). Waits while another live host holds it; a
-    /// dead holder's lock breaks when a survivor has recovered its slot.
-    fn vl_enter(&self, st: &mut State) -> Result<()> {
-        self.vl_take(st, &[], true)
+    /// The state, with the volume lock held (cluster mode; just the state
+    /// otherwise). While another host holds the lock, the state is let go
+    /// between attempts: the housekeeping thread needs it to recover a holder
+    /// that died, whose lock breaks only then.
+    fn lock_with_volume_lock(&self) -> Result<MutexGuard<'_, State>> {
+        let start = std::time::Instant::now();
+        let mut pause = std::time::Duration::from_micros(20);
+        let mut said = false;
+        loop {
+            let mut st = self.lock();
+            if self.vl_take(&mut st, &[], true, false)? {
+                if said {
+                    tracing::info!(
+                        "got the volume lock after {} ms",
+                        start.elapsed().as_millis()
+                    );
+                }
+                return Ok(st);
+            }
+            drop(st);
+            if let Some(m) = self.member.get() {
+                // Hosts whose ballots collided separate by slot.
+                std::thread::sleep(std::time::Duration::from_micros(
+                    13 * u64::from(m.slot % 32),
+                ));
+                if !said && start.elapsed() > m.timeouts.lease {
+                    said = true;
+                    let who = self
+                        .shared
+                        .get()
+                        .and_then(|sh| sh.vlock.peek().ok())
+                        .and_then(|r| r.holders.first().map(|h| self.describe_holder(h)))
+                        .unwrap_or_default();
+                    tracing::warn!(
+                        "waiting for the volume lock: held by {who} for more than {} ms",
+                        m.timeouts.lease.as_millis()
+                    );
+                }
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(std::time::Duration::from_millis(2));
+        }
     }
 
     /// [`Fs::vl_enter`], counting the holds of the hosts in slots `breaking`
     /// (found dead) as gone; `load_alloc`: reload stale allocation summaries.
-    fn vl_take(&self, st: &mut State, breaking: &[u32], load_alloc: bool) -> Result<()> {
+    /// `patient`: wait until it is had; else give up (Ok(false)) as soon as
+    /// another host holds it or a ballot collided, without sleeping.
+    fn vl_take(
+        &self,
+        st: &mut State,
+        breaking: &[u32],
+        load_alloc: bool,
+        patient: bool,
+    ) -> Result<bool> {
         let (Some(sh), Some(m)) = (self.shared.get(), self.member.get()) else {
-            return Ok(());
+            return Ok(true);
         };
         if st.vl_held.is_some() {
-            return Ok(());
+            return Ok(true);
         }
         let me = m.holder();
         let ballots = crate::cluster::Ballots {
@@ -1947,6 +2009,13 @@ impl Fs {
         let start = std::time::Instant::now();
         let mut pause = std::time::Duration::from_micros(20);
         let mut said = false;
+        // Fairness: a host that just gave the lock to a waiter lets the
+        // waiter have it first (briefly: a waiter's flag may be stale).
+        if patient && sh.contended.load(std::sync::atomic::Ordering::SeqCst) {
+            while start.elapsed() < LOCK_DEFER && self.others_want(me.slot) {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
         loop {
             m.check_lease()?;
             let current = self.current_holders(me);
@@ -1960,7 +2029,9 @@ impl Fs {
                         self.refresh_volume(st)?;
                     }
                     st.vl_held = Some(generation);
+                    st.vl_since = std::time::Instant::now();
                     st.cache_gen = Some(generation);
+                    m.set_wants(false)?;
                     if st.alloc_stale && load_alloc {
                         let mut a = Alloc::load(&self.vol(), &mut st.meta)?;
                         a.keep_hints(&st.alloc);
@@ -1973,9 +2044,14 @@ impl Fs {
                             start.elapsed().as_millis()
                         );
                     }
-                    return Ok(());
+                    return Ok(true);
                 }
                 locking::Attempt::Busy(rec) => {
+                    // Ask the holder to give it back after its operation.
+                    m.set_wants(true)?;
+                    if !patient {
+                        return Ok(false);
+                    }
                     if !said && start.elapsed() > m.timeouts.lease {
                         said = true;
                         let who = rec
@@ -1992,6 +2068,9 @@ impl Fs {
                     pause = (pause * 2).min(std::time::Duration::from_millis(2));
                 }
                 locking::Attempt::Collided => {
+                    if !patient {
+                        return Ok(false);
+                    }
                     // Back off by slot so that colliding hosts separate.
                     std::thread::sleep(std::time::Duration::from_micros(
                         100 + 97 * u64::from(me.slot % 32),
@@ -2012,7 +2091,17 @@ impl Fs {
         if st.vl_held.is_none() {
             return Ok(());
         }
-        if !force && !sh.contended.load(std::sync::atomic::Ordering::SeqCst) {
+        // Kept while no other host waits for it (sticky, group commit), and
+        // for at least a quantum once taken: each hand-over costs a journal
+        // commit and checkpoint, so a busy host does a few operations per turn.
+        // Without a watcher nobody would notice a waiter while this host is
+        // idle: then the lock goes back after every operation.
+        let watched = sh.watched.load(std::sync::atomic::Ordering::SeqCst);
+        if !force
+            && !(sh.contended.load(std::sync::atomic::Ordering::SeqCst)
+                && (!watched
+                    || (st.vl_since.elapsed() >= LOCK_QUANTUM && self.others_want(m.slot))))
+        {
             return Ok(());
         }
         // A failed commit keeps the lock: what is on disk is uncertain,
@@ -2020,6 +2109,34 @@ impl Fs {
         st.meta.checkpoint(&self.vol())?;
         sh.vlock.release(m.holder())?;
         st.vl_held = None;
+        Ok(())
+    }
+
+    /// Whether another live host says it waits for the volume lock. A slot
+    /// table that cannot be read counts as yes (give the lock back).
+    fn others_want(&self, me: u32) -> bool {
+        match crate::cluster::slot_table(&self.vol()) {
+            Ok(t) => t.iter().enumerate().any(|(i, h)| {
+                i as u32 != me && h.state == crate::format::SLOT_LIVE && h.wants & 1 != 0
+            }),
+            Err(_) => true,
+        }
+    }
+
+    /// Called between operations: if this host holds the volume lock while
+    /// another waits for it, commit, checkpoint and give it back.
+    pub fn yield_if_wanted(&self) -> Result<()> {
+        let (Some(sh), Some(m)) = (self.shared.get(), self.member.get()) else {
+            return Ok(());
+        };
+        if !sh.contended.load(std::sync::atomic::Ordering::SeqCst) || m.lease.is_fenced() {
+            return Ok(());
+        }
+        let mut st = self.lock();
+        if st.vl_held.is_some() && st.vl_since.elapsed() >= LOCK_QUANTUM && self.others_want(m.slot)
+        {
+            self.vl_leave(&mut st, true)?;
+        }
         Ok(())
     }
 
@@ -2080,8 +2197,17 @@ impl Fs {
                 let t = crate::cluster::slot_table(&self.vol())?;
                 if others.iter().any(|h| crate::cluster::is_current(&t, h)) {
                     m.check_lease()?;
+                    // A holder keeps the lock while nobody waits: say we do.
+                    m.set_wants(true)?;
+                    // Let the state go while waiting (the housekeeping
+                    // thread needs it to recover a holder that died).
+                    drop(st);
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(std::time::Duration::from_millis(2));
+                    st = self.lock();
+                    if st.vl_held.is_some() {
+                        return f(&mut st, &self.vol());
+                    }
                     continue;
                 }
             }
@@ -2091,6 +2217,7 @@ impl Fs {
                 st.cache_gen = Some(rec.generation);
                 self.refresh_volume(&mut st)?;
             }
+            m.set_wants(false)?;
             let reads = st.meta.reads;
             let r = f(&mut st, &self.vol());
             if st.meta.reads == reads {
@@ -2924,8 +3051,7 @@ impl Fs {
             Some(m) => Arc::new(lun::FencedLun::new(new, m.lease.clone())) as Arc<dyn lun::Lun>,
             None => new,
         };
-        let mut st = self.lock();
-        self.vl_enter(&mut st)?;
+        let mut st = self.lock_with_volume_lock()?;
         let r = (|| -> Result<()> {
             self.refresh_volume(&mut st)?;
             let mut v = Volume::clone(&self.vol());

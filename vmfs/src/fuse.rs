@@ -640,6 +640,10 @@ impl Filesystem for VmfsFuse {
 
 /// Mount and serve until unmounted (`fusermount3 -u`) or until `stop` is
 /// signalled; flushes the volume before returning.
+/// How often an idle host holding the volume lock looks for a host waiting
+/// for it (one read of the heartbeat region, only while others are mounted).
+const LOCK_WATCH: Duration = Duration::from_millis(10);
+
 /// How long a metadata change may wait in memory before it is committed.
 pub const COMMIT_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -706,11 +710,23 @@ pub fn serve(
         std::thread::Builder::new()
             .name("vmfs-cluster".into())
             .spawn(move || {
+                if let Some(sh) = fs.shared() {
+                    sh.watched.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                let mut last = std::time::Instant::now() - every;
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                    if let Err(e) = fs.housekeep() {
-                        tracing::error!("cluster housekeeping: {e}");
+                    if last.elapsed() >= every {
+                        last = std::time::Instant::now();
+                        if let Err(e) = fs.housekeep() {
+                            tracing::error!("cluster housekeeping: {e}");
+                        }
                     }
-                    std::thread::sleep(every);
+                    // Between heartbeats: give the volume lock to a host
+                    // that waits for it, if this one sits on it idle.
+                    if let Err(e) = fs.yield_if_wanted() {
+                        tracing::error!("giving the volume lock to a waiting host: {e}");
+                    }
+                    std::thread::sleep(LOCK_WATCH.min(every));
                 }
             })
             .expect("spawn the cluster thread")
