@@ -94,12 +94,48 @@ pub struct Fs {
     rdm_luns: RwLock<Vec<String>>,
 }
 
+/// Waiting for the volume lock: says once, after a lease, who holds it, and
+/// then how long the wait took.
+struct LockWait {
+    start: std::time::Instant,
+    said: bool,
+}
+
+impl LockWait {
+    fn new() -> LockWait {
+        LockWait {
+            start: std::time::Instant::now(),
+            said: false,
+        }
+    }
+    fn still_waiting(
+        &mut self,
+        fs: &Fs,
+        lease: std::time::Duration,
+        holder: Option<&locking::Holder>,
+    ) {
+        if !self.said && self.start.elapsed() > lease {
+            self.said = true;
+            let who = holder.map(|h| fs.describe_holder(h)).unwrap_or_default();
+            tracing::warn!(
+                "waiting for the volume lock: held by {who} for more than {} ms",
+                lease.as_millis()
+            );
+        }
+    }
+    fn got(&self) {
+        if self.said {
+            tracing::info!(
+                "got the volume lock after {} ms",
+                self.start.elapsed().as_millis()
+            );
+        }
+    }
+}
+
 /// How long a host keeps the volume lock at least, once it has it, when
 /// another host waits (see [`Fs::vl_leave`]).
 const LOCK_QUANTUM: std::time::Duration = std::time::Duration::from_millis(10);
-
-/// How long a host that gave the volume lock to a waiter lets it go first.
-const LOCK_DEFER: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// A raw device mapping open on this host.
 struct Mapped {
@@ -1945,47 +1981,35 @@ impl Fs {
     /// between attempts: the housekeeping thread needs it to recover a holder
     /// that died, whose lock breaks only then.
     fn lock_with_volume_lock(&self) -> Result<MutexGuard<'_, State>> {
-        let start = std::time::Instant::now();
+        let mut wait = LockWait::new();
         let mut pause = std::time::Duration::from_micros(20);
-        let mut said = false;
         loop {
             let mut st = self.lock();
             if self.vl_take(&mut st, &[], true, false)? {
-                if said {
-                    tracing::info!(
-                        "got the volume lock after {} ms",
-                        start.elapsed().as_millis()
-                    );
-                }
+                wait.got();
                 return Ok(st);
             }
             drop(st);
-            if let Some(m) = self.member.get() {
+            if let (Some(sh), Some(m)) = (self.shared.get(), self.member.get()) {
                 // Hosts whose ballots collided separate by slot.
                 std::thread::sleep(std::time::Duration::from_micros(
                     13 * u64::from(m.slot % 32),
                 ));
-                if !said && start.elapsed() > m.timeouts.lease {
-                    said = true;
-                    let who = self
-                        .shared
-                        .get()
-                        .and_then(|sh| sh.vlock.peek().ok())
-                        .and_then(|r| r.holders.first().map(|h| self.describe_holder(h)))
-                        .unwrap_or_default();
-                    tracing::warn!(
-                        "waiting for the volume lock: held by {who} for more than {} ms",
-                        m.timeouts.lease.as_millis()
-                    );
-                }
+                let holder = sh
+                    .vlock
+                    .peek()
+                    .ok()
+                    .and_then(|r| r.holders.first().copied());
+                wait.still_waiting(self, m.timeouts.lease, holder.as_ref());
             }
             std::thread::sleep(pause);
             pause = (pause * 2).min(std::time::Duration::from_millis(2));
         }
     }
 
-    /// [`Fs::vl_enter`], counting the holds of the hosts in slots `breaking`
-    /// (found dead) as gone; `load_alloc`: reload stale allocation summaries.
+    /// Take the volume lock (cluster mode; nothing otherwise), counting the
+    /// holds of the hosts in slots `breaking` (found dead) as gone;
+    /// `load_alloc`: reload stale allocation summaries.
     /// `patient`: wait until it is had; else give up (Ok(false)) as soon as
     /// another host holds it or a ballot collided, without sleeping.
     fn vl_take(
@@ -2006,16 +2030,8 @@ impl Fs {
             vol: &self.vol(),
             member: m,
         };
-        let start = std::time::Instant::now();
+        let mut wait = LockWait::new();
         let mut pause = std::time::Duration::from_micros(20);
-        let mut said = false;
-        // Fairness: a host that just gave the lock to a waiter lets the
-        // waiter have it first (briefly: a waiter's flag may be stale).
-        if patient && sh.contended.load(std::sync::atomic::Ordering::SeqCst) {
-            while start.elapsed() < LOCK_DEFER && self.others_want(me.slot) {
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
-        }
         loop {
             m.check_lease()?;
             let current = self.current_holders(me);
@@ -2038,12 +2054,7 @@ impl Fs {
                         st.alloc = a;
                         st.alloc_stale = false;
                     }
-                    if said {
-                        tracing::info!(
-                            "got the volume lock after {} ms",
-                            start.elapsed().as_millis()
-                        );
-                    }
+                    wait.got();
                     return Ok(true);
                 }
                 locking::Attempt::Busy(rec) => {
@@ -2052,18 +2063,7 @@ impl Fs {
                     if !patient {
                         return Ok(false);
                     }
-                    if !said && start.elapsed() > m.timeouts.lease {
-                        said = true;
-                        let who = rec
-                            .holders
-                            .first()
-                            .map(|h| self.describe_holder(h))
-                            .unwrap_or_default();
-                        tracing::warn!(
-                            "waiting for the volume lock: held by {who} for more than {} ms",
-                            m.timeouts.lease.as_millis()
-                        );
-                    }
+                    wait.still_waiting(self, m.timeouts.lease, rec.holders.first());
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(std::time::Duration::from_millis(2));
                 }
