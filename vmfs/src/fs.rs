@@ -90,6 +90,9 @@ pub struct Fs {
     unopened_gen: std::sync::atomic::AtomicU64,
     /// Raw device mappings open on this host: their LUNs, by file.
     mapped: Mutex<HashMap<u64, Mapped>>,
+    /// How many entries `mapped` has: reads and writes of ordinary files
+    /// skip its mutex while no mapping is open.
+    mapped_count: std::sync::atomic::AtomicUsize,
     /// The LUN URLs this host may open for raw device mappings (its LUN list).
     rdm_luns: RwLock<Vec<String>>,
 }
@@ -1476,6 +1479,7 @@ impl Fs {
             shared: std::sync::OnceLock::new(),
             unopened_gen: std::sync::atomic::AtomicU64::new(0),
             mapped: Mutex::new(HashMap::new()),
+            mapped_count: std::sync::atomic::AtomicUsize::new(0),
             rdm_luns: RwLock::new(Vec::new()),
         })
     }
@@ -1863,6 +1867,8 @@ impl Fs {
                 opens: 1,
             },
         );
+        self.mapped_count
+            .store(m.len(), std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 
@@ -1872,12 +1878,17 @@ impl Fs {
             x.opens -= 1;
             if x.opens == 0 {
                 m.remove(&ino);
+                self.mapped_count
+                    .store(m.len(), std::sync::atomic::Ordering::SeqCst);
             }
         }
     }
 
     /// The LUN of an open raw device mapping, with the mapping's inode.
     fn mapped_lun(&self, ino: u64) -> Option<(Arc<dyn lun::Lun>, Inode)> {
+        if self.mapped_count.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            return None;
+        }
         let m = self.mapped.lock().unwrap_or_else(|p| p.into_inner());
         m.get(&ino).map(|x| (x.lun.clone(), x.inode.clone()))
     }

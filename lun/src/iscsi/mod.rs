@@ -726,13 +726,12 @@ impl IscsiLun {
     }
 
     fn wait(&self, rx: mpsc::Receiver<Completion>) -> Completion {
-        rx.recv().unwrap_or_else(|_| Completion {
-            status: ffi::STATUS_ERROR,
-            sense_key: 0,
-            ascq: 0,
-            data_in: Vec::new(),
-            data_out: Vec::new(),
-            message: Some("the iSCSI thread has stopped".into()),
+        rx.recv().unwrap_or_else(|_| {
+            failed(
+                ffi::STATUS_ERROR,
+                Vec::new(),
+                "the iSCSI thread has stopped".into(),
+            )
         })
     }
 
