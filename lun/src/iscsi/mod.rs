@@ -4,11 +4,16 @@
 //! event-loop thread per LUN. A caller builds its command (CDB, direction,
 //! data), queues it and writes it to the socket itself, then waits for its
 //! completion; large transfers are split and all pieces are in flight at
-//! once, and many callers can have commands in flight together. The loop
-//! thread polls the socket (without the lock), receives and completes
-//! commands (`iscsi_service`), logs in again after a drop and enforces
-//! deadlines. So a command costs one thread hand-off (its completion), not
-//! two.
+//! once, and many callers can have commands in flight together.
+//!
+//! **Who receives (leader/follower).** One waiting caller at a time polls
+//! the socket (without the lock), receives and completes commands
+//! (`iscsi_service`), its own and the others', which it wakes. When its own
+//! command is done it hands the turn to another waiting caller and returns.
+//! So the thread whose answer arrives first is never woken, and no extra
+//! thread sits between the socket and the callers. The loop thread only
+//! logs in again after a drop, enforces deadlines, and makes sure someone
+//! receives when nobody does.
 //!
 //! **Dropped connections.** libiscsi's own reconnect is off; the loop does
 //! it. When the connection drops, every command in flight comes back
@@ -42,7 +47,7 @@ pub mod scsi;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -157,7 +162,7 @@ struct Pending {
     dir: Dir,
     /// The data-out bytes while not in flight (libiscsi holds them in flight).
     data_out: Vec<u8>,
-    reply: mpsc::Sender<Completion>,
+    reply: Arc<Slot>,
     deadline: Instant,
     /// The libiscsi task while in flight on the current session.
     task: Option<ffi::Task>,
@@ -194,6 +199,10 @@ struct Looper {
     next_login: Instant,
     backoff: Duration,
     down_since: Option<Instant>,
+    /// A caller is polling the socket (it receives for everyone).
+    polling: bool,
+    /// Callers asleep while another receives, to hand the turn to.
+    idle: std::collections::VecDeque<Arc<Slot>>,
 }
 
 impl Looper {
@@ -213,13 +222,7 @@ impl Looper {
         })
     }
 
-    fn accept(
-        &mut self,
-        cdb: Vec<u8>,
-        dir: Dir,
-        data_out: Vec<u8>,
-        reply: mpsc::Sender<Completion>,
-    ) {
+    fn accept(&mut self, cdb: Vec<u8>, dir: Dir, data_out: Vec<u8>, reply: Arc<Slot>) {
         let id = self.next_id;
         self.next_id += 1;
         self.pending.insert(
@@ -268,7 +271,7 @@ impl Looper {
     /// Returns the answers to send; the caller sends them once it has let
     /// go of the session lock (a send may wake a thread).
     #[must_use]
-    fn settle(&mut self) -> Vec<(mpsc::Sender<Completion>, Completion)> {
+    fn settle(&mut self) -> Vec<(Arc<Slot>, Completion)> {
         let mut out = Vec::new();
         let finished: Vec<(u64, Completion)> =
             std::mem::take(&mut *self.done.lock().unwrap_or_else(|p| p.into_inner()));
@@ -375,7 +378,7 @@ impl Looper {
         answer(self.settle());
         for id in std::mem::take(&mut self.waiting) {
             if let Some(p) = self.pending.remove(&id) {
-                let _ = p.reply.send(failed(
+                p.reply.fill(failed(
                     ffi::STATUS_CANCELLED,
                     p.data_out,
                     "the LUN was closed".into(),
@@ -399,6 +402,29 @@ impl Looper {
         }
     }
 
+    /// A caller still waiting, to take the turn receiving, when commands
+    /// are out and nobody receives.
+    /// [`Looper::heir`], unless a caller took the turn already.
+    fn heir_if_free(&mut self) -> Option<Arc<Slot>> {
+        if self.polling {
+            None
+        } else {
+            self.heir()
+        }
+    }
+
+    fn heir(&mut self) -> Option<Arc<Slot>> {
+        if self.pending.is_empty() || self.session.is_none() {
+            return None;
+        }
+        while let Some(s) = self.idle.pop_front() {
+            if s.waiting() {
+                return Some(s);
+            }
+        }
+        None
+    }
+
     /// The socket and the events to poll it for (none without a session).
     fn poll_target(&self) -> (i32, i16) {
         match &self.session {
@@ -409,18 +435,95 @@ impl Looper {
 }
 
 /// Send answers (outside the session lock).
-fn answer(out: Vec<(mpsc::Sender<Completion>, Completion)>) {
+fn answer(out: Vec<(Arc<Slot>, Completion)>) {
     for (reply, c) in out {
-        let _ = reply.send(c);
+        reply.fill(c);
     }
 }
 
+/// Where one command's completion lands, and how its waiting caller is
+/// woken: with the completion, or to take its turn receiving.
+#[derive(Default)]
+struct Slot {
+    state: Mutex<SlotState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct SlotState {
+    done: Option<Completion>,
+    /// The completion was taken: nobody waits here any more.
+    taken: bool,
+    /// Asked to poll the socket (the previous receiver left).
+    lead: bool,
+}
+
+impl Slot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn fill(&self, c: Completion) {
+        self.lock().done = Some(c);
+        self.cv.notify_one();
+    }
+    fn take(&self) -> Option<Completion> {
+        let mut s = self.lock();
+        let c = s.done.take();
+        s.taken |= c.is_some();
+        c
+    }
+    /// Whose caller still waits for an answer (and can take a turn).
+    fn waiting(&self) -> bool {
+        let s = self.lock();
+        s.done.is_none() && !s.taken
+    }
+    fn nominate(&self) {
+        self.lock().lead = true;
+        self.cv.notify_one();
+    }
+    /// Sleep until answered, nominated, or `limit` passed.
+    fn sleep(&self, limit: Duration) {
+        let s = self.lock();
+        let (mut s, _) = self
+            .cv
+            .wait_timeout_while(s, limit, |s| s.done.is_none() && !s.lead)
+            .unwrap_or_else(|p| p.into_inner());
+        s.lead = false;
+    }
+}
+
+/// Poll one socket (and the `nudge` eventfd) for up to `ms`; the socket's revents.
+fn poll_socket(fd: i32, events: i16, nudge: i32, ms: i32) -> i16 {
+    let mut fds = [
+        libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: nudge,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: `fds` holds two valid pollfd entries.
+    unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+    if fds[1].revents & libc::POLLIN != 0 {
+        let mut v = 0u64;
+        // SAFETY: reads 8 bytes into a u64 from our eventfd.
+        unsafe { libc::read(nudge, (&mut v as *mut u64).cast(), 8) };
+    }
+    fds[0].revents
+}
+
 /// What the caller threads and the event-loop thread share. Callers queue
-/// and send their commands themselves (no hand-off to the loop); the loop
-/// polls the socket, receives, logs in again, and enforces deadlines.
+/// and send their commands themselves, and take turns receiving; the loop
+/// logs in again and enforces deadlines.
 struct Shared {
     looper: Mutex<Looper>,
     stop: AtomicBool,
+    /// Wakes the caller polling the socket (to poll for writability too).
+    nudge: OwnedFd,
 }
 
 impl Shared {
@@ -429,36 +532,19 @@ impl Shared {
     }
 }
 
+/// The loop thread: logs in again, sends what waited for a session,
+/// enforces deadlines, and, when commands are out but no caller is
+/// receiving, receives what has arrived and asks a waiting caller to take
+/// over. Wakes every 100 ms, or when `wake` is written (stop).
 fn event_loop(shared: Arc<Shared>, wake: i32) {
     loop {
-        let (fd, events, out) = {
-            let mut l = shared.lock();
-            if shared.stop.load(Ordering::SeqCst) {
-                return l.shutdown();
-            }
-            l.try_login();
-            l.send_waiting();
-            let out = l.settle();
-            let (fd, events) = l.poll_target();
-            (fd, events, out)
-        };
-        answer(out);
-        let mut fds = [
-            libc::pollfd {
-                fd: wake,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd,
-                events,
-                revents: 0,
-            },
-        ];
-        let n = if events != 0 && fd >= 0 { 2 } else { 1 };
-        // Deadlines are checked at least every 100 ms.
-        // SAFETY: `fds` holds `n` valid pollfd entries.
-        unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, 100) };
+        let mut fds = [libc::pollfd {
+            fd: wake,
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: `fds` holds one valid pollfd entry.
+        unsafe { libc::poll(fds.as_mut_ptr(), 1, 100) };
         if fds[0].revents & libc::POLLIN != 0 {
             let mut v = 0u64;
             // SAFETY: reads 8 bytes into a u64 from our eventfd.
@@ -468,19 +554,41 @@ fn event_loop(shared: Arc<Shared>, wake: i32) {
         if shared.stop.load(Ordering::SeqCst) {
             return l.shutdown();
         }
-        // The session may have changed while we slept (a caller saw the
-        // connection drop): its events then belong to a closed socket.
-        if l.poll_target().0 == fd {
-            l.service(if n == 2 { fds[1].revents } else { 0 });
+        l.try_login();
+        l.send_waiting();
+        if !l.polling {
+            let (fd, events) = l.poll_target();
+            if fd >= 0 {
+                let revents = poll_socket(fd, events, shared.nudge.as_raw_fd(), 0);
+                l.service(revents);
+            }
         }
         // Settle first: a task that completed in this round is freed and
         // must not be cancelled by `expire`.
         let mut out = l.settle();
         l.expire();
         out.extend(l.settle());
+        let heir = if l.polling { None } else { l.heir() };
         drop(l);
         answer(out);
+        if let Some(h) = heir {
+            h.nominate();
+        }
     }
+}
+
+fn eventfd(name: &str) -> Result<OwnedFd> {
+    // SAFETY: eventfd returns a new descriptor or -1.
+    let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if efd < 0 {
+        return Err(LunError::Open {
+            lun: name.into(),
+            what: "cannot create an eventfd".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: `efd` is a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(efd) })
 }
 
 impl IscsiLun {
@@ -514,17 +622,8 @@ impl IscsiLun {
             header_digest,
             tcp_user_timeout_ms: io.as_millis().min(u128::from(u32::MAX)) as u32,
         };
-        // SAFETY: eventfd returns a new descriptor or -1.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if efd < 0 {
-            return Err(LunError::Open {
-                lun: name.into(),
-                what: "cannot create an eventfd".into(),
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        // SAFETY: `efd` is a new descriptor that nothing else owns.
-        let wake = unsafe { OwnedFd::from_raw_fd(efd) };
+        let wake = eventfd(name)?;
+        let efd = wake.as_raw_fd();
         let session = Looper::connect(&login).map_err(|e| {
             err(format!(
                 "login to {} at {} failed: {e}",
@@ -546,8 +645,11 @@ impl IscsiLun {
                 next_login: Instant::now(),
                 backoff: Duration::from_millis(100),
                 down_since: None,
+                polling: false,
+                idle: Default::default(),
             }),
             stop: AtomicBool::new(false),
+            nudge: eventfd(name)?,
         });
         let thread = std::thread::Builder::new()
             .name("iscsi".into())
@@ -703,36 +805,77 @@ impl IscsiLun {
         Ok(())
     }
 
-    /// Queue one command and send it from this thread; the completion
-    /// arrives on the receiver (answered by whichever thread receives it).
-    fn submit(&self, cdb: Vec<u8>, dir: Dir, data_out: Vec<u8>) -> mpsc::Receiver<Completion> {
-        let (reply, rx) = mpsc::channel();
+    /// Queue one command and send it from this thread; its completion
+    /// lands in the returned slot (see [`IscsiLun::wait`]).
+    fn submit(&self, cdb: Vec<u8>, dir: Dir, data_out: Vec<u8>) -> Arc<Slot> {
+        let slot = Arc::new(Slot::default());
         let mut l = self.shared.lock();
-        l.accept(cdb, dir, data_out, reply);
+        l.accept(cdb, dir, data_out, slot.clone());
         l.send_waiting();
-        // Write it to the socket now, rather than waking the loop to do it.
+        // Write it to the socket now.
         l.service(libc::POLLOUT);
         let out = l.settle();
         let more = l.poll_target().1 & libc::POLLOUT != 0;
         drop(l);
         answer(out);
         if more {
-            // The socket is full: the loop must poll for writability.
+            // The socket is full: whoever receives must poll for
+            // writability too.
             let one = 1u64;
             // SAFETY: writes 8 bytes from a u64 to our eventfd.
-            unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+            unsafe {
+                libc::write(
+                    self.shared.nudge.as_raw_fd(),
+                    (&one as *const u64).cast(),
+                    8,
+                )
+            };
         }
-        rx
+        slot
     }
 
-    fn wait(&self, rx: mpsc::Receiver<Completion>) -> Completion {
-        rx.recv().unwrap_or_else(|_| {
-            failed(
-                ffi::STATUS_ERROR,
-                Vec::new(),
-                "the iSCSI thread has stopped".into(),
-            )
-        })
+    /// Wait for a command's completion. If no caller is receiving, receive
+    /// (for everyone) until ours is in; then hand the turn to a caller that
+    /// still waits. Otherwise sleep until answered or handed the turn.
+    fn wait(&self, slot: Arc<Slot>) -> Completion {
+        loop {
+            if let Some(c) = slot.take() {
+                return c;
+            }
+            let mut l = self.shared.lock();
+            let (fd, events) = l.poll_target();
+            if l.polling || fd < 0 || self.shared.stop.load(Ordering::SeqCst) {
+                // Someone else receives (or there is no session): sleep. The
+                // limit only bounds a missed hand-over.
+                if l.idle.len() > 64 {
+                    l.idle.retain(|s| s.waiting());
+                }
+                l.idle.push_back(slot.clone());
+                drop(l);
+                slot.sleep(Duration::from_millis(50));
+                continue;
+            }
+            l.polling = true;
+            drop(l);
+            let revents = poll_socket(fd, events, self.shared.nudge.as_raw_fd(), 50);
+            let mut l = self.shared.lock();
+            l.polling = false;
+            // The session may have changed while we polled: its events
+            // then belong to a closed socket.
+            if l.poll_target().0 == fd {
+                l.service(revents);
+            }
+            let out = l.settle();
+            drop(l);
+            answer(out);
+            if slot.waiting() {
+                continue; // not ours yet: our turn goes on
+            }
+            let heir = self.shared.lock().heir_if_free();
+            if let Some(h) = heir {
+                h.nominate();
+            }
+        }
     }
 
     /// Whether a completion asks for the same command again, after how long.

@@ -1,8 +1,8 @@
 //! Read throughput of our iSCSI backend against libiscsi's own `iscsi-perf`
 //! on the same LUN, side by side: sequential 1 MiB and random 4 KiB reads,
-//! 16 in flight each, and the ratio ours / iscsi-perf. Each figure is the
-//! median of ROUNDS runs, ours and iscsi-perf alternating, so that noise
-//! from a busy machine hits both alike.
+//! 16 in flight each, and the ratio ours / iscsi-perf. Each round runs both back to back
+//! (order alternating) and gives one ratio; the figures are medians over
+//! ROUNDS rounds, so that a busy machine's drift hits both alike.
 //!
 //! vmfs-iscsibench [SECONDS] [ROUNDS] [iscsi://...]   (defaults 3 and 3)
 //!
@@ -196,33 +196,48 @@ fn main() -> Result<()> {
         bail!("this bench assumes 512-byte blocks (iscsi-perf counts in blocks)");
     }
     println!(
-        "{url}: {} MiB, {IN_FLIGHT} reads in flight, median of {rounds} runs of {secs} s",
+        "{url}: {} MiB, {IN_FLIGHT} reads in flight, median of {rounds} rounds of {secs} s each",
         lun.size() >> 20
     );
     println!(
         "{:<22} {:>14} {:>14} {:>7}",
         "reads", "ours", "iscsi-perf", "ratio"
     );
-    let median = |mut v: Vec<(f64, f64)>| {
-        v.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
     };
     for (name, len, random) in [
         ("sequential 1 MiB", 1u64 << 20, false),
         ("random 4 KiB", 4096, true),
     ] {
-        let (mut o, mut p) = (Vec::new(), Vec::new());
-        for _ in 0..rounds {
-            o.push(ours(&lun, len, random, secs));
-            p.push(iscsi_perf(&url, len / 512, random, secs)?);
+        // Each round runs both back to back (in alternating order) and
+        // yields one ratio: the machine's drift between rounds (a busy
+        // neighbour, the page cache) then cancels out of the ratio.
+        let pick = |r: (f64, f64)| if random { r.1 } else { r.0 };
+        let (mut o, mut p, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for r in 0..rounds {
+            let (a, b) = if r % 2 == 0 {
+                let a = pick(ours(&lun, len, random, secs));
+                (a, pick(iscsi_perf(&url, len / 512, random, secs)?))
+            } else {
+                let b = pick(iscsi_perf(&url, len / 512, random, secs)?);
+                (pick(ours(&lun, len, random, secs)), b)
+            };
+            o.push(a);
+            p.push(b);
+            ratios.push(a / b);
         }
-        let ((mb, iops), (pmb, piops)) = (median(o), median(p));
-        let (a, b) = if random {
-            (format!("{iops:.0} IOPS"), format!("{piops:.0} IOPS"))
-        } else {
-            (format!("{mb:.0} MB/s"), format!("{pmb:.0} MB/s"))
-        };
-        println!("{name:<22} {a:>14} {b:>14} {:>6.2}x", mb / pmb);
+        let unit = if random { "IOPS" } else { "MB/s" };
+        let (lo, hi) = ratios
+            .iter()
+            .fold((f64::MAX, 0f64), |(l, h), r| (l.min(*r), h.max(*r)));
+        println!(
+            "{name:<22} {:>9.0} {unit} {:>9.0} {unit} {:>6.2}x   (rounds {lo:.2}x..{hi:.2}x)",
+            median(o),
+            median(p),
+            median(ratios),
+        );
     }
     Ok(())
 }
