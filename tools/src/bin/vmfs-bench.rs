@@ -26,8 +26,9 @@ struct Args {
     /// Random 4 KiB reads per run.
     #[arg(long, default_value_t = 20000)]
     random_reads: u64,
-    /// Rounds, alternating baseline and vmfs; the medians are reported
-    /// (a virtual disk's throughput swings between runs).
+    /// Rounds, each running baseline and vmfs back to back; the medians
+    /// of the figures and of the rounds' ratios are reported (a virtual
+    /// disk's throughput swings between runs).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
 }
@@ -93,31 +94,79 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Alternate baseline and vmfs `rounds` times; medians of each figure.
-fn compare(
-    base: &Io,
-    ours: &Io,
-    size: u64,
-    nrand: u64,
-    rounds: usize,
-) -> Result<(Figures, Figures)> {
-    let (mut b, mut o) = (Vec::new(), Vec::new());
-    for _ in 0..rounds.max(1) {
-        b.push(measure(base, size, nrand)?);
-        o.push(measure(ours, size, nrand)?);
-    }
-    let med = |v: &[Figures]| Figures {
-        seq_write: median(v.iter().map(|f| f.seq_write).collect()),
-        seq_read: median(v.iter().map(|f| f.seq_read).collect()),
-        rand_read: median(v.iter().map(|f| f.rand_read).collect()),
-    };
-    Ok((med(&b), med(&o)))
+/// Medians over the rounds of the baseline's figures, of ours, and of
+/// each round's ratio ours / baseline.
+struct Compared {
+    base: Figures,
+    ours: Figures,
+    ratio: Figures,
 }
 
-fn row(name: &str, unit: &str, base: f64, ours: f64, goal: &str) {
-    println!(
-        "{name:<34} {base:>10.0} {ours:>10.0} {unit:<5} {:>6.2}x   {goal}",
-        ours / base
+/// Run baseline and vmfs back to back `rounds` times (order alternating).
+/// Each round gives one ratio per figure, so the drift of a virtual disk's
+/// speed between rounds cancels out of the ratios.
+fn compare(base: &Io, ours: &Io, size: u64, nrand: u64, rounds: usize) -> Result<Compared> {
+    let (mut b, mut o) = (Vec::new(), Vec::new());
+    for r in 0..rounds.max(1) {
+        if r % 2 == 0 {
+            b.push(measure(base, size, nrand)?);
+            o.push(measure(ours, size, nrand)?);
+        } else {
+            o.push(measure(ours, size, nrand)?);
+            b.push(measure(base, size, nrand)?);
+        }
+    }
+    let med = |f: &dyn Fn(usize) -> f64| median((0..b.len()).map(f).collect());
+    let figures = |g: &dyn Fn(&Figures) -> f64| -> [f64; 3] {
+        [
+            med(&|i| g(&b[i])),
+            med(&|i| g(&o[i])),
+            med(&|i| g(&o[i]) / g(&b[i])),
+        ]
+    };
+    let w = figures(&|f| f.seq_write);
+    let sr = figures(&|f| f.seq_read);
+    let rr = figures(&|f| f.rand_read);
+    let pick = |k: usize| Figures {
+        seq_write: w[k],
+        seq_read: sr[k],
+        rand_read: rr[k],
+    };
+    Ok(Compared {
+        base: pick(0),
+        ours: pick(1),
+        ratio: pick(2),
+    })
+}
+
+fn row(name: &str, unit: &str, base: f64, ours: f64, ratio: f64, goal: &str) {
+    println!("{name:<34} {base:>10.0} {ours:>10.0} {unit:<5} {ratio:>6.2}x   {goal}");
+}
+
+fn rows(c: &Compared, what: &str, base: &str, goals: [&str; 3]) {
+    row(
+        &format!("{what} seq write 1M vs {base}"),
+        "MB/s",
+        c.base.seq_write,
+        c.ours.seq_write,
+        c.ratio.seq_write,
+        goals[0],
+    );
+    row(
+        &format!("{what} seq read 1M vs {base}"),
+        "MB/s",
+        c.base.seq_read,
+        c.ours.seq_read,
+        c.ratio.seq_read,
+        goals[1],
+    );
+    row(
+        &format!("{what} rand read 4K vs {base}"),
+        "IOPS",
+        c.base.rand_read,
+        c.ours.rand_read,
+        c.ratio.rand_read,
+        goals[2],
     );
 }
 
@@ -169,32 +218,17 @@ fn main() -> Result<()> {
         sync: Box::new(|| Ok(fs.sync()?)),
         evict: Box::new(|| evict(&lun_path)),
     };
-    println!("vmfs-bench: {size} MiB file, {} random 4 KiB reads, median of {} alternating rounds, scratch {}", a.random_reads, a.rounds, dir.display());
+    println!("vmfs-bench: {size} MiB file, {} random 4 KiB reads, ratios: median of {} rounds' ratios, scratch {}", a.random_reads, a.rounds, dir.display());
     println!(
         "{:<34} {:>10} {:>10} {:<5} {:>7}   goal",
         "", "baseline", "vmfs", "unit", "ratio"
     );
-    let (rb, lb) = compare(&raw_io, &lib_io, size, a.random_reads, a.rounds)?;
-    row(
-        "library seq write 1M vs raw LUN",
-        "MB/s",
-        rb.seq_write,
-        lb.seq_write,
-        ">= 0.95x",
-    );
-    row(
-        "library seq read 1M vs raw LUN",
-        "MB/s",
-        rb.seq_read,
-        lb.seq_read,
-        ">= 0.95x",
-    );
-    row(
-        "library rand read 4K vs raw LUN",
-        "IOPS",
-        rb.rand_read,
-        lb.rand_read,
-        ">= 0.90x",
+    let c = compare(&raw_io, &lib_io, size, a.random_reads, a.rounds)?;
+    rows(
+        &c,
+        "library",
+        "raw LUN",
+        [">= 0.95x", ">= 0.95x", ">= 0.90x"],
     );
 
     // The same through the FUSE mount vs. the raw backing file.
@@ -224,28 +258,8 @@ fn main() -> Result<()> {
             evict(&lun_path)
         }),
     };
-    let (rb2, fb) = compare(&raw_io, &fuse_io, size, a.random_reads, a.rounds)?;
-    row(
-        "FUSE seq write 1M vs raw file",
-        "MB/s",
-        rb2.seq_write,
-        fb.seq_write,
-        ">= 0.70x",
-    );
-    row(
-        "FUSE seq read 1M vs raw file",
-        "MB/s",
-        rb2.seq_read,
-        fb.seq_read,
-        ">= 0.70x",
-    );
-    row(
-        "FUSE rand read 4K vs raw file",
-        "IOPS",
-        rb2.rand_read,
-        fb.rand_read,
-        "",
-    );
+    let c = compare(&raw_io, &fuse_io, size, a.random_reads, a.rounds)?;
+    rows(&c, "FUSE", "raw file", [">= 0.70x", ">= 0.70x", ""]);
     drop(fuse_io);
     drop(mf);
     let _ = tx.send(());
