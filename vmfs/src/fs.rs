@@ -2908,27 +2908,7 @@ impl Fs {
         // Fast path: every byte lands in a written, mapped leaf: data moves
         // without the state lock, then the size and times are committed
         // (only if they changed: same size within one clock tick = nothing to do).
-        let end = off
-            .checked_add(data.len() as u64)
-            .ok_or_else(|| posix(libc::EFBIG))?;
-        let plan = self.read_op(|st, vol| {
-            let i = st.iget(vol, ino)?;
-            if i.is_dir() {
-                return Err(posix(libc::EISDIR));
-            }
-            Ok(if i.layout == Layout::Inline || off > i.size {
-                // Inline data is metadata; a write past EOF zeroes the gap first.
-                None
-            } else {
-                let segs = st.plan(vol, &i, off, data.len())?;
-                let t = now();
-                let unchanged = end <= i.size && i.mtime == t && i.ctime == t;
-                segs.iter()
-                    .all(|s| s.at.is_some())
-                    .then_some((segs, unchanged.then_some(i)))
-            })
-        })?;
-        if let Some((segs, unchanged)) = plan {
+        if let Some((segs, unchanged)) = self.in_place_plan(ino, off, data.len())? {
             for s in &segs {
                 self.vol()
                     .write(s.at.expect("mapped"), &data[s.buf_off..s.buf_off + s.len])?;
@@ -2955,6 +2935,49 @@ impl Fs {
             st.iput(vol, &i)?;
             Ok(i)
         })
+    }
+
+    /// Where a write of `len` bytes at `off` lands when every byte falls in
+    /// a written, mapped leaf (no allocation, no metadata but size and
+    /// times); with the inode when even those stay as they are. None when
+    /// the write needs more.
+    #[allow(clippy::type_complexity)]
+    fn in_place_plan(
+        &self,
+        ino: u64,
+        off: u64,
+        len: usize,
+    ) -> Result<Option<(Vec<Seg>, Option<Inode>)>> {
+        let end = off
+            .checked_add(len as u64)
+            .ok_or_else(|| posix(libc::EFBIG))?;
+        self.read_op(|st, vol| {
+            let i = st.iget(vol, ino)?;
+            if i.is_dir() {
+                return Err(posix(libc::EISDIR));
+            }
+            Ok(if i.layout == Layout::Inline || off > i.size {
+                // Inline data is metadata; a write past EOF zeroes the gap first.
+                None
+            } else {
+                let segs = st.plan(vol, &i, off, len)?;
+                let t = now();
+                let unchanged = end <= i.size && i.mtime == t && i.ctime == t;
+                segs.iter()
+                    .all(|s| s.at.is_some())
+                    .then_some((segs, unchanged.then_some(i)))
+            })
+        })
+    }
+
+    /// Whether a write of `len` bytes at `off` to `ino` needs no block
+    /// allocated (so it cannot fail for lack of space): the FUSE front end
+    /// may then answer it before the bytes reach the LUN.
+    pub fn writes_in_place(&self, ino: u64, off: u64, len: usize) -> Result<bool> {
+        if self.mapped_lun(ino).is_some() {
+            return Ok(false);
+        }
+        Ok(self.in_place_plan(ino, off, len)?.is_some())
     }
 
     /// fallocate: mode bits as in fallocate(2).

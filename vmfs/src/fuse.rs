@@ -21,6 +21,7 @@ use fuser::{
 use crate::error::FsError;
 use crate::format::*;
 use crate::fs::{Fs, SetAttr};
+use crate::writebehind::WriteBehind;
 
 /// How long the kernel may trust an entry or attributes: other hosts change
 /// the datastore too, and a name they make must be seen within a second.
@@ -30,6 +31,20 @@ pub struct VmfsFuse {
     fs: Arc<Fs>,
     dirs: Mutex<HashMap<u64, Vec<(u64, u8, Vec<u8>)>>>,
     next_fh: AtomicU64,
+    /// Writes answered before they reach the LUN ([`crate::writebehind`]).
+    wb: WriteBehind,
+}
+
+/// File handle bits: opened for writing; its writes may be queued
+/// (a regular file that is neither multi-writer nor a raw device mapping).
+const FH_WRITE: u64 = 1;
+const FH_BEHIND: u64 = 2;
+
+fn handle(i: &Inode, write: bool) -> FileHandle {
+    let behind = write
+        && i.mode & S_IFMT == S_IFREG
+        && i.flags & (crate::format::FD_FLAG_MULTI_WRITER | crate::format::FD_FLAG_RDM) == 0;
+    FileHandle(if write { FH_WRITE } else { 0 } | if behind { FH_BEHIND } else { 0 })
 }
 
 fn errno(e: &FsError) -> Errno {
@@ -106,6 +121,7 @@ impl VmfsFuse {
             fs,
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            wb: WriteBehind::new(),
         }
     }
 
@@ -147,6 +163,15 @@ impl VmfsFuse {
     }
 
     fn entry(&self, r: crate::Result<Inode>, reply: ReplyEntry) {
+        // Attributes of a file with queued writes are read after them.
+        let r = r.and_then(|i| {
+            if self.wb.busy(i.addr) {
+                self.wb.wait_idle(i.addr);
+                self.fs.getattr(i.addr)
+            } else {
+                Ok(i)
+            }
+        });
         match r {
             Ok(i) => reply.entry(&TTL, &self.attr(&i), Generation(i.generation)),
             Err(e) => reply.error(errno(&e)),
@@ -163,6 +188,9 @@ impl Filesystem for VmfsFuse {
     }
 
     fn destroy(&mut self) {
+        if let Err(e) = self.wb.settle_all() {
+            tracing::error!("a queued write failed before unmount: {e}");
+        }
         if let Err(e) = self.fs.unmount() {
             tracing::error!("final commit and checkpoint at unmount failed: {e}");
         }
@@ -173,6 +201,7 @@ impl Filesystem for VmfsFuse {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.wb.wait_idle(self.ino(ino));
         match self.fs.getattr(self.ino(ino)) {
             Ok(i) => reply.attr(&TTL, &self.attr(&i)),
             Err(e) => reply.error(errno(&e)),
@@ -206,6 +235,7 @@ impl Filesystem for VmfsFuse {
             mtime: time_or_now(mtime),
             ctime: ctime.map(from_systime),
         };
+        self.wb.wait_idle(self.ino(ino));
         match self.fs.setattr(self.ino(ino), &a) {
             Ok(i) => reply.attr(&TTL, &self.attr(&i)),
             Err(e) => reply.error(errno(&e)),
@@ -357,7 +387,7 @@ impl Filesystem for VmfsFuse {
                 let _ = self.fs.release(ino, write);
                 reply.error(Errno::EISDIR)
             }
-            Ok(i) => reply.opened(FileHandle(u64::from(write)), open_flags(&i)),
+            Ok(i) => reply.opened(handle(&i, write), open_flags(&i)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -373,14 +403,19 @@ impl Filesystem for VmfsFuse {
         _lo: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.wb.wait_idle(self.ino(ino));
         data(reply, self.fs.read(self.ino(ino), offset, size as usize))
     }
 
+    /// A write into blocks the file already has is answered first and
+    /// carried out after ([`crate::writebehind`]); one that allocates is
+    /// carried out before the answer, so that running out of space is
+    /// reported by the write itself.
     fn write(
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         data: &[u8],
         _wf: WriteFlags,
@@ -388,15 +423,35 @@ impl Filesystem for VmfsFuse {
         _lo: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.fs.write(self.ino(ino), offset, data) {
+        let ino = self.ino(ino);
+        let queued = fh.0 & FH_BEHIND != 0
+            && match self.fs.writes_in_place(ino, offset, data.len()) {
+                Ok(yes) => yes,
+                Err(e) => return reply.error(errno(&e)),
+            };
+        if queued {
+            match self.wb.begin(ino, offset, data.len()) {
+                Ok(t) => {
+                    reply.written(data.len() as u32);
+                    // `data` is this thread's request buffer, still ours.
+                    self.wb.end(t, self.fs.write(ino, offset, data).map(|_| ()));
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+            return;
+        }
+        // After this file's outstanding writes (they may overlap).
+        self.wb.wait_idle(ino);
+        match self.fs.write(ino, offset, data) {
             Ok(_) => reply.written(data.len() as u32),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    // No `flush`: every write already reached the LUN, so close() has
-    // nothing to do. Leaving it unimplemented answers ENOSYS once, and the
-    // kernel then stops sending FLUSH at every close (one round trip less).
+    // No `flush`: close() has nothing to do that release does not (queued
+    // writes are waited for there, and their failures reported by fsync).
+    // Leaving it unimplemented answers ENOSYS once, and the kernel then
+    // stops sending FLUSH at every close (one round trip less).
 
     fn release(
         &self,
@@ -408,8 +463,13 @@ impl Filesystem for VmfsFuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let ino = self.ino(ino);
+        if fh.0 & FH_BEHIND != 0 {
+            self.wb.wait_idle(ino);
+            self.wb.forget(ino);
+        }
         // The handle says whether this open was for writing.
-        done(reply, self.fs.release(self.ino(ino), fh.0 == 1))
+        done(reply, self.fs.release(ino, fh.0 & FH_WRITE != 0))
     }
 
     fn fsync(
@@ -420,7 +480,11 @@ impl Filesystem for VmfsFuse {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        done(reply, self.fs.fsync_file(self.ino(ino)))
+        let ino = self.ino(ino);
+        done(
+            reply,
+            self.wb.settle(ino).and_then(|()| self.fs.fsync_file(ino)),
+        )
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -560,7 +624,7 @@ impl Filesystem for VmfsFuse {
                     &TTL,
                     &self.attr(&i),
                     Generation(i.generation),
-                    FileHandle(u64::from(write)),
+                    handle(&i, write),
                     open_flags(&i),
                 )
             }
@@ -586,6 +650,7 @@ impl Filesystem for VmfsFuse {
             b"0" | b"off" | b"false" => false,
             _ => return reply.error(Errno::EINVAL),
         };
+        self.wb.wait_idle(self.ino(ino));
         done(reply, self.fs.set_multi_writer(self.ino(ino), on))
     }
 
@@ -631,6 +696,7 @@ impl Filesystem for VmfsFuse {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        self.wb.wait_idle(self.ino(ino));
         done(
             reply,
             self.fs.fallocate(self.ino(ino), offset, length, mode),

@@ -12,6 +12,7 @@ pub mod fsck;
 pub mod fuse;
 pub mod txn;
 pub mod volume;
+pub mod writebehind;
 
 pub use error::{FsError, Result};
 pub use fs::{Fs, SetAttr, Usage};
