@@ -100,8 +100,13 @@ pub struct Mounted {
 
 impl Mounted {
     pub fn new(urls: &[String], mnt: &Path) -> Mounted {
-        std::fs::create_dir_all(mnt).unwrap();
         let fs = Arc::new(Fs::open(open_luns(urls)).expect("open the datastore"));
+        Mounted::with_fs(fs, mnt)
+    }
+
+    /// Mount a datastore already open (for instance over a fault-injecting LUN).
+    pub fn with_fs(fs: Arc<Fs>, mnt: &Path) -> Mounted {
+        std::fs::create_dir_all(mnt).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let path = mnt.to_path_buf();
         let p2 = path.clone();
