@@ -17,7 +17,7 @@ use vmfs::{Fs, MkfsOptions};
 #[derive(Parser)]
 #[command(about = "vmfs throughput vs. the raw LUN and a raw file")]
 struct Args {
-    /// Scratch directory on the disk to measure (needs ~3x --size free).
+    /// Scratch directory on the disk to measure (needs ~4x --size free).
     #[arg(long, default_value = "/var/tmp")]
     dir: PathBuf,
     /// File size in MiB.
@@ -87,6 +87,22 @@ fn measure(io: &Io, size: u64, nrand: u64) -> Result<Figures> {
         seq_read,
         rand_read,
     })
+}
+
+/// Write a new file of `size` MiB in 1 MiB writes, fsync it (MB/s), and
+/// remove it: the allocating write path (a copy onto the datastore).
+fn new_file_write(path: &Path, size: u64) -> Result<f64> {
+    let buf = vec![0x5au8; 1 << 20];
+    let t = Instant::now();
+    let mut f = File::create(path)?;
+    for _ in 0..size {
+        std::io::Write::write_all(&mut f, &buf)?;
+    }
+    f.sync_all()?;
+    let mbs = size as f64 / t.elapsed().as_secs_f64();
+    drop(f);
+    std::fs::remove_file(path)?;
+    Ok(mbs)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -177,7 +193,8 @@ fn main() -> Result<()> {
     let size = a.size;
     let lun_path = dir.join("lun.img");
     let raw_path = dir.join("raw.img");
-    let lun_size = (size + 64) << 20;
+    // Room for the preallocated file and a new one as large.
+    let lun_size = (2 * size + 64) << 20;
     File::create(&lun_path)?.set_len(lun_size)?;
     let raw = OpenOptions::new()
         .read(true)
@@ -260,6 +277,29 @@ fn main() -> Result<()> {
     };
     let c = compare(&raw_io, &fuse_io, size, a.random_reads, a.rounds)?;
     rows(&c, "FUSE", "raw file", [">= 0.70x", ">= 0.70x", ""]);
+    let (mut b, mut o, mut r) = (Vec::new(), Vec::new(), Vec::new());
+    for k in 0..a.rounds.max(1) {
+        let raw_new = dir.join("raw-new.img");
+        let fuse_new = mnt.join("new");
+        let (x, y) = if k % 2 == 0 {
+            let x = new_file_write(&raw_new, size)?;
+            (x, new_file_write(&fuse_new, size)?)
+        } else {
+            let y = new_file_write(&fuse_new, size)?;
+            (new_file_write(&raw_new, size)?, y)
+        };
+        b.push(x);
+        o.push(y);
+        r.push(y / x);
+    }
+    row(
+        "FUSE new-file write 1M vs raw",
+        "MB/s",
+        median(b),
+        median(o),
+        median(r),
+        "",
+    );
     drop(fuse_io);
     drop(mf);
     let _ = tx.send(());
