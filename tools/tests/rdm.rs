@@ -17,17 +17,7 @@ fn map_a_tgt_lun_in_both_modes() {
     let st = state.to_str().unwrap();
 
     for (mode, path) in [("virtual", "/db-rdm.vmdk"), ("physical", "/db-rdmp.vmdk")] {
-        let o = vmfs(&[
-            "rdm",
-            "create",
-            "--mode",
-            mode,
-            "--state-dir",
-            st,
-            &raw,
-            &ds,
-            path,
-        ]);
+        let o = rdm_create(mode, st, &raw, &ds, path);
         assert!(o.status.success(), "{}", text(&o));
         let o = vmfs(&["rdm", "info", "--state-dir", st, &ds, path]);
         let t = text(&o);
@@ -43,45 +33,15 @@ fn map_a_tgt_lun_in_both_modes() {
         );
     }
     // A second mapping at the same path: refused, nothing changed.
-    let o = vmfs(&[
-        "rdm",
-        "create",
-        "--mode",
-        "virtual",
-        "--state-dir",
-        st,
-        &raw,
-        &ds,
-        "/db-rdm.vmdk",
-    ]);
+    let o = rdm_create("virtual", st, &raw, &ds, "/db-rdm.vmdk");
     assert!(!o.status.success(), "{}", text(&o));
 
     // The datastore's own LUN, or any datastore's: refused.
-    let o = vmfs(&[
-        "rdm",
-        "create",
-        "--mode",
-        "virtual",
-        "--state-dir",
-        st,
-        &ds,
-        &ds,
-        "/self.vmdk",
-    ]);
+    let o = rdm_create("virtual", st, &ds, &ds, "/self.vmdk");
     assert!(text(&o).contains("datastore's own LUN"), "{}", text(&o));
     let other = vmfs_tests::file_lun(d.path(), "other.img", 64 << 20);
     assert!(vmfs(&["mkfs", &other]).status.success());
-    let o = vmfs(&[
-        "rdm",
-        "create",
-        "--mode",
-        "virtual",
-        "--state-dir",
-        st,
-        &other,
-        &ds,
-        "/other.vmdk",
-    ]);
+    let o = rdm_create("virtual", st, &other, &ds, "/other.vmdk");
     assert!(text(&o).contains("volume header"), "{}", text(&o));
 
     // fsck is clean with mappings on the datastore.
@@ -101,6 +61,21 @@ fn map_a_tgt_lun_in_both_modes() {
 
 const A: &str = "aaaaaaaa-0000-4000-8000-0000000000a1";
 const B: &str = "bbbbbbbb-0000-4000-8000-0000000000b2";
+
+/// `vmfs rdm create --mode MODE --state-dir ST LUN DS PATH`.
+fn rdm_create(mode: &str, st: &str, lun: &str, ds: &str, path: &str) -> std::process::Output {
+    vmfs(&[
+        "rdm",
+        "create",
+        "--mode",
+        mode,
+        "--state-dir",
+        st,
+        lun,
+        ds,
+        path,
+    ])
+}
 
 fn open_rw(p: &std::path::Path) -> std::io::Result<std::fs::File> {
     std::fs::OpenOptions::new().read(true).write(true).open(p)
@@ -127,17 +102,7 @@ fn io_through_a_mapping_on_two_mounted_hosts() {
     )
     .unwrap();
     let st = state.to_str().unwrap();
-    let o = vmfs(&[
-        "rdm",
-        "create",
-        "--mode",
-        "virtual",
-        "--state-dir",
-        st,
-        &raw,
-        &ds,
-        "/db.vmdk",
-    ]);
+    let o = rdm_create("virtual", st, &raw, &ds, "/db.vmdk");
     assert!(o.status.success(), "{}", common::text(&o));
 
     let (ma, mb) = (d.path().join("a"), d.path().join("b"));
