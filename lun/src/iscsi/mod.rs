@@ -405,18 +405,9 @@ impl Looper {
     }
 
     /// A caller still waiting, to take the turn receiving, when commands
-    /// are out and nobody receives.
-    /// [`Looper::heir`], unless a caller took the turn already.
-    fn heir_if_free(&mut self) -> Option<Arc<Slot>> {
-        if self.polling {
-            None
-        } else {
-            self.heir()
-        }
-    }
-
+    /// are out and nobody receives (none if a caller receives already).
     fn heir(&mut self) -> Option<Arc<Slot>> {
-        if self.pending.is_empty() || self.session.is_none() {
+        if self.polling || self.pending.is_empty() || self.session.is_none() {
             return None;
         }
         while let Some(s) = self.idle.pop_front() {
@@ -527,9 +518,7 @@ fn poll_socket(fd: i32, events: i16, nudge: i32, ms: i32) -> i16 {
     // SAFETY: `fds` holds two valid pollfd entries.
     unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
     if fds[1].revents & libc::POLLIN != 0 {
-        let mut v = 0u64;
-        // SAFETY: reads 8 bytes into a u64 from our eventfd.
-        unsafe { libc::read(nudge, (&mut v as *mut u64).cast(), 8) };
+        eventfd_clear(nudge);
     }
     fds[0].revents
 }
@@ -564,9 +553,7 @@ fn event_loop(shared: Arc<Shared>, wake: i32) {
         // SAFETY: `fds` holds one valid pollfd entry.
         unsafe { libc::poll(fds.as_mut_ptr(), 1, 100) };
         if fds[0].revents & libc::POLLIN != 0 {
-            let mut v = 0u64;
-            // SAFETY: reads 8 bytes into a u64 from our eventfd.
-            unsafe { libc::read(wake, (&mut v as *mut u64).cast(), 8) };
+            eventfd_clear(wake);
         }
         let mut l = shared.lock();
         if shared.stop.load(Ordering::SeqCst) {
@@ -586,13 +573,27 @@ fn event_loop(shared: Arc<Shared>, wake: i32) {
         let mut out = l.settle();
         l.expire();
         out.extend(l.settle());
-        let heir = if l.polling { None } else { l.heir() };
+        let heir = l.heir();
         drop(l);
         answer(out);
         if let Some(h) = heir {
             h.nominate();
         }
     }
+}
+
+/// Wake whoever polls eventfd `fd`.
+fn eventfd_signal(fd: &OwnedFd) {
+    let one = 1u64;
+    // SAFETY: writes 8 bytes from a u64 to our eventfd.
+    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+}
+
+/// Reset eventfd `fd` after poll reported it readable.
+fn eventfd_clear(fd: i32) {
+    let mut v = 0u64;
+    // SAFETY: reads 8 bytes into a u64 from our eventfd.
+    unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
 }
 
 fn eventfd(name: &str) -> Result<OwnedFd> {
@@ -839,15 +840,7 @@ impl IscsiLun {
         if more {
             // The socket is full: whoever receives must poll for
             // writability too.
-            let one = 1u64;
-            // SAFETY: writes 8 bytes from a u64 to our eventfd.
-            unsafe {
-                libc::write(
-                    self.shared.nudge.as_raw_fd(),
-                    (&one as *const u64).cast(),
-                    8,
-                )
-            };
+            eventfd_signal(&self.shared.nudge);
         }
         slot
     }
@@ -889,7 +882,7 @@ impl IscsiLun {
             if slot.waiting() {
                 continue; // not ours yet: our turn goes on
             }
-            let heir = self.shared.lock().heir_if_free();
+            let heir = self.shared.lock().heir();
             if let Some(h) = heir {
                 h.nominate();
             }
@@ -1244,9 +1237,7 @@ impl Lun for IscsiLun {
 impl Drop for IscsiLun {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        let one = 1u64;
-        // SAFETY: writes 8 bytes from a u64 to our eventfd.
-        unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        eventfd_signal(&self.wake);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
