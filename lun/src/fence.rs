@@ -104,6 +104,9 @@ impl Lun for FencedLun {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.inner.read_at(buf, offset)
     }
+    fn prefetch(&self, offset: u64, len: u64) {
+        self.inner.prefetch(offset, len)
+    }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.guard()?;
         self.inner.write_at(buf, offset)

@@ -67,6 +67,12 @@ pub trait Lun: Send + Sync {
     /// A stable identity: a UUID kept with a file, a device serial or WWN, or
     /// for network LUNs the server's name of the export.
     fn identity(&self) -> Result<String>;
+    /// A hint that `len` bytes at `offset` will be read soon: a backend
+    /// with a cache may start reading them now. Never fails and never
+    /// changes what a read returns; the default does nothing.
+    fn prefetch(&self, offset: u64, len: u64) {
+        let _ = (offset, len);
+    }
     /// Whether [`Lun::compare_and_write`] is atomic on this LUN.
     fn has_compare_and_write(&self) -> bool {
         false

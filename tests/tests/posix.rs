@@ -95,3 +95,64 @@ fn fsx_passes() {
     );
     m.unmount();
 }
+
+/// Writes go through direct-I/O handles, where the kernel leaves set-ID
+/// stripping to the filesystem. A write by a user without CAP_FSETID drops
+/// set-user-ID, and set-group-ID when the file is group-executable (as a
+/// local filesystem does); a write by root keeps them; nothing else in the
+/// mode changes.
+#[test]
+fn unprivileged_write_drops_setid_bits() {
+    use std::os::unix::fs::PermissionsExt;
+    require("setpriv");
+    let d = tempfile::tempdir().unwrap();
+    let m = mounted(d.path());
+    // (mode, written by nobody?, mode expected after the write)
+    let cases = [
+        (0o6777, true, 0o0777),
+        (0o6767, true, 0o2767),
+        (0o4707, true, 0o0707),
+        (0o0777, true, 0o0777),
+        (0o6777, false, 0o6777),
+    ];
+    for (k, &(mode, nobody, want)) in cases.iter().enumerate() {
+        let f = m.path.join(format!("setid-{k}"));
+        std::fs::write(&f, b"0123").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).unwrap();
+        let append = format!("printf x >> '{}'", f.display());
+        let mut c = if nobody {
+            let mut c = Command::new("setpriv");
+            c.args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "sh",
+                "-c",
+            ]);
+            c
+        } else {
+            let mut c = Command::new("sh");
+            c.arg("-c");
+            c
+        };
+        let o = c.arg(&append).output().unwrap();
+        assert!(o.status.success(), "{append}: {o:?}");
+        // The kernel may keep the old attributes for up to the TTL.
+        let t = std::time::Instant::now();
+        let got = loop {
+            let got = std::fs::metadata(&f).unwrap().permissions().mode() & 0o7777;
+            if got == want || t.elapsed().as_millis() > 1500 {
+                break got;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        assert_eq!(
+            got,
+            want,
+            "{mode:o} written by {}",
+            if nobody { "nobody" } else { "root" }
+        );
+        assert_eq!(std::fs::read(&f).unwrap(), b"0123x");
+    }
+    m.unmount();
+}

@@ -2862,6 +2862,61 @@ impl Fs {
         self.read_into_stored(ino, off, buf)
     }
 
+    /// Before a write by a caller without CAP_FSETID: drop the file's
+    /// set-user-ID bit, and its set-group-ID bit if it is group-executable,
+    /// as the kernel does for a local filesystem (FUSE leaves this to the
+    /// filesystem on direct-I/O handles). Costs nothing when neither is set.
+    pub fn drop_setid_for_write(&self, ino: u64) -> Result<()> {
+        fn setid(mode: u32) -> u32 {
+            let mut kill = mode & libc::S_ISUID;
+            if mode & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
+                kill |= libc::S_ISGID;
+            }
+            if mode & S_IFMT == S_IFREG {
+                kill
+            } else {
+                0
+            }
+        }
+        if setid(self.getattr(ino)?.mode) == 0 {
+            return Ok(());
+        }
+        self.op(|st, vol| {
+            let mut i = st.iget(vol, ino)?;
+            let kill = setid(i.mode);
+            if kill != 0 {
+                i.mode &= !kill;
+                i.ctime = now();
+                st.iput(vol, &i)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Hint the LUNs that `len` bytes of file `ino` at `off` will be read
+    /// soon (read-ahead for readers the kernel does not read ahead for).
+    /// Holes, inline data and bytes past EOF are skipped; a failure only
+    /// means no read-ahead.
+    pub fn prefetch(&self, ino: u64, off: u64, len: u64) {
+        if let Some((lun, _)) = self.mapped_lun(ino) {
+            return lun.prefetch(off, len);
+        }
+        let segs = self.read_op(|st, vol| {
+            let i = st.iget(vol, ino)?;
+            let n = i.size.saturating_sub(off).min(len) as usize;
+            if i.is_dir() || i.layout == Layout::Inline || n == 0 {
+                return Ok(Vec::new());
+            }
+            st.plan(vol, &i, off, n)
+        });
+        let vol = self.vol();
+        for s in segs.unwrap_or_default() {
+            if let Some(at) = s.at {
+                vol.prefetch(at, s.len as u64);
+            }
+        }
+    }
+
     /// What the file itself holds (a mapping's descriptor, not its LUN).
     pub fn read_stored(&self, ino: u64, off: u64, len: usize) -> Result<Vec<u8>> {
         let mut out = vec![0u8; len];

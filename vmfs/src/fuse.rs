@@ -33,7 +33,14 @@ pub struct VmfsFuse {
     next_fh: AtomicU64,
     /// Writes answered before they reach the LUN ([`crate::writebehind`]).
     wb: WriteBehind,
+    /// Read-ahead of direct-I/O handles, which the kernel does not read
+    /// ahead for: per file, where the next sequential read starts and how
+    /// far the LUN has been asked to read ahead.
+    ahead: Mutex<HashMap<u64, (u64, u64)>>,
 }
+
+/// How far a sequential reader of a direct-I/O handle is read ahead.
+const READ_AHEAD: u64 = 8 << 20;
 
 /// File handle bits: opened for writing; its writes may be queued
 /// (a regular file that is neither multi-writer nor a raw device mapping).
@@ -122,7 +129,31 @@ impl VmfsFuse {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             wb: WriteBehind::new(),
+            ahead: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// After a read of `len` bytes at `off` through a direct-I/O handle:
+    /// if it continues the previous one, keep the LUN reading up to
+    /// [`READ_AHEAD`] past it (topped up every half window).
+    fn read_ahead(&self, ino: u64, off: u64, len: u64) {
+        let (from, to) = {
+            let mut m = self.ahead.lock().unwrap_or_else(|p| p.into_inner());
+            let e = m.entry(ino).or_insert((0, 0));
+            let end = off.saturating_add(len);
+            if off != e.0 {
+                *e = (end, end);
+                return;
+            }
+            e.0 = end;
+            if e.1 >= end.saturating_add(READ_AHEAD / 2) {
+                return;
+            }
+            let from = e.1.max(end);
+            e.1 = end.saturating_add(READ_AHEAD);
+            (from, e.1)
+        };
+        self.fs.prefetch(ino, from, to - from);
     }
 
     fn ino(&self, i: INodeNo) -> u64 {
@@ -184,6 +215,10 @@ impl Filesystem for VmfsFuse {
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_max_background(64);
+        // Write handles use direct I/O (see `open`); this keeps mmap working
+        // on them, and makes the kernel write back and drop cached pages of
+        // the range before each direct write (coherence with cached readers).
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
         Ok(())
     }
 
@@ -387,7 +422,7 @@ impl Filesystem for VmfsFuse {
                 let _ = self.fs.release(ino, write);
                 reply.error(Errno::EISDIR)
             }
-            Ok(i) => reply.opened(handle(&i, write), open_flags(&i)),
+            Ok(i) => reply.opened(handle(&i, write), open_flags(&i, write)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -396,15 +431,19 @@ impl Filesystem for VmfsFuse {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
         _lo: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.wb.wait_idle(self.ino(ino));
-        data(reply, self.fs.read(self.ino(ino), offset, size as usize))
+        let ino = self.ino(ino);
+        self.wb.wait_idle(ino);
+        data(reply, self.fs.read(ino, offset, size as usize));
+        if fh.0 & FH_BEHIND != 0 {
+            self.read_ahead(ino, offset, size as u64);
+        }
     }
 
     /// A write into blocks the file already has is answered first and
@@ -418,12 +457,18 @@ impl Filesystem for VmfsFuse {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _wf: WriteFlags,
+        wf: WriteFlags,
         _flags: OpenFlags,
         _lo: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let ino = self.ino(ino);
+        // On direct I/O the kernel leaves set-ID stripping to us.
+        if wf.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            if let Err(e) = self.fs.drop_setid_for_write(ino) {
+                return reply.error(errno(&e));
+            }
+        }
         let queued = fh.0 & FH_BEHIND != 0
             && match self.fs.writes_in_place(ino, offset, data.len()) {
                 Ok(yes) => yes,
@@ -467,6 +512,10 @@ impl Filesystem for VmfsFuse {
         if fh.0 & FH_BEHIND != 0 {
             self.wb.wait_idle(ino);
             self.wb.forget(ino);
+            self.ahead
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&ino);
         }
         // The handle says whether this open was for writing.
         done(reply, self.fs.release(ino, fh.0 & FH_WRITE != 0))
@@ -625,7 +674,7 @@ impl Filesystem for VmfsFuse {
                     &self.attr(&i),
                     Generation(i.generation),
                     handle(&i, write),
-                    open_flags(&i),
+                    open_flags(&i, write),
                 )
             }
             Err(e) => reply.error(errno(&e)),
@@ -716,10 +765,16 @@ pub const COMMIT_INTERVAL: Duration = Duration::from_secs(5);
 /// The extended attribute that marks a file multi-writer ("1" or "0").
 pub const MULTI_WRITER_XATTR: &[u8] = b"user.vmfs.multi-writer";
 
-/// A multi-writer file bypasses the page cache: other hosts write it too;
-/// so does a raw device mapping (others may reach its LUN directly).
-fn open_flags(i: &Inode) -> FopenFlags {
-    if i.flags & (crate::format::FD_FLAG_MULTI_WRITER | crate::format::FD_FLAG_RDM) != 0 {
+/// Direct I/O (no page cache in the kernel) for a multi-writer file (other
+/// hosts write it too), a raw device mapping (others may reach its LUN
+/// directly), and every handle that writes a regular file: each write then
+/// costs one copy less and is answered early ([`crate::writebehind`]),
+/// and sequential reads through it are read ahead here
+/// ([`VmfsFuse::read_ahead`]).
+fn open_flags(i: &Inode, write: bool) -> FopenFlags {
+    if write && i.mode & S_IFMT == S_IFREG
+        || i.flags & (crate::format::FD_FLAG_MULTI_WRITER | crate::format::FD_FLAG_RDM) != 0
+    {
         FopenFlags::FOPEN_DIRECT_IO
     } else {
         FopenFlags::empty()

@@ -131,6 +131,13 @@ impl Volume {
         let (i, o) = self.locate(off)?;
         Ok(self.luns[i].write_at(buf, o)?)
     }
+    /// Hint the extent's LUN that `len` bytes at `off` will be read soon
+    /// (cut at the extent's end: read-ahead need not be exact).
+    pub fn prefetch(&self, off: u64, len: u64) {
+        if let Ok((i, o)) = self.locate(off) {
+            self.luns[i].prefetch(o, len)
+        }
+    }
     pub fn zero(&self, off: u64, len: u64) -> Result<()> {
         if len == 0 {
             return Ok(());
