@@ -651,9 +651,12 @@ impl VolumeLock {
     }
 }
 
-/// Change an object's lock while holding the volume lock (which excludes
-/// every other writer of lock sectors): grant `mode` to `me` if the current
-/// holders allow it. Returns Ok(Err(holders)) when they do not.
+/// Change an object's lock while holding the volume lock (which orders
+/// every change of lock sectors, on any LUN): grant `mode` to `me` if the
+/// current holders allow it. Where the LUN has compare-and-write, the
+/// change is a compare-and-write of the state read as well; without, the
+/// volume lock alone (Disk Paxos) makes the read and write safe.
+/// Returns Ok(Err(holders)) when the holders do not allow it.
 pub fn acquire_under_volume_lock(
     lun: &dyn Lun,
     off: u64,
@@ -661,7 +664,7 @@ pub fn acquire_under_volume_lock(
     me: Holder,
     members: &dyn Members,
 ) -> Result<std::result::Result<LockRec, LockRec>> {
-    let (cur, new) = update(lun, off, false, |cur| {
+    let (cur, new) = update(lun, off, lun.has_compare_and_write(), |cur| {
         let live = cur.live(members);
         if !live.grants(mode, &me) {
             return Ok(None);
@@ -677,9 +680,10 @@ pub fn acquire_under_volume_lock(
     Ok(new.ok_or_else(|| cur.live(members)))
 }
 
-/// Drop `me` from an object's lock while holding the volume lock.
+/// Drop `me` from an object's lock while holding the volume lock (by
+/// compare-and-write where the LUN has it, as above).
 pub fn release_under_volume_lock(lun: &dyn Lun, off: u64, me: Holder) -> Result<()> {
-    update(lun, off, false, |cur| {
+    update(lun, off, lun.has_compare_and_write(), |cur| {
         Ok(cur.holders.contains(&me).then(|| cur.without(&me)))
     })?;
     Ok(())
