@@ -4,8 +4,16 @@
 //! The baseline beside each figure is one 512-byte write + read on the same
 //! LUN: the ratio says how many such I/O round trips a lock costs.
 //!
-//! vmfs-lockbench [ROUNDS]      (default 2000 per host)
+//! Then failover, on both LUNs: two `vmfs mount` processes (hosts); one
+//! holds a file open for writing and is killed with SIGKILL; the time until
+//! the other can open that file for writing (it has seen the silent
+//! heartbeat, replayed the dead host's journal and freed its slot), beside
+//! the goal of one lease plus one heartbeat.
+//!
+//! vmfs-lockbench [ROUNDS] [FAILOVERS]   (defaults 2000 per host, 5)
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -122,19 +130,124 @@ fn report(name: &str, lun: &Arc<dyn Lun>, rounds: usize) -> Result<()> {
     Ok(())
 }
 
+/// Lease and heartbeat of the failover runs (the mount's default
+/// heartbeat is lease / 8).
+const LEASE_MS: u64 = 2000;
+const HEARTBEAT_MS: u64 = LEASE_MS / 8;
+
+/// A `vmfs mount --foreground` process as host `uuid`, once mounted.
+fn mount_host(vmfs: &Path, lun: &str, mnt: &Path, uuid: &str) -> Result<Child> {
+    std::fs::create_dir_all(mnt)?;
+    let child = Command::new(vmfs)
+        .args(["mount", "--foreground", "--host-uuid", uuid])
+        .args(["--lease-ms", &LEASE_MS.to_string()])
+        .args(["--heartbeat-ms", &HEARTBEAT_MS.to_string()])
+        .arg(lun)
+        .arg(mnt)
+        .env("VMFS_LOG", "error")
+        .spawn()
+        .context("start vmfs mount")?;
+    let t = Instant::now();
+    let want = format!(" {} ", mnt.display());
+    while !std::fs::read_to_string("/proc/self/mountinfo")?.contains(&want) {
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(30),
+            "{} did not mount",
+            mnt.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child)
+}
+
+fn open_rw(p: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new().read(true).write(true).open(p)
+}
+
+/// Kill-to-takeover times of `runs` failovers on the datastore at `lun`.
+fn failover(vmfs: &Path, dir: &Path, lun: &str, runs: usize) -> Result<Vec<Duration>> {
+    let (ma, mb) = (dir.join("host-a"), dir.join("host-b"));
+    let mut out = Vec::new();
+    for _ in 0..runs {
+        let mut a = mount_host(vmfs, lun, &ma, "aaaaaaaa-0000-4000-8000-00000000000a")?;
+        let mut held = std::fs::File::create(ma.join("disk"))?;
+        std::io::Write::write_all(&mut held, &[7u8; 1 << 20])?;
+        held.sync_all()?;
+        let mut b = mount_host(vmfs, lun, &mb, "bbbbbbbb-0000-4000-8000-00000000000b")?;
+        a.kill()?;
+        let t = Instant::now();
+        a.wait()?;
+        drop(held);
+        let _ = Command::new("fusermount3")
+            .args(["-u", "-z"])
+            .arg(&ma)
+            .status();
+        let took = loop {
+            match open_rw(&mb.join("disk")) {
+                Ok(_) => break t.elapsed(),
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    anyhow::ensure!(t.elapsed() < Duration::from_secs(60), "no takeover in 60 s");
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => return Err(e).context("open the dead host's file on the survivor"),
+            }
+        };
+        out.push(took);
+        // SAFETY: a plain signal to our own child.
+        unsafe { libc::kill(b.id() as i32, libc::SIGTERM) };
+        b.wait()?;
+    }
+    Ok(out)
+}
+
+fn report_failover(name: &str, lun: &str, dir: &Path, runs: usize) -> Result<()> {
+    let vmfs = std::env::current_exe()?
+        .parent()
+        .context("exe dir")?
+        .join("vmfs");
+    let o = Command::new(&vmfs)
+        .args(["mkfs", "--block-size", "64K", lun])
+        .output()
+        .context("run vmfs mkfs (build the vmfs binary beside this one)")?;
+    anyhow::ensure!(
+        o.status.success(),
+        "mkfs: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let mut v = failover(&vmfs, dir, lun, runs)?;
+    let ms: Vec<String> = v.iter().map(|d| format!("{}", d.as_millis())).collect();
+    println!(
+        "  failover ({name}), kill to takeover: median {} ms, max {} ms over {runs} runs [{}]; goal lease + heartbeat = {} ms",
+        pct(&mut v, 0.5).as_millis(),
+        pct(&mut v, 1.0).as_millis(),
+        ms.join(", "),
+        LEASE_MS + HEARTBEAT_MS
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
-    let rounds: usize = std::env::args()
-        .nth(1)
-        .map(|a| a.parse())
-        .transpose()
-        .context("ROUNDS must be a number")?
-        .unwrap_or(2000);
+    let arg = |n: usize, default: usize| -> Result<usize> {
+        Ok(std::env::args()
+            .nth(n)
+            .map(|a| a.parse())
+            .transpose()
+            .context("ROUNDS and FAILOVERS must be numbers")?
+            .unwrap_or(default))
+    };
+    let (rounds, failovers) = (arg(1, 2000)?, arg(2, 5)?);
     let dir = tempfile_dir()?;
     let path = dir.join("lock.img");
     let f: Arc<dyn Lun> = Arc::new(lun::FileLun::create(&path, 1 << 20)?);
     report("file LUN", &f, rounds)?;
+    drop(f);
+    let ds = dir.join("datastore.img");
+    std::fs::File::create(&ds)?.set_len(256 << 20)?;
+    if failovers > 0 {
+        report_failover("file LUN", ds.to_str().context("path")?, &dir, failovers)?;
+    }
     let img = dir.join("nbd.img");
-    std::fs::File::create(&img)?.set_len(1 << 20)?;
+    std::fs::File::create(&img)?.set_len(256 << 20)?;
     let sock = dir.join("nbd.sock");
     let mut server = std::process::Command::new("qemu-nbd")
         .args(["-f", "raw", "-x", "lock", "-t", "--shared=8", "-k"])
@@ -148,15 +261,18 @@ fn main() -> Result<()> {
     }
     let url = format!("nbd+unix:///lock?socket={}", sock.display());
     let n = lun::open(&url)?;
-    let r = report("NBD (qemu-nbd, UNIX socket)", &n, rounds / 4);
+    let mut r = report("NBD (qemu-nbd, UNIX socket)", &n, rounds / 4);
     drop(n);
+    if r.is_ok() && failovers > 0 {
+        r = report_failover("NBD", &url, &dir, failovers);
+    }
     let _ = server.kill();
     let _ = server.wait();
     let _ = std::fs::remove_dir_all(&dir);
     r
 }
 
-fn tempfile_dir() -> Result<std::path::PathBuf> {
+fn tempfile_dir() -> Result<PathBuf> {
     let d = std::env::temp_dir().join(format!("vmfs-lockbench-{}", std::process::id()));
     std::fs::create_dir_all(&d)?;
     Ok(d)
