@@ -156,3 +156,55 @@ fn unprivileged_write_drops_setid_bits() {
     }
     m.unmount();
 }
+
+/// A read-only handle reads through the page cache; a write handle does
+/// direct I/O. On one host, the reader sees each write at once (the
+/// kernel drops the cached pages a direct write covers), and a write
+/// through a shared mapping of the write handle reaches the reader too.
+#[test]
+fn cached_reader_sees_direct_writes() {
+    use std::os::unix::fs::FileExt;
+    let d = tempfile::tempdir().unwrap();
+    let m = mounted(d.path());
+    let p = m.path.join("f");
+    std::fs::write(&p, vec![1u8; 1 << 20]).unwrap();
+    let r = std::fs::File::open(&p).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    r.read_exact_at(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&b| b == 1));
+    let w = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&p)
+        .unwrap();
+    w.write_all_at(&[2u8; 4096], 8192).unwrap();
+    r.read_exact_at(&mut buf, 0).unwrap();
+    assert!(
+        buf[8192..12288].iter().all(|&b| b == 2),
+        "stale cached page"
+    );
+    assert!(buf[..8192].iter().chain(&buf[12288..]).all(|&b| b == 1));
+    // SAFETY: a shared mapping of 1 MiB of an open file, unmapped below.
+    unsafe {
+        use std::os::fd::AsRawFd;
+        let a = libc::mmap(
+            std::ptr::null_mut(),
+            1 << 20,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            w.as_raw_fd(),
+            0,
+        );
+        assert_ne!(a, libc::MAP_FAILED, "mmap of a write handle");
+        std::ptr::write_bytes((a as *mut u8).add(65536), 3, 4096);
+        assert_eq!(libc::msync(a, 1 << 20, libc::MS_SYNC), 0);
+        libc::munmap(a, 1 << 20);
+    }
+    r.read_exact_at(&mut buf, 0).unwrap();
+    assert!(
+        buf[65536..69632].iter().all(|&b| b == 3),
+        "mmap write not seen"
+    );
+    drop((r, w));
+    m.unmount();
+}
