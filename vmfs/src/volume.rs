@@ -132,7 +132,7 @@ impl Volume {
         Ok(self.luns[i].write_at(buf, o)?)
     }
     /// Hint the extent's LUN that `len` bytes at `off` will be read soon
-    /// (cut at the extent's end: read-ahead need not be exact).
+    /// (callers pass pieces of one file block, which lie in one extent).
     pub fn prefetch(&self, off: u64, len: u64) {
         if let Ok((i, o)) = self.locate(off) {
             self.luns[i].prefetch(o, len)
