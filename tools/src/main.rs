@@ -178,22 +178,32 @@ fn human(n: u64) -> String {
 /// whether each holder is still the live incarnation of its slot.
 fn locks(specs: &[String]) -> Result<()> {
     let luns = open_luns(specs)?;
-    let fs = Fs::open_for_check(luns, false)?;
-    let slots: Vec<_> = fs
-        .vol()
+    // The slots as they are on disk: opening for the check below replays
+    // journals (in memory) and so frees slots in its own view.
+    let slots: Vec<_> = vmfs::volume::Volume::open(luns.clone())?
         .read_slots()?
         .into_iter()
         .map(|(h, _)| h.ok())
         .collect();
+    let fs = Fs::open_for_check(luns, false)?;
     let held = fs.held_locks()?;
     println!(
         "locks by {}",
         vmfs::locking::Method::for_lun(&*fs.vol().luns[0]).describe()
     );
-    if held.is_empty() {
+    let current = |h: &vmfs::locking::Holder| {
+        matches!(slots.get(h.slot as usize).and_then(|s| s.as_ref()),
+            Some(s) if s.generation == h.generation && s.state != vmfs::format::SLOT_FREE)
+    };
+    // A lock whose every holder is gone (its slot recovered or freed since)
+    // is free: counted, not listed.
+    let (live, stale): (Vec<_>, Vec<_>) = held
+        .into_iter()
+        .partition(|(_, rec)| rec.holders.iter().any(current));
+    if live.is_empty() {
         println!("no lock is held");
     }
-    for (what, rec) in held {
+    for (what, rec) in live {
         println!(
             "{what}: {}, lock generation {}",
             rec.mode.name(),
@@ -201,12 +211,10 @@ fn locks(specs: &[String]) -> Result<()> {
         );
         for h in &rec.holders {
             let (who, state) = match slots.get(h.slot as usize).and_then(|s| s.as_ref()) {
-                Some(s) if s.generation == h.generation && s.state != vmfs::format::SLOT_FREE => {
-                    (vmfs::volume::uuid_str(&s.host), "held")
-                }
+                Some(s) if current(h) => (vmfs::volume::uuid_str(&s.host), "held"),
                 Some(s) => (
                     vmfs::volume::uuid_str(&s.host),
-                    "stale: the slot was freed or recovered since (the lock is free)",
+                    "stale: the slot was freed or recovered since (not a holder any more)",
                 ),
                 None => ("?".to_string(), "no such slot"),
             };
@@ -215,6 +223,12 @@ fn locks(specs: &[String]) -> Result<()> {
                 h.slot, h.generation
             );
         }
+    }
+    if !stale.is_empty() {
+        println!(
+            "{} lock sector(s) still name only hosts recovered or gone since: those locks are free",
+            stale.len()
+        );
     }
     fs.abandon();
     Ok(())
