@@ -441,3 +441,106 @@ fn two_hosts_over_iscsi_one_writer() {
     let o = vmfs(&["fsck", &l0, &l1]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
+
+/// Hosts allocate from file-block clusters of their own: two hosts growing
+/// a file each hold different clusters (`vmfs locks`); a host freeing
+/// blocks in a cluster another host holds gets it handed over; a file one
+/// host holds open for writing cannot have its metadata changed elsewhere,
+/// but its size written there is seen elsewhere; fsck is clean and every
+/// lock is free after unmount.
+#[test]
+fn hosts_allocate_from_clusters_of_their_own() {
+    let (_d, lun, ma, mb) = setup();
+    clusters_of_their_own(lun.to_str().unwrap(), &ma, &mb);
+}
+
+#[test]
+fn hosts_allocate_from_clusters_of_their_own_over_nbd() {
+    let (_d, _server, url, ma, mb) = setup_nbd("clusters");
+    clusters_of_their_own(&url, &ma, &mb);
+}
+
+fn clusters_of_their_own(sl: &str, ma: &Path, mb: &Path) {
+    let mut a = mount_fg(sl, ma, A);
+    let mut b = mount_fg(sl, mb, B);
+    // Written by a and closed: its blocks lie in a's cluster.
+    std::fs::write(ma.join("old"), vec![5u8; 1 << 20]).unwrap();
+    let mut fa = std::fs::File::create(ma.join("fa")).unwrap();
+    let mut fb = std::fs::File::create(mb.join("fb")).unwrap();
+    for _ in 0..8 {
+        fa.write_all(&[1u8; 256 << 10]).unwrap();
+        fb.write_all(&[2u8; 256 << 10]).unwrap();
+    }
+    fa.sync_all().unwrap();
+    fb.sync_all().unwrap();
+    let o = vmfs(&["locks", sl]);
+    let t = text(&o);
+    let clusters: Vec<&str> = t
+        .split("file-block cluster")
+        .skip(1)
+        .map(|s| s.lines().nth(1).unwrap_or(""))
+        .collect();
+    assert!(
+        clusters.iter().any(|l| l.contains(A)) && clusters.iter().any(|l| l.contains(B)),
+        "each host should hold a file-block cluster of its own:\n{t}"
+    );
+    // b frees blocks in a cluster a holds: a hands it over.
+    let t0 = Instant::now();
+    std::fs::remove_file(mb.join("old")).unwrap();
+    eprintln!(
+        "unlink needing a cluster the other host held: {:?}",
+        t0.elapsed()
+    );
+    assert!(!ma.join("old").exists());
+    // a's open file: its metadata is a's to change, its size is seen on b.
+    let e = std::fs::set_permissions(
+        mb.join("fa"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EBUSY), "{e}");
+    std::fs::rename(mb.join("fa"), mb.join("fa2")).unwrap();
+    fa.write_all(&[3u8; 100]).unwrap();
+    fa.sync_all().unwrap();
+    let want = 8 * (256 << 10) + 100;
+    let t0 = Instant::now();
+    while std::fs::metadata(mb.join("fa2")).unwrap().len() != want {
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "b does not see the size a wrote"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop((fa, fb));
+    // The kernel answers close before the host has let go of the lock.
+    let t0 = Instant::now();
+    let got = loop {
+        match std::fs::read(mb.join("fa2")) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(3),
+                    "a never let go of fa"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            r => break r.unwrap(),
+        }
+    };
+    assert_eq!(got.len() as u64, want, "a's file read on b");
+    assert!(
+        got[..8 * (256 << 10)].iter().all(|&x| x == 1)
+            && got[8 * (256 << 10)..].iter().all(|&x| x == 3)
+    );
+    for (c, m) in [(&mut a, ma), (&mut b, mb)] {
+        signal(c, libc::SIGTERM);
+        assert!(
+            c.wait().unwrap().success(),
+            "host on {} failed",
+            m.display()
+        );
+    }
+    let o = vmfs(&["fsck", sl]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = vmfs(&["locks", sl]);
+    assert!(text(&o).contains("no lock is held"), "{}", text(&o));
+}

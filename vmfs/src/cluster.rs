@@ -660,6 +660,15 @@ impl Member {
         self.change(|hs| hs.wants = v, false)
     }
 
+    /// Say in this host's slot which file-block cluster it waits for (0:
+    /// none); a hint its holder acts on.
+    pub fn set_want_cluster(&self, addr: u64) -> Result<()> {
+        if self.slot_state().want_cluster == addr {
+            return Ok(());
+        }
+        self.change(|hs| hs.want_cluster = addr, false)
+    }
+
     /// Write this host's Disk Paxos ballot block (in its heartbeat sector).
     /// Not flushed: other hosts read the LUN, and a ballot need not
     /// survive a power loss (every holder's slot is recovered after one).

@@ -31,6 +31,16 @@ pub enum FsError {
     NoSpace(String),
     #[error("{0}")]
     Posix(i32, String),
+    /// A change that an operation running without the volume lock may not
+    /// make (it touches metadata that lock guards): the operation is run
+    /// again under it. Never leaves the filesystem crate.
+    #[error("this change needs the volume lock")]
+    NeedVolumeLock,
+    /// A file-block cluster another host holds must be given back before the
+    /// operation can free into it or allocate from it: the operation waits
+    /// for it and runs again. Never leaves the filesystem crate.
+    #[error("file-block cluster {addr:#x} is held by the host in slot {slot}")]
+    ClusterBusy { addr: u64, slot: u32 },
 }
 
 impl FsError {

@@ -31,7 +31,11 @@ pub const JOURNAL_DEFAULT_BLOCKS: u32 = 4096;
 pub const JOURNAL_MIN_BLOCKS: u32 = 256;
 pub const JOURNAL_MAX_BLOCKS: u32 = 1 << 20;
 /// File blocks covered by one file-block cluster (its bitmap is 2 KiB).
+/// Blocks one file-block cluster covers at most (its bitmap fills its
+/// block); volumes made before the header said otherwise use exactly this.
 pub const FBC_BLOCKS: u64 = 16384;
+/// Fewest blocks a file-block cluster covers (mkfs's choice).
+pub const FBC_BLOCKS_MIN: u64 = 512;
 pub const RT_ENTRIES: usize = 440;
 /// Pointers in a pointer block.
 pub const PB_PTRS: usize = 504;
@@ -205,6 +209,11 @@ pub struct VolumeHeader {
     pub rt_blocks: u32,
     /// Size of each host's journal in 4 KiB blocks (superblock included).
     pub journal_blocks: u32,
+    /// Blocks each file-block cluster covers (the last of an extent may
+    /// cover fewer); each cluster is locked on its own, so hosts allocate
+    /// from different ones. Stored as 0 by volumes made before the field:
+    /// read as [`FBC_BLOCKS`].
+    pub fbc_blocks: u32,
     pub extents: Vec<ExtentEntry>,
     /// Per extent, the LUN URL it was given as (a hint for hosts that must
     /// open an extent another host added; "" when unknown).
@@ -236,6 +245,7 @@ impl VolumeHeader {
         put64(&mut b, 168, self.rt_off);
         put32(&mut b, 176, self.rt_blocks);
         put32(&mut b, 180, self.journal_blocks);
+        put32(&mut b, 184, self.fbc_blocks);
         for (i, e) in self.extents.iter().enumerate() {
             let o = VH_EXTENTS + i * VH_EXTENT_SIZE;
             b[o..o + 16].copy_from_slice(&e.uuid);
@@ -307,6 +317,15 @@ impl VolumeHeader {
                 "journal size {journal_blocks} blocks out of range {JOURNAL_MIN_BLOCKS}..={JOURNAL_MAX_BLOCKS}"
             ));
         }
+        let fbc_blocks = match get32(b, 184) {
+            0 => FBC_BLOCKS as u32,
+            n => n,
+        };
+        if fbc_blocks % 8 != 0 || !(8..=FBC_BLOCKS as u32).contains(&fbc_blocks) {
+            return Err(format!(
+                "{fbc_blocks} blocks per file-block cluster: must be a multiple of 8 in 8..={FBC_BLOCKS}"
+            ));
+        }
         let mut extents = Vec::with_capacity(count);
         let mut next_first = 0u64;
         for i in 0..count {
@@ -371,6 +390,7 @@ impl VolumeHeader {
             rt_off: get64(b, 168),
             rt_blocks: get32(b, 176),
             journal_blocks,
+            fbc_blocks,
             extents,
         })
     }
@@ -686,6 +706,7 @@ mod tests {
             rt_off: 40960,
             rt_blocks: 64,
             journal_blocks: 4096,
+            fbc_blocks: 512,
             urls: vec!["/dev/sdb".into(), "nbd://h/e".into()],
             extents: vec![
                 ExtentEntry {
@@ -809,6 +830,10 @@ pub struct HostSlot {
     /// it gives the lock back after its current operation; a holder that
     /// sees no waiter keeps it (a hint for speed, never for safety).
     pub wants: u32,
+    /// 4K address of the file-block cluster this host waits for (0: none):
+    /// its holder gives it back at its next chance (a hint for speed; the
+    /// cluster's lock sector decides).
+    pub want_cluster: u64,
 }
 
 /// Offset of the ballot block in a heartbeat sector.
@@ -827,6 +852,7 @@ impl HostSlot {
         put64(&mut b, 72, self.journal);
         put32(&mut b, 80, self.journal_blocks);
         put32(&mut b, 84, self.wants);
+        put64(&mut b, 88, self.want_cluster);
         b[SLOT_BALLOT_OFF..SLOT_BALLOT_OFF + locking::DBLOCK_LEN]
             .copy_from_slice(&self.ballot.encode());
         seal(&mut b);
@@ -853,6 +879,7 @@ impl HostSlot {
                 &b[SLOT_BALLOT_OFF..SLOT_BALLOT_OFF + locking::DBLOCK_LEN],
             ),
             wants: get32(b, 84),
+            want_cluster: get64(b, 88),
         };
         if s.state > SLOT_REPLAYING {
             return Err(format!("unknown slot state {}", s.state));

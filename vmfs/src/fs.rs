@@ -34,6 +34,8 @@ pub struct State {
     alloc_stale: bool,
     /// File locks this host holds on disk: descriptor -> its opens.
     flocks: HashMap<u64, FileLock>,
+    /// Cluster mode: this host as a lock holder.
+    me: Option<locking::Holder>,
 }
 
 /// This host's opens of one file, and the on-disk lock mode they need.
@@ -256,6 +258,16 @@ pub struct Usage {
     pub fds_free: u64,
 }
 
+/// The holder of a descriptor block's lock (its first sector) when that is
+/// a host other than `me` holding it exclusively.
+fn exclusive_elsewhere(block: &[u8], me: locking::Holder) -> Option<locking::Holder> {
+    let rec = locking::LockRec::decode(&block[..LOCK_SECTOR]).ok()?;
+    (rec.mode == locking::Mode::Exclusive)
+        .then(|| rec.holders.first().copied())
+        .flatten()
+        .filter(|h| *h != me)
+}
+
 impl State {
     // ------------------------------------------------------------ inodes
 
@@ -263,7 +275,17 @@ impl State {
         if addr == 0 || addr & !PTR_ADDR_MASK != 0 {
             return Err(posix(libc::ENOENT));
         }
-        let b = self.meta.get(vol, addr, MAGIC_FD)?;
+        let mut b = self.meta.get(vol, addr, MAGIC_FD)?;
+        let fresh;
+        if self
+            .me
+            .is_some_and(|me| exclusive_elsewhere(b, me).is_some())
+        {
+            // Another host holds this file alone and changes its descriptor
+            // without the volume lock: what is cached may be old.
+            fresh = self.meta.read_fresh(vol, addr, MAGIC_FD)?;
+            b = &fresh;
+        }
         let body = &b[LOCK_SECTOR..];
         if get32(body, 32) == 0 {
             return Err(posix(libc::ENOENT)); // a freed descriptor
@@ -287,9 +309,35 @@ impl State {
                 ino.addr, ino.size
             )));
         }
+        if let Some(me) = self.me {
+            let b = self.meta.get(vol, ino.addr, MAGIC_FD)?;
+            if let Some(h) = exclusive_elsewhere(b, me) {
+                let table = crate::cluster::slot_table(vol)?;
+                if crate::cluster::is_current(&table, &h) {
+                    return Err(FsError::Busy(format!(
+                        "file descriptor {:#x} is open for writing by the host in slot {} (generation {}): its metadata cannot change elsewhere until that host closes it",
+                        ino.addr, h.slot, h.generation
+                    )));
+                }
+            }
+        }
         let b = self.meta.get_mut(vol, ino.addr, MAGIC_FD)?;
         ino.encode(&mut b[LOCK_SECTOR..]);
         Ok(())
+    }
+
+    /// Write back a renamed file's descriptor (its new ctime), except when
+    /// another host holds the file open alone: its descriptor is that
+    /// host's to change, and rename need not touch it (POSIX leaves the
+    /// ctime update to the implementation), so the rename goes ahead.
+    fn iput_renamed(&mut self, vol: &Volume, ino: &Inode) -> Result<()> {
+        if let Some(me) = self.me {
+            let b = self.meta.get(vol, ino.addr, MAGIC_FD)?;
+            if exclusive_elsewhere(b, me).is_some() {
+                return Ok(());
+            }
+        }
+        self.iput(vol, ino)
     }
 
     fn ialloc(&mut self, vol: &Volume, mode: u32, uid: u32, gid: u32) -> Result<Inode> {
@@ -1340,6 +1388,11 @@ impl Fs {
             dead,
         } = joined;
         let slot = member.slot;
+        {
+            let mut st = fs.lock();
+            st.me = Some(member.holder());
+            st.alloc.locks = Some(crate::alloc::Locks::new(member.holder()));
+        }
         let _ = fs.member.set(member);
         let _ = fs.shared.set(Shared {
             vlock,
@@ -1470,6 +1523,7 @@ impl Fs {
                 cache_gen: None,
                 alloc_stale: false,
                 flocks: HashMap::new(),
+                me: None,
             }),
             data_locks: Mutex::new(HashMap::new()),
             slot: std::sync::atomic::AtomicU32::new(u32::MAX),
@@ -1640,6 +1694,7 @@ impl Fs {
                 locking::release_under_volume_lock(&*lun, off, me)?;
             }
             st.flocks.clear();
+            st.alloc.release_all(&self.vol())?;
             self.vl_leave(&mut st, true)?;
         }
         st.meta.checkpoint(&self.vol())?;
@@ -1902,7 +1957,7 @@ impl Fs {
         self.sync()
     }
 
-    /// Every lock that is not free: the volume lock, then file descriptors
+    /// Every lock that is not free: the volume lock, file-block clusters, then file descriptors
     /// (object, its 4K address or 0, the lock as on disk). Holders may be
     /// stale (their slot recovered since): the caller judges them.
     pub fn held_locks(&self) -> Result<Vec<(String, locking::LockRec)>> {
@@ -1910,6 +1965,14 @@ impl Fs {
         let vl = locking::read_lock(&*self.vol().luns[0], self.vol().header.rt_off)?;
         if !vl.holders.is_empty() {
             out.push(("volume lock".to_string(), vl));
+        }
+        let fbcs: Vec<u64> = self.lock().alloc.fbc.iter().map(|c| c.addr).collect();
+        for a in fbcs {
+            let (lun, off) = self.lock_sector(a)?;
+            let rec = locking::read_lock(&*lun, off)?;
+            if !rec.holders.is_empty() {
+                out.push((format!("file-block cluster {a:#x}"), rec));
+            }
         }
         for a in self.allocated_fds()? {
             let (lun, off) = self.lock_sector(a)?;
@@ -1949,14 +2012,170 @@ impl Fs {
     }
 
     /// Run `f` as one transaction: commit on success, nothing written on
-    /// error. In cluster mode, under the volume lock.
-    pub fn op<R>(&self, f: impl FnOnce(&mut State, &Volume) -> Result<R>) -> Result<R> {
-        let mut st = self.lock_with_volume_lock()?;
-        let r = self.op_locked(&mut st, f);
-        let left = self.vl_leave(&mut st, false);
-        let r = r?;
-        left?;
-        Ok(r)
+    /// error. In cluster mode, under the volume lock; when `f` must change a
+    /// file-block cluster another host holds, nothing is written, this host
+    /// asks for the cluster, waits until it is given back, and runs `f` again.
+    pub fn op<R>(&self, mut f: impl FnMut(&mut State, &Volume) -> Result<R>) -> Result<R> {
+        loop {
+            let mut st = self.lock_with_volume_lock()?;
+            match self.op_locked(&mut st, &mut f) {
+                Err(FsError::ClusterBusy { addr, slot }) => {
+                    // Its holder needs the volume lock to give it back.
+                    self.vl_leave(&mut st, true)?;
+                    drop(st);
+                    self.wait_for_cluster(addr, slot)?;
+                }
+                r => {
+                    let left = self.vl_leave(&mut st, false);
+                    let r = r?;
+                    left?;
+                    return Ok(r);
+                }
+            }
+        }
+    }
+
+    /// Wait until no live host other than this one holds file-block cluster
+    /// `addr` (first seen held by the host in `slot`), asking for it in this
+    /// host's heartbeat slot meanwhile.
+    fn wait_for_cluster(&self, addr: u64, slot: u32) -> Result<()> {
+        let Some(m) = self.member.get() else {
+            return Ok(());
+        };
+        let me = m.holder();
+        let (lun, off) = crate::alloc::lock_sector(&self.vol(), addr)?;
+        m.set_want_cluster(addr)?;
+        let start = std::time::Instant::now();
+        let mut said = false;
+        let mut pause = std::time::Duration::from_micros(200);
+        let r = loop {
+            if let Err(e) = m.check_lease() {
+                break Err(e);
+            }
+            let rec = match locking::read_lock(&*lun, off) {
+                Ok(r) => r,
+                Err(e) => break Err(e.into()),
+            };
+            let current = self.current_holders(me);
+            if !rec.holders.iter().any(|h| *h != me && current(h)) {
+                break Ok(());
+            }
+            if !said && start.elapsed() > m.timeouts.lease {
+                said = true;
+                tracing::warn!(
+                    "waiting for file-block cluster {addr:#x}: held by {} for more than {} ms",
+                    rec.holders
+                        .first()
+                        .map(|h| self.describe_holder(h))
+                        .unwrap_or_else(|| format!("the host in slot {slot}")),
+                    m.timeouts.lease.as_millis()
+                );
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(std::time::Duration::from_millis(5));
+        };
+        if said {
+            tracing::info!(
+                "got file-block cluster {addr:#x} after {} ms",
+                start.elapsed().as_millis()
+            );
+        }
+        let cleared = m.set_want_cluster(0);
+        r?;
+        cleared
+    }
+
+    /// Run `f` on file `ino` as one transaction. When this host holds the
+    /// file open alone (its exclusive lock) and does not hold the volume
+    /// lock, `f` first runs without it: nobody else may change the file's
+    /// descriptor and pointer blocks, and file blocks come from clusters
+    /// this host holds. If `f` needs more (a resource cluster, a cluster
+    /// not held, any other block), nothing is written and `f` runs again
+    /// under the volume lock ([`Fs::op`]).
+    fn file_op<R>(
+        &self,
+        ino: u64,
+        mut f: impl FnMut(&mut State, &Volume) -> Result<R>,
+    ) -> Result<R> {
+        if let (Some(_), Some(m)) = (self.shared.get(), self.member.get()) {
+            let mut st = self.lock();
+            if st.vl_held.is_none() && Self::holds_alone(&st, ino) {
+                m.check_lease()?;
+                let vol = self.vol();
+                st.alloc.begin_op(false);
+                let r = f(&mut st, &vol);
+                let own = r.is_ok() && Self::staged_only_own(&st, ino);
+                match r {
+                    Ok(r) if own => match st.meta.commit(&vol) {
+                        Ok(()) => return Ok(r),
+                        Err(e) => {
+                            st.meta.clear();
+                            Self::reload_after_failure(&mut st, &vol);
+                            return Err(e);
+                        }
+                    },
+                    Err(e) if !matches!(e, FsError::NeedVolumeLock) => {
+                        let touched = !st.meta.txn.blocks.is_empty();
+                        st.meta.abort();
+                        if touched {
+                            Self::reload_after_failure(&mut st, &vol);
+                        }
+                        return Err(e);
+                    }
+                    _ => {
+                        let touched = !st.meta.txn.blocks.is_empty();
+                        st.meta.abort();
+                        if touched {
+                            Self::reload_after_failure(&mut st, &vol);
+                        }
+                    }
+                }
+            }
+        }
+        self.op(f)
+    }
+
+    /// Whether this host holds file `ino` open alone (exclusive lock).
+    fn holds_alone(st: &State, ino: u64) -> bool {
+        st.flocks
+            .get(&ino)
+            .is_some_and(|l| l.mode == locking::Mode::Exclusive)
+    }
+
+    /// Whether the running transaction changes only what this host owns
+    /// while it holds file `ino` alone: the file's descriptor, pointer
+    /// blocks (reached only through that descriptor) and file-block
+    /// clusters whose lock it holds.
+    fn staged_only_own(st: &State, ino: u64) -> bool {
+        let held = st.alloc.locks.as_ref().map(|l| &l.held);
+        st.meta
+            .txn
+            .blocks
+            .iter()
+            .all(|(&a, (magic, _))| match *magic {
+                MAGIC_FD => a == ino,
+                MAGIC_PTR => true,
+                MAGIC_FBC => held.is_some_and(|h| h.contains(&a)),
+                _ => false,
+            })
+    }
+
+    /// [`Fs::read_op`] for reads of file `ino`: without looking at the
+    /// volume lock when this host holds the file alone (nobody else changes
+    /// its metadata then), so its I/O never waits for other hosts.
+    fn file_read_op<R>(
+        &self,
+        ino: u64,
+        f: impl FnMut(&mut State, &Volume) -> Result<R>,
+    ) -> Result<R> {
+        if self.shared.get().is_some() {
+            let mut st = self.lock();
+            if Self::holds_alone(&st, ino) {
+                let mut f = f;
+                return f(&mut st, &self.vol());
+            }
+        }
+        self.read_op(f)
     }
 
     fn op_locked<R>(
@@ -1964,6 +2183,7 @@ impl Fs {
         st: &mut State,
         f: impl FnOnce(&mut State, &Volume) -> Result<R>,
     ) -> Result<R> {
+        st.alloc.begin_op(true);
         match f(st, &self.vol()) {
             Ok(r) => match st.meta.commit(&self.vol()) {
                 Ok(()) => Ok(r),
@@ -2060,9 +2280,7 @@ impl Fs {
                     st.cache_gen = Some(generation);
                     m.set_wants(false)?;
                     if st.alloc_stale && load_alloc {
-                        let mut a = Alloc::load(&self.vol(), &mut st.meta)?;
-                        a.keep_hints(&st.alloc);
-                        st.alloc = a;
+                        st.alloc = Alloc::reload(&self.vol(), &mut st.meta, &st.alloc)?;
                         st.alloc_stale = false;
                     }
                     wait.got();
@@ -2115,6 +2333,11 @@ impl Fs {
         {
             return Ok(());
         }
+        if !watched {
+            // Nobody here would hand a file-block cluster to a host asking
+            // for it: hold none between operations.
+            st.alloc.release_all(&self.vol())?;
+        }
         // A failed commit keeps the lock: what is on disk is uncertain,
         // and only a replay of this host's journal may fix it.
         st.meta.checkpoint(&self.vol())?;
@@ -2135,13 +2358,50 @@ impl Fs {
     }
 
     /// Called between operations: if this host holds the volume lock while
-    /// another waits for it, commit, checkpoint and give it back.
+    /// another waits for it, commit, checkpoint and give it back; give every
+    /// file-block cluster another host asks for back (under the volume lock,
+    /// after a checkpoint).
     pub fn yield_if_wanted(&self) -> Result<()> {
         let (Some(sh), Some(m)) = (self.shared.get(), self.member.get()) else {
             return Ok(());
         };
         if !sh.contended.load(std::sync::atomic::Ordering::SeqCst) || m.lease.is_fenced() {
             return Ok(());
+        }
+        let held: Vec<u64> = {
+            let st = self.lock();
+            st.alloc
+                .locks
+                .as_ref()
+                .map(|l| l.held.iter().copied().collect())
+                .unwrap_or_default()
+        };
+        if !held.is_empty() {
+            let table = crate::cluster::slot_table(&self.vol())?;
+            let wanted: Vec<u64> = table
+                .iter()
+                .enumerate()
+                .filter(|(i, h)| {
+                    *i as u32 != m.slot
+                        && h.state == crate::format::SLOT_LIVE
+                        && held.contains(&h.want_cluster)
+                })
+                .map(|(_, h)| h.want_cluster)
+                .collect();
+            if !wanted.is_empty() {
+                let mut st = self.lock_with_volume_lock()?;
+                let vol = self.vol();
+                let r = wanted
+                    .iter()
+                    .try_for_each(|&a| st.alloc.yield_cluster(&vol, a));
+                let left = self.vl_leave(&mut st, true);
+                r?;
+                left?;
+                for a in wanted {
+                    tracing::debug!("gave file-block cluster {a:#x} to a host that waits for it");
+                }
+                return Ok(());
+            }
         }
         let mut st = self.lock();
         if st.vl_held.is_some() && st.vl_since.elapsed() >= LOCK_QUANTUM && self.others_want(m.slot)
@@ -2250,7 +2510,10 @@ impl Fs {
 
     fn reload_after_failure(st: &mut State, vol: &Volume) {
         match Alloc::load(vol, &mut st.meta) {
-            Ok(a) => st.alloc = a,
+            Ok(mut a) => {
+                a.keep_hints(&st.alloc);
+                st.alloc = a;
+            }
             Err(e) => tracing::error!("reloading allocation state after a failed operation: {e}"),
         }
     }
@@ -2551,8 +2814,8 @@ impl Fs {
                 }
                 src.ctime = t;
                 other.ctime = t;
-                st.iput(vol, &src)?;
-                st.iput(vol, &other)?;
+                st.iput_renamed(vol, &src)?;
+                st.iput_renamed(vol, &other)?;
             } else {
                 if let Some(x) = &existing {
                     let mut victim = st.iget(vol, x.fd)?;
@@ -2587,7 +2850,7 @@ impl Fs {
                     st.set_dotdot(vol, &mut src, ndir)?;
                 }
                 src.ctime = t;
-                st.iput(vol, &src)?;
+                st.iput_renamed(vol, &src)?;
             }
             if ndir != pdir {
                 src_dir.mtime = t;
@@ -2928,7 +3191,7 @@ impl Fs {
     fn read_into_stored(&self, ino: u64, off: u64, buf: &mut [u8]) -> Result<usize> {
         let lock = self.data_lock(ino);
         let _g = lock.read().unwrap_or_else(|p| p.into_inner());
-        let (n, segs) = self.read_op(|st, vol| {
+        let (n, segs) = self.file_read_op(ino, |st, vol| {
             let i = st.iget(vol, ino)?;
             if i.is_dir() {
                 return Err(posix(libc::EISDIR));
@@ -2971,7 +3234,7 @@ impl Fs {
             if let Some(i) = unchanged {
                 return Ok(i);
             }
-            return self.op(|st, vol| {
+            return self.file_op(ino, |st, vol| {
                 let mut i = st.iget(vol, ino)?;
                 i.size = i.size.max(off + data.len() as u64);
                 let t = now();
@@ -2981,7 +3244,7 @@ impl Fs {
                 Ok(i)
             });
         }
-        self.op(|st, vol| {
+        self.file_op(ino, |st, vol| {
             let mut i = st.iget(vol, ino)?;
             st.write_locked(vol, &mut i, off, data)?;
             let t = now();
@@ -3006,7 +3269,7 @@ impl Fs {
         let end = off
             .checked_add(len as u64)
             .ok_or_else(|| posix(libc::EFBIG))?;
-        self.read_op(|st, vol| {
+        self.file_read_op(ino, |st, vol| {
             let i = st.iget(vol, ino)?;
             if i.is_dir() {
                 return Err(posix(libc::EISDIR));
@@ -3059,7 +3322,7 @@ impl Fs {
         }
         let lock = self.data_lock(ino);
         let _g = lock.write().unwrap_or_else(|p| p.into_inner());
-        self.op(|st, vol| {
+        self.file_op(ino, |st, vol| {
             let mut i = st.iget(vol, ino)?;
             if i.is_dir() {
                 return Err(posix(libc::EISDIR));
@@ -3127,7 +3390,9 @@ impl Fs {
     pub fn reload_alloc(&self) -> Result<()> {
         let mut st = self.lock();
         st.meta.clear();
-        st.alloc = Alloc::load(&self.vol(), &mut st.meta)?;
+        let mut a = Alloc::load(&self.vol(), &mut st.meta)?;
+        a.keep_hints(&st.alloc);
+        st.alloc = a;
         Ok(())
     }
 

@@ -104,6 +104,40 @@ impl Meta {
         Ok(&self.cache[&addr])
     }
 
+    /// Drop a clean cached copy of a block (another host may have changed it).
+    pub fn uncache(&mut self, addr: u64) {
+        self.cache.remove(&addr);
+    }
+
+    /// The block as this host sees it (staged, committed, else read from
+    /// disk now, past the cache, and not cached): for blocks other hosts
+    /// may be rewriting, so a copy that fails its checksum is read again a
+    /// few times (a torn read) before it counts as damaged.
+    pub fn read_fresh(&mut self, vol: &Volume, addr: u64, magic: u32) -> Result<Vec<u8>> {
+        for staged in [&self.txn.blocks, &self.dirty] {
+            if let Some((m, b)) = staged.get(&addr) {
+                if *m != magic {
+                    return Err(Self::wrong_type(vol, addr, magic, *m));
+                }
+                return Ok(b.clone());
+            }
+        }
+        let mut b = vec![0u8; MD];
+        let mut tries = 0;
+        loop {
+            vol.read(addr * MD as u64, &mut b)?;
+            self.reads += 1;
+            match Self::verify(vol, addr, magic, &b) {
+                Ok(()) => return Ok(b),
+                Err(_) if tries < locking::TORN_READ_RETRIES => {
+                    tries += 1;
+                    locking::torn_read_pause(tries);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Stage the block for change and return it (the whole 4 KiB).
     pub fn get_mut(&mut self, vol: &Volume, addr: u64, magic: u32) -> Result<&mut Vec<u8>> {
         if !self.txn.blocks.contains_key(&addr) {

@@ -21,6 +21,20 @@ pub struct MkfsOptions {
     /// Each host's journal, in 4 KiB blocks; 0 = 16 MiB, or 1/32 of a
     /// small volume (at least 1 MiB).
     pub journal_blocks: u32,
+    /// Blocks per file-block cluster; 0 = chosen from the first LUN's size
+    /// (see [`fbc_blocks_for`]).
+    pub fbc_blocks: u32,
+}
+
+/// Blocks per file-block cluster for a volume whose first extent has
+/// `nblocks` blocks: about 64 clusters per extent, so that hosts each
+/// allocate from clusters of their own (every cluster has its own lock),
+/// between [`FBC_BLOCKS_MIN`] and [`FBC_BLOCKS`] (a bitmap filling its
+/// block). A 1 TiB LUN of 1 MiB blocks gets clusters of 16384 blocks.
+pub fn fbc_blocks_for(nblocks: u64) -> u32 {
+    let want = (nblocks / 64).max(1);
+    let pow2 = 1u64 << (63 - want.leading_zeros());
+    pow2.clamp(FBC_BLOCKS_MIN, FBC_BLOCKS) as u32
 }
 
 impl Default for MkfsOptions {
@@ -31,6 +45,7 @@ impl Default for MkfsOptions {
             max_hosts: 64,
             rt_blocks: 64,
             journal_blocks: 0,
+            fbc_blocks: 0,
         }
     }
 }
@@ -77,7 +92,7 @@ fn plan_extent(
     } else {
         MD as u64
     };
-    let fbc_count = ceil_div(nblocks.max(1), FBC_BLOCKS);
+    let fbc_count = ceil_div(nblocks.max(1), u64::from(opts.fbc_blocks));
     let meta_blocks = ceil_div(fbc_off + fbc_count * MD as u64, bs);
     if nblocks < meta_blocks + 2 {
         return Err(FsError::Extent {
@@ -103,6 +118,10 @@ fn plan_extent(
 impl Volume {
     pub fn block_size(&self) -> u64 {
         u64::from(self.header.block_size)
+    }
+    /// Blocks per file-block cluster.
+    pub fn fbc_blocks(&self) -> u64 {
+        u64::from(self.header.fbc_blocks)
     }
     pub fn blocks_per_4k(&self) -> u64 {
         self.block_size() / MD as u64
@@ -270,6 +289,17 @@ impl Volume {
                 return Err(FsError::Invalid(format!("{} is given twice", l.name())));
             }
         }
+        let mut opts = opts.clone();
+        if opts.fbc_blocks == 0 {
+            opts.fbc_blocks = fbc_blocks_for(luns[0].size() / u64::from(opts.block_size));
+        }
+        if opts.fbc_blocks % 8 != 0 || !(8..=FBC_BLOCKS).contains(&u64::from(opts.fbc_blocks)) {
+            return Err(FsError::Invalid(format!(
+                "{} blocks per file-block cluster: must be a multiple of 8 in 8..={FBC_BLOCKS}",
+                opts.fbc_blocks
+            )));
+        }
+        let opts = &opts;
         let mut extents = Vec::new();
         let mut first = 0;
         for (i, l) in luns.iter().enumerate() {
@@ -295,6 +325,7 @@ impl Volume {
                 + (u64::from(opts.max_hosts) * LOCK_SECTOR as u64).next_multiple_of(MD as u64),
             rt_blocks: opts.rt_blocks,
             journal_blocks: opts.journal_blocks,
+            fbc_blocks: opts.fbc_blocks,
             urls: luns.iter().map(|l| url_hint(l.name())).collect(),
             extents,
         };
@@ -329,20 +360,21 @@ impl Volume {
     fn write_fbcs(&self, i: usize) -> Result<()> {
         let e = self.header.extents[i];
         let base = self.extent_addr(i);
-        let n = ceil_div(e.nblocks, FBC_BLOCKS);
+        let per = self.fbc_blocks();
+        let n = ceil_div(e.nblocks, per);
         let mut area = vec![0u8; n as usize * MD];
         for k in 0..n {
             let b = &mut area[k as usize * MD..(k as usize + 1) * MD];
             let addr = base + u64::from(e.fbc_off) / MD as u64 + k;
             let body = &mut b[LOCK_SECTOR..];
             init_body(body, MAGIC_FBC, addr, 0);
-            let first = e.first_block + k * FBC_BLOCKS;
-            let count = (e.nblocks - k * FBC_BLOCKS).min(FBC_BLOCKS);
+            let first = e.first_block + k * per;
+            let count = (e.nblocks - k * per).min(per);
             put64(body, CL_FIRST, first);
             put32(body, CL_COUNT, count as u32);
             let mut used = 0;
             for j in 0..count {
-                if k * FBC_BLOCKS + j < u64::from(e.meta_blocks) {
+                if k * per + j < u64::from(e.meta_blocks) {
                     bit_set(&mut body[CL_BITMAP..], j as usize, true);
                     used += 1;
                 }
@@ -495,6 +527,7 @@ impl Volume {
             block_size: self.header.block_size,
             max_hosts: self.header.max_hosts,
             rt_blocks: self.header.rt_blocks,
+            fbc_blocks: self.header.fbc_blocks,
             ..Default::default()
         };
         let e = plan_extent(i, self.header.total_blocks(), new.size(), &opts, new.name())?;
