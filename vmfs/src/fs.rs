@@ -2389,7 +2389,12 @@ impl Fs {
                 .map(|(_, h)| h.want_cluster)
                 .collect();
             if !wanted.is_empty() {
-                let mut st = self.lock_with_volume_lock()?;
+                // One try: this thread also recovers dead hosts, one of
+                // which may be what holds the volume lock. Next tick again.
+                let mut st = self.lock();
+                if !self.vl_take(&mut st, &[], true, false)? {
+                    return Ok(());
+                }
                 let vol = self.vol();
                 let r = wanted
                     .iter()
