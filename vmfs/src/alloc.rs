@@ -35,9 +35,9 @@ fn take_bit(
     count: u32,
     key: impl Fn(usize) -> u64,
 ) -> Result<Option<(usize, u32)>> {
+    meta.get(vol, addr, magic)?; // read and verified
     let found = {
-        // A copy: the search asks `meta` about pending frees as it goes.
-        let body = meta.get(vol, addr, magic)?[LOCK_SECTOR..].to_vec();
+        let body = &meta.peek(addr).expect("brought in above")[LOCK_SECTOR..];
         let (n, mut j) = (count as usize, 0);
         loop {
             if j >= n {
@@ -123,13 +123,6 @@ pub struct Alloc {
     pub locks: Option<Locks>,
 }
 
-/// The LUN and byte offset of the lock sector of the cluster block at 4K
-/// address `addr`.
-pub fn lock_sector(vol: &Volume, addr: u64) -> Result<(std::sync::Arc<dyn lun::Lun>, u64)> {
-    let (i, off) = vol.locate(addr * MD as u64)?;
-    Ok((vol.luns[i].clone(), off))
-}
-
 impl Alloc {
     /// Read every cluster summary. Verifies every allocation block it reads.
     pub fn load(vol: &Volume, meta: &mut Meta) -> Result<Alloc> {
@@ -145,14 +138,8 @@ impl Alloc {
     /// fail it) unless an extent was added; the resource clusters, which
     /// only the volume lock guards, are re-read.
     pub fn reload(vol: &Volume, meta: &mut Meta, old: &Alloc) -> Result<Alloc> {
-        let per = vol.fbc_blocks();
-        let fbcs: u64 = vol
-            .header
-            .extents
-            .iter()
-            .map(|e| e.nblocks.div_ceil(per))
-            .sum();
-        if old.locks.is_none() || fbcs != old.fbc.len() as u64 {
+        let covered = old.fbc.last().map(|c| c.first + u64::from(c.count));
+        if old.locks.is_none() || covered != Some(vol.header.total_blocks()) {
             let mut a = Alloc::load(vol, meta)?;
             a.keep_hints(old);
             return Ok(a);
@@ -441,7 +428,7 @@ impl Alloc {
         }
         self.need_volume_lock()?;
         let me = l.me;
-        let (lun, off) = lock_sector(vol, addr)?;
+        let (lun, off) = vol.lock_sector(addr)?;
         let rec = locking::read_lock(&*lun, off)?;
         let table = self.slots(vol)?;
         let other = rec
@@ -471,7 +458,7 @@ impl Alloc {
     ) -> Result<std::result::Result<(), u32>> {
         let addr = self.fbc[ci].addr;
         let me = self.locks.as_ref().expect("cluster mode").me;
-        let (lun, off) = lock_sector(vol, addr)?;
+        let (lun, off) = vol.lock_sector(addr)?;
         let table = self.slots(vol)?;
         let members = |h: &locking::Holder| *h == me || crate::cluster::is_current(table, h);
         if let Err(rec) =
@@ -512,7 +499,7 @@ impl Alloc {
             return Ok(());
         }
         let me = l.me;
-        let (lun, off) = lock_sector(vol, addr)?;
+        let (lun, off) = vol.lock_sector(addr)?;
         locking::release_under_volume_lock(&*lun, off, me)?;
         self.locks
             .as_mut()

@@ -36,6 +36,16 @@ pub const JOURNAL_MAX_BLOCKS: u32 = 1 << 20;
 pub const FBC_BLOCKS: u64 = 16384;
 /// Fewest blocks a file-block cluster covers (mkfs's choice).
 pub const FBC_BLOCKS_MIN: u64 = 512;
+
+/// Whether `n` blocks per file-block cluster is a size the format allows.
+pub fn check_fbc_blocks(n: u32) -> std::result::Result<(), String> {
+    if n % 8 != 0 || !(8..=FBC_BLOCKS).contains(&u64::from(n)) {
+        return Err(format!(
+            "{n} blocks per file-block cluster: must be a multiple of 8 in 8..={FBC_BLOCKS}"
+        ));
+    }
+    Ok(())
+}
 pub const RT_ENTRIES: usize = 440;
 /// Pointers in a pointer block.
 pub const PB_PTRS: usize = 504;
@@ -321,11 +331,7 @@ impl VolumeHeader {
             0 => FBC_BLOCKS as u32,
             n => n,
         };
-        if fbc_blocks % 8 != 0 || !(8..=FBC_BLOCKS as u32).contains(&fbc_blocks) {
-            return Err(format!(
-                "{fbc_blocks} blocks per file-block cluster: must be a multiple of 8 in 8..={FBC_BLOCKS}"
-            ));
-        }
+        check_fbc_blocks(fbc_blocks)?;
         let mut extents = Vec::with_capacity(count);
         let mut next_first = 0u64;
         for i in 0..count {

@@ -1618,7 +1618,7 @@ impl Fs {
                 Ok(mut i) if i.nlink == 0 && !st.open.contains_key(&a) => {
                     // Another live host may still have it open.
                     if self.shared.get().is_some() {
-                        let (lun, off) = self.lock_sector(a)?;
+                        let (lun, off) = self.vol().lock_sector(a)?;
                         let rec = locking::read_lock(&*lun, off)?;
                         let t = crate::cluster::slot_table(vol)?;
                         if rec
@@ -1690,7 +1690,7 @@ impl Fs {
                 .expect("cluster mode has a member")
                 .holder();
             for addr in st.flocks.keys().copied().collect::<Vec<_>>() {
-                let (lun, off) = self.lock_sector(addr)?;
+                let (lun, off) = self.vol().lock_sector(addr)?;
                 locking::release_under_volume_lock(&*lun, off, me)?;
             }
             st.flocks.clear();
@@ -1967,18 +1967,16 @@ impl Fs {
             out.push(("volume lock".to_string(), vl));
         }
         let fbcs: Vec<u64> = self.lock().alloc.fbc.iter().map(|c| c.addr).collect();
-        for a in fbcs {
-            let (lun, off) = self.lock_sector(a)?;
+        let objects = fbcs.into_iter().map(|a| ("file-block cluster", a)).chain(
+            self.allocated_fds()?
+                .into_iter()
+                .map(|a| ("file descriptor", a)),
+        );
+        for (what, a) in objects {
+            let (lun, off) = self.vol().lock_sector(a)?;
             let rec = locking::read_lock(&*lun, off)?;
             if !rec.holders.is_empty() {
-                out.push((format!("file-block cluster {a:#x}"), rec));
-            }
-        }
-        for a in self.allocated_fds()? {
-            let (lun, off) = self.lock_sector(a)?;
-            let rec = locking::read_lock(&*lun, off)?;
-            if !rec.holders.is_empty() {
-                out.push((format!("file descriptor {a:#x}"), rec));
+                out.push((format!("{what} {a:#x}"), rec));
             }
         }
         Ok(out)
@@ -2043,7 +2041,7 @@ impl Fs {
             return Ok(());
         };
         let me = m.holder();
-        let (lun, off) = crate::alloc::lock_sector(&self.vol(), addr)?;
+        let (lun, off) = self.vol().lock_sector(addr)?;
         m.set_want_cluster(addr)?;
         let start = std::time::Instant::now();
         let mut said = false;
@@ -2104,32 +2102,14 @@ impl Fs {
                 let vol = self.vol();
                 st.alloc.begin_op(false);
                 let r = f(&mut st, &vol);
-                let own = r.is_ok() && Self::staged_only_own(&st, ino);
-                match r {
-                    Ok(r) if own => match st.meta.commit(&vol) {
-                        Ok(()) => return Ok(r),
-                        Err(e) => {
-                            st.meta.clear();
-                            Self::reload_after_failure(&mut st, &vol);
-                            return Err(e);
-                        }
-                    },
-                    Err(e) if !matches!(e, FsError::NeedVolumeLock) => {
-                        let touched = !st.meta.txn.blocks.is_empty();
-                        st.meta.abort();
-                        if touched {
-                            Self::reload_after_failure(&mut st, &vol);
-                        }
-                        return Err(e);
-                    }
-                    _ => {
-                        let touched = !st.meta.txn.blocks.is_empty();
-                        st.meta.abort();
-                        if touched {
-                            Self::reload_after_failure(&mut st, &vol);
-                        }
-                    }
+                let rerun = match &r {
+                    Ok(_) => !Self::staged_only_own(&st, ino),
+                    Err(e) => matches!(e, FsError::NeedVolumeLock),
+                };
+                if !rerun {
+                    return Self::end_txn(&mut st, &vol, r);
                 }
+                Self::abort_txn(&mut st, &vol);
             }
         }
         self.op(f)
@@ -2166,12 +2146,11 @@ impl Fs {
     fn file_read_op<R>(
         &self,
         ino: u64,
-        f: impl FnMut(&mut State, &Volume) -> Result<R>,
+        mut f: impl FnMut(&mut State, &Volume) -> Result<R>,
     ) -> Result<R> {
         if self.shared.get().is_some() {
             let mut st = self.lock();
             if Self::holds_alone(&st, ino) {
-                let mut f = f;
                 return f(&mut st, &self.vol());
             }
         }
@@ -2184,26 +2163,39 @@ impl Fs {
         f: impl FnOnce(&mut State, &Volume) -> Result<R>,
     ) -> Result<R> {
         st.alloc.begin_op(true);
-        match f(st, &self.vol()) {
-            Ok(r) => match st.meta.commit(&self.vol()) {
+        let vol = self.vol();
+        let r = f(st, &vol);
+        Self::end_txn(st, &vol, r)
+    }
+
+    /// End the running transaction as `r` says: commit it when `r` is Ok,
+    /// else drop it unwritten.
+    fn end_txn<R>(st: &mut State, vol: &Volume, r: Result<R>) -> Result<R> {
+        match r {
+            Ok(r) => match st.meta.commit(vol) {
                 Ok(()) => Ok(r),
                 Err(e) => {
                     // What reached the disk is uncertain: forget every cached block.
                     st.meta.clear();
-                    Self::reload_after_failure(st, &self.vol());
+                    Self::reload_after_failure(st, vol);
                     Err(e)
                 }
             },
             Err(e) => {
-                // Allocation summaries change only together with a staged
-                // cluster block: an operation that staged nothing changed none.
-                let touched = !st.meta.txn.blocks.is_empty();
-                st.meta.abort();
-                if touched {
-                    Self::reload_after_failure(st, &self.vol());
-                }
+                Self::abort_txn(st, vol);
                 Err(e)
             }
+        }
+    }
+
+    /// Drop the running transaction unwritten.
+    fn abort_txn(st: &mut State, vol: &Volume) {
+        // Allocation summaries change only together with a staged cluster
+        // block: an operation that staged nothing changed none.
+        let touched = !st.meta.txn.blocks.is_empty();
+        st.meta.abort();
+        if touched {
+            Self::reload_after_failure(st, vol);
         }
     }
 
@@ -2349,7 +2341,12 @@ impl Fs {
     /// Whether another live host says it waits for the volume lock. A slot
     /// table that cannot be read counts as yes (give the lock back).
     fn others_want(&self, me: u32) -> bool {
-        match crate::cluster::slot_table(&self.vol()) {
+        Self::volume_lock_wanted(&crate::cluster::slot_table(&self.vol()), me)
+    }
+
+    /// [`Fs::others_want`] on a slot table already read.
+    fn volume_lock_wanted(table: &Result<Vec<HostSlot>>, me: u32) -> bool {
+        match table {
             Ok(t) => t.iter().enumerate().any(|(i, h)| {
                 i as u32 != me && h.state == crate::format::SLOT_LIVE && h.wants & 1 != 0
             }),
@@ -2360,7 +2357,7 @@ impl Fs {
     /// Called between operations: if this host holds the volume lock while
     /// another waits for it, commit, checkpoint and give it back; give every
     /// file-block cluster another host asks for back (under the volume lock,
-    /// after a checkpoint).
+    /// after a checkpoint). Reads the heartbeat region at most once.
     pub fn yield_if_wanted(&self) -> Result<()> {
         let (Some(sh), Some(m)) = (self.shared.get(), self.member.get()) else {
             return Ok(());
@@ -2368,17 +2365,23 @@ impl Fs {
         if !sh.contended.load(std::sync::atomic::Ordering::SeqCst) || m.lease.is_fenced() {
             return Ok(());
         }
-        let held: Vec<u64> = {
+        let (held, vl_due): (Vec<u64>, bool) = {
             let st = self.lock();
-            st.alloc
-                .locks
-                .as_ref()
-                .map(|l| l.held.iter().copied().collect())
-                .unwrap_or_default()
+            (
+                st.alloc
+                    .locks
+                    .as_ref()
+                    .map(|l| l.held.iter().copied().collect())
+                    .unwrap_or_default(),
+                st.vl_held.is_some() && st.vl_since.elapsed() >= LOCK_QUANTUM,
+            )
         };
-        if !held.is_empty() {
-            let table = crate::cluster::slot_table(&self.vol())?;
-            let wanted: Vec<u64> = table
+        if held.is_empty() && !vl_due {
+            return Ok(());
+        }
+        let table = crate::cluster::slot_table(&self.vol());
+        let wanted: Vec<u64> = match &table {
+            Ok(t) => t
                 .iter()
                 .enumerate()
                 .filter(|(i, h)| {
@@ -2387,33 +2390,39 @@ impl Fs {
                         && held.contains(&h.want_cluster)
                 })
                 .map(|(_, h)| h.want_cluster)
-                .collect();
-            if !wanted.is_empty() {
-                // One try: this thread also recovers dead hosts, one of
-                // which may be what holds the volume lock. Next tick again.
-                let mut st = self.lock();
-                if !self.vl_take(&mut st, &[], true, false)? {
-                    return Ok(());
-                }
-                let vol = self.vol();
-                let r = wanted
-                    .iter()
-                    .try_for_each(|&a| st.alloc.yield_cluster(&vol, a));
-                let left = self.vl_leave(&mut st, true);
-                r?;
-                left?;
-                for a in wanted {
-                    tracing::debug!("gave file-block cluster {a:#x} to a host that waits for it");
-                }
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        if !wanted.is_empty() {
+            // One try: this thread also recovers dead hosts, one of
+            // which may be what holds the volume lock. Next tick again.
+            let mut st = self.lock();
+            if !self.vl_take(&mut st, &[], true, false)? {
                 return Ok(());
             }
+            let vol = self.vol();
+            let r = wanted
+                .iter()
+                .try_for_each(|&a| st.alloc.yield_cluster(&vol, a));
+            let left = self.vl_leave(&mut st, true);
+            r?;
+            left?;
+            for a in wanted {
+                tracing::debug!("gave file-block cluster {a:#x} to a host that waits for it");
+            }
+            return Ok(());
         }
-        let mut st = self.lock();
-        if st.vl_held.is_some() && st.vl_since.elapsed() >= LOCK_QUANTUM && self.others_want(m.slot)
-        {
-            self.vl_leave(&mut st, true)?;
+        if vl_due && Self::volume_lock_wanted(&table, m.slot) {
+            let mut st = self.lock();
+            if st.vl_held.is_some() {
+                self.vl_leave(&mut st, true)?;
+            }
         }
-        Ok(())
+        // An unreadable heartbeat region matters here only to hand-overs.
+        if held.is_empty() {
+            return Ok(());
+        }
+        table.map(|_| ())
     }
 
     /// Give the volume lock back now if this host holds it.
@@ -2978,7 +2987,7 @@ impl Fs {
         if cur.map(|c| c.mode) != Some(mode) {
             let m = self.member.get().expect("cluster mode has a member");
             let me = m.holder();
-            let (lun, off) = self.lock_sector(i.addr)?;
+            let (lun, off) = self.vol().lock_sector(i.addr)?;
             let members = self.current_holders(me);
             if let Err(held) = locking::acquire_under_volume_lock(&*lun, off, mode, me, &members)? {
                 let who: Vec<String> = held
@@ -3025,7 +3034,7 @@ impl Fs {
         }
         let m = self.member.get().expect("cluster mode has a member");
         let me = m.holder();
-        let (lun, off) = self.lock_sector(addr)?;
+        let (lun, off) = self.vol().lock_sector(addr)?;
         if fl.writers == 0 && fl.readers == 0 {
             locking::release_under_volume_lock(&*lun, off, me)?;
             st.flocks.remove(&addr);
@@ -3042,12 +3051,6 @@ impl Fs {
         Ok(())
     }
 
-    /// The LUN and byte offset of the lock sector of the lockable block at 4K address `addr`.
-    fn lock_sector(&self, addr: u64) -> Result<(Arc<dyn lun::Lun>, u64)> {
-        let (i, off) = self.vol().locate(addr * MD as u64)?;
-        Ok((self.vol().luns[i].clone(), off))
-    }
-
     /// In cluster mode: EBUSY when a host other than this one holds the
     /// file open (removing its last name, truncating it or punching it
     /// would pull blocks from under that host's I/O).
@@ -3059,7 +3062,7 @@ impl Fs {
             return Ok(());
         }
         let me = m.holder();
-        let (lun, off) = self.lock_sector(addr)?;
+        let (lun, off) = self.vol().lock_sector(addr)?;
         let rec = locking::read_lock(&*lun, off)?;
         let others: Vec<_> = rec.holders.iter().filter(|h| **h != me).collect();
         if others.is_empty() {
@@ -3169,7 +3172,7 @@ impl Fs {
         if let Some((lun, _)) = self.mapped_lun(ino) {
             return lun.prefetch(off, len);
         }
-        let segs = self.read_op(|st, vol| {
+        let segs = self.file_read_op(ino, |st, vol| {
             let i = st.iget(vol, ino)?;
             let n = i.size.saturating_sub(off).min(len) as usize;
             if i.is_dir() || i.layout == Layout::Inline || n == 0 {

@@ -78,15 +78,34 @@ impl Meta {
         }
     }
 
-    /// The block as this transaction sees it, verified.
-    pub fn get(&mut self, vol: &Volume, addr: u64, magic: u32) -> Result<&[u8]> {
+    /// The block as staged by this operation or committed by an earlier one
+    /// (the newest truth), if it is: checked to be of type `magic`.
+    fn staged(&self, vol: &Volume, addr: u64, magic: u32) -> Result<Option<&Vec<u8>>> {
         for staged in [&self.txn.blocks, &self.dirty] {
-            if let Some((m, _)) = staged.get(&addr) {
+            if let Some((m, b)) = staged.get(&addr) {
                 if *m != magic {
                     return Err(Self::wrong_type(vol, addr, magic, *m));
                 }
-                return Ok(&staged[&addr].1);
+                return Ok(Some(b));
             }
+        }
+        Ok(None)
+    }
+
+    /// The block as this transaction sees it, if it is in memory (staged,
+    /// committed or cached): for reading it while asking `self` other
+    /// questions, once [`Meta::get`] has brought it in.
+    pub fn peek(&self, addr: u64) -> Option<&[u8]> {
+        [&self.txn.blocks, &self.dirty]
+            .into_iter()
+            .find_map(|m| m.get(&addr).map(|(_, b)| b.as_slice()))
+            .or_else(|| self.cache.get(&addr).map(Vec::as_slice))
+    }
+
+    /// The block as this transaction sees it, verified.
+    pub fn get(&mut self, vol: &Volume, addr: u64, magic: u32) -> Result<&[u8]> {
+        if self.staged(vol, addr, magic)?.is_some() {
+            return Ok(self.staged(vol, addr, magic)?.expect("just found"));
         }
         if !self.cache.contains_key(&addr) {
             let mut b = vec![0u8; MD];
@@ -114,13 +133,8 @@ impl Meta {
     /// may be rewriting, so a copy that fails its checksum is read again a
     /// few times (a torn read) before it counts as damaged.
     pub fn read_fresh(&mut self, vol: &Volume, addr: u64, magic: u32) -> Result<Vec<u8>> {
-        for staged in [&self.txn.blocks, &self.dirty] {
-            if let Some((m, b)) = staged.get(&addr) {
-                if *m != magic {
-                    return Err(Self::wrong_type(vol, addr, magic, *m));
-                }
-                return Ok(b.clone());
-            }
+        if let Some(b) = self.staged(vol, addr, magic)? {
+            return Ok(b.clone());
         }
         let mut b = vec![0u8; MD];
         let mut tries = 0;

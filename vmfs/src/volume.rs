@@ -150,6 +150,13 @@ impl Volume {
         let (i, o) = self.locate(off)?;
         Ok(self.luns[i].write_at(buf, o)?)
     }
+    /// The LUN and byte offset of the lock sector of the lockable block
+    /// (cluster, descriptor) at 4K address `addr`.
+    pub fn lock_sector(&self, addr: u64) -> Result<(std::sync::Arc<dyn lun::Lun>, u64)> {
+        let (i, off) = self.locate(addr * MD as u64)?;
+        Ok((self.luns[i].clone(), off))
+    }
+
     /// Hint the extent's LUN that `len` bytes at `off` will be read soon
     /// (callers pass pieces of one file block, which lie in one extent).
     pub fn prefetch(&self, off: u64, len: u64) {
@@ -293,12 +300,7 @@ impl Volume {
         if opts.fbc_blocks == 0 {
             opts.fbc_blocks = fbc_blocks_for(luns[0].size() / u64::from(opts.block_size));
         }
-        if opts.fbc_blocks % 8 != 0 || !(8..=FBC_BLOCKS).contains(&u64::from(opts.fbc_blocks)) {
-            return Err(FsError::Invalid(format!(
-                "{} blocks per file-block cluster: must be a multiple of 8 in 8..={FBC_BLOCKS}",
-                opts.fbc_blocks
-            )));
-        }
+        check_fbc_blocks(opts.fbc_blocks).map_err(FsError::Invalid)?;
         let opts = &opts;
         let mut extents = Vec::new();
         let mut first = 0;
