@@ -1,6 +1,7 @@
 //! Throughput of the datastore against its baselines, side by side in one run:
-//! the library vs. the raw LUN file, and the FUSE mount vs. a raw file on the
-//! same disk. Prints MB/s (or IOPS) and the ratio. Not a test: no pass/fail.
+//! the library vs. the raw LUN file, and the FUSE mount (a `vmfs mount`
+//! process, as users run it) vs. a raw file on the same disk. Prints MB/s
+//! (or IOPS) and the ratio. Not a test: no pass/fail.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -31,6 +32,9 @@ struct Args {
     /// disk's throughput swings between runs).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Also print every round's figures (baseline / vmfs), to stderr.
+    #[arg(long)]
+    per_round: bool,
 }
 
 /// Drop a file's pages from the page cache so reads go to the disk.
@@ -55,23 +59,29 @@ struct Figures {
     rand_read: f64,
 }
 
-fn measure(io: &Io, size: u64, nrand: u64) -> Result<Figures> {
-    let mb = 1u64 << 20;
-    let buf = vec![0xa5u8; mb as usize];
+/// Sequential 1 MiB writes over the whole file, then fsync (MB/s).
+fn seq_write(io: &Io, size: u64) -> Result<f64> {
+    let buf = vec![0xa5u8; 1 << 20];
     let t = Instant::now();
     for k in 0..size {
-        (io.write)(&buf, k * mb)?;
+        (io.write)(&buf, k << 20)?;
     }
     (io.sync)()?;
-    let seq_write = size as f64 / t.elapsed().as_secs_f64();
-    (io.evict)();
-    let mut rb = vec![0u8; mb as usize];
+    Ok(size as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Sequential 1 MiB reads of the whole file (MB/s).
+fn seq_read(io: &Io, size: u64) -> Result<f64> {
+    let mut rb = vec![0u8; 1 << 20];
     let t = Instant::now();
     for k in 0..size {
-        (io.read)(&mut rb, k * mb)?;
+        (io.read)(&mut rb, k << 20)?;
     }
-    let seq_read = size as f64 / t.elapsed().as_secs_f64();
-    (io.evict)();
+    Ok(size as f64 / t.elapsed().as_secs_f64())
+}
+
+/// `nrand` 4 KiB reads at pseudo-random aligned offsets (IOPS).
+fn rand_read(io: &Io, size: u64, nrand: u64) -> Result<f64> {
     let mut x = 0x2545f4914f6cdd1du64;
     let mut small = vec![0u8; 4096];
     let t = Instant::now();
@@ -81,12 +91,7 @@ fn measure(io: &Io, size: u64, nrand: u64) -> Result<Figures> {
         x ^= x << 17;
         (io.read)(&mut small, (x % (size * 256)) * 4096)?;
     }
-    let rand_read = nrand as f64 / t.elapsed().as_secs_f64();
-    Ok(Figures {
-        seq_write,
-        seq_read,
-        rand_read,
-    })
+    Ok(nrand as f64 / t.elapsed().as_secs_f64())
 }
 
 /// Write a new file of `size` MiB in 1 MiB writes, fsync it (MB/s), and
@@ -118,19 +123,58 @@ struct Compared {
     ratio: Figures,
 }
 
-/// Run baseline and vmfs back to back `rounds` times (order alternating).
-/// Each round gives one ratio per figure, so the drift of a virtual disk's
-/// speed between rounds cancels out of the ratios.
-fn compare(base: &Io, ours: &Io, size: u64, nrand: u64, rounds: usize) -> Result<Compared> {
+/// Run baseline and vmfs `rounds` times. Each kind of run (sequential
+/// write, sequential read, random read) is made for both back to back, in
+/// an order that alternates between rounds, with both files' caches dropped
+/// before each read pair. Each round gives one ratio per figure, so the
+/// drift of a virtual disk's speed between rounds cancels out of the
+/// ratios, and neither side's reads follow its own writes more closely than
+/// the other's (on a VM the host may still be flushing a fast writer's data).
+fn compare(
+    base: &Io,
+    ours: &Io,
+    size: u64,
+    nrand: u64,
+    rounds: usize,
+    per_round: bool,
+) -> Result<Compared> {
     let (mut b, mut o) = (Vec::new(), Vec::new());
     for r in 0..rounds.max(1) {
-        if r % 2 == 0 {
-            b.push(measure(base, size, nrand)?);
-            o.push(measure(ours, size, nrand)?);
-        } else {
-            o.push(measure(ours, size, nrand)?);
-            b.push(measure(base, size, nrand)?);
+        // The pair of figures of one kind, in this round's order.
+        let pair = |f: &dyn Fn(&Io) -> Result<f64>| -> Result<(f64, f64)> {
+            Ok(if r % 2 == 0 {
+                let x = f(base)?;
+                (x, f(ours)?)
+            } else {
+                let y = f(ours)?;
+                (f(base)?, y)
+            })
+        };
+        let evict = || {
+            (base.evict)();
+            (ours.evict)();
+        };
+        let w = pair(&|io| seq_write(io, size))?;
+        evict();
+        let sr = pair(&|io| seq_read(io, size))?;
+        evict();
+        let rr = pair(&|io| rand_read(io, size, nrand))?;
+        if per_round {
+            eprintln!(
+                "round {r}: seq write {:.0}/{:.0} MB/s, seq read {:.0}/{:.0} MB/s, rand read {:.0}/{:.0} IOPS",
+                w.0, w.1, sr.0, sr.1, rr.0, rr.1
+            );
         }
+        b.push(Figures {
+            seq_write: w.0,
+            seq_read: sr.0,
+            rand_read: rr.0,
+        });
+        o.push(Figures {
+            seq_write: w.1,
+            seq_read: sr.1,
+            rand_read: rr.1,
+        });
     }
     let med = |f: &dyn Fn(usize) -> f64| median((0..b.len()).map(f).collect());
     let figures = |g: &dyn Fn(&Figures) -> f64| -> [f64; 3] {
@@ -206,7 +250,7 @@ fn main() -> Result<()> {
 
     // Preallocate both: write every byte once, untimed.
     let lun: Arc<dyn lun::Lun> = lun::open(lun_path.to_str().context("path")?)?;
-    let fs = Arc::new(Fs::mkfs(vec![lun], &MkfsOptions::default())?);
+    let fs = Fs::mkfs(vec![lun], &MkfsOptions::default())?;
     let f = fs.create(fs.root(), b"disk", S_IFREG | 0o644, 0, 0, 0, None)?;
     let buf = vec![1u8; 1 << 20];
     for k in 0..size {
@@ -240,7 +284,14 @@ fn main() -> Result<()> {
         "{:<34} {:>10} {:>10} {:<5} {:>7}   goal",
         "", "baseline", "vmfs", "unit", "ratio"
     );
-    let c = compare(&raw_io, &lib_io, size, a.random_reads, a.rounds)?;
+    let c = compare(
+        &raw_io,
+        &lib_io,
+        size,
+        a.random_reads,
+        a.rounds,
+        a.per_round,
+    )?;
     rows(
         &c,
         "library",
@@ -248,16 +299,36 @@ fn main() -> Result<()> {
         [">= 0.95x", ">= 0.95x", ">= 0.90x"],
     );
 
-    // The same through the FUSE mount vs. the raw backing file.
+    // The same through the FUSE mount vs. the raw backing file: the
+    // `vmfs mount` a user runs, in a process of its own (the binary built
+    // beside this one), on the volume the library has just let go.
+    drop(lib_io);
+    fs.unmount()?;
+    drop(fs);
     let mnt = dir.join("mnt");
     std::fs::create_dir_all(&mnt)?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    let fs2 = fs.clone();
-    let m2 = mnt.clone();
-    let server = std::thread::spawn(move || vmfs::fuse::serve(fs2, &m2, 4, rx));
+    let vmfs_bin = std::env::current_exe()?.with_file_name("vmfs");
+    let log = dir.join("mount.log");
+    let mut mount = std::process::Command::new(&vmfs_bin)
+        .arg("mount")
+        .arg("--foreground")
+        .arg("--host-uuid")
+        .arg(uuid::Uuid::new_v4().to_string())
+        .arg(&lun_path)
+        .arg(&mnt)
+        .stdout(std::process::Stdio::null())
+        .stderr(File::create(&log)?)
+        .spawn()
+        .with_context(|| format!("starting {}", vmfs_bin.display()))?;
     let t = Instant::now();
     while !std::fs::read_to_string("/proc/self/mountinfo")?.contains(mnt.to_str().context("path")?)
     {
+        if let Some(st) = mount.try_wait()? {
+            anyhow::bail!(
+                "vmfs mount exited ({st}): {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
         anyhow::ensure!(t.elapsed().as_secs() < 20, "mount did not appear");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
@@ -275,7 +346,14 @@ fn main() -> Result<()> {
             evict(&lun_path)
         }),
     };
-    let c = compare(&raw_io, &fuse_io, size, a.random_reads, a.rounds)?;
+    let c = compare(
+        &raw_io,
+        &fuse_io,
+        size,
+        a.random_reads,
+        a.rounds,
+        a.per_round,
+    )?;
     rows(&c, "FUSE", "raw file", [">= 0.70x", ">= 0.70x", ""]);
     let (mut b, mut o, mut r) = (Vec::new(), Vec::new(), Vec::new());
     for k in 0..a.rounds.max(1) {
@@ -302,8 +380,12 @@ fn main() -> Result<()> {
     );
     drop(fuse_io);
     drop(mf);
-    let _ = tx.send(());
-    let _ = server.join();
+    let _ = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(&mnt)
+        .status();
+    let st = mount.wait()?;
+    anyhow::ensure!(st.success(), "vmfs mount exited with {st}");
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
