@@ -595,7 +595,11 @@ mod tests {
             let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
             libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type == libc::TMPFS_MAGIC
         };
-        if lun.direct.is_some() && !tmpfs {
+        if !tmpfs {
+            assert!(
+                lun.direct.is_some(),
+                "no O_DIRECT descriptor on a disk filesystem"
+            );
             let f = &lun.file;
             // The direct middles left nothing cached...
             assert_eq!(cached_pages(f, 0, 2 << 20), 0);
