@@ -230,6 +230,39 @@ fn rows(c: &Compared, what: &str, base: &str, goals: [&str; 3]) {
     );
 }
 
+/// The `vmfs mount` process the FUSE rows measure; unmounted (and, if it
+/// does not exit, killed) when dropped, so a failed run leaves no mount.
+struct MountProcess {
+    child: std::process::Child,
+    mnt: PathBuf,
+}
+
+impl MountProcess {
+    fn unmount(&mut self) -> Result<std::process::ExitStatus> {
+        let _ = std::process::Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.mnt)
+            .status();
+        Ok(self.child.wait()?)
+    }
+}
+
+impl Drop for MountProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = std::process::Command::new("fusermount3")
+                .args(["-u", "-z"])
+                .arg(&self.mnt)
+                .status();
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            if let Ok(None) = self.child.try_wait() {
+                let _ = self.child.kill();
+            }
+            let _ = self.child.wait();
+        }
+    }
+}
+
 fn main() -> Result<()> {
     let a = Args::parse();
     let dir = a.dir.join(format!("vmfs-bench-{}", std::process::id()));
@@ -309,7 +342,7 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&mnt)?;
     let vmfs_bin = std::env::current_exe()?.with_file_name("vmfs");
     let log = dir.join("mount.log");
-    let mut mount = std::process::Command::new(&vmfs_bin)
+    let child = std::process::Command::new(&vmfs_bin)
         .arg("mount")
         .arg("--foreground")
         .arg("--host-uuid")
@@ -320,10 +353,14 @@ fn main() -> Result<()> {
         .stderr(File::create(&log)?)
         .spawn()
         .with_context(|| format!("starting {}", vmfs_bin.display()))?;
+    let mut mount = MountProcess {
+        child,
+        mnt: mnt.clone(),
+    };
     let t = Instant::now();
     while !std::fs::read_to_string("/proc/self/mountinfo")?.contains(mnt.to_str().context("path")?)
     {
-        if let Some(st) = mount.try_wait()? {
+        if let Some(st) = mount.child.try_wait()? {
             anyhow::bail!(
                 "vmfs mount exited ({st}): {}",
                 std::fs::read_to_string(&log).unwrap_or_default()
@@ -380,11 +417,7 @@ fn main() -> Result<()> {
     );
     drop(fuse_io);
     drop(mf);
-    let _ = std::process::Command::new("fusermount3")
-        .arg("-u")
-        .arg(&mnt)
-        .status();
-    let st = mount.wait()?;
+    let st = mount.unmount()?;
     anyhow::ensure!(st.success(), "vmfs mount exited with {st}");
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
