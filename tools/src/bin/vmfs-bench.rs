@@ -123,13 +123,15 @@ struct Compared {
     ratio: Figures,
 }
 
-/// Run baseline and vmfs `rounds` times. Each kind of run (sequential
-/// write, sequential read, random read) is made for both back to back, in
-/// an order that alternates between rounds, with both files' caches dropped
-/// before each read pair. Each round gives one ratio per figure, so the
-/// drift of a virtual disk's speed between rounds cancels out of the
-/// ratios, and neither side's reads follow its own writes more closely than
-/// the other's (on a VM the host may still be flushing a fast writer's data).
+/// Run baseline and vmfs `rounds` times. In a round each kind of run
+/// (sequential write, sequential read, random read) is made four times,
+/// A B B A, where A is the baseline in even rounds and vmfs in odd ones,
+/// with both files' caches dropped before each run; a side's figure is its
+/// two runs' rate over their total time. Each round gives one ratio per
+/// figure, so the drift of a virtual disk's speed between rounds cancels
+/// out of the ratios, and so does going first or second: on this VM the
+/// first read after a pair of writes can run at twice the speed of the
+/// second (the host is still caching or flushing them).
 fn compare(
     base: &Io,
     ours: &Io,
@@ -140,25 +142,29 @@ fn compare(
 ) -> Result<Compared> {
     let (mut b, mut o) = (Vec::new(), Vec::new());
     for r in 0..rounds.max(1) {
-        // The pair of figures of one kind, in this round's order.
-        let pair = |f: &dyn Fn(&Io) -> Result<f64>| -> Result<(f64, f64)> {
-            Ok(if r % 2 == 0 {
-                let x = f(base)?;
-                (x, f(ours)?)
+        // (baseline, vmfs) figures of one kind, run A B B A.
+        let abba = |f: &dyn Fn(&Io) -> Result<f64>| -> Result<(f64, f64)> {
+            let run = |io: &Io| {
+                (base.evict)();
+                (ours.evict)();
+                f(io)
+            };
+            let (first, second) = if r % 2 == 0 {
+                (base, ours)
             } else {
-                let y = f(ours)?;
-                (f(base)?, y)
-            })
+                (ours, base)
+            };
+            let a1 = run(first)?;
+            let b1 = run(second)?;
+            let b2 = run(second)?;
+            let a2 = run(first)?;
+            // Two runs of the same work: total work over total time.
+            let (a, b) = (2.0 / (1.0 / a1 + 1.0 / a2), 2.0 / (1.0 / b1 + 1.0 / b2));
+            Ok(if r % 2 == 0 { (a, b) } else { (b, a) })
         };
-        let evict = || {
-            (base.evict)();
-            (ours.evict)();
-        };
-        let w = pair(&|io| seq_write(io, size))?;
-        evict();
-        let sr = pair(&|io| seq_read(io, size))?;
-        evict();
-        let rr = pair(&|io| rand_read(io, size, nrand))?;
+        let w = abba(&|io| seq_write(io, size))?;
+        let sr = abba(&|io| seq_read(io, size))?;
+        let rr = abba(&|io| rand_read(io, size, nrand))?;
         if per_round {
             eprintln!(
                 "round {r}: seq write {:.0}/{:.0} MB/s, seq read {:.0}/{:.0} MB/s, rand read {:.0}/{:.0} IOPS",
