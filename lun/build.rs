@@ -1,4 +1,4 @@
-//! Link libiscsi (LGPL, dynamically), found through pkg-config.
+//! Link libiscsi and libblkid (LGPL, dynamically), found through pkg-config.
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     if let Err(e) = pkg_config::Config::new()
@@ -8,6 +8,12 @@ fn main() {
         panic!(
             "libiscsi 1.18 or later is needed for iSCSI LUNs: run scripts/setup.sh, \
              or install the Debian package libiscsi-dev ({e})"
+        );
+    }
+    if let Err(e) = pkg_config::Config::new().probe("blkid") {
+        panic!(
+            "libblkid is needed to probe LUNs before mkfs: run scripts/setup.sh, \
+             or install the Debian package libblkid-dev ({e})"
         );
     }
 }

@@ -9,6 +9,7 @@ VMFS=$PWD/target/release/vmfs
 DIR=${1:-/tmp/vmfs-demo}
 mkdir -p "$DIR/mnt"
 if grep -qs " $(realpath "$DIR/mnt") " /proc/self/mountinfo; then fusermount3 -u "$DIR/mnt"; fi
+rm -f "$DIR/lun0.img" "$DIR/lun1.img"   # the demo's own LUN files: start afresh
 truncate -s 1G "$DIR/lun0.img" "$DIR/lun1.img"
 "$VMFS" mkfs --label demo "$DIR/lun0.img" "$DIR/lun1.img"
 "$VMFS" mount "$DIR/lun0.img" "$DIR/lun1.img" "$DIR/mnt"

@@ -13,6 +13,11 @@ command -v pkg-config  >/dev/null || need_apt+=(pkg-config)
 command -v tgtd        >/dev/null || need_apt+=(tgt)
 command -v iscsi-perf  >/dev/null || need_apt+=(libiscsi-bin)
 [ -e /usr/include/iscsi/iscsi.h ] || need_apt+=(libiscsi-dev)
+[ -e /usr/include/blkid/blkid.h ] || need_apt+=(libblkid-dev)
+# What the mkfs-refusal tests put on LUNs first.
+command -v mkfs.ext4   >/dev/null || need_apt+=(e2fsprogs)
+command -v mkfs.xfs    >/dev/null || need_apt+=(xfsprogs)
+command -v sfdisk      >/dev/null || need_apt+=(fdisk)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"
   $SUDO apt-get update -qq

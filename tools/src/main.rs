@@ -18,8 +18,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Create a datastore over one or more LUNs (destroys what they hold).
+    /// Create a datastore over one or more LUNs. A LUN that holds anything
+    /// (a datastore, a filesystem, a partition table, an LVM or RAID member,
+    /// swap) is refused unless --force; one of a datastore with a live host
+    /// is refused always.
     Mkfs {
+        /// Overwrite what the LUNs hold (never a datastore a host uses).
+        #[arg(long)]
+        force: bool,
+        /// The lease of the hosts of a datastore found on a LUN: its
+        /// heartbeats are watched this long (default 8000).
+        #[arg(long)]
+        lease_ms: Option<u64>,
         /// A name for the datastore (up to 63 bytes).
         #[arg(long, default_value = "")]
         label: String,
@@ -86,9 +96,13 @@ enum Cmd {
     Extend {
         #[arg(required = true)]
         luns: Vec<String>,
-        /// The LUN to add.
+        /// The LUN to add. Refused if it holds anything (as for mkfs) unless
+        /// --force; refused always if it belongs to a datastore in use.
         #[arg(long)]
         add: String,
+        /// Overwrite what the new LUN holds (never a datastore a host uses).
+        #[arg(long)]
+        force: bool,
         /// While other hosts have it mounted, this command joins as a host
         /// for the time of the change.
         #[command(flatten)]
@@ -161,6 +175,11 @@ fn open_luns_with(specs: &[String], o: lun::OpenOptions) -> Result<Vec<Arc<dyn l
         .iter()
         .map(|s| lun::open_with(s, o).with_context(|| format!("opening LUN {}", lun::redact(s))))
         .collect()
+}
+
+/// Open a LUN named by a URL recorded in a datastore's header.
+fn open_hint(t: &vmfs::cluster::Timeouts) -> impl Fn(&str) -> vmfs::Result<Arc<dyn lun::Lun>> + '_ {
+    move |u| Ok(lun::open_with(u, t.lun_options())?)
 }
 
 fn human(n: u64) -> String {
@@ -515,6 +534,8 @@ fn daemonize(
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Mkfs {
+            force,
+            lease_ms,
             label,
             block_size,
             max_hosts,
@@ -527,8 +548,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Some(n) if n % 4096 == 0 && n / 4096 <= u64::from(u32::MAX) => (n / 4096) as u32,
                 Some(n) => bail!("--journal-size {n} is not a multiple of 4K"),
             };
+            let t = vmfs::cluster::Timeouts::new(None, lease_ms)?;
+            let opened = open_luns(&luns)?;
+            vmfs::guard::check_overwrite(&opened, force, &t, "mkfs", &open_hint(&t))?.wipe()?;
             let fs = Fs::mkfs(
-                open_luns(&luns)?,
+                opened,
                 &MkfsOptions {
                     label,
                     block_size: bs,
@@ -570,11 +594,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Locks { luns } => locks(&luns)?,
         Cmd::Crashtest(a) => return crashtest(a),
         Cmd::Rdm(c) => return rdm_cmd(c),
-        Cmd::Extend { luns, add, host } => {
+        Cmd::Extend {
+            luns,
+            add,
+            force,
+            host,
+        } => {
             let t = vmfs::cluster::Timeouts::new(host.heartbeat_ms, host.lease_ms)?;
             let luns = open_luns_for(&luns, &t)?;
             let new = lun::open_with(&add, t.lun_options())
                 .with_context(|| format!("opening LUN {}", lun::redact(&add)))?;
+            let checked = vmfs::guard::check_overwrite(
+                std::slice::from_ref(&new),
+                force,
+                &t,
+                "extend",
+                &open_hint(&t),
+            )?;
             let live = vmfs::cluster::live_slots(&vmfs::Volume::open(luns.clone())?, &t)?;
             // Offline, or online: as one more host, under the volume lock;
             // the mounted hosts pick the new extent up by its URL.
@@ -588,6 +624,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Fs::mount(luns, host.uuid()?, t)?
             };
             let before = fs.usage().total_blocks;
+            checked.wipe()?;
             fs.extend(new)?;
             let u = fs.usage();
             println!(

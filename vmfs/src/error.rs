@@ -27,6 +27,10 @@ pub enum FsError {
     Busy(String),
     #[error("{0}")]
     Invalid(String),
+    /// A LUN that mkfs or extend would overwrite holds something (a
+    /// datastore, a filesystem, a partition table...) or is in use.
+    #[error("{0}")]
+    Occupied(String),
     #[error("no space left on the datastore ({0})")]
     NoSpace(String),
     #[error("{0}")]
@@ -50,7 +54,7 @@ impl FsError {
             FsError::Posix(e, _) => *e,
             FsError::NoSpace(_) => libc::ENOSPC,
             FsError::Invalid(_) => libc::EINVAL,
-            FsError::Busy(_) => libc::EBUSY,
+            FsError::Busy(_) | FsError::Occupied(_) => libc::EBUSY,
             _ => libc::EIO,
         }
     }

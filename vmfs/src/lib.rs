@@ -10,6 +10,7 @@ pub mod format;
 pub mod fs;
 pub mod fsck;
 pub mod fuse;
+pub mod guard;
 pub mod txn;
 pub mod volume;
 pub mod writebehind;

@@ -206,7 +206,7 @@ fn report_failover(name: &str, lun: &str, dir: &Path, runs: usize) -> Result<()>
         .context("exe dir")?
         .join("vmfs");
     let o = Command::new(&vmfs)
-        .args(["mkfs", "--block-size", "64K", lun])
+        .args(["mkfs", "--force", "--block-size", "64K", lun])
         .output()
         .context("run vmfs mkfs (build the vmfs binary beside this one)")?;
     anyhow::ensure!(
