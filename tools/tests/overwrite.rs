@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod common;
-use common::{mount_foreground, signal, text, vmfs};
+use common::{text, vmfs, Host};
 
 fn img(dir: &Path, name: &str, size: u64) -> PathBuf {
     let p = dir.join(name);
@@ -236,7 +236,7 @@ fn mkfs_and_extend_refuse_a_datastore_in_use_even_forced() {
     assert!(vmfs(&["mkfs", "--label", "live", s(&a), s(&b)])
         .status
         .success());
-    let mut host = mount_foreground(
+    let mut host = Host::mount(
         &["--state-dir", s(&d.path().join("st")), s(&a), s(&b)],
         &mnt,
     );
@@ -282,7 +282,10 @@ fn mkfs_and_extend_refuse_a_datastore_in_use_even_forced() {
     }
 
     // The mounted host never noticed: it still reads and writes.
-    assert!(host.try_wait().unwrap().is_none(), "the mount process died");
+    assert!(
+        host.child.try_wait().unwrap().is_none(),
+        "the mount process died"
+    );
     assert_eq!(
         std::fs::read(mnt.join("important.txt")).unwrap(),
         b"hello\n"
@@ -292,8 +295,7 @@ fn mkfs_and_extend_refuse_a_datastore_in_use_even_forced() {
         std::fs::read(mnt.join("after.txt")).unwrap(),
         b"still here\n"
     );
-    signal(&host, libc::SIGTERM);
-    assert!(host.wait().unwrap().success());
+    host.unmount().unwrap();
     let o = vmfs(&["fsck", s(&a), s(&b)]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 

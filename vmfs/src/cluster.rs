@@ -421,29 +421,67 @@ fn replayer_alive(hs: &HostSlot, s: u32, states: &[u32], silent: &[u32]) -> bool
         && !silent.contains(&hs.replayer)
 }
 
+/// The free slot a host joining as `host` claims, in this order: its own
+/// (the slot it left, with its journal); any slot with a journal (a host that
+/// left, or a dead host recovered: joining then needs no free space, which
+/// is what lets a full datastore be mounted again, see FORMAT.md); a slot
+/// never used; any free slot.
+fn pick_slot(now: &Slots, host: [u8; 16]) -> Option<u32> {
+    let free = |s: &usize| now[*s].0.state == SLOT_FREE;
+    let all = 0..now.len();
+    all.clone()
+        .filter(free)
+        .find(|&s| now[s].0.host == host && now[s].0.journal != 0)
+        .or_else(|| all.clone().filter(free).find(|&s| now[s].0.journal != 0))
+        .or_else(|| all.clone().filter(free).find(|&s| now[s].0.host == [0; 16]))
+        .or_else(|| all.clone().find(free))
+        .map(|s| s as u32)
+}
+
 /// Join the volume as host `host`: judge the other slots, recover dead
 /// hosts, share with live ones, claim a slot, start the heartbeat.
 pub fn join(vol: &Volume, host: [u8; 16], t: Timeouts) -> Result<Joined> {
     let n = vol.header.max_hosts;
     let lun = vol.luns[0].clone();
     let (first, dead) = watch(vol, Some(host), &t, None)?;
-    let free_slot = |now: &Slots| {
-        // Our own slot if we had one, else a never-used one, else any free one.
-        (0..n)
-            .find(|&s| now[s as usize].0.host == host && now[s as usize].0.state == SLOT_FREE)
-            .or_else(|| {
-                (0..n).find(|&s| {
-                    now[s as usize].0.state == SLOT_FREE && now[s as usize].0.host == [0; 16]
-                })
-            })
-            .or_else(|| (0..n).find(|&s| now[s as usize].0.state == SLOT_FREE))
-    };
     let mut replays = Vec::new();
     let mut now = read_slots(vol)?;
     let live = (0..n)
         .filter(|&s| now[s as usize].0.state != SLOT_FREE && !dead.contains(&s))
         .count();
-    if free_slot(&now).is_none() && live == 0 && !dead.is_empty() {
+    // A slot that has a journal never needs free space to join (see
+    // `pick_slot`). When none is free but a dead host's slot has one, that
+    // slot is freed first: by this host when no host lives (delta lease,
+    // as any host may), else by the live hosts, which recover dead hosts
+    // under the volume lock within about a lease: this host waits for them
+    // (bounded), rather than race them for the slot.
+    let has_journal =
+        |now: &Slots, s: Option<u32>| s.is_some_and(|s| now[s as usize].0.journal != 0);
+    if !has_journal(&now, pick_slot(&now, host)) {
+        if let Some(&s) = dead.iter().find(|&&s| first[s as usize].0.journal != 0) {
+            if live == 0 {
+                let (hs, sec) = &first[s as usize];
+                let why = format!(
+                    "stopped without unmounting: no heartbeat for {} ms",
+                    t.lease.as_millis()
+                );
+                if let Some(Some(rep)) = recover(vol, s, hs, sec, s, &t, &why, Confirm::Wait)? {
+                    replays.push((s, rep));
+                }
+                now = read_slots(vol)?;
+            } else {
+                tracing::info!(
+                    "no free heartbeat slot has a journal: waiting for a live host to recover slot {s} (a host that stopped), whose journal this host can reuse"
+                );
+                let start = Instant::now();
+                while start.elapsed() < t.lease * 3 && !has_journal(&now, pick_slot(&now, host)) {
+                    std::thread::sleep(t.heartbeat);
+                    now = read_slots(vol)?;
+                }
+            }
+        }
+    }
+    if pick_slot(&now, host).is_none() && live == 0 && !dead.is_empty() {
         // Every slot is held by a dead host and no host lives to recover
         // them under the volume lock: recover one here (delta lease).
         let s = dead[0];
@@ -461,7 +499,7 @@ pub fn join(vol: &Volume, host: [u8; 16], t: Timeouts) -> Result<Joined> {
     // the same moment: then look again (a few times).
     let mut tries = 0;
     let (slot, hs, sector) = loop {
-        let slot = free_slot(&now).ok_or_else(|| {
+        let slot = pick_slot(&now, host).ok_or_else(|| {
             FsError::Invalid(format!(
                 "all {n} host slots are in use ({} by hosts that stopped and are being recovered: try again in a few seconds)",
                 dead.len()

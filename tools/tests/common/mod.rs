@@ -74,3 +74,47 @@ pub fn signal(c: &std::process::Child, sig: i32) {
     // SAFETY: signalling our own child.
     unsafe { libc::kill(c.id() as i32, sig) };
 }
+
+/// A `vmfs mount --foreground` process that is killed, and its mount
+/// detached, when dropped: a failing test leaves no host behind (one would
+/// keep the test runner's output open, and CI waiting).
+pub struct Host {
+    pub child: std::process::Child,
+    pub mnt: std::path::PathBuf,
+}
+
+impl Host {
+    /// [`mount_foreground`] with the process kept in a [`Host`].
+    pub fn mount(args: &[&str], mnt: &Path) -> Host {
+        Host {
+            child: mount_foreground(args, mnt),
+            mnt: mnt.to_path_buf(),
+        }
+    }
+    /// SIGKILL it (a crash) and detach its dead mount.
+    pub fn kill(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            signal(&self.child, libc::SIGKILL);
+            let _ = self.child.wait();
+        }
+        let _ = std::process::Command::new("fusermount3")
+            .args(["-u", "-z"])
+            .arg(&self.mnt)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+    /// SIGTERM it (a clean unmount); Err if it did not exit cleanly.
+    pub fn unmount(&mut self) -> Result<(), String> {
+        signal(&self.child, libc::SIGTERM);
+        match self.child.wait() {
+            Ok(s) if s.success() => Ok(()),
+            r => Err(format!("the host did not unmount cleanly: {r:?}")),
+        }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
