@@ -41,6 +41,9 @@ pub const VERSION: u16 = 1;
 pub const MAX_HOLDERS: usize = 32;
 const HOLDERS_OFF: usize = 16;
 const HOLDER_LEN: usize = 12;
+/// The holder a free lock is kept for (volume lock hand-over): slot u32,
+/// generation u64 (0: kept for nobody). Zero in sectors written before it.
+const NEXT_OFF: usize = 400;
 const CRC_OFF: usize = 508;
 
 #[derive(Debug, Error)]
@@ -119,6 +122,10 @@ pub struct LockRec {
     pub mode: Mode,
     pub generation: u64,
     pub holders: Vec<Holder>,
+    /// While free: the host its last holder handed it to (the volume lock's
+    /// fair hand-over, [`VolumeLock::release_to`]); others leave it to that
+    /// host until it takes it, dies, or lets the reservation lapse.
+    pub next: Option<Holder>,
 }
 
 fn get32(b: &[u8], o: usize) -> u32 {
@@ -140,6 +147,10 @@ impl LockRec {
             let o = HOLDERS_OFF + i * HOLDER_LEN;
             b[o..o + 4].copy_from_slice(&h.slot.to_le_bytes());
             b[o + 4..o + 12].copy_from_slice(&h.generation.to_le_bytes());
+        }
+        if let Some(n) = self.next {
+            b[NEXT_OFF..NEXT_OFF + 4].copy_from_slice(&n.slot.to_le_bytes());
+            b[NEXT_OFF + 4..NEXT_OFF + 12].copy_from_slice(&n.generation.to_le_bytes());
         }
         let crc = crc32fast::hash(&b[..CRC_OFF]);
         b[CRC_OFF..].copy_from_slice(&crc.to_le_bytes());
@@ -185,10 +196,16 @@ impl LockRec {
                 }
             })
             .collect();
+        let next = Some(Holder {
+            slot: get32(b, NEXT_OFF),
+            generation: get64(b, NEXT_OFF + 4),
+        })
+        .filter(|n| n.generation != 0);
         Ok(LockRec {
             mode,
             generation: get64(b, 8),
             holders,
+            next,
         })
     }
 
@@ -208,6 +225,7 @@ impl LockRec {
             },
             generation: self.generation,
             holders,
+            next: self.next,
         }
     }
 
@@ -231,6 +249,7 @@ impl LockRec {
             mode,
             generation: self.generation + u64::from(mode == Mode::Exclusive),
             holders,
+            next: None,
         }
     }
 
@@ -447,11 +466,24 @@ impl Method {
 }
 
 /// The one lock every metadata change of a datastore is made under.
+///
+/// **Fair hand-over.** A holder that gives the lock back because other hosts
+/// wait for it names the next one ([`VolumeLock::release_to`]; the caller
+/// picks waiters in turn, by slot). Until that host takes it, every other
+/// host (the releaser included) counts the lock as busy, so no host can be
+/// overtaken forever by faster or closer ones. A reservation lapses when
+/// its host is no longer current, or when an observer has seen it unchanged
+/// for [`VolumeLock::lapse`] on its own clock (the host stopped waiting, or
+/// stalls): then anyone may take the lock again.
 pub struct VolumeLock {
     pub lun: Arc<dyn Lun>,
     /// Byte offset of its lock sector.
     pub off: u64,
     pub method: Method,
+    /// How long a reservation holds against this host.
+    pub lapse: std::time::Duration,
+    /// The reservation this host saw first, and when (its own clock).
+    seen: std::sync::Mutex<Option<(u64, Holder, std::time::Instant)>>,
 }
 
 /// Ballots are `round * BALLOT_SLOTS + slot + 1`: unique per host.
@@ -483,7 +515,32 @@ fn outrun(all: &[Dblock], s: usize, l: u64, mbal: u64) -> Option<Ballot> {
 impl VolumeLock {
     pub fn new(lun: Arc<dyn Lun>, off: u64) -> VolumeLock {
         let method = Method::for_lun(&*lun);
-        VolumeLock { lun, off, method }
+        VolumeLock {
+            lun,
+            off,
+            method,
+            lapse: std::time::Duration::from_millis(500),
+            seen: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The host other than `me` that the free lock `rec` is kept for, while
+    /// that reservation holds (see the type's doc).
+    pub fn reserved_for(&self, rec: &LockRec, me: Holder, members: &dyn Members) -> Option<Holder> {
+        let n = rec.next?;
+        if n == me || !rec.holders.is_empty() || !members.is_current(&n) {
+            return None;
+        }
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        match *seen {
+            Some((g, h, t)) if g == rec.generation && h == n => {
+                if t.elapsed() >= self.lapse {
+                    return None;
+                }
+            }
+            _ => *seen = Some((rec.generation, n, std::time::Instant::now())),
+        }
+        Some(n)
     }
 
     /// The lock sector as it is now.
@@ -502,13 +559,16 @@ impl VolumeLock {
             Method::CompareAndWrite => {
                 let (cur, new) = update(&*self.lun, self.off, true, |cur| {
                     let live = cur.live(members);
-                    if live.holders.iter().any(|h| *h != me) {
+                    if live.holders.iter().any(|h| *h != me)
+                        || self.reserved_for(&live, me, members).is_some()
+                    {
                         return Ok(None);
                     }
                     Ok(Some(LockRec {
                         mode: Mode::Exclusive,
                         generation: cur.generation + 1,
                         holders: vec![me],
+                        next: None,
                     }))
                 })?;
                 Ok(match new {
@@ -530,7 +590,8 @@ impl VolumeLock {
     ) -> Result<Attempt> {
         let leader = self.peek()?;
         let live = leader.live(members);
-        if live.holders.iter().any(|h| *h != me) {
+        if live.holders.iter().any(|h| *h != me) || self.reserved_for(&live, me, members).is_some()
+        {
             return Ok(Attempt::Busy(live));
         }
         // Instance numbers only grow; skip instances won by hosts that died
@@ -552,6 +613,7 @@ impl VolumeLock {
                         mode: Mode::Exclusive,
                         generation: l,
                         holders: vec![me],
+                        next: None,
                     };
                     self.lun.write_at(&rec.encode(), self.off)?;
                     return Ok(Attempt::Acquired { generation: l });
@@ -561,6 +623,7 @@ impl VolumeLock {
                         mode: Mode::Exclusive,
                         generation: l,
                         holders: vec![v],
+                        next: None,
                     }))
                 }
                 Ballot::Lost(_) => l += 1,
@@ -633,6 +696,11 @@ impl VolumeLock {
 
     /// Give the lock back (only its holder calls this).
     pub fn release(&self, me: Holder) -> Result<()> {
+        self.release_to(me, None)
+    }
+
+    /// Give the lock back, kept for `next` (a host waiting for it) if given.
+    pub fn release_to(&self, me: Holder, next: Option<Holder>) -> Result<()> {
         let caw = self.method == Method::CompareAndWrite;
         update(&*self.lun, self.off, caw, |cur| {
             if !cur.holders.contains(&me) {
@@ -645,7 +713,9 @@ impl VolumeLock {
                     ),
                 ));
             }
-            Ok(Some(cur.without(&me)))
+            let mut free = cur.without(&me);
+            free.next = next.filter(|n| *n != me);
+            Ok(Some(free))
         })?;
         Ok(())
     }

@@ -84,6 +84,10 @@ fn lock_sector_round_trip_and_damage() {
                 generation: 1,
             },
         ],
+        next: Some(Holder {
+            slot: 5,
+            generation: 2,
+        }),
     };
     let mut b = r.encode();
     assert_eq!(LockRec::decode(&b).unwrap(), r);
@@ -252,4 +256,71 @@ fn object_locks_under_the_volume_lock() {
         .unwrap()
         .is_ok());
     assert_eq!(read_lock(&lun, off).unwrap().holders.len(), 2);
+}
+
+/// A lock handed to a waiting host is busy for every other host (its
+/// releaser too) until that host takes it, dies, or the reservation lapses.
+fn hand_over(lun: Arc<dyn Lun>) {
+    let mut vl = VolumeLock::new(lun.clone(), 0);
+    vl.lapse = std::time::Duration::from_millis(300);
+    let h = |slot| Holder {
+        slot,
+        generation: 1,
+    };
+    let bb = |slot| Box_ {
+        lun: &*lun,
+        slot,
+        n: 3,
+    };
+    let all = |_: &Holder| true;
+    assert!(matches!(
+        vl.try_acquire(h(0), &all, &bb(0)).unwrap(),
+        Attempt::Acquired { .. }
+    ));
+    vl.release_to(h(0), Some(h(2))).unwrap();
+    assert_eq!(vl.peek().unwrap().next, Some(h(2)));
+    for s in [0, 1] {
+        assert!(
+            matches!(vl.try_acquire(h(s), &all, &bb(s)).unwrap(), Attempt::Busy(r) if r.next == Some(h(2))),
+            "slot {s} took a lock kept for slot 2"
+        );
+    }
+    assert!(matches!(
+        vl.try_acquire(h(2), &all, &bb(2)).unwrap(),
+        Attempt::Acquired { .. }
+    ));
+    vl.release_to(h(2), Some(h(1))).unwrap();
+    // Kept for a host that is no longer current: free for anyone.
+    let not_1 = |x: &Holder| x.slot != 1;
+    assert!(matches!(
+        vl.try_acquire(h(0), &not_1, &bb(0)).unwrap(),
+        Attempt::Acquired { .. }
+    ));
+    // A reservation nobody takes lapses on the observer's clock.
+    vl.release_to(h(0), Some(h(1))).unwrap();
+    assert!(matches!(
+        vl.try_acquire(h(2), &all, &bb(2)).unwrap(),
+        Attempt::Busy(_)
+    ));
+    std::thread::sleep(std::time::Duration::from_millis(350));
+    assert!(matches!(
+        vl.try_acquire(h(2), &all, &bb(2)).unwrap(),
+        Attempt::Acquired { .. }
+    ));
+    assert_eq!(vl.peek().unwrap().next, None);
+}
+
+#[test]
+fn hand_over_by_compare_and_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = lun::FileLun::create(&dir.path().join("l"), 1 << 20).unwrap();
+    hand_over(Arc::new(f));
+}
+
+#[test]
+fn hand_over_by_disk_paxos() {
+    hand_over(Arc::new(Jittery(
+        lun::MemLun::new("m", 1 << 20),
+        AtomicU64::new(3),
+    )));
 }

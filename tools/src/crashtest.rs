@@ -1188,14 +1188,20 @@ pub fn multi_host(hosts: usize, ops: usize, seed: u64) -> anyhow::Result<MultiSu
         u[15] = h as u8 + 1;
         u
     };
-    // Each host mounts once before the recording: its journal is allocated
-    // at its first mount, which a crash may leak (fsck --repair's job).
-    for h in 0..hosts {
-        let fs = Fs::mount(
-            mems.iter().map(|m| m.clone() as Arc<dyn Lun>).collect(),
-            uuid(h),
-            t,
-        )?;
+    // The hosts mount together once before the recording, so that each
+    // slot has its journal: a journal is allocated at a slot's first mount,
+    // which a crash may leak (fsck --repair's job). (One after another,
+    // each would take the slot the one before left, journal and all.)
+    let first: Vec<Fs> = (0..hosts)
+        .map(|h| {
+            Fs::mount(
+                mems.iter().map(|m| m.clone() as Arc<dyn Lun>).collect(),
+                uuid(h),
+                t,
+            )
+        })
+        .collect::<vmfs::Result<_>>()?;
+    for fs in first {
         fs.unmount()?;
     }
     let bases: Vec<Vec<u8>> = mems.iter().map(|m| m.snapshot()).collect();

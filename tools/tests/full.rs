@@ -60,6 +60,7 @@ fn dirs(d: &Path, names: &[&str]) -> Vec<PathBuf> {
 /// and later a new host does, after a second crash on the full datastore;
 /// deleting and writing again work, fsck is clean.
 fn full_then_crash(lun: &str, d: &Path) {
+    let _hog = common::Hog::start();
     let o = vmfs(&["mkfs", lun]);
     assert!(o.status.success(), "{}", text(&o));
     let v = dirs(d, &["mnt", "st-a", "st-b"]);
@@ -124,6 +125,7 @@ fn a_full_datastore_survivor_and_a_new_host_both_mount() {
     let d = tempfile::tempdir().unwrap();
     let lun = vmfs_tests::file_lun(d.path(), "l0.img", 256 << 20);
     assert!(vmfs(&["mkfs", &lun]).status.success());
+    let _hog = common::Hog::start();
     let v = dirs(d.path(), &["ma", "mb", "mc", "st-a", "st-b", "st-c"]);
     let mut a = mount(&lun, &v[0], &v[3]);
     let mut b = mount(&lun, &v[1], &v[4]);

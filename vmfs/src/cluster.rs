@@ -165,6 +165,10 @@ pub struct Member {
     own: Arc<Mutex<Own>>,
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// This host's threads waiting for the volume lock.
+    wanting: Mutex<u32>,
+    /// File-block clusters this host's threads wait for, oldest first.
+    clusters: Mutex<Vec<u64>>,
 }
 
 /// What joining found and did.
@@ -565,6 +569,8 @@ pub fn join(vol: &Volume, host: [u8; 16], t: Timeouts) -> Result<Joined> {
         own: Arc::new(Mutex::new(Own { slot, hs, sector })),
         stop: Arc::new(AtomicBool::new(false)),
         thread: Mutex::new(None),
+        wanting: Mutex::new(0),
+        clusters: Mutex::new(Vec::new()),
     };
     m.start();
     Ok(Joined {
@@ -688,19 +694,49 @@ impl Member {
         }
     }
 
-    /// Say (in this host's heartbeat sector, not flushed) whether it waits
-    /// for the volume lock; written only when it changes.
-    pub fn set_wants(&self, on: bool) -> Result<()> {
-        let v = u32::from(on);
-        if self.slot_state().wants == v {
-            return Ok(());
+    /// One more of this host's threads waits for the volume lock: the first
+    /// sets the wants bit in this host's heartbeat sector (not flushed), the
+    /// last to stop ([`Member::unwant_volume_lock`]) clears it. Counted, so
+    /// one thread that got it never hides another that still waits.
+    pub fn want_volume_lock(&self) -> Result<()> {
+        let mut n = self.wanting.lock().unwrap_or_else(|p| p.into_inner());
+        if *n == 0 {
+            self.change(|hs| hs.wants = 1, false)?;
         }
-        self.change(|hs| hs.wants = v, false)
+        *n += 1;
+        Ok(())
     }
 
-    /// Say in this host's slot which file-block cluster it waits for (0:
-    /// none); a hint its holder acts on.
-    pub fn set_want_cluster(&self, addr: u64) -> Result<()> {
+    /// The end of a [`Member::want_volume_lock`].
+    pub fn unwant_volume_lock(&self) -> Result<()> {
+        let mut n = self.wanting.lock().unwrap_or_else(|p| p.into_inner());
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.change(|hs| hs.wants = 0, false)?;
+        }
+        Ok(())
+    }
+
+    /// One more wait for file-block cluster `addr`. The slot has room for
+    /// one request: it shows the oldest of this host's requests still
+    /// waiting, so no request is lost when another thread's ends.
+    pub fn want_cluster(&self, addr: u64) -> Result<()> {
+        let mut w = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+        w.push(addr);
+        self.show_cluster(&w)
+    }
+
+    /// The end of a [`Member::want_cluster`].
+    pub fn unwant_cluster(&self, addr: u64) -> Result<()> {
+        let mut w = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = w.iter().position(|&a| a == addr) {
+            w.remove(i);
+        }
+        self.show_cluster(&w)
+    }
+
+    fn show_cluster(&self, w: &[u64]) -> Result<()> {
+        let addr = w.first().copied().unwrap_or(0);
         if self.slot_state().want_cluster == addr {
             return Ok(());
         }

@@ -97,6 +97,9 @@ pub struct Fs {
     mapped_count: std::sync::atomic::AtomicUsize,
     /// The LUN URLs this host may open for raw device mappings (its LUN list).
     rdm_luns: RwLock<Vec<String>>,
+    /// The housekeeping thread waits for the volume lock to give file-block
+    /// clusters away (counted in the member's wants).
+    yield_wants: std::sync::atomic::AtomicBool,
 }
 
 /// Waiting for the volume lock: says once, after a lease, who holds it, and
@@ -134,6 +137,33 @@ impl LockWait {
                 "got the volume lock after {} ms",
                 self.start.elapsed().as_millis()
             );
+        }
+    }
+}
+
+/// One thread's wait for the volume lock, said in this host's heartbeat
+/// sector (the wants bit) from [`Wanting::start`] until dropped.
+struct Wanting<'a>(Option<&'a crate::cluster::Member>);
+
+impl<'a> Wanting<'a> {
+    fn none() -> Wanting<'a> {
+        Wanting(None)
+    }
+    fn start(&mut self, m: &'a crate::cluster::Member) -> Result<()> {
+        if self.0.is_none() {
+            m.want_volume_lock()?;
+            self.0 = Some(m);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Wanting<'_> {
+    fn drop(&mut self) {
+        if let Some(m) = self.0.take() {
+            if let Err(e) = m.unwant_volume_lock() {
+                tracing::debug!("clearing the wants bit: {e}");
+            }
         }
     }
 }
@@ -1374,7 +1404,10 @@ impl Fs {
         // Other hosts change the metadata from now on: everything is read
         // under the volume lock (the allocation summaries at the first
         // operation), nothing before.
-        let vlock = locking::VolumeLock::new(vol.luns[0].clone(), vol.header.rt_off);
+        let mut vlock = locking::VolumeLock::new(vol.luns[0].clone(), vol.header.rt_off);
+        // A host the lock is handed to takes it within microseconds when it
+        // runs; a sixteenth of the lease also covers a busy CPU's delays.
+        vlock.lapse = t.lease / 16;
         tracing::info!(
             "on-disk locks of this datastore: {}",
             vlock.method.describe()
@@ -1535,6 +1568,7 @@ impl Fs {
             mapped: Mutex::new(HashMap::new()),
             mapped_count: std::sync::atomic::AtomicUsize::new(0),
             rdm_luns: RwLock::new(Vec::new()),
+            yield_wants: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -2042,7 +2076,7 @@ impl Fs {
         };
         let me = m.holder();
         let (lun, off) = self.vol().lock_sector(addr)?;
-        m.set_want_cluster(addr)?;
+        m.want_cluster(addr)?;
         let start = std::time::Instant::now();
         let mut said = false;
         let mut pause = std::time::Duration::from_micros(200);
@@ -2078,7 +2112,7 @@ impl Fs {
                 start.elapsed().as_millis()
             );
         }
-        let cleared = m.set_want_cluster(0);
+        let cleared = m.unwant_cluster(addr);
         r?;
         cleared
     }
@@ -2205,15 +2239,19 @@ impl Fs {
     /// that died, whose lock breaks only then.
     fn lock_with_volume_lock(&self) -> Result<MutexGuard<'_, State>> {
         let mut wait = LockWait::new();
+        let mut wanting = Wanting::none();
         let mut pause = std::time::Duration::from_micros(20);
         loop {
             let mut st = self.lock();
             if self.vl_take(&mut st, &[], true, false)? {
                 wait.got();
+                drop(wanting);
                 return Ok(st);
             }
             drop(st);
             if let (Some(sh), Some(m)) = (self.shared.get(), self.member.get()) {
+                // Ask the holder to give it back after its operation.
+                wanting.start(m)?;
                 // Hosts whose ballots collided separate by slot.
                 std::thread::sleep(std::time::Duration::from_micros(
                     13 * u64::from(m.slot % 32),
@@ -2222,7 +2260,7 @@ impl Fs {
                     .vlock
                     .peek()
                     .ok()
-                    .and_then(|r| r.holders.first().copied());
+                    .and_then(|r| r.holders.first().copied().or(r.next));
                 wait.still_waiting(self, m.timeouts.lease, holder.as_ref());
             }
             std::thread::sleep(pause);
@@ -2254,6 +2292,7 @@ impl Fs {
             member: m,
         };
         let mut wait = LockWait::new();
+        let mut wanting = Wanting::none();
         let mut pause = std::time::Duration::from_micros(20);
         loop {
             m.check_lease()?;
@@ -2270,7 +2309,7 @@ impl Fs {
                     st.vl_held = Some(generation);
                     st.vl_since = std::time::Instant::now();
                     st.cache_gen = Some(generation);
-                    m.set_wants(false)?;
+                    drop(wanting);
                     if st.alloc_stale && load_alloc {
                         st.alloc = Alloc::reload(&self.vol(), &mut st.meta, &st.alloc)?;
                         st.alloc_stale = false;
@@ -2279,12 +2318,16 @@ impl Fs {
                     return Ok(true);
                 }
                 locking::Attempt::Busy(rec) => {
-                    // Ask the holder to give it back after its operation.
-                    m.set_wants(true)?;
                     if !patient {
                         return Ok(false);
                     }
-                    wait.still_waiting(self, m.timeouts.lease, rec.holders.first());
+                    // Ask the holder to give it back after its operation.
+                    wanting.start(m)?;
+                    wait.still_waiting(
+                        self,
+                        m.timeouts.lease,
+                        rec.holders.first().or(rec.next.as_ref()),
+                    );
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(std::time::Duration::from_millis(2));
                 }
@@ -2318,12 +2361,22 @@ impl Fs {
         // Without a watcher nobody would notice a waiter while this host is
         // idle: then the lock goes back after every operation.
         let watched = sh.watched.load(std::sync::atomic::Ordering::SeqCst);
-        if !force
-            && !(sh.contended.load(std::sync::atomic::Ordering::SeqCst)
-                && (!watched
-                    || (st.vl_since.elapsed() >= LOCK_QUANTUM && self.others_want(m.slot))))
-        {
-            return Ok(());
+        let contended = sh.contended.load(std::sync::atomic::Ordering::SeqCst);
+        let mut table = None;
+        if !force {
+            if !contended {
+                return Ok(());
+            }
+            if watched {
+                if st.vl_since.elapsed() < LOCK_QUANTUM {
+                    return Ok(());
+                }
+                let t = crate::cluster::slot_table(&self.vol());
+                if !Self::volume_lock_wanted(&t, m.slot) {
+                    return Ok(());
+                }
+                table = Some(t);
+            }
         }
         if !watched {
             // Nobody here would hand a file-block cluster to a host asking
@@ -2332,16 +2385,41 @@ impl Fs {
         }
         // A failed commit keeps the lock: what is on disk is uncertain,
         // and only a replay of this host's journal may fix it.
+        let t0 = std::time::Instant::now();
         st.meta.checkpoint(&self.vol())?;
-        sh.vlock.release(m.holder())?;
+        if t0.elapsed() > m.timeouts.lease / 8 || st.vl_since.elapsed() > m.timeouts.lease / 4 {
+            tracing::warn!(
+                "held the volume lock for {} ms (its checkpoint took {} ms)",
+                st.vl_since.elapsed().as_millis(),
+                t0.elapsed().as_millis()
+            );
+        }
+        // Handed to the next host that waits, in turn by slot: fair.
+        let next = match table {
+            Some(t) => Self::next_waiter(&t, m.slot),
+            None if contended => {
+                Self::next_waiter(&crate::cluster::slot_table(&self.vol()), m.slot)
+            }
+            None => None,
+        };
+        sh.vlock.release_to(m.holder(), next)?;
         st.vl_held = None;
         Ok(())
     }
 
-    /// Whether another live host says it waits for the volume lock. A slot
-    /// table that cannot be read counts as yes (give the lock back).
-    fn others_want(&self, me: u32) -> bool {
-        Self::volume_lock_wanted(&crate::cluster::slot_table(&self.vol()), me)
+    /// The live host that waits for the volume lock and comes first after
+    /// slot `me` in slot order (wrapping): each waiting host gets the lock in
+    /// turn, so none waits more than one turn of the others.
+    fn next_waiter(table: &Result<Vec<HostSlot>>, me: u32) -> Option<locking::Holder> {
+        let t = table.as_ref().ok()?;
+        let n = t.len() as u32;
+        (1..n).map(|k| (me + k) % n).find_map(|s| {
+            let h = &t[s as usize];
+            (h.state == crate::format::SLOT_LIVE && h.wants & 1 != 0).then_some(locking::Holder {
+                slot: s,
+                generation: h.generation,
+            })
+        })
     }
 
     /// [`Fs::others_want`] on a slot table already read.
@@ -2376,8 +2454,11 @@ impl Fs {
                 st.vl_held.is_some() && st.vl_since.elapsed() >= LOCK_QUANTUM,
             )
         };
-        if held.is_empty() && !vl_due {
-            return Ok(());
+        if held.is_empty() {
+            self.stop_yield_wants(m)?;
+            if !vl_due {
+                return Ok(());
+            }
         }
         let table = crate::cluster::slot_table(&self.vol());
         let wanted: Vec<u64> = match &table {
@@ -2393,13 +2474,24 @@ impl Fs {
                 .collect(),
             Err(_) => Vec::new(),
         };
-        if !wanted.is_empty() {
+        if wanted.is_empty() {
+            self.stop_yield_wants(m)?;
+        } else {
             // One try: this thread also recovers dead hosts, one of
-            // which may be what holds the volume lock. Next tick again.
+            // which may be what holds the volume lock. Next tick again;
+            // meanwhile this host says it waits, so that the lock is handed
+            // to it in its turn.
             let mut st = self.lock();
             if !self.vl_take(&mut st, &[], true, false)? {
+                if !self
+                    .yield_wants
+                    .swap(true, std::sync::atomic::Ordering::SeqCst)
+                {
+                    m.want_volume_lock()?;
+                }
                 return Ok(());
             }
+            self.stop_yield_wants(m)?;
             let vol = self.vol();
             let r = wanted
                 .iter()
@@ -2423,6 +2515,17 @@ impl Fs {
             return Ok(());
         }
         table.map(|_| ())
+    }
+
+    /// The housekeeping thread no longer waits for the volume lock.
+    fn stop_yield_wants(&self, m: &crate::cluster::Member) -> Result<()> {
+        if self
+            .yield_wants
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            m.unwant_volume_lock()?;
+        }
+        Ok(())
     }
 
     /// Give the volume lock back now if this host holds it.
@@ -2475,15 +2578,29 @@ impl Fs {
         let me = m.holder();
         let mut pause = std::time::Duration::from_micros(20);
         let mut tries = 0u32;
+        let mut wanting = Wanting::none();
         loop {
             let rec = sh.vlock.peek()?;
             let others: Vec<_> = rec.holders.iter().filter(|h| **h != me).collect();
+            if rec.holders.is_empty() && rec.next == Some(me) {
+                // Handed to this host (it said it waits): take it, read
+                // under it, and pass it on, or every other host would wait
+                // for the reservation to lapse.
+                if self.vl_take(&mut st, &[], true, false)? {
+                    drop(wanting);
+                    let r = f(&mut st, &self.vol());
+                    let left = self.vl_leave(&mut st, false);
+                    let r = r?;
+                    left?;
+                    return Ok(r);
+                }
+            }
             if !others.is_empty() {
                 let t = crate::cluster::slot_table(&self.vol())?;
                 if others.iter().any(|h| crate::cluster::is_current(&t, h)) {
                     m.check_lease()?;
                     // A holder keeps the lock while nobody waits: say we do.
-                    m.set_wants(true)?;
+                    wanting.start(m)?;
                     // Let the state go while waiting (the housekeeping
                     // thread needs it to recover a holder that died).
                     drop(st);
@@ -2502,7 +2619,7 @@ impl Fs {
                 st.cache_gen = Some(rec.generation);
                 self.refresh_volume(&mut st)?;
             }
-            m.set_wants(false)?;
+            drop(std::mem::replace(&mut wanting, Wanting::none()));
             let reads = st.meta.reads;
             let r = f(&mut st, &self.vol());
             if st.meta.reads == reads {

@@ -10,7 +10,10 @@ pub const VMFS: &str = env!("CARGO_BIN_EXE_vmfs");
 pub fn vmfs(args: &[&str]) -> Output {
     Command::new(VMFS)
         .args(args)
-        .env("VMFS_LOG", "warn")
+        .env(
+            "VMFS_LOG",
+            std::env::var("VMFS_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .output()
         .expect("run vmfs")
 }
@@ -45,7 +48,10 @@ pub fn mount_foreground_lease(args: &[&str], mnt: &Path, lease_ms: u32) -> std::
         .args(["mount", "--foreground", "--lease-ms", &lease_ms.to_string()])
         .args(args)
         .arg(mnt)
-        .env("VMFS_LOG", "warn")
+        .env(
+            "VMFS_LOG",
+            std::env::var("VMFS_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .spawn()
         .unwrap();
     let t = std::time::Instant::now();
@@ -116,5 +122,33 @@ impl Host {
 impl Drop for Host {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Busy loops that keep every core busy beside the hosts (a host shares its
+/// CPUs with virtual machines: a busy host is the normal case); killed when
+/// dropped.
+pub struct Hog(Vec<std::process::Child>);
+
+impl Hog {
+    pub fn start() -> Hog {
+        let n = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Hog((0..n)
+            .map(|_| {
+                std::process::Command::new("sh")
+                    .args(["-c", "while :; do :; done"])
+                    .spawn()
+                    .unwrap()
+            })
+            .collect())
+    }
+}
+
+impl Drop for Hog {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
