@@ -553,42 +553,64 @@ impl Alloc {
     /// Allocate `n` contiguous file blocks within one cluster (a journal);
     /// returns the first logical block number.
     pub fn alloc_run(&mut self, vol: &Volume, meta: &mut Meta, n: u64) -> Result<u64> {
-        for ci in 0..self.fbc.len() {
+        // A run may go on from one cluster into the next when their blocks
+        // follow each other (never across extents: an extent starts with
+        // its metadata blocks, in use), through clusters no other current
+        // host holds.
+        let (mut start, mut len) = (0u64, 0u64);
+        let mut prev_end = None;
+        let mut found = None;
+        'clusters: for ci in 0..self.fbc.len() {
             let c = self.fbc[ci].clone();
-            if u64::from(c.free) < n || self.other_holder(vol, meta, c.addr)?.is_some() {
+            let usable = c.free > 0 && self.other_holder(vol, meta, c.addr)?.is_none();
+            if !usable || prev_end != Some(c.first) {
+                len = 0;
+            }
+            if !usable {
+                prev_end = None;
                 continue;
             }
             let body = &meta.get(vol, c.addr, MAGIC_FBC)?[LOCK_SECTOR..];
-            let (mut start, mut len) = (0usize, 0u64);
-            let mut found = None;
             for j in 0..c.count as usize {
                 if bit_get(&body[CL_BITMAP..], j) {
                     len = 0;
                     continue;
                 }
                 if len == 0 {
-                    start = j;
+                    start = c.first + j as u64;
                 }
                 len += 1;
                 if len == n {
                     found = Some(start);
-                    break;
+                    break 'clusters;
                 }
             }
-            let Some(start) = found else { continue };
+            prev_end = Some(c.first + u64::from(c.count));
+        }
+        let Some(start) = found else {
+            return Err(FsError::NoSpace(format!(
+                "no run of {n} contiguous free file blocks for a journal"
+            )));
+        };
+        for ci in 0..self.fbc.len() {
+            let c = self.fbc[ci].clone();
+            let (lo, hi) = (
+                start.max(c.first),
+                (start + n).min(c.first + u64::from(c.count)),
+            );
+            if lo >= hi {
+                continue;
+            }
             let b = meta.get_mut(vol, c.addr, MAGIC_FBC)?;
             let body = &mut b[LOCK_SECTOR..];
-            for j in start..start + n as usize {
-                bit_set(&mut body[CL_BITMAP..], j, true);
+            for blk in lo..hi {
+                bit_set(&mut body[CL_BITMAP..], (blk - c.first) as usize, true);
             }
-            let free = get32(body, CL_FREE) - n as u32;
+            let free = get32(body, CL_FREE) - (hi - lo) as u32;
             put32(body, CL_FREE, free);
             self.fbc[ci].free = free;
-            return Ok(c.first + start as u64);
         }
-        Err(FsError::NoSpace(format!(
-            "no run of {n} contiguous free file blocks for a journal"
-        )))
+        Ok(start)
     }
 
     pub fn free_fb(&mut self, vol: &Volume, meta: &mut Meta, lbn: u64) -> Result<()> {
