@@ -549,18 +549,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Some(n) => bail!("--journal-size {n} is not a multiple of 4K"),
             };
             let t = vmfs::cluster::Timeouts::new(None, lease_ms)?;
+            let opts = MkfsOptions {
+                label,
+                block_size: bs,
+                max_hosts,
+                journal_blocks,
+                ..Default::default()
+            };
+            opts.check(luns.len())?;
             let opened = open_luns(&luns)?;
             vmfs::guard::check_overwrite(&opened, force, &t, "mkfs", &open_hint(&t))?.wipe()?;
-            let fs = Fs::mkfs(
-                opened,
-                &MkfsOptions {
-                    label,
-                    block_size: bs,
-                    max_hosts,
-                    journal_blocks,
-                    ..Default::default()
-                },
-            )?;
+            let fs = Fs::mkfs(opened, &opts)?;
             let u = fs.usage();
             println!(
                 "created datastore {} over {} extent(s): {} ({} blocks of {}), {} host slots",

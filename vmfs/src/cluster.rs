@@ -461,18 +461,23 @@ pub fn join(vol: &Volume, host: [u8; 16], t: Timeouts) -> Result<Joined> {
     // (bounded), rather than race them for the slot.
     let has_journal =
         |now: &Slots, s: Option<u32>| s.is_some_and(|s| now[s as usize].0.journal != 0);
+    // Recover dead slot `s` here, before claiming (delta lease): only when
+    // no host lives to do it under the volume lock.
+    let recover_here = |s: u32, replays: &mut Vec<(u32, journal::Report)>| -> Result<Slots> {
+        let (hs, sec) = &first[s as usize];
+        let why = format!(
+            "stopped without unmounting: no heartbeat for {} ms",
+            t.lease.as_millis()
+        );
+        if let Some(Some(rep)) = recover(vol, s, hs, sec, s, &t, &why, Confirm::Wait)? {
+            replays.push((s, rep));
+        }
+        read_slots(vol)
+    };
     if !has_journal(&now, pick_slot(&now, host)) {
         if let Some(&s) = dead.iter().find(|&&s| first[s as usize].0.journal != 0) {
             if live == 0 {
-                let (hs, sec) = &first[s as usize];
-                let why = format!(
-                    "stopped without unmounting: no heartbeat for {} ms",
-                    t.lease.as_millis()
-                );
-                if let Some(Some(rep)) = recover(vol, s, hs, sec, s, &t, &why, Confirm::Wait)? {
-                    replays.push((s, rep));
-                }
-                now = read_slots(vol)?;
+                now = recover_here(s, &mut replays)?;
             } else {
                 tracing::info!(
                     "no free heartbeat slot has a journal: waiting for a live host to recover slot {s} (a host that stopped), whose journal this host can reuse"
@@ -487,17 +492,8 @@ pub fn join(vol: &Volume, host: [u8; 16], t: Timeouts) -> Result<Joined> {
     }
     if pick_slot(&now, host).is_none() && live == 0 && !dead.is_empty() {
         // Every slot is held by a dead host and no host lives to recover
-        // them under the volume lock: recover one here (delta lease).
-        let s = dead[0];
-        let (hs, sec) = &first[s as usize];
-        let why = format!(
-            "stopped without unmounting: no heartbeat for {} ms",
-            t.lease.as_millis()
-        );
-        if let Some(Some(rep)) = recover(vol, s, hs, sec, s, &t, &why, Confirm::Wait)? {
-            replays.push((s, rep));
-        }
-        now = read_slots(vol)?;
+        // them under the volume lock: recover one here.
+        now = recover_here(dead[0], &mut replays)?;
     }
     // Claim a free slot; another mounting host may take the same one at
     // the same moment: then look again (a few times).

@@ -37,6 +37,32 @@ pub fn fbc_blocks_for(nblocks: u64) -> u32 {
     pow2.clamp(FBC_BLOCKS_MIN, FBC_BLOCKS) as u32
 }
 
+impl MkfsOptions {
+    /// The checks that need no LUN: run before anything is read or written.
+    pub fn check(&self, nluns: usize) -> Result<()> {
+        if nluns == 0 || nluns > MAX_EXTENTS {
+            return Err(FsError::Invalid(format!(
+                "a datastore has 1 to {MAX_EXTENTS} extents, {nluns} given"
+            )));
+        }
+        if !self.block_size.is_power_of_two() || !(64 << 10..=64 << 20).contains(&self.block_size) {
+            return Err(FsError::Invalid(format!(
+                "block size {} must be a power of two from 64K to 64M",
+                self.block_size
+            )));
+        }
+        if self.max_hosts == 0 || self.max_hosts > MAX_HOSTS_LIMIT {
+            return Err(FsError::Invalid(format!(
+                "--max-hosts must be 1..={MAX_HOSTS_LIMIT}"
+            )));
+        }
+        if self.label.len() > 63 {
+            return Err(FsError::Invalid("label is longer than 63 bytes".into()));
+        }
+        Ok(())
+    }
+}
+
 impl Default for MkfsOptions {
     fn default() -> Self {
         MkfsOptions {
@@ -256,23 +282,7 @@ impl Volume {
 
     /// Format `luns` as a new volume. Writes only after every check passed.
     pub fn mkfs(luns: Vec<Arc<dyn Lun>>, opts: &MkfsOptions) -> Result<Volume> {
-        if luns.is_empty() || luns.len() > MAX_EXTENTS {
-            return Err(FsError::Invalid(format!(
-                "a datastore has 1 to {MAX_EXTENTS} extents, {} given",
-                luns.len()
-            )));
-        }
-        if !opts.block_size.is_power_of_two() || !(64 << 10..=64 << 20).contains(&opts.block_size) {
-            return Err(FsError::Invalid(format!(
-                "block size {} must be a power of two from 64K to 64M",
-                opts.block_size
-            )));
-        }
-        if opts.max_hosts == 0 || opts.max_hosts > MAX_HOSTS_LIMIT {
-            return Err(FsError::Invalid(format!(
-                "--max-hosts must be 1..={MAX_HOSTS_LIMIT}"
-            )));
-        }
+        opts.check(luns.len())?;
         let total: u64 = luns.iter().map(|l| l.size()).sum();
         let mut opts = opts.clone();
         if opts.journal_blocks == 0 {
@@ -286,9 +296,6 @@ impl Volume {
                 JOURNAL_MIN_BLOCKS * 4,
                 JOURNAL_MAX_BLOCKS / 256
             )));
-        }
-        if opts.label.len() > 63 {
-            return Err(FsError::Invalid("label is longer than 63 bytes".into()));
         }
         let mut ids = std::collections::HashSet::new();
         for l in &luns {
