@@ -4,18 +4,20 @@ use thiserror::Error;
 /// (as the user wrote it) and, where there is one, the offset.
 #[derive(Debug, Error)]
 pub enum LunError {
-    #[error("{lun}: I/O error at offset {offset} (+{len} bytes): {source}")]
+    // The OS error is part of the message, not a source: shown once, not
+    // again by a caller that prints the chain.
+    #[error("{lun}: I/O error at offset {offset} (+{len} bytes): {cause}")]
     Io {
         lun: String,
         offset: u64,
         len: u64,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("{lun}: {what}: {source}")]
+    #[error("{lun}: {what}: {cause}")]
     Open {
         lun: String,
         what: String,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{lun}: access at offset {offset} (+{len} bytes) is beyond the end of the LUN ({size} bytes)")]
     OutOfRange {

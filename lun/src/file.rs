@@ -107,10 +107,10 @@ const BLKSSZGET: libc::c_ulong = 0x1268;
 impl FileLun {
     /// Open `path` for reading and writing; `name` is how the user wrote it.
     pub fn open(path: &Path, name: &str) -> Result<FileLun> {
-        let open_err = |what: &str, source| LunError::Open {
+        let open_err = |what: &str, cause| LunError::Open {
             lun: name.to_string(),
             what: what.to_string(),
-            source,
+            cause,
         };
         let file = OpenOptions::new()
             .read(true)
@@ -173,23 +173,23 @@ impl FileLun {
         let f = File::create(path).map_err(|e| LunError::Open {
             lun: name.clone(),
             what: "cannot create".into(),
-            source: e,
+            cause: e,
         })?;
         f.set_len(size).map_err(|e| LunError::Open {
             lun: name.clone(),
             what: "cannot size".into(),
-            source: e,
+            cause: e,
         })?;
         drop(f);
         FileLun::open(path, &name)
     }
 
-    fn io_err(&self, offset: u64, len: u64, source: std::io::Error) -> LunError {
+    fn io_err(&self, offset: u64, len: u64, cause: std::io::Error) -> LunError {
         LunError::Io {
             lun: self.name.clone(),
             offset,
             len,
-            source,
+            cause,
         }
     }
 

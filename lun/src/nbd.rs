@@ -530,7 +530,7 @@ async fn dial(addr: &NbdAddr, export: &str, name: &str) -> Result<(BoxStream, Ex
                     .map_err(|e| LunError::Open {
                         lun: name.into(),
                         what: format!("cannot connect to {host}:{port}"),
-                        source: e,
+                        cause: e,
                     })?;
                 let _ = t.set_nodelay(true);
                 Box::new(t)
@@ -539,7 +539,7 @@ async fn dial(addr: &NbdAddr, export: &str, name: &str) -> Result<(BoxStream, Ex
                 |e| LunError::Open {
                     lun: name.into(),
                     what: format!("cannot connect to {}", p.display()),
-                    source: e,
+                    cause: e,
                 },
             )?),
         };
@@ -594,7 +594,7 @@ impl NbdLun {
             .map_err(|e| LunError::Open {
                 lun: name.into(),
                 what: "cannot start the NBD runtime".into(),
-                source: e,
+                cause: e,
             })?;
         let conn = rt.block_on(async {
             let (stream, info) = dial(&addr, export, name).await?;

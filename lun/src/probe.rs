@@ -136,7 +136,7 @@ fn image(lun: &dyn Lun) -> Result<OwnedFd> {
     let open_err = |what: &str| LunError::Open {
         lun: lun.name().to_string(),
         what: what.to_string(),
-        source: std::io::Error::last_os_error(),
+        cause: std::io::Error::last_os_error(),
     };
     // SAFETY: a valid C string; the returned descriptor is owned below.
     let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };

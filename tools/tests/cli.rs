@@ -346,3 +346,32 @@ fn broken_nbd_servers_are_clear_errors() {
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).contains("cannot connect"), "{}", text(&o));
 }
+
+/// An error says its cause once, and logs to a pipe carry no colour codes.
+#[test]
+fn messages_say_the_cause_once_and_logs_have_no_colour_in_a_pipe() {
+    let d = tempfile::tempdir().unwrap();
+    let missing = d.path().join("nonexistent.img");
+    let o = vmfs(&["mkfs", missing.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert_eq!(
+        text(&o).matches("No such file or directory").count(),
+        1,
+        "{}",
+        text(&o)
+    );
+    let a = img(d.path(), "a.img", 64 << 20);
+    assert!(vmfs(&["mkfs", a.to_str().unwrap()]).status.success());
+    let o = Command::new(VMFS)
+        .args(["mkfs", "--force", a.to_str().unwrap()])
+        .env("VMFS_LOG", "info")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("overwriting"), "{}", text(&o));
+    assert!(
+        !text(&o).contains('\u{1b}'),
+        "ANSI codes in: {:?}",
+        text(&o)
+    );
+}

@@ -603,7 +603,7 @@ fn eventfd(name: &str) -> Result<OwnedFd> {
         return Err(LunError::Open {
             lun: name.into(),
             what: "cannot create an eventfd".into(),
-            source: std::io::Error::last_os_error(),
+            cause: std::io::Error::last_os_error(),
         });
     }
     // SAFETY: `efd` is a new descriptor that nothing else owns.
@@ -679,7 +679,7 @@ impl IscsiLun {
             .map_err(|e| LunError::Open {
                 lun: name.into(),
                 what: "cannot start the iSCSI thread".into(),
-                source: e,
+                cause: e,
             })?;
         let mut lun = IscsiLun {
             name: name.to_string(),
