@@ -77,6 +77,20 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 /// Host processes killed (and their mounts detached) if the test fails.
 struct Hosts(Vec<(std::process::Child, PathBuf)>);
 
+impl Hosts {
+    /// Unmount every host cleanly (SIGTERM); each must exit with success.
+    fn unmount_all(&mut self) {
+        for (mut h, m) in std::mem::take(&mut self.0) {
+            common::signal(&h, libc::SIGTERM);
+            assert!(
+                h.wait().unwrap().success(),
+                "host on {} failed",
+                m.display()
+            );
+        }
+    }
+}
+
 impl Drop for Hosts {
     fn drop(&mut self) {
         for (c, m) in &mut self.0 {
@@ -140,14 +154,7 @@ fn run_with(luns: &[&str], dir: &Path, hosts: usize, lease_ms: u32, during: impl
             m.display()
         );
     }
-    for (mut h, m) in std::mem::take(&mut guard.0) {
-        common::signal(&h, libc::SIGTERM);
-        assert!(
-            h.wait().unwrap().success(),
-            "host on {} failed",
-            m.display()
-        );
-    }
+    guard.unmount_all();
     let mut args = vec!["fsck"];
     args.extend_from_slice(luns);
     let o = vmfs(&args);
@@ -330,14 +337,7 @@ fn four_hosts_fill_the_datastore() {
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    for (mut h, m) in std::mem::take(&mut guard.0) {
-        common::signal(&h, libc::SIGTERM);
-        assert!(
-            h.wait().unwrap().success(),
-            "host on {} failed",
-            m.display()
-        );
-    }
+    guard.unmount_all();
     let o = vmfs(&["fsck", &l]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let info = text(&vmfs(&["info", &l]));
