@@ -2445,14 +2445,11 @@ impl Fs {
         })
     }
 
-    /// [`Fs::others_want`] on a slot table already read.
+    /// Whether another live host says in `table` that it waits for the
+    /// volume lock. A slot table that could not be read counts as yes (give
+    /// the lock back).
     fn volume_lock_wanted(table: &Result<Vec<HostSlot>>, me: u32) -> bool {
-        match table {
-            Ok(t) => t.iter().enumerate().any(|(i, h)| {
-                i as u32 != me && h.state == crate::format::SLOT_LIVE && h.wants & 1 != 0
-            }),
-            Err(_) => true,
-        }
+        table.is_err() || Self::next_waiter(table, me).is_some()
     }
 
     /// Called between operations: if this host holds the volume lock while

@@ -142,7 +142,8 @@ pub fn check_overwrite(
             found.push((l.clone(), h));
         }
     }
-    let mut refusals = Vec::new();
+    // (LUN, why): at most one refusal per LUN.
+    let mut refusals: Vec<(String, String)> = Vec::new();
     // Rule 3: every datastore met, judged once by its heartbeat region.
     let mut judged: Vec<[u8; 16]> = Vec::new();
     for (l, h) in &found {
@@ -177,33 +178,30 @@ pub fn check_overwrite(
             Ok(l0) => {
                 let live = live_hosts(l0, header, t)?;
                 if !live.is_empty() {
-                    refusals.push(format!(
+                    refusals.push((l.name().to_string(), format!(
                         "{}: {} is in use: {} live (its heartbeat moved within {} ms); unmount it on every host first",
                         l.name(),
                         ds,
                         live.join(", "),
                         t.lease.as_millis()
-                    ));
+                    )));
                 }
             }
             Err(e) if force => tracing::warn!(
                 "{}: cannot tell whether any host uses {ds}: its first extent cannot be read ({e}); overwriting as forced",
                 l.name()
             ),
-            Err(e) => refusals.push(format!(
+            Err(e) => refusals.push((l.name().to_string(), format!(
                 "{}: cannot tell whether any host uses {ds}: its first extent cannot be read ({e}); give that LUN too, or --force if the datastore is gone",
                 l.name()
-            )),
+            ))),
         }
     }
     // Rule 2.
     if !force {
         for (l, h) in &found {
-            let taken = refusals
-                .iter()
-                .any(|r| r.starts_with(&format!("{}:", l.name())));
-            if !taken {
-                refusals.push(format!("{}: holds {h}", l.name()));
+            if !refusals.iter().any(|(n, _)| n == l.name()) {
+                refusals.push((l.name().to_string(), format!("{}: holds {h}", l.name())));
             }
         }
     }
@@ -215,7 +213,11 @@ pub fn check_overwrite(
         };
         return Err(FsError::Occupied(format!(
             "{what} refused, nothing was written:\n  {}{tail}",
-            refusals.join("\n  ")
+            refusals
+                .iter()
+                .map(|(_, why)| why.as_str())
+                .collect::<Vec<_>>()
+                .join("\n  ")
         )));
     }
     for (l, h) in &found {
