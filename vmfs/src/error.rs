@@ -27,13 +27,16 @@ pub enum FsError {
     Busy(String),
     #[error("{0}")]
     Invalid(String),
+    /// A change asked of a file opened read-only.
+    #[error("{0}")]
+    ReadOnly(String),
     /// A LUN that mkfs or extend would overwrite holds something (a
     /// datastore, a filesystem, a partition table...) or is in use.
     #[error("{0}")]
     Occupied(String),
     #[error("no space left on the datastore ({0})")]
     NoSpace(String),
-    #[error("{0}")]
+    #[error("{1}")]
     Posix(i32, String),
     /// A change that an operation running without the volume lock may not
     /// make (it touches metadata that lock guards): the operation is run
@@ -54,6 +57,7 @@ impl FsError {
             FsError::Posix(e, _) => *e,
             FsError::NoSpace(_) => libc::ENOSPC,
             FsError::Invalid(_) => libc::EINVAL,
+            FsError::ReadOnly(_) => libc::EBADF,
             FsError::Busy(_) | FsError::Occupied(_) => libc::EBUSY,
             _ => libc::EIO,
         }

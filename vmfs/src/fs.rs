@@ -77,7 +77,8 @@ pub struct Fs {
     /// through the volume header, by another host).
     vol: RwLock<Arc<Volume>>,
     st: Mutex<State>,
-    data_locks: Mutex<HashMap<u64, Arc<RwLock<()>>>>,
+    /// Per file: the data lock and the leaf cache ([`crate::leafmap`]).
+    data_locks: Mutex<HashMap<u64, Arc<crate::leafmap::FileData>>>,
     /// This host's slot (u32::MAX: none, no journal).
     slot: std::sync::atomic::AtomicU32,
     /// Unmounted or abandoned: Drop writes nothing.
@@ -100,6 +101,16 @@ pub struct Fs {
     /// The housekeeping thread waits for the volume lock to give file-block
     /// clusters away (counted in the member's wants).
     yield_wants: std::sync::atomic::AtomicBool,
+}
+
+/// Forgets a file's cached leaves when dropped (after the change that
+/// made them stale, or its failure).
+struct Forget<'a>(&'a crate::leafmap::FileData);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.0.invalidate();
+    }
 }
 
 /// Waiting for the volume lock: says once, after a lease, who holds it, and
@@ -454,6 +465,85 @@ impl State {
             rem %= s;
         }
         Self::check_ptr(vol, ino, p)
+    }
+
+    /// The first byte at or after `off` that holds data (a written leaf,
+    /// or inline bytes); None when no leaf past it does. Empty pointer
+    /// blocks are skipped whole.
+    pub fn next_data(&mut self, vol: &Volume, ino: &Inode, off: u64) -> Result<Option<u64>> {
+        if ino.layout == Layout::Inline {
+            return Ok((off < ino.size).then_some(off));
+        }
+        let leaf = Self::leaf_size(vol, ino);
+        Ok(self.scan(vol, ino, off / leaf, true)?.map(|li| (li * leaf).max(off)))
+    }
+
+    /// The first byte at or after `off` in a hole (unwritten leaves read as
+    /// zeros and count as holes); past the last leaf everything is one.
+    pub fn next_hole(&mut self, vol: &Volume, ino: &Inode, off: u64) -> Result<u64> {
+        if ino.layout == Layout::Inline {
+            return Ok(off.max(ino.size));
+        }
+        let leaf = Self::leaf_size(vol, ino);
+        Ok(match self.scan(vol, ino, off / leaf, false)? {
+            Some(li) => (li * leaf).max(off),
+            None => (FD_PTRS as u64 * Self::tree_span(ino)).saturating_mul(leaf).max(off),
+        })
+    }
+
+    fn tree_span(ino: &Inode) -> u64 {
+        match ino.layout {
+            Layout::Tree { depth, .. } => Self::span(depth),
+            Layout::Inline => 1,
+        }
+    }
+
+    /// The first leaf at or after `from` that is data (`data`) or a hole.
+    fn scan(&mut self, vol: &Volume, ino: &Inode, from: u64, data: bool) -> Result<Option<u64>> {
+        let Layout::Tree { depth, .. } = ino.layout else {
+            return Ok(None);
+        };
+        let span = Self::span(depth);
+        for root in from / span..FD_PTRS as u64 {
+            let found = self.scan_node(vol, ino, ino.ptr(root as usize), depth, root * span, from, data)?;
+            if found.is_some() {
+                return Ok(found);
+            }
+        }
+        Ok(None)
+    }
+
+    /// [`State::scan`] below pointer `p` of `level`, which covers the leaves
+    /// from `base` on.
+    #[allow(clippy::too_many_arguments)]
+    fn scan_node(
+        &mut self,
+        vol: &Volume,
+        ino: &Inode,
+        p: u64,
+        level: u8,
+        base: u64,
+        from: u64,
+        data: bool,
+    ) -> Result<Option<u64>> {
+        if level == 0 {
+            let is_data = p != 0 && p & PTR_UNWRITTEN == 0;
+            return Ok((is_data == data).then_some(base));
+        }
+        if p == 0 {
+            return Ok((!data).then_some(base.max(from)));
+        }
+        let pb = Self::check_ptr(vol, ino, p)? & PTR_ADDR_MASK;
+        let s = Self::span(level - 1);
+        let first = from.saturating_sub(base) / s;
+        for k in first..PB_PTRS as u64 {
+            let child = self.pb_ptr(vol, pb, k as usize)?;
+            let r = self.scan_node(vol, ino, child, level - 1, base + k * s, from, data)?;
+            if r.is_some() {
+                return Ok(r);
+            }
+        }
+        Ok(None)
     }
 
     fn alloc_leaf(&mut self, vol: &Volume, sub: bool) -> Result<u64> {
@@ -1995,7 +2085,7 @@ impl Fs {
     }
 
     /// The LUN of an open raw device mapping, with the mapping's inode.
-    fn mapped_lun(&self, ino: u64) -> Option<(Arc<dyn lun::Lun>, Inode)> {
+    pub(crate) fn mapped_lun(&self, ino: u64) -> Option<(Arc<dyn lun::Lun>, Inode)> {
         if self.mapped_count.load(std::sync::atomic::Ordering::SeqCst) == 0 {
             return None;
         }
@@ -2145,7 +2235,7 @@ impl Fs {
     /// this host holds. If `f` needs more (a resource cluster, a cluster
     /// not held, any other block), nothing is written and `f` runs again
     /// under the volume lock ([`Fs::op`]).
-    fn file_op<R>(
+    pub(crate) fn file_op<R>(
         &self,
         ino: u64,
         mut f: impl FnMut(&mut State, &Volume) -> Result<R>,
@@ -2198,7 +2288,7 @@ impl Fs {
     /// [`Fs::read_op`] for reads of file `ino`: without looking at the
     /// volume lock when this host holds the file alone (nobody else changes
     /// its metadata then), so its I/O never waits for other hosts.
-    fn file_read_op<R>(
+    pub(crate) fn file_read_op<R>(
         &self,
         ino: u64,
         mut f: impl FnMut(&mut State, &Volume) -> Result<R>,
@@ -2669,7 +2759,7 @@ impl Fs {
         }
     }
 
-    fn data_lock(&self, ino: u64) -> Arc<RwLock<()>> {
+    pub(crate) fn file_data(&self, ino: u64) -> Arc<crate::leafmap::FileData> {
         self.data_locks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -3016,10 +3106,12 @@ impl Fs {
     }
 
     pub fn setattr(&self, ino: u64, a: &SetAttr) -> Result<Inode> {
-        let lock = self.data_lock(ino);
+        let fd = self.file_data(ino);
         let _g = a
             .size
-            .map(|_| lock.write().unwrap_or_else(|p| p.into_inner()));
+            .map(|_| fd.rw.write().unwrap_or_else(|p| p.into_inner()));
+        // Sizes and times cached for the in-place path are forgotten.
+        let _forget = Forget(&fd);
         self.op(|st, vol| {
             let mut i = st.iget(vol, ino)?;
             if a.size.is_some() && i.flags & FD_FLAG_RDM != 0 {
@@ -3076,7 +3168,18 @@ impl Fs {
     /// shared for reading, or multi-writer); a raw device mapping also opens
     /// its LUN, or the open fails (ENXIO) and the lock is given back.
     pub fn open_file(&self, ino: u64, write: bool) -> Result<Inode> {
-        let i = self.open_file_lock(ino, write)?;
+        self.open_file_as(ino, write, None)
+    }
+
+    /// Open `ino` in lock mode `mode` (None: as POSIX opens do, exclusive
+    /// for writing unless the file is marked multi-writer).
+    pub(crate) fn open_file_as(
+        &self,
+        ino: u64,
+        write: bool,
+        mode: Option<crate::file::LockMode>,
+    ) -> Result<Inode> {
+        let i = self.open_file_lock(ino, write, mode)?;
         if i.flags & FD_FLAG_RDM != 0 && !i.is_dir() {
             if let Err(e) = self.attach_mapping(&i) {
                 let _ = self.release(ino, write);
@@ -3086,37 +3189,71 @@ impl Fs {
         Ok(i)
     }
 
-    fn open_file_lock(&self, ino: u64, write: bool) -> Result<Inode> {
+    fn open_file_lock(
+        &self,
+        ino: u64,
+        write: bool,
+        mode: Option<crate::file::LockMode>,
+    ) -> Result<Inode> {
+        use crate::file::LockMode;
+        let check = |i: &Inode| {
+            if mode == Some(LockMode::MultiWriter) && i.flags & FD_FLAG_MULTI_WRITER == 0 {
+                return Err(FsError::Invalid(format!(
+                    "file {:#x} is not marked multi-writer: mark it before opening it multi-writer",
+                    i.addr
+                )));
+            }
+            Ok(())
+        };
         if self.shared.get().is_none() {
             let mut st = self.lock();
             let i = st.iget(&self.vol(), ino)?;
+            check(&i)?;
             *st.open.entry(ino).or_default() += 1;
+            let fd = self.file_data(ino);
+            fd.set_holes_ok(true);
+            fd.opened();
             return Ok(i);
         }
+        let want = mode.map(|m| match m {
+            LockMode::Exclusive => locking::Mode::Exclusive,
+            LockMode::ReadOnly => locking::Mode::Shared,
+            LockMode::MultiWriter => locking::Mode::MultiWriter,
+        });
         self.op(|st, vol| {
             let i = st.iget(vol, ino)?;
+            check(&i)?;
             if !i.is_dir() {
-                self.lock_file(st, &i, write)?;
+                self.lock_file(st, &i, write, want)?;
             }
             *st.open.entry(ino).or_default() += 1;
+            self.file_data(ino).opened();
             Ok(i)
         })
     }
 
     /// Record one more open of `i` by this host, taking or strengthening
     /// its on-disk lock when needed (under the volume lock).
-    fn lock_file(&self, st: &mut State, i: &Inode, write: bool) -> Result<()> {
+    fn lock_file(
+        &self,
+        st: &mut State,
+        i: &Inode,
+        write: bool,
+        want: Option<locking::Mode>,
+    ) -> Result<()> {
         use locking::Mode;
         let cur = st.flocks.get(&i.addr).copied();
-        let want = if !write {
+        let want = want.unwrap_or(if !write {
             Mode::Shared
         } else if i.flags & FD_FLAG_MULTI_WRITER != 0 {
             Mode::MultiWriter
         } else {
             Mode::Exclusive
-        };
+        });
         let mode = match (cur.map(|c| c.mode), want) {
             (None, w) => w,
+            // An exclusive open asked of a file this host holds multi-writer.
+            (Some(Mode::MultiWriter), Mode::Exclusive) => Mode::Exclusive,
             (Some(Mode::Exclusive), _) | (Some(Mode::MultiWriter), _) => cur.expect("some").mode,
             (Some(Mode::Shared), Mode::Shared) => Mode::Shared,
             (Some(_), w) => w,
@@ -3155,6 +3292,9 @@ impl Fs {
         } else {
             e.readers += 1;
         }
+        // Another host may fill holes only of a multi-writer file.
+        self.file_data(i.addr)
+            .set_holes_ok(mode != Mode::MultiWriter);
         Ok(())
     }
 
@@ -3183,6 +3323,7 @@ impl Fs {
             locking::release_under_volume_lock(&*lun, off, me)?;
             let _ = locking::acquire_under_volume_lock(&*lun, off, Mode::Shared, me, &all)?;
             fl.mode = Mode::Shared;
+            self.file_data(addr).set_holes_ok(true);
         }
         st.flocks.insert(addr, fl);
         Ok(())
@@ -3235,6 +3376,7 @@ impl Fs {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 st.open.remove(&ino);
+                self.file_data(ino).closed();
                 st.orphans.remove(&ino)
             } else {
                 false
@@ -3262,12 +3404,8 @@ impl Fs {
     /// Read into the caller's buffer; returns the bytes read (short at EOF).
     /// An open raw device mapping reads its LUN.
     pub fn read_into(&self, ino: u64, off: u64, buf: &mut [u8]) -> Result<usize> {
-        if let Some((lun, _)) = self.mapped_lun(ino) {
-            let n = lun.size().saturating_sub(off).min(buf.len() as u64) as usize;
-            lun.read_at(&mut buf[..n], off)?;
-            return Ok(n);
-        }
-        self.read_into_stored(ino, off, buf)
+        let fd = self.file_data(ino);
+        self.read_with(&fd, ino, off, buf)
     }
 
     /// Before a write by a caller without CAP_FSETID: drop the file's
@@ -3334,8 +3472,13 @@ impl Fs {
     }
 
     fn read_into_stored(&self, ino: u64, off: u64, buf: &mut [u8]) -> Result<usize> {
-        let lock = self.data_lock(ino);
-        let _g = lock.read().unwrap_or_else(|p| p.into_inner());
+        let fd = self.file_data(ino);
+        let _g = fd.rw.read().unwrap_or_else(|p| p.into_inner());
+        self.read_into_locked(ino, off, buf)
+    }
+
+    /// Read under the state lock (the caller holds the file's data lock).
+    pub(crate) fn read_into_locked(&self, ino: u64, off: u64, buf: &mut [u8]) -> Result<usize> {
         let (n, segs) = self.file_read_op(ino, |st, vol| {
             let i = st.iget(vol, ino)?;
             if i.is_dir() {
@@ -3366,8 +3509,8 @@ impl Fs {
             lun.write_at(data, off)?;
             return Ok(i);
         }
-        let lock = self.data_lock(ino);
-        let _g = lock.read().unwrap_or_else(|p| p.into_inner());
+        let fd = self.file_data(ino);
+        let _g = fd.rw.read().unwrap_or_else(|p| p.into_inner());
         // Fast path: every byte lands in a written, mapped leaf: data moves
         // without the state lock, then the size and times are committed
         // (only if they changed: same size within one clock tick = nothing to do).
@@ -3465,8 +3608,9 @@ impl Fs {
         if len == 0 {
             return Err(posix(libc::EINVAL));
         }
-        let lock = self.data_lock(ino);
-        let _g = lock.write().unwrap_or_else(|p| p.into_inner());
+        let fd = self.file_data(ino);
+        let _g = fd.rw.write().unwrap_or_else(|p| p.into_inner());
+        let _forget = Forget(&fd);
         self.file_op(ino, |st, vol| {
             let mut i = st.iget(vol, ino)?;
             if i.is_dir() {

@@ -8,17 +8,18 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
     ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
 };
 
 use crate::error::FsError;
+use crate::file::File;
 use crate::format::*;
 use crate::fs::{Fs, SetAttr};
 use crate::writebehind::WriteBehind;
@@ -31,6 +32,8 @@ pub struct VmfsFuse {
     fs: Arc<Fs>,
     dirs: Mutex<HashMap<u64, Vec<(u64, u8, Vec<u8>)>>>,
     next_fh: AtomicU64,
+    /// Open files by FUSE handle.
+    files: RwLock<HashMap<u64, Handle>>,
     /// Writes answered before they reach the LUN ([`crate::writebehind`]).
     wb: WriteBehind,
     /// Read-ahead of direct-I/O handles, which the kernel does not read
@@ -42,16 +45,25 @@ pub struct VmfsFuse {
 /// How far a sequential reader of a direct-I/O handle is read ahead.
 const READ_AHEAD: u64 = 8 << 20;
 
-/// File handle bits: opened for writing; its writes may be queued
-/// (a regular file that is neither multi-writer nor a raw device mapping).
-const FH_WRITE: u64 = 1;
-const FH_BEHIND: u64 = 2;
+/// One open of a file through the mount.
+struct Handle {
+    file: Arc<File>,
+    /// Its writes may be queued (a regular file opened for writing that is
+    /// neither multi-writer nor a raw device mapping), and its sequential
+    /// reads are read ahead.
+    behind: bool,
+}
 
-fn handle(i: &Inode, write: bool) -> FileHandle {
-    let behind = write
-        && i.mode & S_IFMT == S_IFREG
-        && i.flags & (crate::format::FD_FLAG_MULTI_WRITER | crate::format::FD_FLAG_RDM) == 0;
-    FileHandle(if write { FH_WRITE } else { 0 } | if behind { FH_BEHIND } else { 0 })
+impl Handle {
+    fn new(file: File, i: &Inode, write: bool) -> Handle {
+        let behind = write
+            && i.mode & S_IFMT == S_IFREG
+            && i.flags & (crate::format::FD_FLAG_MULTI_WRITER | crate::format::FD_FLAG_RDM) == 0;
+        Handle {
+            file: Arc::new(file),
+            behind,
+        }
+    }
 }
 
 fn errno(e: &FsError) -> Errno {
@@ -128,6 +140,7 @@ impl VmfsFuse {
             fs,
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            files: RwLock::new(HashMap::new()),
             wb: WriteBehind::new(),
             ahead: Mutex::new(HashMap::new()),
         }
@@ -154,6 +167,25 @@ impl VmfsFuse {
             (from, e.1)
         };
         self.fs.prefetch(ino, from, to - from);
+    }
+
+    /// Keep an open file; its FUSE handle.
+    fn keep(&self, h: Handle) -> FileHandle {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.files
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(fh, h);
+        FileHandle(fh)
+    }
+
+    /// The open file of handle `fh` (and whether its I/O is queued/read ahead).
+    fn file(&self, fh: FileHandle) -> Option<(Arc<File>, bool)> {
+        self.files
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fh.0)
+            .map(|h| (h.file.clone(), h.behind))
     }
 
     fn ino(&self, i: INodeNo) -> u64 {
@@ -417,12 +449,12 @@ impl Filesystem for VmfsFuse {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let ino = self.ino(ino);
         let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
-        match self.fs.open_file(ino, write) {
-            Ok(i) if i.is_dir() && write => {
-                let _ = self.fs.release(ino, write);
-                reply.error(Errno::EISDIR)
+        match File::open_posix(&self.fs, ino, write) {
+            Ok((_, i)) if i.is_dir() && write => reply.error(Errno::EISDIR),
+            Ok((f, i)) => {
+                let flags = open_flags(&i, write);
+                reply.opened(self.keep(Handle::new(f, &i, write)), flags)
             }
-            Ok(i) => reply.opened(handle(&i, write), open_flags(&i, write)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -439,9 +471,17 @@ impl Filesystem for VmfsFuse {
         reply: ReplyData,
     ) {
         let ino = self.ino(ino);
+        let Some((file, behind)) = self.file(fh) else {
+            return reply.error(Errno::EBADF);
+        };
         self.wb.wait_idle(ino);
-        data(reply, self.fs.read(ino, offset, size as usize));
-        if fh.0 & FH_BEHIND != 0 {
+        let mut buf = vec![0u8; size as usize];
+        let r = file.read_at(&mut buf, offset).map(|n| {
+            buf.truncate(n);
+            buf
+        });
+        data(reply, r);
+        if behind {
             self.read_ahead(ino, offset, size as u64);
         }
     }
@@ -463,14 +503,17 @@ impl Filesystem for VmfsFuse {
         reply: ReplyWrite,
     ) {
         let ino = self.ino(ino);
+        let Some((file, behind)) = self.file(fh) else {
+            return reply.error(Errno::EBADF);
+        };
         // On direct I/O the kernel leaves set-ID stripping to us.
         if wf.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
             if let Err(e) = self.fs.drop_setid_for_write(ino) {
                 return reply.error(errno(&e));
             }
         }
-        let queued = fh.0 & FH_BEHIND != 0
-            && match self.fs.writes_in_place(ino, offset, data.len()) {
+        let queued = behind
+            && match file.writes_in_place(offset, data.len()) {
                 Ok(yes) => yes,
                 Err(e) => return reply.error(errno(&e)),
             };
@@ -479,7 +522,7 @@ impl Filesystem for VmfsFuse {
                 Ok(t) => {
                     reply.written(data.len() as u32);
                     // `data` is this thread's request buffer, still ours.
-                    self.wb.end(t, self.fs.write(ino, offset, data).map(|_| ()));
+                    self.wb.end(t, file.write_at(data, offset));
                 }
                 Err(e) => reply.error(errno(&e)),
             }
@@ -487,8 +530,8 @@ impl Filesystem for VmfsFuse {
         }
         // After this file's outstanding writes (they may overlap).
         self.wb.wait_idle(ino);
-        match self.fs.write(ino, offset, data) {
-            Ok(_) => reply.written(data.len() as u32),
+        match file.write_at(data, offset) {
+            Ok(()) => reply.written(data.len() as u32),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -509,7 +552,15 @@ impl Filesystem for VmfsFuse {
         reply: ReplyEmpty,
     ) {
         let ino = self.ino(ino);
-        if fh.0 & FH_BEHIND != 0 {
+        let Some(h) = self
+            .files
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh.0)
+        else {
+            return reply.error(Errno::EBADF);
+        };
+        if h.behind {
             self.wb.wait_idle(ino);
             self.wb.forget(ino);
             self.ahead
@@ -517,8 +568,11 @@ impl Filesystem for VmfsFuse {
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&ino);
         }
-        // The handle says whether this open was for writing.
-        done(reply, self.fs.release(ino, fh.0 & FH_WRITE != 0))
+        match Arc::try_unwrap(h.file) {
+            Ok(f) => done(reply, f.close()),
+            // A request still running on it: the last one drops it.
+            Err(_) => reply.ok(),
+        }
     }
 
     fn fsync(
@@ -666,16 +720,13 @@ impl Filesystem for VmfsFuse {
         ) {
             Ok(i) => {
                 let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
-                if let Err(e) = self.fs.open_file(i.addr, write) {
-                    return reply.error(errno(&e));
-                }
-                reply.created(
-                    &TTL,
-                    &self.attr(&i),
-                    Generation(i.generation),
-                    handle(&i, write),
-                    open_flags(&i, write),
-                )
+                let f = match File::open_posix(&self.fs, i.addr, write) {
+                    Ok((f, _)) => f,
+                    Err(e) => return reply.error(errno(&e)),
+                };
+                let flags = open_flags(&i, write);
+                let fh = self.keep(Handle::new(f, &i, write));
+                reply.created(&TTL, &self.attr(&i), Generation(i.generation), fh, flags)
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -733,6 +784,37 @@ impl Filesystem for VmfsFuse {
             return reply.error(Errno::ENODATA);
         }
         done(reply, self.fs.set_multi_writer(self.ino(ino), false))
+    }
+
+    /// SEEK_DATA and SEEK_HOLE from the file's block map, so that
+    /// `qemu-img map`, `cp --sparse` and backup tools see holes; other
+    /// whences are the kernel's.
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let Ok(off) = u64::try_from(offset) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let Some((file, _)) = self.file(fh) else {
+            return reply.error(Errno::EBADF);
+        };
+        self.wb.wait_idle(self.ino(ino));
+        let r = match whence {
+            libc::SEEK_DATA => file.seek_data(off),
+            libc::SEEK_HOLE => file.seek_hole(off),
+            _ => return reply.error(Errno::EINVAL),
+        };
+        match r {
+            Ok(Some(o)) => reply.offset(o as i64),
+            Ok(None) => reply.error(Errno::ENXIO),
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
     fn fallocate(

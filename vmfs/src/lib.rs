@@ -6,16 +6,19 @@
 pub mod alloc;
 pub mod cluster;
 pub mod error;
+pub mod file;
 pub mod format;
 pub mod fs;
 pub mod fsck;
 pub mod fuse;
 pub mod guard;
+pub mod leafmap;
 pub mod txn;
 pub mod volume;
 pub mod writebehind;
 
 pub use error::{FsError, Result};
+pub use file::{File, LockMode};
 pub use fs::{Fs, SetAttr, Usage};
 pub use volume::{MkfsOptions, Volume};
 
