@@ -9,6 +9,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use vmfs::{Fs, MkfsOptions};
 
+mod hosted;
+
 #[derive(Parser)]
 #[command(name = "vmfs", version, about = "Clustered datastores on shared LUNs", long_about = None)]
 struct Cli {
@@ -49,18 +51,52 @@ enum Cmd {
     },
     /// Each host slot: state, host UUID, generation, heartbeat, journal.
     Hosts {
+        /// The datastore: its LUNs, or a directory under its mountpoint on
+        /// this machine (then its host agent answers).
         #[arg(required = true)]
         luns: Vec<String>,
+        /// Where this machine's host agents listen (STATE_DIR/run).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Locks held on disk: object, mode, owner slot/host, generation.
     Locks {
+        /// The datastore: its LUNs, or a directory under its mountpoint on
+        /// this machine (then its host agent answers).
         #[arg(required = true)]
         luns: Vec<String>,
+        /// Where this machine's host agents listen (STATE_DIR/run).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Show the volume, its extents, usage and free space.
     Info {
+        /// The datastore: its LUNs, or a directory under its mountpoint on
+        /// this machine (then its host agent answers).
         #[arg(required = true)]
         luns: Vec<String>,
+        /// Where this machine's host agents listen (STATE_DIR/run).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The datastores this machine hosts (its `vmfs mount` processes):
+    /// mountpoint, slot, generation, journal use, open files.
+    Status {
+        /// Where this machine's host agents listen (STATE_DIR/run).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Check the datastore; exit 0 clean, 1 errors found, 2 could not run.
     Fsck {
@@ -92,8 +128,10 @@ enum Cmd {
     /// images power cuts would leave, and check each one (mount with journal
     /// replay, fsck, oracle). Exit 1 on any failure.
     Crashtest(CrashArgs),
-    /// Grow the datastore by one LUN.
+    /// Grow the datastore by one LUN. Through this machine's host when it
+    /// has the datastore mounted.
     Extend {
+        /// The datastore: its LUNs, or a directory under its mountpoint.
         #[arg(required = true)]
         luns: Vec<String>,
         /// The LUN to add. Refused if it holds anything (as for mkfs) unless
@@ -103,8 +141,8 @@ enum Cmd {
         /// Overwrite what the new LUN holds (never a datastore a host uses).
         #[arg(long)]
         force: bool,
-        /// While other hosts have it mounted, this command joins as a host
-        /// for the time of the change.
+        /// When hosts elsewhere have it mounted (and none here), this
+        /// command joins as a host for the time of the change.
         #[command(flatten)]
         host: HostArgs,
     },
@@ -115,35 +153,39 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum RdmCmd {
-    /// Map LUN-URL as a file PATH (from the datastore's root) on the datastore
-    /// over DATASTORE-LUN...: records the LUN's identity, size, the mode and
-    /// the URL. A LUN of a datastore is refused.
+    /// Map LUN-URL as a file on the datastore: PATH under its mountpoint on
+    /// this machine (its host agent makes it), or DATASTORE-LUN... then PATH
+    /// from the datastore's root. Records the LUN's identity, size, the mode
+    /// and the URL. A LUN of a datastore is refused.
     #[command(
-        override_usage = "vmfs rdm create --mode virtual|physical [HOST OPTIONS] LUN-URL DATASTORE-LUN... PATH"
+        override_usage = "vmfs rdm create --mode virtual|physical [HOST OPTIONS] LUN-URL [DATASTORE-LUN...] PATH"
     )]
     Create {
         /// virtual (a virtual disk over the LUN; snapshots allowed) or
         /// physical (SCSI commands pass through; no snapshots).
         #[arg(long, value_parser = ["virtual", "physical"])]
         mode: String,
-        /// LUN-URL, then the datastore's LUNs, then the path of the mapping.
-        #[arg(required = true, num_args = 3..)]
+        /// LUN-URL, then the datastore's LUNs and the path inside it, or a
+        /// path under the datastore's mountpoint.
+        #[arg(required = true, num_args = 2..)]
         args: Vec<String>,
-        /// While other hosts have the datastore mounted, this command joins
-        /// as a host for the time of the change.
+        /// When hosts elsewhere have the datastore mounted (and none here),
+        /// this command joins as a host for the time of the change.
         #[command(flatten)]
         host: HostArgs,
     },
     /// Show a mapping and whether this host reaches its LUN unchanged (exit 1
     /// if not): the LUNs listed in STATE_DIR/luns are searched, then the
-    /// mapping's URL hint.
-    #[command(override_usage = "vmfs rdm info [--state-dir DIR] DATASTORE-LUN... PATH")]
+    /// mapping's URL hint. PATH under a mountpoint on this machine, or
+    /// DATASTORE-LUN... then PATH inside the datastore.
+    #[command(override_usage = "vmfs rdm info [--state-dir DIR] [DATASTORE-LUN...] PATH")]
     Info {
-        #[arg(required = true, num_args = 2..)]
+        #[arg(required = true, num_args = 1..)]
         args: Vec<String>,
-        /// Where this host keeps its LUN list (file `luns`, one URL per line).
-        #[arg(long, default_value = "/var/lib/vmfs")]
-        state_dir: PathBuf,
+        /// Where this host keeps its LUN list (file `luns`, one URL per
+        /// line) and its agents' sockets (default /var/lib/vmfs).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
 }
 
@@ -160,13 +202,13 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
         .map_err(|_| format!("{s:?} is not a size like 1M or 65536"))
 }
 
-fn open_luns(specs: &[String]) -> Result<Vec<Arc<dyn lun::Lun>>> {
+pub(crate) fn open_luns(specs: &[String]) -> Result<Vec<Arc<dyn lun::Lun>>> {
     open_luns_with(specs, lun::OpenOptions::default())
 }
 
 /// Open LUNs for a host of the cluster: network I/O bounded by the I/O
 /// timeout its lease implies (see `Timeouts::io`).
-fn open_luns_for(specs: &[String], t: &vmfs::cluster::Timeouts) -> Result<Vec<Arc<dyn lun::Lun>>> {
+pub(crate) fn open_luns_for(specs: &[String], t: &vmfs::cluster::Timeouts) -> Result<Vec<Arc<dyn lun::Lun>>> {
     open_luns_with(specs, t.lun_options())
 }
 
@@ -182,7 +224,7 @@ fn open_hint(t: &vmfs::cluster::Timeouts) -> impl Fn(&str) -> vmfs::Result<Arc<d
     move |u| Ok(lun::open_with(u, t.lun_options())?)
 }
 
-fn human(n: u64) -> String {
+pub(crate) fn human(n: u64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut v = n as f64;
     let mut u = 0;
@@ -191,163 +233,6 @@ fn human(n: u64) -> String {
         u += 1;
     }
     format!("{v:.1} {}", units[u])
-}
-
-/// `vmfs locks`: every lock that is not free, with its holders and
-/// whether each holder is still the live incarnation of its slot.
-fn locks(specs: &[String]) -> Result<()> {
-    let luns = open_luns(specs)?;
-    // The slots as they are on disk: opening for the check below replays
-    // journals (in memory) and so frees slots in its own view.
-    let slots: Vec<_> = vmfs::volume::Volume::open(luns.clone())?
-        .read_slots()?
-        .into_iter()
-        .map(|(h, _)| h.ok())
-        .collect();
-    let fs = Fs::open_for_check(luns, false)?;
-    let held = fs.held_locks()?;
-    println!(
-        "locks by {}",
-        vmfs::locking::Method::for_lun(&*fs.vol().luns[0]).describe()
-    );
-    let current = |h: &vmfs::locking::Holder| {
-        matches!(slots.get(h.slot as usize).and_then(|s| s.as_ref()),
-            Some(s) if s.generation == h.generation && s.state != vmfs::format::SLOT_FREE)
-    };
-    // A lock whose every holder is gone (its slot recovered or freed since)
-    // is free: counted, not listed.
-    let (live, stale): (Vec<_>, Vec<_>) = held
-        .into_iter()
-        .partition(|(_, rec)| rec.holders.iter().any(current));
-    if live.is_empty() {
-        println!("no lock is held");
-    }
-    for (what, rec) in live {
-        println!(
-            "{what}: {}, lock generation {}",
-            rec.mode.name(),
-            rec.generation
-        );
-        for h in &rec.holders {
-            let (who, state) = match slots.get(h.slot as usize).and_then(|s| s.as_ref()) {
-                Some(s) if current(h) => (vmfs::volume::uuid_str(&s.host), "held"),
-                Some(s) => (
-                    vmfs::volume::uuid_str(&s.host),
-                    "stale: the slot was freed or recovered since (not a holder any more)",
-                ),
-                None => ("?".to_string(), "no such slot"),
-            };
-            println!(
-                "  slot {} generation {}  host {who}  {state}",
-                h.slot, h.generation
-            );
-        }
-    }
-    if !stale.is_empty() {
-        println!(
-            "{} lock sector(s) still name only hosts recovered or gone since: those locks are free",
-            stale.len()
-        );
-    }
-    fs.abandon();
-    Ok(())
-}
-
-fn info(specs: &[String]) -> Result<()> {
-    let luns = open_luns(specs)?;
-    let slots: Vec<_> = {
-        let vol = vmfs::volume::Volume::open(luns.clone())?;
-        (0u32..)
-            .zip(vol.read_slots()?)
-            .map(|(s, (hs, _))| (s, hs))
-            .collect()
-    };
-    // Opened over copy-on-write LUNs: a journal replay stays in memory.
-    let fs = Fs::open_for_check(luns, false)?;
-    let h = &fs.vol().header;
-    let u = fs.usage();
-    println!("volume      {}", vmfs::volume::uuid_str(&h.uuid));
-    println!(
-        "label       {}",
-        if h.label.is_empty() { "-" } else { &h.label }
-    );
-    println!(
-        "format      version {}, configuration generation {}",
-        vmfs::format::VERSION,
-        h.config_gen
-    );
-    println!(
-        "block size  {} (sub-blocks {})",
-        human(u.block_size),
-        human(u64::from(h.sub_block_size))
-    );
-    println!("host slots  {}", h.max_hosts);
-    println!(
-        "journals    {} per host, allocated at a host's first mount",
-        human(u64::from(h.journal_blocks) * 4096)
-    );
-    for (s, hs) in slots {
-        match hs {
-            Ok(hs) if hs.journal != 0 || hs.state != vmfs::format::SLOT_FREE => println!(
-                "  slot {s}: {}, generation {}, journal at 4K block {:#x} ({})",
-                match hs.state {
-                    vmfs::format::SLOT_LIVE => "mounted (or not cleanly unmounted)",
-                    vmfs::format::SLOT_REPLAYING => "being replayed",
-                    _ => "free",
-                },
-                hs.generation,
-                hs.journal,
-                human(u64::from(hs.journal_blocks) * 4096)
-            ),
-            Ok(_) => {}
-            Err(e) => println!("  slot {s}: {e}"),
-        }
-    }
-    for (s, rep) in fs.replays() {
-        println!(
-            "  slot {s}: journal holds committed work: {rep} (in memory only; mount applies it)"
-        );
-    }
-    println!(
-        "capacity    {} ({} blocks)",
-        human(u.total_blocks * u.block_size),
-        u.total_blocks
-    );
-    println!(
-        "free        {} ({} blocks, {:.1}%)",
-        human(u.free_blocks * u.block_size),
-        u.free_blocks,
-        100.0 * u.free_blocks as f64 / u.total_blocks as f64
-    );
-    println!(
-        "files       {} in use, {} descriptors free in {} clusters",
-        u.fds_used, u.fds_free, u.fd_clusters
-    );
-    println!(
-        "locks       {}",
-        vmfs::locking::Method::for_lun(&*fs.vol().luns[0]).describe()
-    );
-    println!("extents     {}", h.extents.len());
-    for (i, (e, l)) in h.extents.iter().zip(&fs.vol().luns).enumerate() {
-        let atomic = if l.has_compare_and_write() {
-            "compare-and-write"
-        } else {
-            "no compare-and-write"
-        };
-        println!(
-            "  [{i}] {}  {}  blocks {}..{}  {}  {}",
-            vmfs::volume::uuid_str(&e.uuid),
-            human(e.nblocks * u.block_size),
-            e.first_block,
-            e.first_block + e.nblocks,
-            l.name(),
-            atomic
-        );
-        if let Some(note) = l.compare_and_write_note() {
-            println!("      {note}");
-        }
-    }
-    Ok(())
 }
 
 fn fsck(specs: &[String], repair: bool) -> Result<bool> {
@@ -426,11 +311,12 @@ fn mount(
     let uuid = host.uuid()?;
     let t = vmfs::cluster::Timeouts::new(host.heartbeat_ms, host.lease_ms)?;
     let fs = Arc::new(Fs::mount(open_luns_for(specs, &t)?, uuid, t)?);
-    match rdm::host_luns(&host.state_dir) {
+    let state_dir = host.state_dir();
+    match rdm::host_luns(&state_dir) {
         Ok(list) => fs.set_rdm_luns(list),
         Err(e) => tracing::warn!(
             "cannot read this host's LUN list {}: {e}; raw device mappings are found by their URL hints only",
-            host.state_dir.join("luns").display()
+            state_dir.join("luns").display()
         ),
     }
     for (s, rep) in fs.replays() {
@@ -450,12 +336,21 @@ fn mount(
         all.extend(args.iter().cloned());
         return daemonize(&all, threads, &mnt, &log);
     }
+    // This process is this machine's host of the datastore: the other
+    // commands here reach it through its control socket.
+    let agent = host::Agent::start(host::Config {
+        fs: fs.clone(),
+        state_dir,
+        mountpoint: hosted::canonical(&mnt),
+    })?;
     let (tx, rx) = std::sync::mpsc::channel();
     ctrlc::set_handler(move || {
         let _ = tx.send(());
     })
     .context("installing the signal handler")?;
-    vmfs::fuse::serve(fs, &mnt, threads, rx)?;
+    let r = vmfs::fuse::serve(fs, &mnt, threads, rx);
+    drop(agent);
+    r?;
     Ok(())
 }
 
@@ -531,6 +426,27 @@ fn daemonize(
     bail!("{} did not appear as a mount within 30 s", mnt.display())
 }
 
+fn state_dir_or_default(d: Option<PathBuf>) -> PathBuf {
+    host::socket::state_dir(d.as_deref(), None)
+}
+
+fn rdm_cmd(c: RdmCmd) -> Result<ExitCode> {
+    match c {
+        RdmCmd::Create { mode, args, host } => {
+            let (url, rest) = args.split_first().context("LUN-URL")?;
+            hosted::rdm_create(&mode, url, rest, &host)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        RdmCmd::Info { args, state_dir } => {
+            Ok(if hosted::rdm_info(&args, &state_dir_or_default(state_dir))? {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+    }
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Mkfs {
@@ -571,7 +487,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 max_hosts
             );
         }
-        Cmd::Info { luns } => info(&luns)?,
+        Cmd::Info {
+            luns,
+            state_dir,
+            json,
+        } => hosted::info(&luns, &state_dir_or_default(state_dir), json)?,
+        Cmd::Status { state_dir, json } => hosted::status(&state_dir_or_default(state_dir), json)?,
         Cmd::Fsck { repair, luns } => {
             return Ok(match fsck(&luns, repair) {
                 Ok(true) => ExitCode::SUCCESS,
@@ -589,8 +510,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             host,
             args,
         } => mount(&args, foreground, threads, log_file, &host)?,
-        Cmd::Hosts { luns } => hosts(&luns)?,
-        Cmd::Locks { luns } => locks(&luns)?,
+        Cmd::Hosts {
+            luns,
+            state_dir,
+            json,
+        } => hosted::hosts(&luns, &state_dir_or_default(state_dir), json)?,
+        Cmd::Locks {
+            luns,
+            state_dir,
+            json,
+        } => hosted::locks(&luns, &state_dir_or_default(state_dir), json)?,
         Cmd::Crashtest(a) => return crashtest(a),
         Cmd::Rdm(c) => return rdm_cmd(c),
         Cmd::Extend {
@@ -598,175 +527,58 @@ fn run(cli: Cli) -> Result<ExitCode> {
             add,
             force,
             host,
-        } => {
-            let t = vmfs::cluster::Timeouts::new(host.heartbeat_ms, host.lease_ms)?;
-            let luns = open_luns_for(&luns, &t)?;
-            let new = lun::open_with(&add, t.lun_options())
-                .with_context(|| format!("opening LUN {}", lun::redact(&add)))?;
-            let checked = vmfs::guard::check_overwrite(
-                std::slice::from_ref(&new),
-                force,
-                &t,
-                "extend",
-                &open_hint(&t),
-            )?;
-            let live = vmfs::cluster::live_slots(&vmfs::Volume::open(luns.clone())?, &t)?;
-            // Offline, or online: as one more host, under the volume lock;
-            // the mounted hosts pick the new extent up by its URL.
-            let fs = if live.is_empty() {
-                Fs::open(luns)?
-            } else {
-                eprintln!(
-                    "{} host(s) have the datastore mounted: extending online",
-                    live.len()
-                );
-                Fs::mount(luns, host.uuid()?, t)?
-            };
-            let before = fs.usage().total_blocks;
-            checked.wipe()?;
-            fs.extend(new)?;
-            let u = fs.usage();
-            println!(
-                "added {add}: {} -> {} ({} extents)",
-                human(before * u.block_size),
-                human(u.total_blocks * u.block_size),
-                fs.vol().header.extents.len()
-            );
-            fs.unmount()?;
-        }
+        } => hosted::extend(&luns, &add, force, &host)?,
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Walk `path` (from the root, `/`-separated) to its parent directory;
-/// returns (parent, last name).
-fn parent_of(fs: &Fs, path: &str) -> Result<(u64, Vec<u8>)> {
-    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
-    let Some((last, dirs)) = parts.split_last() else {
-        bail!("{path:?}: give a path to a file inside the datastore");
-    };
-    let mut dir = fs.root();
-    for d in dirs {
-        dir = fs
-            .lookup(dir, d.as_bytes())
-            .with_context(|| format!("{path}: directory {d:?}"))?
-            .addr;
-    }
-    Ok((dir, last.as_bytes().to_vec()))
-}
-
-/// Does this LUN carry a datastore's volume header?
-fn is_datastore_lun(l: &dyn lun::Lun) -> bool {
-    let mut b = vec![0u8; vmfs::format::MD];
-    l.read_at(&mut b, 0).is_ok() && vmfs::format::VolumeHeader::decode(&b, None).is_ok()
-}
-
-fn rdm_cmd(c: RdmCmd) -> Result<ExitCode> {
-    match c {
-        RdmCmd::Create { mode, args, host } => {
-            let mode = rdm::Mode::parse(&mode).context("--mode is virtual or physical")?;
-            let (url, rest) = args.split_first().context("LUN-URL")?;
-            let (path, ds) = rest.split_last().context("PATH")?;
-            let t = vmfs::cluster::Timeouts::new(host.heartbeat_ms, host.lease_ms)?;
-            let target = lun::open_with(url, t.lun_options())
-                .with_context(|| format!("opening LUN {}", lun::redact(url)))?;
-            let luns = open_luns_for(ds, &t)?;
-            let m = rdm::create(&*target, mode, &luns, is_datastore_lun)?;
-            let live = vmfs::cluster::live_slots(&vmfs::Volume::open(luns.clone())?, &t)?;
-            let fs = if live.is_empty() {
-                Fs::open(luns)?
-            } else {
-                Fs::mount(luns, host.uuid()?, t)?
-            };
-            let r = (|| -> Result<()> {
-                let (dir, name) = parent_of(&fs, path)?;
-                fs.create_mapping(dir, &name, &m.encode(), m.size)
-                    .with_context(|| format!("creating the mapping file {path}"))?;
-                Ok(())
-            })();
-            fs.unmount()?;
-            r?;
-            println!(
-                "{path}: {} mapping of {} ({}, {})",
-                mode.name(),
-                m.url_hint,
-                m.identity,
-                human(m.size)
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        RdmCmd::Info { args, state_dir } => {
-            let (path, ds) = args.split_last().context("PATH")?;
-            let fs = Fs::open_for_check(open_luns(ds)?, false)?;
-            let (dir, name) = parent_of(&fs, path)?;
-            let ino = fs
-                .lookup(dir, &name)
-                .with_context(|| format!("{path}: no such file in the datastore"))?;
-            if ino.flags & vmfs::format::FD_FLAG_RDM == 0 {
-                bail!("{path}: not a raw device mapping (an ordinary file)");
-            }
-            let m = fs
-                .mapping_of(&ino)
-                .with_context(|| format!("{path}: reading the mapping"))?;
-            println!("mapping     {path}");
-            println!("mode        {} ({})", m.mode.name(), m.mode.create_type());
-            println!("identity    {}", m.identity);
-            println!(
-                "size        {} ({} bytes, {}-byte blocks)",
-                human(m.size),
-                m.size,
-                m.block_size
-            );
-            println!("url hint    {}", m.url_hint);
-            let list = rdm::host_luns(&state_dir)
-                .with_context(|| format!("reading {}", state_dir.join("luns").display()))?;
-            match rdm::resolve(&m, &list, lun::OpenOptions::default()) {
-                Ok(l) => {
-                    println!("lun         {} (identity and size match)", l.name());
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(e) => {
-                    println!("lun         not usable: {e}");
-                    Ok(ExitCode::from(1))
-                }
-            }
-        }
-    }
-}
-
 /// Who this host is on the datastore, and its heartbeat timing.
 #[derive(clap::Args, Clone)]
-struct HostArgs {
-    /// This host's UUID (default: kept in --state-dir).
-    #[arg(long, conflicts_with = "state_dir")]
+pub(crate) struct HostArgs {
+    /// This host's UUID (default: kept in the state directory). Given
+    /// without --state-dir, this process plays another machine, with its
+    /// state in /var/lib/vmfs/hosts/UUID (how tests run several hosts on
+    /// one machine).
+    #[arg(long)]
     host_uuid: Option<uuid::Uuid>,
-    /// Where this host keeps its UUID (file `host-uuid`, created on first use).
-    #[arg(long, default_value = "/var/lib/vmfs")]
-    state_dir: PathBuf,
+    /// Where this host keeps its UUID (file `host-uuid`, created on first
+    /// use), its LUN list (`luns`) and its control sockets (`run/`)
+    /// (default /var/lib/vmfs).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
     /// Heartbeat interval (default: lease / 8).
     #[arg(long)]
-    heartbeat_ms: Option<u64>,
+    pub(crate) heartbeat_ms: Option<u64>,
     /// Lease timeout: a host silent this long is dead (default 8000). This
     /// host stops writing when its last renewal is half a lease old.
     #[arg(long)]
-    lease_ms: Option<u64>,
+    pub(crate) lease_ms: Option<u64>,
 }
 
 impl HostArgs {
+    /// The state directory in effect.
+    fn state_dir(&self) -> PathBuf {
+        host::socket::state_dir(
+            self.state_dir.as_deref(),
+            self.host_uuid.map(|u| u.to_string()).as_deref(),
+        )
+    }
+
     fn uuid(&self) -> Result<[u8; 16]> {
         if let Some(u) = self.host_uuid {
             return Ok(*u.as_bytes());
         }
-        let f = self.state_dir.join("host-uuid");
+        let state_dir = self.state_dir();
+        let f = state_dir.join("host-uuid");
         if let Ok(t) = std::fs::read_to_string(&f) {
             let u = uuid::Uuid::parse_str(t.trim())
                 .with_context(|| format!("{} does not hold a UUID", f.display()))?;
             return Ok(*u.as_bytes());
         }
-        std::fs::create_dir_all(&self.state_dir).with_context(|| {
+        std::fs::create_dir_all(&state_dir).with_context(|| {
             format!(
                 "creating the state directory {} (give --state-dir or --host-uuid)",
-                self.state_dir.display()
+                state_dir.display()
             )
         })?;
         let u = uuid::Uuid::new_v4();
@@ -778,6 +590,8 @@ impl HostArgs {
         let mut v = vec![
             "--host-uuid".into(),
             uuid::Uuid::from_bytes(*uuid).to_string(),
+            "--state-dir".into(),
+            self.state_dir().display().to_string(),
         ];
         if let Some(h) = self.heartbeat_ms {
             v.extend(["--heartbeat-ms".into(), h.to_string()]);
@@ -787,56 +601,6 @@ impl HostArgs {
         }
         v
     }
-}
-
-fn hosts(specs: &[String]) -> Result<()> {
-    let vol = vmfs::Volume::open(open_luns(specs)?)?;
-    let read = || -> Result<Vec<_>> {
-        vol.read_slots()?
-            .into_iter()
-            .map(|(hs, _)| Ok(hs?))
-            .collect()
-    };
-    let first = read()?;
-    // Liveness is a change seen on this host's clock: watch for two seconds.
-    std::thread::sleep(std::time::Duration::from_secs(2));
-    let second = read()?;
-    let mut shown = 0;
-    for (s, (a, b)) in first.iter().zip(&second).enumerate() {
-        if b.state == vmfs::format::SLOT_FREE && b.journal == 0 && b.host == [0; 16] {
-            continue;
-        }
-        shown += 1;
-        let state = match b.state {
-            vmfs::format::SLOT_LIVE if a.heartbeat != b.heartbeat => {
-                "live (heartbeat moving)".to_string()
-            }
-            vmfs::format::SLOT_LIVE => {
-                "live?  (no heartbeat change in 2 s: stopped, or a slow heartbeat)".to_string()
-            }
-            vmfs::format::SLOT_REPLAYING => format!("being recovered by slot {}", b.replayer),
-            _ => "free".to_string(),
-        };
-        println!(
-            "slot {s:4}  {state}\n           host {}  generation {}  heartbeat {}  journal {}",
-            vmfs::volume::uuid_str(&b.host),
-            b.generation,
-            b.heartbeat,
-            if b.journal == 0 {
-                "none".to_string()
-            } else {
-                format!(
-                    "at 4K block {:#x} ({} KiB)",
-                    b.journal,
-                    u64::from(b.journal_blocks) * 4
-                )
-            }
-        );
-    }
-    if shown == 0 {
-        println!("no host has mounted this datastore");
-    }
-    Ok(())
 }
 
 #[derive(clap::Args)]

@@ -288,7 +288,7 @@ impl Fs {
     }
 
     /// The directory that holds `path`, and its last name.
-    fn parent_of<'p>(&self, path: &'p str) -> Result<(u64, &'p str)> {
+    pub fn parent_path<'p>(&self, path: &'p str) -> Result<(u64, &'p str)> {
         let mut cs = components(path)?;
         let Some(name) = cs.pop() else {
             return Err(FsError::Invalid(format!("{path:?} names the root, not a file")));
@@ -312,7 +312,7 @@ impl Fs {
 
     /// Create a regular file at `path` (an error if it exists) and open it.
     pub fn create_file(self: &Arc<Self>, path: &str, perm: u32, mode: LockMode) -> Result<File> {
-        let (dir, name) = self.parent_of(path)?;
+        let (dir, name) = self.parent_path(path)?;
         let (uid, gid) = owner();
         let i = self
             .create(dir, name.as_bytes(), S_IFREG | (perm & 0o7777), uid, gid, 0, None)
@@ -322,7 +322,7 @@ impl Fs {
 
     /// Make a directory at `path`.
     pub fn mkdir_path(&self, path: &str, perm: u32) -> Result<()> {
-        let (dir, name) = self.parent_of(path)?;
+        let (dir, name) = self.parent_path(path)?;
         let (uid, gid) = owner();
         self.create(dir, name.as_bytes(), S_IFDIR | (perm & 0o7777), uid, gid, 0, None)
             .map_err(|e| name_path(e, path))?;
@@ -332,14 +332,14 @@ impl Fs {
     /// Remove the file at `path` (refused while another host has it open;
     /// open here, it lives until its last handle is dropped).
     pub fn unlink_path(&self, path: &str) -> Result<()> {
-        let (dir, name) = self.parent_of(path)?;
+        let (dir, name) = self.parent_path(path)?;
         self.unlink(dir, name.as_bytes(), false).map_err(|e| name_path(e, path))
     }
 
     /// Rename `from` to `to`, replacing a file at `to`.
     pub fn rename_path(&self, from: &str, to: &str) -> Result<()> {
-        let (fd, fname) = self.parent_of(from)?;
-        let (td, tname) = self.parent_of(to)?;
+        let (fd, fname) = self.parent_path(from)?;
+        let (td, tname) = self.parent_path(to)?;
         self.rename(fd, fname.as_bytes(), td, tname.as_bytes(), false, false)
             .map_err(|e| name_path(e, &format!("{from} -> {to}")))
     }

@@ -2128,6 +2128,17 @@ impl Fs {
     }
 
     /// Whether the datastore is shared with other hosts (cluster mode).
+    /// This host's journal: bytes in use and its size (None: no journal).
+    pub fn journal_use(&self) -> Option<(u64, u64)> {
+        let st = self.lock();
+        st.meta.jnl.as_ref().map(|j| (j.used() * 4096, j.capacity() * 4096))
+    }
+
+    /// Files this host has open.
+    pub fn open_files(&self) -> usize {
+        self.lock().open.len()
+    }
+
     pub fn shared(&self) -> Option<&Shared> {
         self.shared.get()
     }

@@ -1,0 +1,331 @@
+//! The host agent: the `vmfs mount` process listens on its datastore's
+//! control socket and runs the commands of this machine as this host (its
+//! slot, its journal, its locks). One thread accepts; each connection has a
+//! thread of its own (at most [`MAX_CLIENTS`] at once), so a slow or silent
+//! client never holds up another, and a connection idle for
+//! [`IDLE_TIMEOUT`] is closed.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::Value;
+use vmfs::Fs;
+
+use crate::error::{HostError, Result};
+use crate::ops;
+use crate::proto::{self, Greeting, GreetingLine, Reply, Request};
+
+pub const MAX_CLIENTS: usize = 16;
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The commands of protocol version 1.
+pub const COMMANDS: &[&str] = &[
+    "status",
+    "info",
+    "hosts",
+    "locks",
+    "rdm-create",
+    "rdm-info",
+    "extend",
+];
+
+/// What the agent serves.
+pub struct Config {
+    pub fs: Arc<Fs>,
+    pub state_dir: PathBuf,
+    pub mountpoint: PathBuf,
+}
+
+struct Shared {
+    cfg: Config,
+    greeting: Greeting,
+    socket: PathBuf,
+    stop: AtomicBool,
+    clients: AtomicUsize,
+}
+
+/// A running agent; dropping it stops it and removes its socket.
+pub struct Agent {
+    shared: Arc<Shared>,
+    listener_fd: i32,
+    ino: u64,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Agent {
+    /// Bind the datastore's control socket (replacing a stale one) and serve.
+    pub fn start(cfg: Config) -> Result<Agent> {
+        let vol = cfg.fs.vol();
+        let uuid = vmfs::volume::uuid_str(&vol.header.uuid);
+        let (slot, host) = match cfg.fs.member() {
+            Some(m) => (m.slot, vmfs::volume::uuid_str(&m.host)),
+            None => (u32::MAX, String::new()),
+        };
+        let (listener, socket, ino) = crate::socket::bind(&cfg.state_dir, &uuid)?;
+        let greeting = Greeting {
+            protocol: proto::VERSION,
+            datastore: uuid,
+            host,
+            slot,
+            pid: std::process::id(),
+        };
+        let shared = Arc::new(Shared {
+            cfg,
+            greeting,
+            socket: socket.clone(),
+            stop: AtomicBool::new(false),
+            clients: AtomicUsize::new(0),
+        });
+        let listener_fd = listener.as_raw_fd();
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("vmfs-agent".into())
+            .spawn(move || accept_loop(s, listener))
+            .map_err(|e| HostError::io("starting the agent thread", e))?;
+        tracing::info!("control socket {}", socket.display());
+        Ok(Agent {
+            shared,
+            listener_fd,
+            ino,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn socket(&self) -> &std::path::Path {
+        &self.shared.socket
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        // Remove the socket only if it is still ours.
+        if std::fs::metadata(&self.shared.socket).is_ok_and(|m| m.ino() == self.ino) {
+            let _ = std::fs::remove_file(&self.shared.socket);
+        }
+        // Wake the accept: shutdown makes it fail at once.
+        // SAFETY: the listener's fd is open until the thread ends.
+        unsafe { libc::shutdown(self.listener_fd, libc::SHUT_RDWR) };
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn accept_loop(s: Arc<Shared>, l: UnixListener) {
+    for c in l.incoming() {
+        if s.stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let c = match c {
+            Ok(c) => c,
+            Err(e) => {
+                if s.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                tracing::warn!("control socket: accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        if s.clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+            s.clients.fetch_sub(1, Ordering::SeqCst);
+            let e = HostError::Busy(format!(
+                "this host serves {MAX_CLIENTS} control connections at once: try again"
+            ));
+            let _ = (&c).write_all(&Reply::err(&e, None).line());
+            continue;
+        }
+        let s2 = s.clone();
+        let r = std::thread::Builder::new()
+            .name("vmfs-agent-conn".into())
+            .spawn(move || {
+                if let Err(e) = serve_conn(&s2, c) {
+                    tracing::debug!("control connection ended: {e}");
+                }
+                s2.clients.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = r {
+            s.clients.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!("control socket: cannot start a connection thread: {e}");
+        }
+    }
+}
+
+fn serve_conn(s: &Shared, c: UnixStream) -> std::io::Result<()> {
+    if let Err(why) = crate::socket::peer_allowed(&c) {
+        tracing::warn!("control socket: refused a client: {why}");
+        (&c).write_all(&Reply::err(&HostError::Permission(why), None).line())?;
+        return Ok(());
+    }
+    c.set_read_timeout(Some(IDLE_TIMEOUT))?;
+    c.set_write_timeout(Some(IDLE_TIMEOUT))?;
+    let mut g = serde_json::to_vec(&GreetingLine {
+        greeting: s.greeting.clone(),
+    })
+    .unwrap_or_default();
+    g.push(b'\n');
+    (&c).write_all(&g)?;
+    let mut r = BufReader::new(&c);
+    let mut line = Vec::with_capacity(4096);
+    loop {
+        line.clear();
+        let n = (&mut r)
+            .take(proto::MAX_LINE as u64)
+            .read_until(b'\n', &mut line)?;
+        if n == 0 {
+            return Ok(()); // the client closed
+        }
+        if line.last() != Some(&b'\n') {
+            let e = if n >= proto::MAX_LINE {
+                HostError::BadRequest(format!(
+                    "request longer than {} bytes: closing the connection",
+                    proto::MAX_LINE
+                ))
+            } else {
+                HostError::BadRequest("request not ended by a newline".into())
+            };
+            (&c).write_all(&Reply::err(&e, None).line())?;
+            return Ok(());
+        }
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let reply = match proto::parse_request(&line) {
+            Ok(req) => {
+                let id = req.id.clone();
+                match handle(s, &req) {
+                    Ok(v) => Reply::ok(v, id),
+                    Err(e) => {
+                        tracing::info!("control: {} failed: {e}", req.command);
+                        Reply::err(&e, id)
+                    }
+                }
+            }
+            Err((e, id)) => Reply::err(&e, id),
+        };
+        (&c).write_all(&reply.line())?;
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoArgs {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostsArgs {
+    #[serde(default = "two_seconds")]
+    watch_ms: u64,
+}
+
+fn two_seconds() -> u64 {
+    2000
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RdmCreateArgs {
+    url: String,
+    mode: String,
+    path: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PathArgs {
+    path: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExtendArgs {
+    lun: String,
+    #[serde(default)]
+    force: bool,
+}
+
+fn to_value<T: serde::Serialize>(v: T) -> Result<Value> {
+    serde_json::to_value(v).map_err(|e| HostError::Agent(format!("encoding the reply: {e}")))
+}
+
+/// Run one request as this host.
+fn handle(s: &Shared, req: &Request) -> Result<Value> {
+    let fs = &s.cfg.fs;
+    let args = |_: ()| &req.arguments;
+    let c = req.command.as_str();
+    match c {
+        "status" => {
+            proto::arguments::<NoArgs>(c, args(()))?;
+            to_value(status(s))
+        }
+        "info" => {
+            proto::arguments::<NoArgs>(c, args(()))?;
+            let slots = ops::disk_slots(&fs.vol())?;
+            to_value(ops::info(fs, slots))
+        }
+        "hosts" => {
+            let a: HostsArgs = proto::arguments(c, args(()))?;
+            let watch = Duration::from_millis(a.watch_ms.min(60_000));
+            to_value(ops::hosts(&fs.vol(), watch)?)
+        }
+        "locks" => {
+            proto::arguments::<NoArgs>(c, args(()))?;
+            let slots = ops::disk_slots(&fs.vol())?;
+            to_value(ops::locks(fs, &slots)?)
+        }
+        "rdm-create" => {
+            let a: RdmCreateArgs = proto::arguments(c, args(()))?;
+            let mode = rdm::Mode::parse(&a.mode).ok_or_else(|| {
+                HostError::BadRequest(format!("mode {:?}: virtual or physical", a.mode))
+            })?;
+            let t = fs.member().map(|m| m.timeouts).unwrap_or_default();
+            let target = lun::open_with(&a.url, t.lun_options())?;
+            to_value(ops::rdm_create(fs, &*target, mode, &a.path)?)
+        }
+        "rdm-info" => {
+            let a: PathArgs = proto::arguments(c, args(()))?;
+            to_value(ops::rdm_info(fs, &a.path, &s.cfg.state_dir)?)
+        }
+        "extend" => {
+            let a: ExtendArgs = proto::arguments(c, args(()))?;
+            let t = fs.member().map(|m| m.timeouts).unwrap_or_default();
+            let new = lun::open_with(&a.lun, t.lun_options())?;
+            to_value(ops::extend(fs, new, a.force, &t)?)
+        }
+        _ => Err(HostError::UnknownCommand(
+            req.command.chars().take(100).collect(),
+            COMMANDS.join(", "),
+        )),
+    }
+}
+
+fn status(s: &Shared) -> ops::Status {
+    let fs = &s.cfg.fs;
+    let (used, size) = fs.journal_use().unwrap_or((0, 0));
+    let (generation, lease) = match fs.member() {
+        Some(m) => (m.holder().generation, m.timeouts.lease.as_millis() as u64),
+        None => (0, 0),
+    };
+    ops::Status {
+        datastore: s.greeting.datastore.clone(),
+        label: fs.vol().header.label.clone(),
+        mountpoint: s.cfg.mountpoint.display().to_string(),
+        host: s.greeting.host.clone(),
+        slot: s.greeting.slot,
+        generation,
+        pid: s.greeting.pid,
+        journal_used: used,
+        journal_bytes: size,
+        open_files: fs.open_files(),
+        lease_ms: lease,
+        socket: s.socket.display().to_string(),
+    }
+}

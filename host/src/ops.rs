@@ -1,0 +1,390 @@
+//! The datastore operations behind the CLI's commands, as library calls
+//! with typed results: the host agent runs them on its mounted datastore,
+//! the CLI on one it opens itself when no host on this machine has it
+//! mounted. Results serialize to the control protocol's replies.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use vmfs::format::{HostSlot, SLOT_FREE, SLOT_LIVE, SLOT_REPLAYING};
+use vmfs::volume::uuid_str;
+use vmfs::Fs;
+
+use crate::error::{HostError, Result};
+
+/// `vmfs info`: the volume, its host slots, usage and extents.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Info {
+    pub volume: String,
+    pub label: String,
+    pub format_version: u32,
+    pub config_generation: u64,
+    pub block_size: u64,
+    pub sub_block_size: u64,
+    pub max_hosts: u32,
+    pub journal_bytes: u64,
+    /// Slots in use or with a journal.
+    pub slots: Vec<SlotSummary>,
+    /// Journals holding committed work not yet applied (text).
+    pub replays: Vec<String>,
+    pub total_blocks: u64,
+    pub free_blocks: u64,
+    pub files: u64,
+    pub descriptors_free: u64,
+    pub descriptor_clusters: u64,
+    pub lock_method: String,
+    pub extents: Vec<ExtentInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SlotSummary {
+    pub slot: u32,
+    /// "mounted", "replaying", "free", or the error reading it.
+    pub state: String,
+    pub generation: u64,
+    pub journal_block: u64,
+    pub journal_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExtentInfo {
+    pub uuid: String,
+    pub bytes: u64,
+    pub first_block: u64,
+    pub nblocks: u64,
+    pub lun: String,
+    pub compare_and_write: bool,
+    pub note: Option<String>,
+}
+
+fn slot_state(s: &HostSlot) -> &'static str {
+    match s.state {
+        SLOT_LIVE => "mounted",
+        SLOT_REPLAYING => "replaying",
+        _ => "free",
+    }
+}
+
+/// [`Info`] of `fs`; `slots` as read from disk (before a check's in-memory
+/// replay changed them).
+pub fn info(fs: &Fs, slots: Vec<(u32, vmfs::Result<HostSlot>)>) -> Info {
+    let vol = fs.vol();
+    let h = &vol.header;
+    let u = fs.usage();
+    Info {
+        volume: uuid_str(&h.uuid),
+        label: h.label.clone(),
+        format_version: u32::from(vmfs::format::VERSION),
+        config_generation: h.config_gen,
+        block_size: u.block_size,
+        sub_block_size: u64::from(h.sub_block_size),
+        max_hosts: h.max_hosts,
+        journal_bytes: u64::from(h.journal_blocks) * 4096,
+        slots: slots
+            .into_iter()
+            .filter_map(|(s, hs)| match hs {
+                Ok(hs) if hs.journal != 0 || hs.state != SLOT_FREE => Some(SlotSummary {
+                    slot: s,
+                    state: slot_state(&hs).into(),
+                    generation: hs.generation,
+                    journal_block: hs.journal,
+                    journal_bytes: u64::from(hs.journal_blocks) * 4096,
+                }),
+                Ok(_) => None,
+                Err(e) => Some(SlotSummary {
+                    slot: s,
+                    state: e.to_string(),
+                    generation: 0,
+                    journal_block: 0,
+                    journal_bytes: 0,
+                }),
+            })
+            .collect(),
+        replays: fs
+            .replays()
+            .into_iter()
+            .map(|(s, rep)| format!("slot {s}: journal holds committed work: {rep}"))
+            .collect(),
+        total_blocks: u.total_blocks,
+        free_blocks: u.free_blocks,
+        files: u.fds_used,
+        descriptors_free: u.fds_free,
+        descriptor_clusters: u.fd_clusters,
+        lock_method: vmfs::locking::Method::for_lun(&*vol.luns[0])
+            .describe()
+            .to_string(),
+        extents: h
+            .extents
+            .iter()
+            .zip(&vol.luns)
+            .map(|(e, l)| ExtentInfo {
+                uuid: uuid_str(&e.uuid),
+                bytes: e.nblocks * u.block_size,
+                first_block: e.first_block,
+                nblocks: e.nblocks,
+                lun: l.name().to_string(),
+                compare_and_write: l.has_compare_and_write(),
+                note: l.compare_and_write_note().map(|s| s.to_string()),
+            })
+            .collect(),
+    }
+}
+
+/// The slots of `vol` as on disk, numbered.
+pub fn disk_slots(vol: &vmfs::Volume) -> Result<Vec<(u32, vmfs::Result<HostSlot>)>> {
+    Ok((0u32..).zip(vol.read_slots()?.into_iter().map(|(h, _)| h)).collect())
+}
+
+/// `vmfs hosts`: each slot ever used, and whether its heartbeat moves.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Hosts {
+    pub slots: Vec<HostView>,
+    /// How long the heartbeats were watched (ms).
+    pub watched_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostView {
+    pub slot: u32,
+    /// "live", "silent" (live on disk, no heartbeat change), "replaying", "free".
+    pub state: String,
+    pub replayer: u32,
+    pub host: String,
+    pub generation: u64,
+    pub heartbeat: u64,
+    pub journal_block: u64,
+    pub journal_bytes: u64,
+}
+
+/// Watch the heartbeats for `watch` and report every slot ever used.
+pub fn hosts(vol: &vmfs::Volume, watch: std::time::Duration) -> Result<Hosts> {
+    let read = || -> Result<Vec<HostSlot>> {
+        vol.read_slots()?
+            .into_iter()
+            .map(|(hs, _)| Ok(hs?))
+            .collect()
+    };
+    let first = read()?;
+    // Liveness is a change seen on this host's clock.
+    std::thread::sleep(watch);
+    let second = read()?;
+    let mut out = Vec::new();
+    for (s, (a, b)) in (0u32..).zip(first.iter().zip(&second)) {
+        if b.state == SLOT_FREE && b.journal == 0 && b.host == [0; 16] {
+            continue;
+        }
+        let state = match b.state {
+            SLOT_LIVE if a.heartbeat != b.heartbeat => "live",
+            SLOT_LIVE => "silent",
+            SLOT_REPLAYING => "replaying",
+            _ => "free",
+        };
+        out.push(HostView {
+            slot: s,
+            state: state.into(),
+            replayer: b.replayer,
+            host: uuid_str(&b.host),
+            generation: b.generation,
+            heartbeat: b.heartbeat,
+            journal_block: b.journal,
+            journal_bytes: u64::from(b.journal_blocks) * 4096,
+        });
+    }
+    Ok(Hosts {
+        slots: out,
+        watched_ms: watch.as_millis() as u64,
+    })
+}
+
+/// `vmfs locks`: every lock that is not free.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Locks {
+    pub method: String,
+    pub held: Vec<LockView>,
+    /// Lock sectors naming only hosts recovered or gone since (free locks).
+    pub stale: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LockView {
+    pub object: String,
+    pub mode: String,
+    pub generation: u64,
+    pub holders: Vec<HolderView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HolderView {
+    pub slot: u32,
+    pub generation: u64,
+    pub host: String,
+    /// "held", "stale" (its slot was freed or recovered since), "no such slot".
+    pub state: String,
+}
+
+/// The locks of `fs`, judged against `slots` as on disk.
+pub fn locks(fs: &Fs, slots: &[(u32, vmfs::Result<HostSlot>)]) -> Result<Locks> {
+    let held = fs.held_locks()?;
+    let slot = |n: u32| slots.get(n as usize).and_then(|(_, s)| s.as_ref().ok());
+    let current = |h: &vmfs::locking::Holder| {
+        matches!(slot(h.slot), Some(s) if s.generation == h.generation && s.state != SLOT_FREE)
+    };
+    let (live, stale): (Vec<_>, Vec<_>) = held
+        .into_iter()
+        .partition(|(_, rec)| rec.holders.iter().any(current));
+    Ok(Locks {
+        method: vmfs::locking::Method::for_lun(&*fs.vol().luns[0])
+            .describe()
+            .to_string(),
+        held: live
+            .into_iter()
+            .map(|(what, rec)| LockView {
+                object: what,
+                mode: rec.mode.name().to_string(),
+                generation: rec.generation,
+                holders: rec
+                    .holders
+                    .iter()
+                    .map(|h| HolderView {
+                        slot: h.slot,
+                        generation: h.generation,
+                        host: slot(h.slot).map(|s| uuid_str(&s.host)).unwrap_or("?".into()),
+                        state: match slot(h.slot) {
+                            Some(_) if current(h) => "held",
+                            Some(_) => "stale",
+                            None => "no such slot",
+                        }
+                        .into(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+        stale: stale.len(),
+    })
+}
+
+/// Does this LUN carry a datastore's volume header?
+pub fn is_datastore_lun(l: &dyn lun::Lun) -> bool {
+    let mut b = vec![0u8; vmfs::format::MD];
+    l.read_at(&mut b, 0).is_ok() && vmfs::format::VolumeHeader::decode(&b, None).is_ok()
+}
+
+/// `vmfs rdm create`: what was made.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RdmCreated {
+    pub path: String,
+    pub mode: String,
+    pub url_hint: String,
+    pub identity: String,
+    pub size: u64,
+}
+
+/// Map LUN `target` as the file `path` of `fs`.
+pub fn rdm_create(fs: &Fs, target: &dyn lun::Lun, mode: rdm::Mode, path: &str) -> Result<RdmCreated> {
+    let m = rdm::create(target, mode, &fs.vol().luns, is_datastore_lun)?;
+    let (dir, name) = fs.parent_path(path)?;
+    fs.create_mapping(dir, name.as_bytes(), &m.encode(), m.size)
+        .map_err(|e| HostError::Agent(format!("creating the mapping file {path}: {e}")))?;
+    Ok(RdmCreated {
+        path: path.to_string(),
+        mode: mode.name().to_string(),
+        url_hint: m.url_hint.clone(),
+        identity: m.identity.to_string(),
+        size: m.size,
+    })
+}
+
+/// `vmfs rdm info`: a mapping and whether this host reaches its LUN.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RdmInfo {
+    pub path: String,
+    pub mode: String,
+    pub create_type: String,
+    pub identity: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub url_hint: String,
+    /// The LUN that matches, or why none does.
+    pub lun: std::result::Result<String, String>,
+}
+
+/// The mapping at `path` of `fs`, resolved against this host's LUN list in
+/// `state_dir`.
+pub fn rdm_info(fs: &Fs, path: &str, state_dir: &Path) -> Result<RdmInfo> {
+    let ino = fs.resolve(path)?;
+    let i = fs.getattr(ino)?;
+    if i.flags & vmfs::format::FD_FLAG_RDM == 0 {
+        return Err(vmfs::FsError::Invalid(format!(
+            "{path}: not a raw device mapping (an ordinary file)"
+        ))
+        .into());
+    }
+    let m = fs.mapping_of(&i)?;
+    let list = rdm::host_luns(state_dir)
+        .map_err(|e| HostError::io(format!("reading {}", state_dir.join("luns").display()), e))?;
+    let lun = rdm::resolve(&m, &list, lun::OpenOptions::default())
+        .map(|l| l.name().to_string())
+        .map_err(|e| e.to_string());
+    Ok(RdmInfo {
+        path: path.to_string(),
+        mode: m.mode.name().to_string(),
+        create_type: m.mode.create_type().to_string(),
+        identity: m.identity.to_string(),
+        size: m.size,
+        block_size: m.block_size,
+        url_hint: m.url_hint.clone(),
+        lun,
+    })
+}
+
+/// `vmfs extend`: the datastore before and after.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Extended {
+    pub added: String,
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    pub extents: usize,
+}
+
+/// Add LUN `new` to `fs` (refused if it holds anything unless `force`,
+/// always if it belongs to a datastore in use).
+pub fn extend(
+    fs: &Fs,
+    new: Arc<dyn lun::Lun>,
+    force: bool,
+    t: &vmfs::cluster::Timeouts,
+) -> Result<Extended> {
+    let hint = |u: &str| -> vmfs::Result<Arc<dyn lun::Lun>> { Ok(lun::open_with(u, t.lun_options())?) };
+    let checked = vmfs::guard::check_overwrite(std::slice::from_ref(&new), force, t, "extend", &hint)?;
+    let before = fs.usage();
+    let name = new.name().to_string();
+    checked.wipe()?;
+    fs.extend(new)?;
+    let u = fs.usage();
+    Ok(Extended {
+        added: name,
+        bytes_before: before.total_blocks * before.block_size,
+        bytes_after: u.total_blocks * u.block_size,
+        extents: fs.vol().header.extents.len(),
+    })
+}
+
+/// `vmfs status`: what this host is for one datastore it has mounted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub datastore: String,
+    pub label: String,
+    pub mountpoint: String,
+    pub host: String,
+    pub slot: u32,
+    pub generation: u64,
+    pub pid: u32,
+    /// Bytes of this host's journal in use, and its size.
+    pub journal_used: u64,
+    pub journal_bytes: u64,
+    /// Files this host has open.
+    pub open_files: usize,
+    pub lease_ms: u64,
+    pub socket: String,
+}
