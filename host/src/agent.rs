@@ -288,7 +288,8 @@ fn handle(s: &Shared, req: &Request) -> Result<Value> {
             })?;
             let t = fs.member().map(|m| m.timeouts).unwrap_or_default();
             let target = lun::open_with(&a.url, t.lun_options())?;
-            to_value(ops::rdm_create(fs, &*target, mode, &a.path)?)
+            let m = ops::rdm_mapping(&*target, mode, &fs.vol().luns)?;
+            to_value(ops::rdm_create(fs, &m, &a.path)?)
         }
         "rdm-info" => {
             let a: PathArgs = proto::arguments(c, args(()))?;
@@ -298,7 +299,8 @@ fn handle(s: &Shared, req: &Request) -> Result<Value> {
             let a: ExtendArgs = proto::arguments(c, args(()))?;
             let t = fs.member().map(|m| m.timeouts).unwrap_or_default();
             let new = lun::open_with(&a.lun, t.lun_options())?;
-            to_value(ops::extend(fs, new, a.force, &t)?)
+            let checked = ops::check_new_extent(&new, a.force, &t)?;
+            to_value(ops::extend(fs, new, checked)?)
         }
         _ => Err(HostError::UnknownCommand(
             req.command.chars().take(100).collect(),

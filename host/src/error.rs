@@ -58,9 +58,10 @@ impl HostError {
             HostError::Fs(F::Invalid(_) | F::ReadOnly(_)) => "Invalid",
             HostError::Fs(F::NoSpace(_)) => "NoSpace",
             HostError::Fs(F::Corrupt { .. }) => "Corrupt",
-            HostError::Fs(F::Posix(e, _)) if *e == libc::ENOENT => "NotFound",
-            HostError::Fs(F::Posix(e, _)) if *e == libc::EBUSY => "Busy",
-            HostError::Fs(F::Posix(e, _)) if *e == libc::EEXIST || *e == libc::EINVAL => "Invalid",
+            HostError::Fs(F::File(vmfs::Fault::NotFound, _)) => "NotFound",
+            HostError::Fs(F::File(vmfs::Fault::Busy, _)) => "Busy",
+            HostError::Fs(F::File(vmfs::Fault::NoSpace, _)) => "NoSpace",
+            HostError::Fs(F::File(_, _)) => "Invalid",
             HostError::Rdm(rdm::RdmError::DatastoreLun { .. }) => "Invalid",
             _ => "Failed",
         }

@@ -280,9 +280,20 @@ pub struct RdmCreated {
     pub size: u64,
 }
 
-/// Map LUN `target` as the file `path` of `fs`.
-pub fn rdm_create(fs: &Fs, target: &dyn lun::Lun, mode: rdm::Mode, path: &str) -> Result<RdmCreated> {
-    let m = rdm::create(target, mode, &fs.vol().luns, is_datastore_lun)?;
+/// The mapping of LUN `target` for the datastore on `datastore` (its
+/// LUNs): refused for a LUN of that or any datastore. Run before the
+/// datastore is opened for the change: a refusal writes nothing.
+pub fn rdm_mapping(
+    target: &dyn lun::Lun,
+    mode: rdm::Mode,
+    datastore: &[Arc<dyn lun::Lun>],
+) -> Result<rdm::Mapping> {
+    Ok(rdm::create(target, mode, datastore, is_datastore_lun)?)
+}
+
+/// Write mapping `m` as the file `path` of `fs`.
+pub fn rdm_create(fs: &Fs, m: &rdm::Mapping, path: &str) -> Result<RdmCreated> {
+    let mode = m.mode;
     let (dir, name) = fs.parent_path(path)?;
     fs.create_mapping(dir, name.as_bytes(), &m.encode(), m.size)
         .map_err(|e| HostError::Agent(format!("creating the mapping file {path}: {e}")))?;
@@ -347,16 +358,26 @@ pub struct Extended {
     pub extents: usize,
 }
 
-/// Add LUN `new` to `fs` (refused if it holds anything unless `force`,
-/// always if it belongs to a datastore in use).
-pub fn extend(
-    fs: &Fs,
-    new: Arc<dyn lun::Lun>,
+/// Look at LUN `new` before it is added: refused if it holds anything
+/// unless `force`, always if it belongs to a datastore in use. Run before
+/// the datastore is opened: a refused extend writes nothing anywhere.
+pub fn check_new_extent(
+    new: &Arc<dyn lun::Lun>,
     force: bool,
     t: &vmfs::cluster::Timeouts,
-) -> Result<Extended> {
+) -> Result<vmfs::guard::Checked> {
     let hint = |u: &str| -> vmfs::Result<Arc<dyn lun::Lun>> { Ok(lun::open_with(u, t.lun_options())?) };
-    let checked = vmfs::guard::check_overwrite(std::slice::from_ref(&new), force, t, "extend", &hint)?;
+    Ok(vmfs::guard::check_overwrite(
+        std::slice::from_ref(new),
+        force,
+        t,
+        "extend",
+        &hint,
+    )?)
+}
+
+/// Add LUN `new`, checked by [`check_new_extent`], to `fs`.
+pub fn extend(fs: &Fs, new: Arc<dyn lun::Lun>, checked: vmfs::guard::Checked) -> Result<Extended> {
     let before = fs.usage();
     let name = new.name().to_string();
     checked.wipe()?;

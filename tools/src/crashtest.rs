@@ -429,8 +429,9 @@ impl Model {
 
 // ---------------------------------------------------------------- the real filesystem
 
+/// The model speaks POSIX: compare in errnos.
 fn errno(e: &FsError) -> i32 {
-    e.errno()
+    vmfs::fuse::errno(e.fault())
 }
 
 fn resolve(fs: &Fs, p: &str) -> vmfs::Result<u64> {

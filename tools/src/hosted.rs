@@ -331,8 +331,9 @@ pub fn rdm_create(mode: &str, url: &str, rest: &[String], host_args: &HostArgs) 
             let target = lun::open_with(url, t.lun_options())
                 .with_context(|| format!("opening LUN {}", lun::redact(url)))?;
             let luns = open_luns_for(&specs, &t)?;
+            let m = ops::rdm_mapping(&*target, mode, &luns)?;
             let fs = open_for_change(luns, host_args, &t, "creating the mapping online")?;
-            let r = ops::rdm_create(&fs, &*target, mode, &path);
+            let r = ops::rdm_create(&fs, &m, &path);
             fs.unmount()?;
             r?
         }
@@ -405,8 +406,10 @@ pub fn extend(args: &[String], add: &str, force: bool, host_args: &HostArgs) -> 
             let luns = open_luns_for(&specs, &t)?;
             let new = lun::open_with(add, t.lun_options())
                 .with_context(|| format!("opening LUN {}", lun::redact(add)))?;
+            // Before the datastore is opened: a refusal writes nothing.
+            let checked = ops::check_new_extent(&new, force, &t)?;
             let fs = open_for_change(luns, host_args, &t, "extending online")?;
-            let r = ops::extend(&fs, new, force, &t);
+            let r = ops::extend(&fs, new, checked);
             fs.unmount()?;
             r?
         }

@@ -240,7 +240,7 @@ fn repair_fixes_leaks_and_link_counts() {
             .unwrap();
         fs.write(f.addr, 0, &vec![7u8; 3 << 20]).unwrap();
         // Damage consistently (checksums valid): wrong link count, leaked block.
-        fs.op(|st, vol| {
+        vmfs::testing::op(&fs, |st, vol| {
             let mut i = st.iget(vol, f.addr)?;
             i.nlink = 5;
             st.iput(vol, &i)?;

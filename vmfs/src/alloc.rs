@@ -11,7 +11,7 @@
 //! A cluster nobody holds may be changed by whoever holds the volume lock.
 //! A cluster another live host holds is changed by nobody else: an
 //! operation that must free into it (or finds no other cluster with room)
-//! stops with [`FsError::ClusterBusy`], asks for it in its heartbeat slot and
+//! stops with `FsError::Retry` (a cluster busy), asks for it in its heartbeat slot and
 //! waits; the holder gives it back. So no two hosts ever change one bitmap,
 //! and no block is ever handed out twice. Resource clusters stay under the
 //! volume lock.
@@ -370,7 +370,7 @@ impl Alloc {
             }
         }
         match busy {
-            Some((addr, slot)) => Err(FsError::ClusterBusy { addr, slot }),
+            Some((addr, slot)) => Err(FsError::cluster_busy(addr, slot)),
             None => Err(self.no_space()),
         }
     }
@@ -392,7 +392,7 @@ impl Alloc {
     /// In cluster mode, an operation without the volume lock may not go on.
     fn need_volume_lock(&self) -> Result<()> {
         match &self.locks {
-            Some(l) if !l.vl => Err(FsError::NeedVolumeLock),
+            Some(l) if !l.vl => Err(FsError::need_volume_lock()),
             _ => Ok(()),
         }
     }
@@ -623,7 +623,7 @@ impl Alloc {
         };
         let c = self.fbc[ci].clone();
         if let Some(slot) = self.other_holder(vol, meta, c.addr)? {
-            return Err(FsError::ClusterBusy { addr: c.addr, slot });
+            return Err(FsError::cluster_busy(c.addr, slot));
         }
         let b = meta.get_mut(vol, c.addr, MAGIC_FBC)?;
         let body = &mut b[LOCK_SECTOR..];

@@ -319,7 +319,7 @@ pub fn recover(
     );
     let mut report = None;
     if hs.journal != 0 {
-        let r = crate::fs::journal_region(vol, hs.journal, hs.journal_blocks, s)?;
+        let r = crate::journals::journal_region(vol, hs.journal, hs.journal_blocks, s)?;
         let rep = journal::replay(&r, &vol.header.uuid, vol)?;
         tracing::info!("journal of slot {s}: {rep}");
         report = Some(rep);

@@ -35,10 +35,10 @@
 
 use std::sync::Arc;
 
-use crate::error::{FsError, Result};
+use crate::error::{Fault, FsError, Result};
 use crate::format::*;
 use crate::fs::Fs;
-use crate::leafmap::{FileData, Leaf};
+use crate::leafmap::FileData;
 
 /// How a file is opened, as the on-disk lock mode it takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -305,7 +305,7 @@ impl Fs {
         let ino = self.resolve(path)?;
         let i = self.getattr(ino)?;
         if i.is_dir() {
-            return Err(FsError::Posix(libc::EISDIR, format!("{path} is a directory")));
+            return Err(FsError::File(Fault::IsDir, format!("{path} is a directory")));
         }
         File::open_ino(self, ino, mode, path.to_string()).map_err(|e| name_path(e, path))
     }
@@ -369,239 +369,8 @@ fn components(path: &str) -> Result<Vec<&str>> {
 /// Name the path in a bare errno error.
 fn name_path(e: FsError, path: &str) -> FsError {
     match e {
-        FsError::Posix(n, m) if !m.contains(path) => FsError::Posix(n, format!("{path}: {m}")),
+        FsError::File(f, m) if !m.contains(path) => FsError::File(f, format!("{path}: {m}")),
         FsError::Busy(m) => FsError::Busy(format!("{path}: {m}")),
         e => e,
-    }
-}
-
-// ---------------------------------------------------------------- data path
-
-/// How many leaves a miss fills ahead of the one asked for (sequential
-/// readers then find the next ones cached).
-const FILL_AHEAD: u64 = 256;
-
-impl Fs {
-    /// Reads and writes of an open file meet its blocks here first.
-    pub(crate) fn read_with(&self, fd: &FileData, ino: u64, off: u64, buf: &mut [u8]) -> Result<usize> {
-        if let Some((lun, _)) = self.mapped_lun(ino) {
-            let n = lun.size().saturating_sub(off).min(buf.len() as u64) as usize;
-            lun.read_at(&mut buf[..n], off)?;
-            return Ok(n);
-        }
-        let _g = fd.rw.read().unwrap_or_else(|p| p.into_inner());
-        for attempt in 0..2 {
-            if let Some(r) = self.read_cached(fd, off, buf) {
-                return r.map(|()| buf.len());
-            }
-            if attempt == 0 && !buf.is_empty() {
-                self.fill_leaves(fd, ino, off, buf.len() as u64)?;
-            }
-        }
-        self.read_into_locked(ino, off, buf)
-    }
-
-    /// A read wholly inside known leaves: Some(result), else None.
-    fn read_cached(&self, fd: &FileData, off: u64, buf: &mut [u8]) -> Option<Result<()>> {
-        let vol = self.vol();
-        let mut err = None;
-        let ok = fd.with_leaves(off, buf.len() as u64, |li, leaf, l| {
-            let start = (li * leaf).max(off);
-            let end = ((li + 1) * leaf).min(off + buf.len() as u64);
-            let piece = &mut buf[(start - off) as usize..(end - off) as usize];
-            match l {
-                Leaf::Hole => piece.fill(0),
-                Leaf::At(a) => {
-                    if let Err(e) = vol.read(a + (start - li * leaf), piece) {
-                        err = Some(e);
-                        return false;
-                    }
-                }
-                Leaf::Unknown => return false,
-            }
-            true
-        });
-        match err {
-            Some(e) => Some(Err(e)),
-            None => ok.then_some(Ok(())),
-        }
-    }
-
-    /// A write wholly into known, mapped leaves: true when done.
-    fn write_cached(&self, fd: &FileData, off: u64, data: &[u8]) -> Result<bool> {
-        let vol = self.vol();
-        let mut err = None;
-        let ok = fd.with_leaves(off, data.len() as u64, |li, leaf, l| {
-            let Leaf::At(a) = l else {
-                return false;
-            };
-            let start = (li * leaf).max(off);
-            let end = ((li + 1) * leaf).min(off + data.len() as u64);
-            let piece = &data[(start - off) as usize..(end - off) as usize];
-            if let Err(e) = vol.write(a + (start - li * leaf), piece) {
-                err = Some(e);
-                return false;
-            }
-            true
-        });
-        match err {
-            Some(e) => Err(e),
-            None => Ok(ok),
-        }
-    }
-
-    /// Look up the leaves of `[off, off+len)` and a window past it, and
-    /// cache what may be cached.
-    fn fill_leaves(&self, fd: &FileData, ino: u64, off: u64, len: u64) -> Result<()> {
-        let t = fd.ticket();
-        let found = self.file_read_op(ino, |st, vol| {
-            let i = st.iget(vol, ino)?;
-            if i.is_dir() || i.flags & FD_FLAG_RDM != 0 {
-                return Ok(None);
-            }
-            let Layout::Tree { sub: false, .. } = i.layout else {
-                return Ok(None);
-            };
-            let leaf = vol.block_size();
-            let first = off / leaf;
-            let in_file = i.size.div_ceil(leaf);
-            let want = off.saturating_add(len).div_ceil(leaf).max(first + 1);
-            let last = want.max(first + FILL_AHEAD).min(in_file).max(want.min(in_file));
-            let mut v = Vec::with_capacity(last.saturating_sub(first) as usize);
-            for li in first..last {
-                let p = st.get_ptr(vol, &i, li)?;
-                v.push(if p == 0 {
-                    Leaf::Hole
-                } else if p & PTR_UNWRITTEN != 0 {
-                    Leaf::Unknown
-                } else {
-                    Leaf::At((p & PTR_ADDR_MASK) * MD as u64)
-                });
-            }
-            Ok(Some((leaf, i.size, first, v)))
-        })?;
-        if let Some((leaf, size, first, v)) = found {
-            fd.fill(&t, leaf, size, first, &v);
-        }
-        Ok(())
-    }
-
-    /// Write through the cache when every leaf is known and mapped, else
-    /// as one metadata transaction; then stamp the file's times.
-    pub(crate) fn write_with(&self, fd: &FileData, ino: u64, off: u64, data: &[u8]) -> Result<()> {
-        if self.mapped_lun(ino).is_some() {
-            return self.write(ino, off, data).map(|_| ());
-        }
-        let g = fd.rw.read().unwrap_or_else(|p| p.into_inner());
-        if data.is_empty() {
-            return Ok(());
-        }
-        for attempt in 0..2 {
-            if self.write_cached(fd, off, data)? {
-                return self.stamp_times(fd, ino);
-            }
-            if attempt == 0 {
-                self.fill_leaves(fd, ino, off, data.len() as u64)?;
-            }
-        }
-        drop(g);
-        let t = fd.ticket();
-        let r = self.write(ino, off, data);
-        // It may have allocated into leaves cached as holes.
-        fd.invalidate_range(off, data.len() as u64);
-        let i = r?;
-        fd.grew(&t, i.size);
-        Ok(())
-    }
-
-    pub(crate) fn writes_in_place_with(&self, fd: &FileData, ino: u64, off: u64, len: usize) -> Result<bool> {
-        if self.mapped_lun(ino).is_some() {
-            return Ok(false);
-        }
-        let mapped = |fd: &FileData| {
-            fd.with_leaves(off, len as u64, |_, _, l| matches!(l, Leaf::At(_)))
-        };
-        if len > 0 && mapped(fd) {
-            return Ok(true);
-        }
-        self.writes_in_place(ino, off, len)
-    }
-
-    /// After an in-place write: the file's modification and change times
-    /// become now, committed once per clock tick at most.
-    fn stamp_times(&self, fd: &FileData, ino: u64) -> Result<()> {
-        let t = crate::fs::now();
-        let packed = (t.0 as u64).wrapping_mul(1_000_000_000).wrapping_add(u64::from(t.1)) | 1;
-        if fd.stamp.load(std::sync::atomic::Ordering::SeqCst) == packed {
-            return Ok(());
-        }
-        self.file_op(ino, |st, vol| {
-            let mut i = st.iget(vol, ino)?;
-            if i.mtime != t || i.ctime != t {
-                i.mtime = t;
-                i.ctime = t;
-                st.iput(vol, &i)?;
-            }
-            Ok(())
-        })?;
-        fd.stamp.store(packed, std::sync::atomic::Ordering::SeqCst);
-        Ok(())
-    }
-
-    /// The data ranges of file `ino` within `[off, off+len)`.
-    pub fn allocated(&self, ino: u64, off: u64, len: u64) -> Result<Vec<Range>> {
-        if let Some((lun, _)) = self.mapped_lun(ino) {
-            let end = off.saturating_add(len).min(lun.size());
-            return Ok(if off < end { vec![off..end] } else { Vec::new() });
-        }
-        self.file_read_op(ino, |st, vol| {
-            let i = st.iget(vol, ino)?;
-            let end = off.saturating_add(len).min(i.size);
-            let mut out: Vec<Range> = Vec::new();
-            let mut pos = off;
-            while pos < end {
-                let Some(d) = st.next_data(vol, &i, pos)? else {
-                    break;
-                };
-                if d >= end {
-                    break;
-                }
-                let h = st.next_hole(vol, &i, d)?.min(end);
-                match out.last_mut() {
-                    Some(r) if r.end == d => r.end = h,
-                    _ => out.push(d..h),
-                }
-                pos = h;
-            }
-            Ok(out)
-        })
-    }
-
-    /// lseek(SEEK_DATA) on file `ino`.
-    pub fn seek_data(&self, ino: u64, off: u64) -> Result<Option<u64>> {
-        if let Some((lun, _)) = self.mapped_lun(ino) {
-            return Ok((off < lun.size()).then_some(off));
-        }
-        self.file_read_op(ino, |st, vol| {
-            let i = st.iget(vol, ino)?;
-            if off >= i.size {
-                return Ok(None);
-            }
-            Ok(st.next_data(vol, &i, off)?.filter(|&d| d < i.size))
-        })
-    }
-
-    /// lseek(SEEK_HOLE) on file `ino`.
-    pub fn seek_hole(&self, ino: u64, off: u64) -> Result<Option<u64>> {
-        if let Some((lun, _)) = self.mapped_lun(ino) {
-            return Ok((off < lun.size()).then_some(lun.size()));
-        }
-        self.file_read_op(ino, |st, vol| {
-            let i = st.iget(vol, ino)?;
-            if off >= i.size {
-                return Ok(None);
-            }
-            Ok(Some(st.next_hole(vol, &i, off)?.min(i.size)))
-        })
     }
 }

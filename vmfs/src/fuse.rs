@@ -18,7 +18,7 @@ use fuser::{
     ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
 };
 
-use crate::error::FsError;
+use crate::error::{Fault, FsError};
 use crate::file::File;
 use crate::format::*;
 use crate::fs::{Fs, SetAttr};
@@ -66,25 +66,49 @@ impl Handle {
     }
 }
 
-fn errno(e: &FsError) -> Errno {
-    let n = e.errno();
-    if n == libc::EIO {
+/// The errno of each kind of failure: the one place the crate speaks errno.
+pub fn errno(f: Fault) -> i32 {
+    match f {
+        Fault::NotFound => libc::ENOENT,
+        Fault::Exists => libc::EEXIST,
+        Fault::NotDir => libc::ENOTDIR,
+        Fault::IsDir => libc::EISDIR,
+        Fault::NotEmpty => libc::ENOTEMPTY,
+        Fault::NameTooLong => libc::ENAMETOOLONG,
+        Fault::Invalid => libc::EINVAL,
+        Fault::TooBig => libc::EFBIG,
+        Fault::NotPermitted => libc::EPERM,
+        Fault::NotSupported => libc::EOPNOTSUPP,
+        Fault::TooManyLinks => libc::EMLINK,
+        Fault::NoDevice => libc::ENXIO,
+        Fault::Busy => libc::EBUSY,
+        Fault::NoSpace => libc::ENOSPC,
+        Fault::BadHandle => libc::EBADF,
+        Fault::Io => libc::EIO,
+    }
+}
+
+/// A FUSE reply's error for `e` (an I/O error is logged: the reply alone
+/// says nothing of what failed).
+fn reply_errno(e: &FsError) -> Errno {
+    let f = e.fault();
+    if f == Fault::Io {
         tracing::error!("{e}");
     }
-    Errno::from_i32(n)
+    Errno::from_i32(errno(f))
 }
 
 fn done(reply: ReplyEmpty, r: crate::Result<()>) {
     match r {
         Ok(()) => reply.ok(),
-        Err(e) => reply.error(errno(&e)),
+        Err(e) => reply.error(reply_errno(&e)),
     }
 }
 
 fn data(reply: ReplyData, r: crate::Result<Vec<u8>>) {
     match r {
         Ok(d) => reply.data(&d),
-        Err(e) => reply.error(errno(&e)),
+        Err(e) => reply.error(reply_errno(&e)),
     }
 }
 
@@ -237,7 +261,7 @@ impl VmfsFuse {
         });
         match r {
             Ok(i) => reply.entry(&TTL, &self.attr(&i), Generation(i.generation)),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(reply_errno(&e)),
         }
     }
 }
@@ -271,7 +295,7 @@ impl Filesystem for VmfsFuse {
         self.wb.wait_idle(self.ino(ino));
         match self.fs.getattr(self.ino(ino)) {
             Ok(i) => reply.attr(&TTL, &self.attr(&i)),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(reply_errno(&e)),
         }
     }
 
@@ -305,7 +329,7 @@ impl Filesystem for VmfsFuse {
         self.wb.wait_idle(self.ino(ino));
         match self.fs.setattr(self.ino(ino), &a) {
             Ok(i) => reply.attr(&TTL, &self.attr(&i)),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(reply_errno(&e)),
         }
     }
 
@@ -455,7 +479,7 @@ impl Filesystem for VmfsFuse {
                 let flags = open_flags(&i, write);
                 reply.opened(self.keep(Handle::new(f, &i, write)), flags)
             }
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(reply_errno(&e)),
         }
     }
 
@@ -509,13 +533,13 @@ impl Filesystem for VmfsFuse {
         // On direct I/O the kernel leaves set-ID stripping to us.
         if wf.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
             if let Err(e) = self.fs.drop_setid_for_write(ino) {
-                return reply.error(errno(&e));
+                return reply.error(reply_errno(&e));
             }
         }
         let queued = behind
             && match file.writes_in_place(offset, data.len()) {
                 Ok(yes) => yes,
-                Err(e) => return reply.error(errno(&e)),
+                Err(e) => return reply.error(reply_errno(&e)),
             };
         if queued {
             match self.wb.begin(ino, offset, data.len()) {
@@ -524,7 +548,7 @@ impl Filesystem for VmfsFuse {
                     // `data` is this thread's request buffer, still ours.
                     self.wb.end(t, file.write_at(data, offset));
                 }
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => reply.error(reply_errno(&e)),
             }
             return;
         }
@@ -532,7 +556,7 @@ impl Filesystem for VmfsFuse {
         self.wb.wait_idle(ino);
         match file.write_at(data, offset) {
             Ok(()) => reply.written(data.len() as u32),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(reply_errno(&e)),
         }
     }
 
@@ -598,7 +622,7 @@ impl Filesystem for VmfsFuse {
                 reply.opened(FileHandle(fh), FopenFlags::empty())
             }
             Ok(_) => reply.error(Errno::ENOTDIR),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(reply_errno(&e)),
         }
     }
 
@@ -622,7 +646,7 @@ impl Filesystem for VmfsFuse {
             // the directory. Listed without holding the handle table.
             let d = match self.fs.getattr(dir) {
                 Ok(d) => d,
-                Err(e) => return reply.error(errno(&e)),
+                Err(e) => return reply.error(reply_errno(&e)),
             };
             let mut list = vec![
                 (d.addr, 4u8, b".".to_vec()),
@@ -630,7 +654,7 @@ impl Filesystem for VmfsFuse {
             ];
             match self.fs.readdir(dir) {
                 Ok(es) => list.extend(es.into_iter().map(|e| (e.fd, e.kind, e.name))),
-                Err(e) => return reply.error(errno(&e)),
+                Err(e) => return reply.error(reply_errno(&e)),
             }
             self.dirs
                 .lock()
@@ -722,13 +746,13 @@ impl Filesystem for VmfsFuse {
                 let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
                 let f = match File::open_posix(&self.fs, i.addr, write) {
                     Ok((f, _)) => f,
-                    Err(e) => return reply.error(errno(&e)),
+                    Err(e) => return reply.error(reply_errno(&e)),
                 };
                 let flags = open_flags(&i, write);
                 let fh = self.keep(Handle::new(f, &i, write));
                 reply.created(&TTL, &self.attr(&i), Generation(i.generation), fh, flags)
             }
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(reply_errno(&e)),
         }
     }
 
@@ -761,7 +785,7 @@ impl Filesystem for VmfsFuse {
         match self.fs.getattr(self.ino(ino)) {
             Ok(i) if i.flags & crate::format::FD_FLAG_MULTI_WRITER != 0 => xattr(reply, b"1", size),
             Ok(_) => reply.error(Errno::ENODATA),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(reply_errno(&e)),
         }
     }
 
@@ -775,7 +799,7 @@ impl Filesystem for VmfsFuse {
                 }
                 xattr(reply, &names, size)
             }
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(reply_errno(&e)),
         }
     }
 
@@ -813,7 +837,7 @@ impl Filesystem for VmfsFuse {
         match r {
             Ok(Some(o)) => reply.offset(o as i64),
             Ok(None) => reply.error(Errno::ENXIO),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(reply_errno(&e)),
         }
     }
 
@@ -834,12 +858,6 @@ impl Filesystem for VmfsFuse {
         )
     }
 }
-
-/// Mount and serve until unmounted (`fusermount3 -u`) or until `stop` is
-/// signalled; flushes the volume before returning.
-/// How often an idle host holding the volume lock looks for a host waiting
-/// for it (one read of the heartbeat region, only while others are mounted).
-const LOCK_WATCH: Duration = Duration::from_millis(10);
 
 /// How long a metadata change may wait in memory before it is committed.
 pub const COMMIT_INTERVAL: Duration = Duration::from_secs(5);
@@ -873,6 +891,8 @@ fn xattr(reply: ReplyXattr, value: &[u8], size: u32) {
     }
 }
 
+/// Mount and serve until unmounted (`fusermount3 -u`) or until `stop` is
+/// signalled; flushes the volume before returning.
 pub fn serve(
     fs: Arc<Fs>,
     mountpoint: &Path,
@@ -905,41 +925,9 @@ pub fn serve(
     let waiter = std::thread::spawn(move || {
         let _ = done_tx.send(session.join());
     });
-    // Cluster housekeeping on its own thread, every heartbeat: it must run
-    // on time (takeover of dead hosts) whatever the FUSE threads are doing.
-    let hk_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let hk = fs.member().map(|m| {
-        let (fs, stop, every) = (fs.clone(), hk_stop.clone(), m.timeouts.heartbeat);
-        std::thread::Builder::new()
-            .name("vmfs-cluster".into())
-            .spawn(move || {
-                if let Some(sh) = fs.shared() {
-                    sh.watched.store(true, std::sync::atomic::Ordering::SeqCst);
-                }
-                let mut last = std::time::Instant::now() - every;
-                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                    if last.elapsed() >= every {
-                        last = std::time::Instant::now();
-                        if let Err(e) = fs.housekeep() {
-                            tracing::error!("cluster housekeeping: {e}");
-                        }
-                    }
-                    // Between heartbeats: give the volume lock to a host
-                    // that waits for it, if this one sits on it idle.
-                    if let Err(e) = fs.yield_if_wanted() {
-                        tracing::error!("giving the volume lock to a waiting host: {e}");
-                    }
-                    std::thread::sleep(LOCK_WATCH.min(every));
-                }
-            })
-            .expect("spawn the cluster thread")
-    });
-    let stop_hk = move || {
-        hk_stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        if let Some(h) = hk {
-            let _ = h.join();
-        }
-    };
+    // Cluster housekeeping on its own thread ([`crate::Housekeeper`]).
+    let hk = crate::Housekeeper::start(fs.clone());
+    let stop_hk = move || drop(hk);
     let mut last_commit = std::time::Instant::now();
     loop {
         if last_commit.elapsed() >= COMMIT_INTERVAL {

@@ -28,15 +28,15 @@
 use std::collections::HashMap;
 use std::sync::{Condvar, Mutex};
 
-use crate::error::{FsError, Result};
+use crate::error::{Fault, FsError, Result};
 
 #[derive(Default)]
 struct State {
     /// Writes answered but not yet on the LUN: (ticket, ino, offset, length).
     running: Vec<(u64, u64, u64, usize)>,
     next: u64,
-    /// Per file: the first failure not yet reported (errno, message).
-    failed: HashMap<u64, (i32, String)>,
+    /// Per file: the first failure not yet reported (its kind, message).
+    failed: HashMap<u64, (Fault, String)>,
 }
 
 impl State {
@@ -82,7 +82,7 @@ impl WriteBehind {
     pub fn begin(&self, ino: u64, off: u64, len: usize) -> Result<Ticket> {
         let mut st = self.lock();
         if let Some((n, m)) = st.failed.remove(&ino) {
-            return Err(FsError::Posix(n, m));
+            return Err(FsError::File(n, m));
         }
         while st.overlaps(ino, off, len) {
             st = self.done.wait(st).unwrap_or_else(|p| p.into_inner());
@@ -108,7 +108,7 @@ impl WriteBehind {
             );
             st.failed
                 .entry(t.ino)
-                .or_insert_with(|| (e.errno(), e.to_string()));
+                .or_insert_with(|| (e.fault(), e.to_string()));
         }
         self.done.notify_all();
     }
@@ -123,7 +123,7 @@ impl WriteBehind {
     pub fn settle(&self, ino: u64) -> Result<()> {
         self.wait_idle(ino);
         match self.lock().failed.remove(&ino) {
-            Some((n, m)) => Err(FsError::Posix(n, m)),
+            Some((n, m)) => Err(FsError::File(n, m)),
             None => Ok(()),
         }
     }
@@ -146,7 +146,7 @@ impl WriteBehind {
         }
         let first = st.failed.drain().next();
         match first {
-            Some((_, (n, m))) => Err(FsError::Posix(n, m)),
+            Some((_, (n, m))) => Err(FsError::File(n, m)),
             None => Ok(()),
         }
     }
@@ -211,12 +211,12 @@ mod tests {
         let t = wb.begin(3, 0, 3).unwrap();
         let u = wb.begin(4, 0, 3).unwrap();
         assert!(wb.busy(3));
-        wb.end(t, Err(FsError::Posix(libc::EIO, "LUN error".into())));
-        wb.end(u, Err(FsError::Posix(libc::ENOSPC, "full".into())));
-        assert_eq!(wb.settle(3).unwrap_err().errno(), libc::EIO);
+        wb.end(t, Err(FsError::File(Fault::Io, "LUN error".into())));
+        wb.end(u, Err(FsError::File(Fault::NoSpace, "full".into())));
+        assert_eq!(wb.settle(3).unwrap_err().fault(), Fault::Io);
         assert!(wb.settle(3).is_ok(), "reported once");
         // File 4's failure waits for its next write.
-        assert_eq!(wb.begin(4, 0, 1).err().unwrap().errno(), libc::ENOSPC);
+        assert_eq!(wb.begin(4, 0, 1).err().unwrap().fault(), Fault::NoSpace);
         let t = wb.begin(4, 0, 1).unwrap();
         wb.end(t, Ok(()));
         wb.settle_all().unwrap();

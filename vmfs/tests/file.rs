@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use lun::{Lun, MemLun};
-use vmfs::{Fs, FsError, LockMode, MkfsOptions};
+use vmfs::{Fault, Fs, FsError, LockMode, MkfsOptions};
 
 const BS: u64 = 64 << 10;
 
@@ -74,7 +74,7 @@ fn paths_name_files_and_an_unlinked_open_file_lives_until_its_last_handle() {
     f.write_at(b"hello", 0).unwrap();
     assert!(matches!(
         fs.create_file("vm1/disk.raw", 0o600, LockMode::Exclusive),
-        Err(FsError::Posix(libc::EEXIST, _))
+        Err(FsError::File(Fault::Exists, _))
     ));
     fs.rename_path("vm1/disk.raw", "./vm1/disk2.raw").unwrap();
     let g = fs.open_path("vm1/disk2.raw", LockMode::ReadOnly).unwrap();
@@ -84,7 +84,7 @@ fn paths_name_files_and_an_unlinked_open_file_lives_until_its_last_handle() {
     assert!(fs.open_path("vm1/../x", LockMode::ReadOnly).is_err());
     assert!(matches!(
         fs.open_path("vm1", LockMode::ReadOnly),
-        Err(FsError::Posix(libc::EISDIR, _))
+        Err(FsError::File(Fault::IsDir, _))
     ));
     fs.unlink_path("vm1/disk2.raw").unwrap();
     assert!(fs.resolve("vm1/disk2.raw").is_err());

@@ -50,7 +50,7 @@ fn a_crash_keeps_what_sync_committed_and_nothing_half_done() {
     fs.create(root, b"b", S_IFREG | 0o644, 0, 0, 0, None)
         .unwrap();
     assert!(
-        fs.lock().meta.dirty_len() > 0,
+        vmfs::testing::dirty_len(&fs) > 0,
         "b waits in the running transaction"
     );
     fs.abandon(); // a crash: nothing more is written
@@ -199,7 +199,7 @@ fn a_full_datastore_reuses_what_was_just_freed() {
         match fs.write(a.addr, size, &chunk) {
             Ok(_) => size += chunk.len() as u64,
             Err(e) => {
-                assert_eq!(e.errno(), libc::ENOSPC, "{e}");
+                assert_eq!(e.fault(), vmfs::Fault::NoSpace, "{e}");
                 break;
             }
         }

@@ -169,12 +169,12 @@ fn big_directory_and_rename_rules() {
     assert_eq!(
         fs.rename(fs.root(), b"a", b.addr, b"x", false, false)
             .unwrap_err()
-            .errno(),
-        libc::EINVAL
+            .fault(),
+        vmfs::Fault::Invalid
     );
     assert_eq!(
-        fs.unlink(fs.root(), b"a", true).unwrap_err().errno(),
-        libc::ENOTEMPTY
+        fs.unlink(fs.root(), b"a", true).unwrap_err().fault(),
+        vmfs::Fault::NotEmpty
     );
     fs.rename(a.addr, b"b", fs.root(), b"b", false, false)
         .unwrap();
@@ -253,7 +253,7 @@ fn extend_adds_capacity() {
 #[test]
 fn freed_block_not_reused_in_same_transaction() {
     let fs = Fs::mkfs(luns(&[16 << 20]), &MkfsOptions::default()).unwrap();
-    let r = fs.op(|st, vol| {
+    let r = vmfs::testing::op(&fs, |st, vol| {
         // Free the first block taken: not at the cluster's end, where the
         // old wrap-around search happened to stop.
         let first = st.alloc.alloc_fb(vol, &mut st.meta)?;
