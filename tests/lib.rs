@@ -146,6 +146,34 @@ impl Drop for Mounted {
     }
 }
 
+/// Busy loops that keep every core busy beside the hosts (a host shares its
+/// CPUs with virtual machines: a busy host is the normal case); killed when
+/// dropped.
+pub struct Hog(Vec<std::process::Child>);
+
+impl Hog {
+    pub fn start() -> Hog {
+        let n = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Hog((0..n)
+            .map(|_| {
+                std::process::Command::new("sh")
+                    .args(["-c", "while :; do :; done"])
+                    .spawn()
+                    .expect("start a busy loop")
+            })
+            .collect())
+    }
+}
+
+impl Drop for Hog {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// Deterministic pseudo-random bytes.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e3779b97f4a7c15) | 1;

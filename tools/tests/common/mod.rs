@@ -125,30 +125,5 @@ impl Drop for Host {
     }
 }
 
-/// Busy loops that keep every core busy beside the hosts (a host shares its
-/// CPUs with virtual machines: a busy host is the normal case); killed when
-/// dropped.
-pub struct Hog(Vec<std::process::Child>);
-
-impl Hog {
-    pub fn start() -> Hog {
-        let n = std::thread::available_parallelism().map_or(2, |n| n.get());
-        Hog((0..n)
-            .map(|_| {
-                std::process::Command::new("sh")
-                    .args(["-c", "while :; do :; done"])
-                    .spawn()
-                    .unwrap()
-            })
-            .collect())
-    }
-}
-
-impl Drop for Hog {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+#[allow(unused_imports)]
+pub use vmfs_tests::Hog;

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmfs::{Fs, FsError, Housekeeper, LockMode, MkfsOptions};
+use vmfs_tests::Hog;
 
 const BS: u64 = 64 << 10;
 const LEASE_MS: u64 = 1500;
@@ -80,32 +81,6 @@ fn child(role: &str, dir: &Path) -> Child {
         .env("VMFS_LOG", "warn")
         .spawn()
         .unwrap()
-}
-
-/// Busy loops on every core, killed when dropped.
-struct Hog(Vec<Child>);
-
-impl Hog {
-    fn start() -> Hog {
-        let n = std::thread::available_parallelism().map_or(2, |n| n.get());
-        Hog((0..n)
-            .map(|_| {
-                Command::new("sh")
-                    .args(["-c", "while :; do :; done"])
-                    .spawn()
-                    .unwrap()
-            })
-            .collect())
-    }
-}
-
-impl Drop for Hog {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 /// Kills a child host when dropped (a failing test leaves none behind).

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use lun::{Lun, MemLun};
 use vmfs::{Fault, Fs, FsError, LockMode, MkfsOptions};
+use vmfs_tests::pattern;
 
 const BS: u64 = 64 << 10;
 
@@ -44,18 +45,6 @@ fn two_hosts(size: u64) -> (Arc<Fs>, Arc<Fs>) {
     let a = Fs::mount(luns(&m), uuid(1), t).unwrap();
     let b = Fs::mount(luns(&m), uuid(2), t).unwrap();
     (Arc::new(a), Arc::new(b))
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e3779b97f4a7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn read_all(f: &vmfs::File) -> Vec<u8> {
