@@ -1,0 +1,380 @@
+//! A virtual disk: its chain of layers, newest first, opened from the one
+//! name the user keeps (`NAME.vmdk`), read through and written at the top.
+//!
+//! **File naming** (one directory per disk's chain):
+//!
+//! | file | what |
+//! |---|---|
+//! | `NAME.vmdk` | the descriptor of the current state, always (the name users and `qemu-img` use) |
+//! | `NAME-flat.vmdk` | the base disk's flat extent |
+//! | `NAME-NNNNNN.vmdk` | the frozen descriptor of snapshot NNNNNN (the layer that was current when it was taken) |
+//! | `NAME-NNNNNN-delta[-K].vmdk` | the sparse extent(s) of the layer written after snapshot NNNNNN |
+//!
+//! So `NAME.vmdk` names the base disk until the first snapshot; then it
+//! names a delta whose `parentFileNameHint` is the frozen descriptor below
+//! it, and so on down to `NAME-000000.vmdk`, the frozen base.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use crate::descriptor::{Descriptor, Kind, NO_PARENT};
+use crate::error::{at, DiskError, Result};
+use crate::extent::{Grain, SparseExtent};
+use crate::store::{DiskFile, Store};
+
+/// The deepest chain (snapshots below the current layer), as ESX allows.
+pub const MAX_DEPTH: usize = 31;
+
+enum Io {
+    Flat {
+        file: Arc<dyn DiskFile>,
+        name: String,
+        /// Where the extent starts in its file (bytes).
+        offset: u64,
+    },
+    Zero,
+    Sparse(SparseExtent),
+}
+
+struct Piece {
+    /// Where the extent starts in the disk (bytes) and its length.
+    start: u64,
+    len: u64,
+    io: Io,
+}
+
+/// One layer of the chain: a descriptor and its extents.
+pub struct Layer {
+    pub name: String,
+    pub desc: Descriptor,
+    pieces: Vec<Piece>,
+}
+
+impl Layer {
+    pub fn capacity(&self) -> u64 {
+        self.desc.capacity()
+    }
+
+    fn piece(&self, off: u64) -> Option<&Piece> {
+        self.pieces.iter().find(|p| off >= p.start && off < p.start + p.len)
+    }
+
+    /// Bytes this layer holds: a flat extent's allocated bytes, a sparse
+    /// extent's grains.
+    pub fn allocated_bytes(&self) -> Result<u64> {
+        let mut n = 0;
+        for p in &self.pieces {
+            n += match &p.io {
+                Io::Flat { file, name, offset } => file
+                    .allocated(*offset, p.len)
+                    .map_err(at(name))?
+                    .iter()
+                    .map(|r| r.end - r.start)
+                    .sum::<u64>(),
+                Io::Zero => 0,
+                Io::Sparse(s) => s.allocated_bytes()?,
+            };
+        }
+        Ok(n)
+    }
+}
+
+/// Read a descriptor file whole.
+pub fn read_descriptor(store: &dyn Store, name: &str) -> Result<Descriptor> {
+    let f = store.open(name, false).map_err(at(name))?;
+    let len = f.len().map_err(at(name))?;
+    if len > crate::descriptor::MAX_LEN as u64 {
+        return Err(DiskError::Descriptor {
+            file: name.to_string(),
+            line: 0,
+            reason: format!("{len} bytes: too long for a descriptor (is it an extent?)"),
+        });
+    }
+    let mut b = vec![0u8; len as usize];
+    f.read_full(&mut b, 0).map_err(at(name))?;
+    Descriptor::parse(&b, name)
+}
+
+fn open_layer(store: &dyn Store, name: &str, desc: Descriptor, write: bool) -> Result<Layer> {
+    let mut pieces = Vec::with_capacity(desc.extents.len());
+    let mut start = 0;
+    for e in &desc.extents {
+        let len = e.sectors * 512;
+        let io = match (e.kind, &e.file) {
+            (Kind::Zero, _) => Io::Zero,
+            (k, Some(f)) => {
+                let file = store.open(f, write).map_err(at(f))?;
+                if k.is_flat() {
+                    let have = file.len().map_err(at(f))?;
+                    let need = e.offset * 512 + len;
+                    if have < need {
+                        return Err(DiskError::Corrupt {
+                            file: f.clone(),
+                            offset: have,
+                            reason: format!(
+                                "the flat extent holds {have} bytes; {name} needs {need}"
+                            ),
+                        });
+                    }
+                    Io::Flat {
+                        file,
+                        name: f.clone(),
+                        offset: e.offset * 512,
+                    }
+                } else {
+                    let s = SparseExtent::open(file, f)?;
+                    if s.capacity() < len {
+                        return Err(DiskError::Corrupt {
+                            file: f.clone(),
+                            offset: 12,
+                            reason: format!(
+                                "the sparse extent holds {} bytes; {name} gives it {len}",
+                                s.capacity()
+                            ),
+                        });
+                    }
+                    Io::Sparse(s)
+                }
+            }
+            (_, None) => unreachable!("the parser gives every non-ZERO extent a file"),
+        };
+        pieces.push(Piece { start, len, io });
+        start += len;
+    }
+    Ok(Layer {
+        name: name.to_string(),
+        desc,
+        pieces,
+    })
+}
+
+/// An open virtual disk.
+pub struct Disk {
+    pub store: Arc<dyn Store>,
+    /// Newest first: `layers[0]` is `NAME.vmdk`.
+    pub layers: Vec<Layer>,
+    writable: bool,
+}
+
+impl Disk {
+    /// Open the disk whose current descriptor is `name`, and every layer
+    /// below it. Refused: a missing parent, a CID that differs from the
+    /// one the child recorded, a cycle, a chain deeper than [`MAX_DEPTH`].
+    pub fn open(store: Arc<dyn Store>, name: &str, write: bool) -> Result<Disk> {
+        let mut layers = Vec::new();
+        let mut seen = HashSet::new();
+        let mut next = Some((name.to_string(), None::<(String, u32)>));
+        while let Some((n, child)) = next.take() {
+            if !seen.insert(n.clone()) {
+                return Err(DiskError::Chain(format!(
+                    "{}: the chain loops back to {n}",
+                    store.describe(name)
+                )));
+            }
+            if layers.len() > MAX_DEPTH {
+                return Err(DiskError::Chain(format!(
+                    "{}: the chain is deeper than {MAX_DEPTH} snapshots",
+                    store.describe(name)
+                )));
+            }
+            let desc = match read_descriptor(&*store, &n) {
+                Err(DiskError::Store { source, .. }) if source.is_not_found() && child.is_some() => {
+                    let (c, _) = child.expect("checked");
+                    return Err(DiskError::Chain(format!(
+                        "{}: its parent {} is missing",
+                        store.describe(&c),
+                        store.describe(&n)
+                    )));
+                }
+                r => r?,
+            };
+            if let Some((c, want)) = &child {
+                if desc.cid != *want {
+                    return Err(DiskError::Chain(format!(
+                        "{} records parent CID {want:08x}, but its parent {} has CID {:08x}: the parent changed after the child was made; refusing to read a mix",
+                        store.describe(c),
+                        store.describe(&n),
+                        desc.cid
+                    )));
+                }
+            }
+            if let Some(h) = &desc.parent_hint {
+                next = Some((h.clone(), Some((n.clone(), desc.parent_cid))));
+            } else if desc.parent_cid != NO_PARENT {
+                return Err(DiskError::Chain(format!(
+                    "{} has a parent CID but no parentFileNameHint",
+                    store.describe(&n)
+                )));
+            }
+            let top = layers.is_empty();
+            layers.push(open_layer(&*store, &n, desc, write && top)?);
+        }
+        Ok(Disk {
+            store,
+            layers,
+            writable: write,
+        })
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.layers[0].capacity()
+    }
+
+    /// Snapshots below the current layer.
+    pub fn depth(&self) -> usize {
+        self.layers.len() - 1
+    }
+
+    /// Read `buf.len()` bytes at `off` (an error past the end).
+    pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        let end = off
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= self.capacity())
+            .ok_or_else(|| {
+                DiskError::Invalid(format!(
+                    "read of {} bytes at {off} ends past the disk's {} bytes",
+                    buf.len(),
+                    self.capacity()
+                ))
+            })?;
+        let _ = end;
+        self.read_layer(0, buf, off)
+    }
+
+    /// Read from layer `i` down.
+    fn read_layer(&self, i: usize, buf: &mut [u8], off: u64) -> Result<()> {
+        let Some(layer) = self.layers.get(i) else {
+            buf.fill(0);
+            return Ok(());
+        };
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = off + done as u64;
+            let Some(p) = layer.piece(pos) else {
+                // Past this layer's end (a parent smaller than its child).
+                buf[done..].fill(0);
+                return Ok(());
+            };
+            let n = ((p.start + p.len - pos) as usize).min(buf.len() - done);
+            let part = &mut buf[done..done + n];
+            let rel = pos - p.start;
+            match &p.io {
+                Io::Zero => part.fill(0),
+                Io::Flat { file, name, offset } => {
+                    file.read_full(part, offset + rel).map_err(at(name))?
+                }
+                Io::Sparse(s) => {
+                    let gb = s.grain_bytes();
+                    let mut k = 0usize;
+                    while k < part.len() {
+                        let r = rel + k as u64;
+                        let in_g = r % gb;
+                        let m = ((gb - in_g) as usize).min(part.len() - k);
+                        let sub = &mut part[k..k + m];
+                        match s.lookup(r / gb)? {
+                            Grain::At(a) => s.file.read_full(sub, a + in_g).map_err(at(&s.name))?,
+                            Grain::Zero => sub.fill(0),
+                            Grain::Absent => self.read_layer(i + 1, sub, pos + k as u64)?,
+                        }
+                        k += m;
+                    }
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Write all of `data` at `off` into the current layer.
+    pub fn write_at(&self, data: &[u8], off: u64) -> Result<()> {
+        if !self.writable {
+            return Err(DiskError::Invalid("the disk is open read-only".into()));
+        }
+        off.checked_add(data.len() as u64)
+            .filter(|&e| e <= self.capacity())
+            .ok_or_else(|| {
+                DiskError::Invalid(format!(
+                    "write of {} bytes at {off} ends past the disk's {} bytes",
+                    data.len(),
+                    self.capacity()
+                ))
+            })?;
+        let layer = &self.layers[0];
+        let mut done = 0usize;
+        while done < data.len() {
+            let pos = off + done as u64;
+            let p = layer.piece(pos).expect("inside the capacity");
+            let n = ((p.start + p.len - pos) as usize).min(data.len() - done);
+            let part = &data[done..done + n];
+            let rel = pos - p.start;
+            match &p.io {
+                Io::Zero => {
+                    return Err(DiskError::Invalid(format!(
+                        "{}: the extent at {} is a ZERO extent: not writable",
+                        layer.name, p.start
+                    )))
+                }
+                Io::Flat { file, name, offset } => file.write_at(part, offset + rel).map_err(at(name))?,
+                Io::Sparse(s) => self.write_sparse(s, pos - rel, rel, part)?,
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Write `part` at `rel` of sparse extent `s` (which starts at `base`
+    /// in the disk): in place where its grain exists, else a new grain
+    /// completed from the layers below.
+    fn write_sparse(&self, s: &SparseExtent, base: u64, rel: u64, part: &[u8]) -> Result<()> {
+        let gb = s.grain_bytes();
+        let mut k = 0usize;
+        let mut grain = Vec::new();
+        while k < part.len() {
+            let r = rel + k as u64;
+            let (g, in_g) = (r / gb, r % gb);
+            let m = ((gb - in_g) as usize).min(part.len() - k);
+            let sub = &part[k..k + m];
+            let mut place = match s.lookup(g)? {
+                Grain::At(a) => Some(a),
+                _ => None,
+            };
+            if place.is_none() {
+                grain.resize(gb as usize, 0);
+                if m as u64 != gb {
+                    // The rest of the grain as it reads now, from below.
+                    self.read_layer(1, &mut grain, base + g * gb)?;
+                }
+                grain[in_g as usize..in_g as usize + m].copy_from_slice(sub);
+                place = s.allocate(g, &grain)?;
+            }
+            if let Some(a) = place {
+                s.file.write_at(sub, a + in_g).map_err(at(&s.name))?;
+            }
+            k += m;
+        }
+        Ok(())
+    }
+
+    /// Make everything written durable: flat extents flushed; sparse
+    /// grains, then their grain-table entries.
+    pub fn flush(&self) -> Result<()> {
+        for p in &self.layers[0].pieces {
+            match &p.io {
+                Io::Flat { file, name, .. } => file.flush().map_err(at(name))?,
+                Io::Sparse(s) => s.flush()?,
+                Io::Zero => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        if self.writable {
+            if let Err(e) = self.flush() {
+                tracing::error!("closing {}: {e}", self.layers[0].name);
+            }
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! One extent of one layer, open: flat (bytes at the same offsets in its
+//! file), zero, or sparse (grains found through the grain tables).
+//!
+//! **Sparse writes and crashes.** A grain written for the first time is
+//! appended to the file, and its grain-table entry is *not* written at
+//! once: it waits in `pending` (reads see it there) until
+//! [`SparseExtent::flush`], which makes the grains durable first and only
+//! then writes the entries (both tables) and makes them durable. So after a
+//! crash an entry never points at a grain whose bytes did not land: the
+//! grain reads as before the write (from the parent), never as zeros or
+//! garbage. A write into a grain that already has one goes in place.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::error::{at, DiskError, Result};
+use crate::sparse::{self, Header, SECTOR};
+use crate::store::DiskFile;
+
+pub struct SparseExtent {
+    pub file: Arc<dyn DiskFile>,
+    pub name: String,
+    pub hdr: Header,
+    /// Sectors of each grain table, primary and redundant.
+    gts: Vec<u64>,
+    rgts: Vec<u64>,
+    /// Grain tables read so far (entries as on disk plus flushed updates).
+    tables: Vec<OnceLock<Box<[AtomicU32]>>>,
+    /// Serializes allocation; holds the next free sector and the entries
+    /// not yet written to the tables.
+    alloc: Mutex<Alloc>,
+}
+
+struct Alloc {
+    next: u64,
+    pending: HashMap<u64, u32>,
+}
+
+/// Where a grain is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grain {
+    /// Never written here: read the parent.
+    Absent,
+    /// Written and reading as zeros (QEMU's zeroed-grain entries).
+    Zero,
+    /// At this byte offset of the file.
+    At(u64),
+}
+
+impl SparseExtent {
+    /// Open an existing sparse extent and check its header and directories.
+    pub fn open(file: Arc<dyn DiskFile>, name: &str) -> Result<SparseExtent> {
+        let len = file.len().map_err(at(name))?;
+        let mut b = [0u8; 512];
+        file.read_full(&mut b, 0).map_err(at(name))?;
+        let hdr = Header::decode(&b, name, len)?;
+        let read_gd = |at_sector: u64| -> Result<Vec<u64>> {
+            let mut raw = vec![0u8; (hdr.tables() * 4) as usize];
+            file.read_full(&mut raw, at_sector * SECTOR).map_err(at(name))?;
+            let gd: Vec<u32> = raw
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            sparse::check_gd(&hdr, &gd, name, at_sector)
+        };
+        let gts = read_gd(hdr.gd_offset)?;
+        let rgts = if hdr.flags & sparse::FLAG_RGD != 0 {
+            read_gd(hdr.rgd_offset)?
+        } else {
+            Vec::new()
+        };
+        let next = (len.div_ceil(SECTOR)).max(hdr.grain_offset);
+        let tables = (0..gts.len()).map(|_| OnceLock::new()).collect();
+        Ok(SparseExtent {
+            file,
+            name: name.to_string(),
+            hdr,
+            gts,
+            rgts,
+            tables,
+            alloc: Mutex::new(Alloc {
+                next,
+                pending: HashMap::new(),
+            }),
+        })
+    }
+
+    /// Make a new, empty sparse extent of `capacity` bytes in `file`: every
+    /// grain table preallocated (zeros), both directories pointing at them.
+    pub fn create(file: Arc<dyn DiskFile>, name: &str, capacity: u64, grain: u64) -> Result<SparseExtent> {
+        let hdr = Header::new(capacity, grain)?;
+        let tables = hdr.tables();
+        let gt_sectors = u64::from(sparse::GTES_PER_GT) * 4 / SECTOR;
+        let dir = |gd_at: u64| -> Vec<u8> {
+            let first = gd_at + hdr.gd_sectors();
+            (0..tables)
+                .flat_map(|k| ((first + k * gt_sectors) as u32).to_le_bytes())
+                .collect()
+        };
+        file.set_len(hdr.grain_offset * SECTOR).map_err(at(name))?;
+        file.write_at(&dir(hdr.rgd_offset), hdr.rgd_offset * SECTOR)
+            .map_err(at(name))?;
+        file.write_at(&dir(hdr.gd_offset), hdr.gd_offset * SECTOR)
+            .map_err(at(name))?;
+        // The tables are zeros already (a fresh file's holes); the header last.
+        file.write_at(&hdr.encode(), 0).map_err(at(name))?;
+        file.flush().map_err(at(name))?;
+        Self::open(file, name)
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.hdr.capacity * SECTOR
+    }
+
+    pub fn grain_bytes(&self) -> u64 {
+        self.hdr.grain_bytes()
+    }
+
+    fn table(&self, t: usize) -> Result<&[AtomicU32]> {
+        if let Some(x) = self.tables[t].get() {
+            return Ok(x);
+        }
+        let n = sparse::GTES_PER_GT as usize;
+        let mut raw = vec![0u8; n * 4];
+        let at_byte = self.gts[t] * SECTOR;
+        self.file.read_full(&mut raw, at_byte).map_err(at(&self.name))?;
+        let len = self.file.len().map_err(at(&self.name))?;
+        let mut v = Vec::with_capacity(n);
+        for (k, c) in raw.chunks_exact(4).enumerate() {
+            let e = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            sparse::check_gte(&self.hdr, e, &self.name, at_byte + k as u64 * 4, len)?;
+            v.push(AtomicU32::new(e));
+        }
+        let _ = self.tables[t].set(v.into_boxed_slice());
+        Ok(self.tables[t].get().expect("just set"))
+    }
+
+    /// Where grain `g` is.
+    pub fn lookup(&self, g: u64) -> Result<Grain> {
+        let per = u64::from(sparse::GTES_PER_GT);
+        let (t, k) = ((g / per) as usize, (g % per) as usize);
+        if t >= self.tables.len() {
+            return Err(DiskError::Invalid(format!(
+                "{}: grain {g} is past the extent's capacity",
+                self.name
+            )));
+        }
+        let e = match self.alloc.lock().unwrap_or_else(|p| p.into_inner()).pending.get(&g) {
+            Some(&e) => e,
+            None => self.table(t)?[k].load(Ordering::Acquire),
+        };
+        Ok(match e {
+            0 => Grain::Absent,
+            1 if self.hdr.flags & sparse::FLAG_ZERO_GRAIN != 0 => Grain::Zero,
+            s => Grain::At(u64::from(s) * SECTOR),
+        })
+    }
+
+    /// Write a whole new grain `g` (`data` is one grain) at the end of the
+    /// file; its entry waits for [`SparseExtent::flush`]. `fill` is called
+    /// under the allocation lock when the grain turns out to be absent, to
+    /// complete `data` from the parent; if another writer allocated it
+    /// meanwhile, returns its offset instead and writes nothing.
+    pub fn allocate(&self, g: u64, data: &[u8]) -> Result<Option<u64>> {
+        let mut a = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&e) = a.pending.get(&g) {
+            return Ok(Some(u64::from(e) * SECTOR));
+        }
+        let per = u64::from(sparse::GTES_PER_GT);
+        let cur = self.table((g / per) as usize)?[(g % per) as usize].load(Ordering::Acquire);
+        if cur > 1 {
+            return Ok(Some(u64::from(cur) * SECTOR));
+        }
+        let s = a.next;
+        if s + self.hdr.granularity > sparse::MAX_FILE_SECTORS {
+            return Err(DiskError::Invalid(format!(
+                "{}: no room for another grain below 2 TiB",
+                self.name
+            )));
+        }
+        self.file.write_at(data, s * SECTOR).map_err(at(&self.name))?;
+        a.next = s + self.hdr.granularity;
+        a.pending.insert(g, s as u32);
+        Ok(None)
+    }
+
+    /// Grains allocated since the last flush.
+    pub fn pending(&self) -> usize {
+        self.alloc.lock().unwrap_or_else(|p| p.into_inner()).pending.len()
+    }
+
+    /// Make the new grains durable, then their entries (both tables).
+    pub fn flush(&self) -> Result<()> {
+        let mut a = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
+        self.file.flush().map_err(at(&self.name))?;
+        if a.pending.is_empty() {
+            return Ok(());
+        }
+        let per = u64::from(sparse::GTES_PER_GT);
+        let mut entries: Vec<(u64, u32)> = a.pending.iter().map(|(&g, &s)| (g, s)).collect();
+        entries.sort_unstable();
+        for (g, s) in &entries {
+            let (t, k) = ((g / per) as usize, g % per);
+            for base in [Some(self.gts[t]), self.rgts.get(t).copied()].into_iter().flatten() {
+                self.file
+                    .write_at(&s.to_le_bytes(), base * SECTOR + k * 4)
+                    .map_err(at(&self.name))?;
+            }
+        }
+        self.file.flush().map_err(at(&self.name))?;
+        for (g, s) in entries {
+            let (t, k) = ((g / per) as usize, (g % per) as usize);
+            self.table(t)?[k].store(s, Ordering::Release);
+        }
+        a.pending.clear();
+        Ok(())
+    }
+
+    /// Bytes of grains in the file.
+    pub fn allocated_bytes(&self) -> Result<u64> {
+        let mut n = 0;
+        for t in 0..self.tables.len() {
+            n += self.table(t)?
+                .iter()
+                .filter(|e| e.load(Ordering::Acquire) > 1)
+                .count() as u64;
+        }
+        n += self.pending() as u64;
+        Ok(n * self.grain_bytes())
+    }
+}

@@ -1,0 +1,289 @@
+//! Operations on a disk's chain: create a base disk, take a snapshot,
+//! revert to the last one. Each changes the chain by writing new files
+//! first and then renaming a new `NAME.vmdk` over the old one: the rename
+//! is the commit point, so a crash before it leaves the disk as it was
+//! (plus files nothing refers to, which [`sweep`] removes) and a crash
+//! after it leaves the new state.
+//!
+//! Snapshot, in order (each step durable before the next):
+//! 1. flush the disk (its grains and grain tables);
+//! 2. write the frozen copy of the current descriptor, `NAME-NNNNNN.vmdk`
+//!    (same CID: from now on that CID never changes);
+//! 3. create the new, empty delta extent(s) of the new layer;
+//! 4. write the new current descriptor to `NAME.vmdk.new` (a new CID, the
+//!    frozen CID as `parentCID`, the frozen name as `parentFileNameHint`);
+//! 5. rename `NAME.vmdk.new` over `NAME.vmdk` — the commit point;
+//!
+//! Revert makes a new empty delta over the same frozen parent and commits
+//! it the same way, then removes the old delta.
+
+use std::sync::Arc;
+
+use crate::descriptor::{Access, Descriptor, Extent, Kind};
+use crate::disk::{read_descriptor, Disk, MAX_DEPTH};
+use crate::error::{at, DiskError, Result};
+use crate::extent::SparseExtent;
+use crate::sparse::MAX_EXTENT_CAPACITY;
+use crate::store::Store;
+
+/// How a base disk's blocks are provisioned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provisioning {
+    /// Sparse on the datastore: blocks allocated as written.
+    Thin,
+    /// Every block allocated at creation, reading zeros until written.
+    Lazy,
+    /// Every block allocated and written with zeros at creation.
+    Eager,
+}
+
+impl Provisioning {
+    pub fn parse(s: &str) -> Option<Provisioning> {
+        match s {
+            "thin" => Some(Provisioning::Thin),
+            "lazy" | "lazyzeroedthick" => Some(Provisioning::Lazy),
+            "eager" | "eagerzeroedthick" => Some(Provisioning::Eager),
+            _ => None,
+        }
+    }
+}
+
+/// The grain of our deltas: also change tracking's granularity.
+pub const GRAIN: u64 = 64 << 10;
+
+/// A fresh content ID (never the "no parent" value).
+pub fn new_cid() -> u32 {
+    loop {
+        let mut b = [0u8; 4];
+        // SAFETY: b is a valid 4-byte buffer.
+        let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 4, 0) };
+        let c = if n == 4 {
+            u32::from_le_bytes(b)
+        } else {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos() ^ d.as_secs() as u32)
+                .unwrap_or(7)
+        };
+        if c < 0xffff_fffe {
+            return c;
+        }
+    }
+}
+
+/// The name every file of disk `name` starts with (`NAME` of `NAME.vmdk`).
+pub fn stem(name: &str) -> Result<&str> {
+    crate::descriptor::check_name(name).map_err(DiskError::Invalid)?;
+    name.strip_suffix(".vmdk")
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| DiskError::Invalid(format!("a disk's name ends in .vmdk: {name:?}")))
+}
+
+fn write_new(store: &dyn Store, name: &str, text: &str) -> Result<()> {
+    if store.exists(name).map_err(at(name))? {
+        store.remove(name).map_err(at(name))?;
+    }
+    let f = store.create(name).map_err(at(name))?;
+    f.write_at(text.as_bytes(), 0).map_err(at(name))?;
+    f.flush().map_err(at(name))?;
+    Ok(())
+}
+
+/// Commit `desc` as the current descriptor `name`: written beside it, then
+/// renamed over it.
+fn commit(store: &dyn Store, name: &str, desc: &Descriptor) -> Result<()> {
+    let tmp = format!("{name}.new");
+    write_new(store, &tmp, &desc.to_text())?;
+    store.rename(&tmp, name).map_err(at(name))
+}
+
+fn geometry(size: u64) -> (u64, u64, u64) {
+    // SCSI disks: 255 heads, 63 sectors per track, as ESX writes them.
+    let cyl = (size / (255 * 63 * 512)).clamp(1, 65535);
+    (cyl, 255, 63)
+}
+
+fn uuid_text() -> String {
+    let mut b = [0u8; 16];
+    // SAFETY: b is a valid buffer.
+    unsafe { libc::getrandom(b.as_mut_ptr().cast(), 16, 0) };
+    let h: Vec<String> = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("{}-{}", h[..8].join(" "), h[8..].join(" "))
+}
+
+/// Create the base disk `name` (`NAME.vmdk` + `NAME-flat.vmdk`) of `size`
+/// bytes (rounded up to a sector). `adapter` goes in the disk database
+/// (`lsilogic`, `pvscsi`, ...).
+pub fn create(
+    store: &dyn Store,
+    name: &str,
+    size: u64,
+    prov: Provisioning,
+    adapter: &str,
+) -> Result<Descriptor> {
+    let st = stem(name)?;
+    if size == 0 || size > 62 << 40 {
+        return Err(DiskError::Invalid(format!(
+            "disk size {size} is not from 1 byte to 62 TiB"
+        )));
+    }
+    let size = size.div_ceil(512) * 512;
+    if store.exists(name).map_err(at(name))? {
+        return Err(DiskError::Invalid(format!("{} exists", store.describe(name))));
+    }
+    let flat = format!("{st}-flat.vmdk");
+    let f = store.create(&flat).map_err(at(&flat))?;
+    f.set_len(size).map_err(at(&flat))?;
+    match prov {
+        Provisioning::Thin => {}
+        Provisioning::Lazy => f.allocate(0, size).map_err(at(&flat))?,
+        Provisioning::Eager => {
+            f.allocate(0, size).map_err(at(&flat))?;
+            let zeros = vec![0u8; 1 << 20];
+            let mut o = 0;
+            while o < size {
+                let n = (size - o).min(zeros.len() as u64) as usize;
+                f.write_at(&zeros[..n], o).map_err(at(&flat))?;
+                o += n as u64;
+            }
+        }
+    }
+    f.flush().map_err(at(&flat))?;
+    let mut d = Descriptor::new(
+        "vmfs",
+        new_cid(),
+        vec![Extent {
+            access: Access::ReadWrite,
+            sectors: size / 512,
+            kind: Kind::Vmfs,
+            file: Some(flat),
+            offset: 0,
+        }],
+    );
+    let (c, h, s) = geometry(size);
+    d.set_ddb("ddb.virtualHWVersion", "4");
+    d.set_ddb("ddb.adapterType", adapter);
+    d.set_ddb("ddb.geometry.cylinders", &c.to_string());
+    d.set_ddb("ddb.geometry.heads", &h.to_string());
+    d.set_ddb("ddb.geometry.sectors", &s.to_string());
+    d.set_ddb("ddb.uuid", &uuid_text());
+    d.set_ddb("ddb.thinProvisioned", if prov == Provisioning::Thin { "1" } else { "0" });
+    commit(store, name, &d)?;
+    Ok(d)
+}
+
+/// Make the empty delta extent(s) of a new layer of `capacity` bytes
+/// (several when over 1 TiB) named from `prefix`; their extent lines.
+fn new_delta(store: &dyn Store, prefix: &str, capacity: u64) -> Result<Vec<Extent>> {
+    let mut out = Vec::new();
+    let mut left = capacity;
+    let mut k = 0;
+    while left > 0 {
+        let len = left.min(MAX_EXTENT_CAPACITY);
+        let name = if capacity <= MAX_EXTENT_CAPACITY {
+            format!("{prefix}-delta.vmdk")
+        } else {
+            format!("{prefix}-delta-{k}.vmdk")
+        };
+        if store.exists(&name).map_err(at(&name))? {
+            store.remove(&name).map_err(at(&name))?;
+        }
+        let f = store.create(&name).map_err(at(&name))?;
+        SparseExtent::create(f, &name, len, GRAIN)?;
+        out.push(Extent {
+            access: Access::ReadWrite,
+            sectors: len / 512,
+            kind: Kind::Sparse,
+            file: Some(name),
+            offset: 0,
+        });
+        left -= len;
+        k += 1;
+    }
+    Ok(out)
+}
+
+/// The descriptor of a new, empty layer over the frozen `parent` (name,
+/// descriptor), keeping `top`'s disk database.
+fn layer_over(store: &dyn Store, st: &str, depth: usize, parent: (&str, &Descriptor), top: &Descriptor) -> Result<Descriptor> {
+    let cid = new_cid();
+    let extents = new_delta(store, &format!("{st}-{depth:06}-{cid:08x}"), top.capacity())?;
+    let mut d = Descriptor::new("twoGbMaxExtentSparse", cid, extents);
+    d.parent_cid = parent.1.cid;
+    d.parent_hint = Some(parent.0.to_string());
+    d.ddb = top
+        .ddb
+        .iter()
+        .filter(|(k, _)| k != "ddb.thinProvisioned")
+        .cloned()
+        .collect();
+    Ok(d)
+}
+
+/// Take a snapshot of disk `name`: freeze its current state. Returns the
+/// frozen layer's descriptor name. Refused on a chain already
+/// [`MAX_DEPTH`] deep, and while the disk is open for writing elsewhere.
+pub fn snapshot(store: Arc<dyn Store>, name: &str) -> Result<String> {
+    let st = stem(name)?.to_string();
+    // Opened for writing: its extents locked (EBUSY if written elsewhere),
+    // and everything written so far made durable.
+    let disk = Disk::open(store.clone(), name, true)?;
+    if disk.depth() >= MAX_DEPTH {
+        return Err(DiskError::Chain(format!(
+            "{} already has {MAX_DEPTH} snapshots: consolidate before taking another",
+            store.describe(name)
+        )));
+    }
+    disk.flush()?;
+    let top = disk.layers[0].desc.clone();
+    let frozen = format!("{st}-{:06}.vmdk", disk.depth());
+    write_new(&*store, &frozen, &top.to_text())?;
+    let next = layer_over(&*store, &st, disk.depth() + 1, (&frozen, &top), &top)?;
+    drop(disk);
+    commit(&*store, name, &next)?;
+    Ok(frozen)
+}
+
+/// Revert disk `name` to its last snapshot: what was written since is
+/// dropped. Refused on a disk with no snapshot.
+pub fn revert(store: Arc<dyn Store>, name: &str) -> Result<()> {
+    let st = stem(name)?.to_string();
+    let disk = Disk::open(store.clone(), name, true)?;
+    if disk.depth() == 0 {
+        return Err(DiskError::Invalid(format!(
+            "{} has no snapshot to revert to",
+            store.describe(name)
+        )));
+    }
+    let top = disk.layers[0].desc.clone();
+    let parent = disk.layers[1].desc.clone();
+    let parent_name = disk.layers[1].name.clone();
+    let next = layer_over(&*store, &st, disk.depth(), (&parent_name, &parent), &top)?;
+    drop(disk);
+    commit(&*store, name, &next)?;
+    // The old layer's extents: nothing refers to them now.
+    for e in &top.extents {
+        if let Some(f) = &e.file {
+            if let Err(e) = store.remove(f) {
+                tracing::warn!("removing {} after the revert: {e}", store.describe(f));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The names of every file the chain of `name` uses.
+pub fn chain_files(store: &dyn Store, name: &str) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut next = Some(name.to_string());
+    while let Some(n) = next.take() {
+        if out.contains(&n) || out.len() > 4 * (MAX_DEPTH + 2) {
+            break;
+        }
+        let d = read_descriptor(store, &n)?;
+        out.push(n);
+        out.extend(d.extents.iter().filter_map(|e| e.file.clone()));
+        next = d.parent_hint.clone();
+    }
+    Ok(out)
+}

@@ -1,0 +1,205 @@
+//! Our disks and chains as QEMU's own tools see them, on local files:
+//! `qemu-img info/check/compare` read what we write, and we read what
+//! `qemu-io` writes into our chains.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use snapshot::ops::{self, Provisioning};
+use snapshot::{Disk, LocalStore, Store};
+
+const MIB: u64 = 1 << 20;
+
+fn qemu_img(args: &[&str], dir: &Path) -> (bool, String) {
+    let o = Command::new("qemu-img")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("qemu-img is installed (qemu-utils)");
+    (
+        o.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    (0..len as u64).map(|i| (i * 7 + seed * 13 + i / 4096) as u8).collect()
+}
+
+/// The disk and what it must read as.
+struct Model {
+    store: Arc<dyn Store>,
+    dir: tempfile::TempDir,
+    want: Vec<u8>,
+}
+
+impl Model {
+    fn new(size: u64, prov: Provisioning) -> Model {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(LocalStore::new(dir.path()));
+        ops::create(&*store, "vm.vmdk", size, prov, "lsilogic").unwrap();
+        Model {
+            store,
+            dir,
+            want: vec![0; size as usize],
+        }
+    }
+    fn write(&mut self, writes: &[(u64, usize, u64)]) {
+        let d = Disk::open(self.store.clone(), "vm.vmdk", true).unwrap();
+        for &(off, len, seed) in writes {
+            let p = pattern(seed, len);
+            d.write_at(&p, off).unwrap();
+            self.want[off as usize..off as usize + len].copy_from_slice(&p);
+        }
+        d.flush().unwrap();
+    }
+    fn expect(&self, name: &str) {
+        let raw = self.dir.path().join(format!("{name}.raw"));
+        std::fs::write(&raw, &self.want).unwrap();
+        // Ours.
+        let d = Disk::open(self.store.clone(), name, false).unwrap();
+        let mut got = vec![0u8; self.want.len()];
+        d.read_at(&mut got, 0).unwrap();
+        assert!(got == self.want, "{name} reads differently through our code");
+        // QEMU's.
+        let (ok, out) = qemu_img(
+            &["compare", "-f", "vmdk", "-F", "raw", name, raw.to_str().unwrap()],
+            self.dir.path(),
+        );
+        assert!(ok, "qemu-img compare {name}: {out}");
+    }
+    fn check(&self) {
+        let (ok, out) = qemu_img(&["check", "vm.vmdk"], self.dir.path());
+        assert!(ok && out.contains("No errors"), "{out}");
+    }
+}
+
+#[test]
+fn base_disks_of_each_provisioning_read_the_same_in_qemu() {
+    for prov in [Provisioning::Thin, Provisioning::Lazy, Provisioning::Eager] {
+        let mut m = Model::new(64 * MIB, prov);
+        m.write(&[(0, 4096, 1), (MIB + 100, 70_000, 2), (64 * MIB - 512, 512, 3)]);
+        m.expect("vm.vmdk");
+        let (ok, out) = qemu_img(&["info", "--output=json", "vm.vmdk"], m.dir.path());
+        assert!(ok && out.contains("\"virtual-size\": 67108864"), "{out}");
+        assert!(out.contains("\"create-type\": \"vmfs\""), "{out}");
+        let flat = std::fs::metadata(m.dir.path().join("vm-flat.vmdk")).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let used = flat.blocks() * 512;
+        match prov {
+            Provisioning::Thin => assert!(used < 4 * MIB, "thin: {used}"),
+            _ => assert!(used >= 64 * MIB, "{prov:?}: {used}"),
+        }
+    }
+}
+
+#[test]
+fn snapshot_chains_read_the_same_in_qemu_and_frozen_layers_stay_frozen() {
+    let mut m = Model::new(96 * MIB, Provisioning::Thin);
+    m.write(&[(0, 3 * MIB as usize, 1), (50 * MIB, 8192, 2)]);
+    let state0 = m.want.clone();
+    let f0 = ops::snapshot(m.store.clone(), "vm.vmdk").unwrap();
+    assert_eq!(f0, "vm-000000.vmdk");
+    // Partial grains (completed from below), whole grains, across grains.
+    m.write(&[(100, 10, 3), (64 * 1024, 64 * 1024, 4), (MIB - 5000, 10_000, 5), (90 * MIB, 1, 6)]);
+    let state1 = m.want.clone();
+    let f1 = ops::snapshot(m.store.clone(), "vm.vmdk").unwrap();
+    m.write(&[(64 * 1024 + 77, 3000, 7), (2 * MIB, MIB as usize, 8)]);
+    m.expect("vm.vmdk");
+    m.check();
+    let (ok, out) = qemu_img(&["info", "--backing-chain", "vm.vmdk"], m.dir.path());
+    assert!(ok, "{out}");
+    assert_eq!(out.matches("image: ").count(), 3, "{out}");
+    // The frozen layers read as the disk did when they were frozen.
+    let cur = std::mem::replace(&mut m.want, state0);
+    m.expect(&f0);
+    m.want = state1;
+    m.expect(&f1);
+    m.want = cur;
+    let d = Disk::open(m.store.clone(), "vm.vmdk", false).unwrap();
+    assert_eq!(d.depth(), 2);
+}
+
+#[test]
+fn a_chain_qemu_wrote_into_reads_right_with_ours() {
+    let mut m = Model::new(32 * MIB, Provisioning::Thin);
+    m.write(&[(0, 2 * MIB as usize, 1)]);
+    ops::snapshot(m.store.clone(), "vm.vmdk").unwrap();
+    let o = Command::new("qemu-io")
+        .args(["-f", "vmdk", "-c", "write -P 0x5a 1000k 300k", "-c", "write -P 0x11 20M 4k", "vm.vmdk"])
+        .current_dir(m.dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    m.want[1000 * 1024..1300 * 1024].fill(0x5a);
+    m.want[20 * MIB as usize..20 * MIB as usize + 4096].fill(0x11);
+    m.expect("vm.vmdk");
+    // And we go on writing into what QEMU allocated.
+    m.write(&[(1000 * 1024 + 5, 100, 9)]);
+    m.expect("vm.vmdk");
+    m.check();
+}
+
+#[test]
+fn revert_drops_what_was_written_since_the_snapshot() {
+    let mut m = Model::new(16 * MIB, Provisioning::Thin);
+    m.write(&[(0, 100_000, 1)]);
+    let frozen = m.want.clone();
+    ops::snapshot(m.store.clone(), "vm.vmdk").unwrap();
+    m.write(&[(50, 1000, 2), (8 * MIB, 70_000, 3)]);
+    let old_top = snapshot::disk::read_descriptor(&*m.store, "vm.vmdk").unwrap();
+    ops::revert(m.store.clone(), "vm.vmdk").unwrap();
+    m.want = frozen;
+    m.expect("vm.vmdk");
+    m.check();
+    let gone = old_top.extents[0].file.clone().unwrap();
+    assert!(!m.store.exists(&gone).unwrap(), "the old delta is left");
+    // Written again after the revert.
+    m.write(&[(4096, 4096, 4)]);
+    m.expect("vm.vmdk");
+    // No snapshot left below the base: refused.
+    let b = Model::new(MIB, Provisioning::Thin);
+    assert!(ops::revert(b.store.clone(), "vm.vmdk").is_err());
+}
+
+#[test]
+fn a_broken_chain_is_refused_with_a_clear_error() {
+    let mut m = Model::new(8 * MIB, Provisioning::Thin);
+    m.write(&[(0, 4096, 1)]);
+    ops::snapshot(m.store.clone(), "vm.vmdk").unwrap();
+    let p = m.dir.path().join("vm-000000.vmdk");
+    let text = std::fs::read_to_string(&p).unwrap();
+    // The parent's CID changed after the child was made.
+    let cid = text.lines().find(|l| l.starts_with("CID=")).unwrap().to_string();
+    std::fs::write(&p, text.replace(&cid, "CID=0badc0de")).unwrap();
+    let e = Disk::open(m.store.clone(), "vm.vmdk", false).err().unwrap().to_string();
+    assert!(e.contains("parent CID") && e.contains("vm-000000.vmdk"), "{e}");
+    // A missing parent.
+    std::fs::remove_file(&p).unwrap();
+    let e = Disk::open(m.store.clone(), "vm.vmdk", false).err().unwrap().to_string();
+    assert!(e.contains("missing"), "{e}");
+    // A loop.
+    std::fs::write(&p, text.replace("createType=\"vmfs\"", "createType=\"vmfs\"\nparentFileNameHint=\"vm.vmdk\"").replace("parentCID=ffffffff", "parentCID=00000001")).unwrap();
+    let e = Disk::open(m.store.clone(), "vm.vmdk", false).err().unwrap().to_string();
+    assert!(e.contains("parent CID") || e.contains("loops"), "{e}");
+    // A grain-table entry into the metadata.
+    let mut m = Model::new(8 * MIB, Provisioning::Thin);
+    ops::snapshot(m.store.clone(), "vm.vmdk").unwrap();
+    m.write(&[(0, 4096, 1)]);
+    let top = snapshot::disk::read_descriptor(&*m.store, "vm.vmdk").unwrap();
+    let delta = m.dir.path().join(top.extents[0].file.as_ref().unwrap());
+    let mut b = std::fs::read(&delta).unwrap();
+    let h = snapshot::sparse::Header::decode(&b[..512], "d", b.len() as u64).unwrap();
+    let gt = u32::from_le_bytes(b[(h.gd_offset * 512) as usize..][..4].try_into().unwrap()) as usize;
+    b[gt * 512..gt * 512 + 4].copy_from_slice(&3u32.to_le_bytes());
+    std::fs::write(&delta, &b).unwrap();
+    let d = Disk::open(m.store.clone(), "vm.vmdk", false).unwrap();
+    let mut x = vec![0u8; 4096];
+    let e = d.read_at(&mut x, 0).unwrap_err().to_string();
+    assert!(e.contains("into the metadata") && e.contains("delta"), "{e}");
+}
