@@ -355,6 +355,33 @@ impl Disk {
         Ok(())
     }
 
+    /// The ranges of the disk the current layer holds itself (its grains;
+    /// all of a flat layer), in order.
+    pub fn top_ranges(&self) -> Result<Vec<std::ops::Range<u64>>> {
+        let mut out: Vec<std::ops::Range<u64>> = Vec::new();
+        let cap = self.capacity();
+        for p in &self.layers[0].pieces {
+            match &p.io {
+                Io::Zero => {}
+                Io::Flat { .. } => out.push(p.start..p.start + p.len),
+                Io::Sparse(s) => {
+                    let gb = s.grain_bytes();
+                    for g in 0..p.len.div_ceil(gb) {
+                        if s.lookup(g)? != Grain::Absent {
+                            let a = p.start + g * gb;
+                            let b = (a + gb).min(p.start + p.len).min(cap);
+                            match out.last_mut() {
+                                Some(r) if r.end == a => r.end = b,
+                                _ => out.push(a..b),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Make everything written durable: flat extents flushed; sparse
     /// grains, then their grain-table entries.
     pub fn flush(&self) -> Result<()> {

@@ -272,6 +272,79 @@ pub fn revert(store: Arc<dyn Store>, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Delete the newest snapshot of disk `name`: what the current layer holds
+/// is merged into the layer below it, which becomes the current one.
+///
+/// 1. open the current layer for writing (EBUSY if written elsewhere) and
+///    flush it;
+/// 2. open the layer below for writing (EBUSY while anyone reads it: a
+///    backup still copying that snapshot);
+/// 3. copy every grain of the current layer into the layer below, and make
+///    that durable. Reads of the disk do not change meanwhile: the current
+///    layer's grains still cover the same bytes. A crash here leaves the
+///    chain as it was; the next consolidate copies again;
+/// 4. commit a descriptor naming the layer below's extents (a new CID: its
+///    content changed) as `NAME.vmdk`;
+/// 5. remove the old current layer's extents and the frozen descriptor.
+///
+/// Returns the bytes merged.
+pub fn consolidate(store: Arc<dyn Store>, name: &str) -> Result<u64> {
+    stem(name)?;
+    let top = Disk::open(store.clone(), name, true)?;
+    if top.depth() == 0 {
+        return Err(DiskError::Invalid(format!(
+            "{} has no snapshot to consolidate",
+            store.describe(name)
+        )));
+    }
+    top.flush()?;
+    let top_desc = top.layers[0].desc.clone();
+    let parent_name = top.layers[1].name.clone();
+    if top_desc.extents.iter().any(|e| e.kind.is_flat()) {
+        return Err(DiskError::Chain(format!(
+            "{}: the current layer of a chain has flat extents: not one this host made; consolidate it with qemu-img commit",
+            store.describe(name)
+        )));
+    }
+    let parent = Disk::open(store.clone(), &parent_name, true)?;
+    if parent.capacity() < top.capacity() {
+        return Err(DiskError::Chain(format!(
+            "{} is smaller than {}: grow it first",
+            store.describe(&parent_name),
+            store.describe(name)
+        )));
+    }
+    let mut merged = 0;
+    let mut buf = Vec::new();
+    for r in top.top_ranges()? {
+        let mut o = r.start;
+        while o < r.end {
+            let n = (r.end - o).min(8 << 20);
+            buf.resize(n as usize, 0);
+            top.read_at(&mut buf, o)?;
+            parent.write_at(&buf, o)?;
+            o += n;
+            merged += n;
+        }
+    }
+    parent.flush()?;
+    let mut next = parent.layers[0].desc.clone();
+    next.cid = new_cid();
+    next.ddb = top_desc.ddb.clone();
+    if let Some(t) = parent.layers[0].desc.ddb("ddb.thinProvisioned") {
+        next.set_ddb("ddb.thinProvisioned", t);
+    }
+    drop(parent);
+    drop(top);
+    commit(&*store, name, &next)?;
+    for f in top_desc.extents.iter().filter_map(|e| e.file.as_ref()).chain([&parent_name]) {
+        if let Err(e) = store.remove(f) {
+            tracing::warn!("removing {} after consolidating: {e}", store.describe(f));
+        }
+    }
+    Ok(merged)
+}
+
 /// The names of every file the chain of `name` uses.
 pub fn chain_files(store: &dyn Store, name: &str) -> Result<Vec<String>> {
     let mut out = Vec::new();

@@ -203,3 +203,44 @@ fn a_broken_chain_is_refused_with_a_clear_error() {
     let e = d.read_at(&mut x, 0).unwrap_err().to_string();
     assert!(e.contains("into the metadata") && e.contains("delta"), "{e}");
 }
+
+#[test]
+fn consolidate_merges_the_newest_snapshot_and_keeps_the_content() {
+    let mut m = Model::new(40 * MIB, Provisioning::Thin);
+    m.write(&[(0, 3 * MIB as usize, 1)]);
+    let state0 = m.want.clone();
+    ops::snapshot(m.store.clone(), "vm.vmdk").unwrap();
+    m.write(&[(100, 10, 2), (10 * MIB, 200_000, 3)]);
+    ops::snapshot(m.store.clone(), "vm.vmdk").unwrap();
+    m.write(&[(64 * 1024 + 3, 5000, 4), (39 * MIB, MIB as usize, 5)]);
+    // Delete the newest snapshot: the top merges into the delta below.
+    let n = ops::consolidate(m.store.clone(), "vm.vmdk").unwrap();
+    assert!(n >= MIB && n <= 2 * MIB + 256 * 1024, "{n}");
+    m.expect("vm.vmdk");
+    m.check();
+    let d = Disk::open(m.store.clone(), "vm.vmdk", false).unwrap();
+    assert_eq!(d.depth(), 1);
+    drop(d);
+    assert!(!m.store.exists("vm-000001.vmdk").unwrap());
+    // The older snapshot still reads as it was frozen.
+    let cur = std::mem::replace(&mut m.want, state0);
+    m.expect("vm-000000.vmdk");
+    m.want = cur;
+    // And the last one: into the flat base disk.
+    ops::consolidate(m.store.clone(), "vm.vmdk").unwrap();
+    m.expect("vm.vmdk");
+    let d = Disk::open(m.store.clone(), "vm.vmdk", false).unwrap();
+    assert_eq!(d.depth(), 0);
+    drop(d);
+    let left: Vec<_> = std::fs::read_dir(m.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".vmdk"))
+        .collect();
+    let mut left = left;
+    left.sort();
+    assert_eq!(left, vec!["vm-flat.vmdk", "vm.vmdk"], "files left behind");
+    assert!(ops::consolidate(m.store.clone(), "vm.vmdk").is_err());
+    let (ok, out) = qemu_img(&["info", "vm.vmdk"], m.dir.path());
+    assert!(ok && out.contains("create type: vmfs"), "{out}");
+}
