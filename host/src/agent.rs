@@ -49,6 +49,8 @@ struct Shared {
     socket: PathBuf,
     stop: AtomicBool,
     clients: AtomicUsize,
+    /// Requests being carried out now (the agent stops only after them).
+    active: AtomicUsize,
 }
 
 /// A running agent; dropping it stops it and removes its socket.
@@ -57,6 +59,8 @@ pub struct Agent {
     listener_fd: i32,
     ino: u64,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Held (flock) while this agent serves the datastore.
+    _lock: std::fs::File,
 }
 
 impl Agent {
@@ -68,7 +72,7 @@ impl Agent {
             Some(m) => (m.slot, vmfs::volume::uuid_str(&m.host)),
             None => (u32::MAX, String::new()),
         };
-        let (listener, socket, ino) = crate::socket::bind(&cfg.state_dir, &uuid)?;
+        let (listener, socket, ino, lock) = crate::socket::bind(&cfg.state_dir, &uuid)?;
         let greeting = Greeting {
             protocol: proto::VERSION,
             datastore: uuid,
@@ -82,6 +86,7 @@ impl Agent {
             socket: socket.clone(),
             stop: AtomicBool::new(false),
             clients: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
         });
         let listener_fd = listener.as_raw_fd();
         let s = shared.clone();
@@ -95,6 +100,7 @@ impl Agent {
             listener_fd,
             ino,
             thread: Some(thread),
+            _lock: lock,
         })
     }
 
@@ -103,7 +109,12 @@ impl Agent {
     }
 }
 
+/// How long a stopping agent waits for the requests it is carrying out.
+const DRAIN: Duration = Duration::from_secs(60);
+
 impl Drop for Agent {
+    /// Stop: refuse new requests, remove the socket, wait for the requests
+    /// being carried out (the datastore is unmounted only after this).
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         // Remove the socket only if it is still ours.
@@ -115,6 +126,13 @@ impl Drop for Agent {
         unsafe { libc::shutdown(self.listener_fd, libc::SHUT_RDWR) };
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+        let t = std::time::Instant::now();
+        while self.shared.active.load(Ordering::SeqCst) > 0 && t.elapsed() < DRAIN {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if self.shared.active.load(Ordering::SeqCst) > 0 {
+            tracing::error!("a control request was still running after {} s of unmounting", DRAIN.as_secs());
         }
     }
 }
@@ -201,7 +219,16 @@ fn serve_conn(s: &Shared, c: UnixStream) -> std::io::Result<()> {
         let reply = match proto::parse_request(&line) {
             Ok(req) => {
                 let id = req.id.clone();
-                match handle(s, &req) {
+                s.active.fetch_add(1, Ordering::SeqCst);
+                let r = if s.stop.load(Ordering::SeqCst) {
+                    Err(HostError::Busy(
+                        "this host is unmounting the datastore: run the command again once it is unmounted".into(),
+                    ))
+                } else {
+                    handle(s, &req)
+                };
+                s.active.fetch_sub(1, Ordering::SeqCst);
+                match r {
                     Ok(v) => Reply::ok(v, id),
                     Err(e) => {
                         tracing::info!("control: {} failed: {e}", req.command);

@@ -52,8 +52,9 @@ impl Client {
                 )));
             }
         }
-        s.set_read_timeout(None)
-            .map_err(|e| HostError::io("clearing the socket timeout", e))?;
+        // A host that stops answering fails the command, it does not hang it.
+        s.set_read_timeout(Some(std::time::Duration::from_secs(600)))
+            .map_err(|e| HostError::io("setting the socket timeout", e))?;
         let r = s
             .try_clone()
             .map_err(|e| HostError::io("cloning the socket", e))?;
@@ -168,7 +169,11 @@ pub fn all(state_dir: &Path) -> Result<Vec<std::result::Result<Status, String>>>
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
         match find(state_dir, &uuid) {
-            Ok(Some(mut c)) => out.push(c.call::<Status>("status", Value::Null).map_err(|e| e.to_string())),
+            Ok(Some(mut c)) => {
+                let _ = c.w.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+                let _ = c.r.get_ref().set_read_timeout(Some(std::time::Duration::from_secs(10)));
+                out.push(c.call::<Status>("status", Value::Null).map_err(|e| e.to_string()))
+            }
             Ok(None) => {}
             Err(e) => out.push(Err(format!("{}: {e}", p.display()))),
         }

@@ -5,7 +5,7 @@
 //! also checks each client's credentials (SO_PEERCRED): root, or the user
 //! the host runs as.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -92,46 +92,73 @@ pub fn read_greeting(s: &UnixStream) -> Result<Greeting> {
     Ok(g.greeting)
 }
 
-use std::io::Read;
 
-/// Bind the control socket of datastore `uuid`. A socket left by a host
-/// that was killed (nobody listens) is replaced; one a live host answers on
-/// is refused: this machine already hosts that datastore. Returns the
-/// listener and the socket's inode (removed at stop only if still ours).
-pub fn bind(state_dir: &Path, uuid: &str) -> Result<(UnixListener, PathBuf, u64)> {
+
+/// Bind the control socket of datastore `uuid`, holding `UUID.lock`
+/// (flock) for as long as the returned lock file stays open: a second
+/// agent for the same datastore in the same state directory is refused
+/// (this machine already hosts it), and a socket left at the path by a
+/// killed agent (nobody holds the lock) is replaced, but only if it is a
+/// socket this user owns. Returns the listener, its path, its inode (the
+/// agent removes the path at stop only if it is still this socket) and
+/// the lock file.
+pub fn bind(state_dir: &Path, uuid: &str) -> Result<(UnixListener, PathBuf, u64, std::fs::File)> {
+    use std::os::unix::fs::FileTypeExt;
     let dir = run_dir(state_dir);
     std::fs::create_dir_all(&dir)
         .map_err(|e| HostError::io(format!("creating {}", dir.display()), e))?;
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let owner = std::fs::metadata(&dir)
+        .map_err(|e| HostError::io(format!("reading {}", dir.display()), e))?
+        .uid();
+    if owner != me {
+        return Err(HostError::Permission(format!(
+            "{} belongs to user {owner}, not to this host's user {me}: refusing to serve a control socket there",
+            dir.display()
+        )));
+    }
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| HostError::io(format!("making {} root-only", dir.display()), e))?;
     let path = socket_path(state_dir, uuid);
-    if path.exists() {
-        match UnixStream::connect(&path) {
-            Ok(s) => {
-                let who = match read_greeting(&s) {
-                    Ok(g) => format!("pid {}, slot {}", g.pid, g.slot),
-                    Err(e) => format!("a process that does not answer: {e}"),
-                };
-                return Err(HostError::Agent(format!(
-                    "this machine already hosts datastore {uuid} ({who}; socket {}): one host per machine and datastore; give another --state-dir to play another machine",
-                    path.display()
-                )));
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
-                tracing::warn!(
-                    "replacing the stale control socket {} (its host stopped without removing it)",
-                    path.display()
-                );
-                std::fs::remove_file(&path)
-                    .map_err(|e| HostError::io(format!("removing {}", path.display()), e))?;
-            }
-            Err(e) => {
-                return Err(HostError::io(
-                    format!("checking the existing control socket {}", path.display()),
-                    e,
-                ))
-            }
+    let lock_path = dir.join(format!("{uuid}.lock"));
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| HostError::io(format!("opening {}", lock_path.display()), e))?;
+    // SAFETY: a valid descriptor.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let who = UnixStream::connect(&path)
+            .map_err(|e| HostError::Agent(e.to_string()))
+            .and_then(|s| read_greeting(&s))
+            .map(|g| format!("pid {}, slot {}", g.pid, g.slot))
+            .unwrap_or_else(|e| format!("a process that does not answer: {e}"));
+        return Err(HostError::Agent(format!(
+            "this machine already hosts datastore {uuid} ({who}; socket {}): one host per machine and datastore; give another --state-dir to play another machine",
+            path.display()
+        )));
+    }
+    // We hold the lock: whatever is at the path was left by an agent that
+    // died. Replace it only if it is a socket of ours.
+    match std::fs::symlink_metadata(&path) {
+        Ok(m) if m.file_type().is_socket() && m.uid() == me => {
+            tracing::warn!(
+                "replacing the stale control socket {} (its host stopped without removing it)",
+                path.display()
+            );
+            std::fs::remove_file(&path)
+                .map_err(|e| HostError::io(format!("removing {}", path.display()), e))?;
         }
+        Ok(_) => {
+            return Err(HostError::Agent(format!(
+                "{} is not a control socket of this host's user: refusing to remove it",
+                path.display()
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(HostError::io(format!("reading {}", path.display()), e)),
     }
     // Created 0600 (umask), then made so whatever the umask was.
     // SAFETY: umask cannot fail.
@@ -145,5 +172,5 @@ pub fn bind(state_dir: &Path, uuid: &str) -> Result<(UnixListener, PathBuf, u64)
     let ino = std::fs::metadata(&path)
         .map_err(|e| HostError::io(format!("reading {}", path.display()), e))?
         .ino();
-    Ok((l, path, ino))
+    Ok((l, path, ino, lock))
 }

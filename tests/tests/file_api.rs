@@ -185,6 +185,28 @@ fn cached_blocks_are_forgotten_when_the_file_changes_or_goes() {
     assert!(reused.is_some(), "descriptor {ino:#x} was not reused");
 }
 
+/// Offsets far past the end: reads return nothing, a write makes a
+/// sparse file that big, and neither costs memory for the holes between.
+#[test]
+fn far_offsets_read_nothing_and_write_sparse() {
+    let fs = single(64 << 20);
+    let f = fs.create_file("far", 0o600, LockMode::Exclusive).unwrap();
+    f.write_at(&[5u8; 4096], 0).unwrap();
+    f.set_len(8 << 20).unwrap();
+    let mut b = vec![1u8; 4096];
+    assert_eq!(f.read_at(&mut b, 1 << 50).unwrap(), 0);
+    assert_eq!(f.read_at(&mut b, u64::MAX - 10).unwrap(), 0);
+    f.write_at(&[6u8; 4096], 1 << 40).unwrap();
+    assert_eq!(f.len().unwrap(), (1 << 40) + 4096);
+    f.read_exact_at(&mut b, 1 << 40).unwrap();
+    assert_eq!(b, vec![6u8; 4096]);
+    f.read_exact_at(&mut b, 1 << 39).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
+    // The small file's data moved to a file block; the holes stayed holes.
+    assert_eq!(f.allocated(0, u64::MAX).unwrap(), vec![0..BS, (1 << 40)..(1 << 40) + 4096]);
+    assert!(f.write_at(b"x", u64::MAX - 1).is_err());
+}
+
 #[test]
 fn a_read_only_handle_changes_nothing() {
     let fs = single(64 << 20);
@@ -228,7 +250,7 @@ fn many_threads_read_and_write_one_file_at_once() {
                     let data = pattern(b * 1000 + round, 4096);
                     f.write_at(&data, b * 4096).unwrap();
                     f.read_exact_at(&mut got, b * 4096).unwrap();
-                    assert_eq!(got, data, "thread {t} block {b}");
+                    assert_eq!(got, data, "thread {t} block {b}: a read after the write returned");
                     let _ = f.read_at(&mut got, (x >> 20) % size);
                 }
             });
@@ -324,6 +346,17 @@ fn two_hosts_lock_modes_and_ebusy_naming_the_holder() {
     }
     let e = fb.punch_hole(0, 1 << 20).unwrap_err();
     assert!(matches!(e, FsError::Busy(_)), "{e}");
+    // Host a's writer closes while its reader stays and b still writes:
+    // a keeps its lock (no shared lock beside a writer elsewhere), so b
+    // still may not pull blocks from under a's reader.
+    let ra = a.open_path("d", LockMode::ReadOnly).unwrap();
+    drop(fa);
+    let e = fb.punch_hole(0, 1 << 20).unwrap_err();
+    assert!(matches!(e, FsError::Busy(_)), "{e}");
+    let mut got = vec![0u8; 4096];
+    ra.read_exact_at(&mut got, 4096).unwrap();
+    assert_eq!(got, pattern(1, 4096));
+    let fa = ra;
     let e = fb.set_len(4096).unwrap_err();
     assert!(matches!(e, FsError::Busy(_)), "{e}");
     drop(fa);

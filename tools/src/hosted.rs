@@ -327,6 +327,10 @@ pub fn rdm_create(mode: &str, url: &str, rest: &[String], host_args: &HostArgs) 
             json!({"url": absolute_lun(url), "mode": mode.name(), "path": path}),
         )?,
         Target::Luns(specs) => {
+            // A path that cannot name a file is refused before anything is opened.
+            if path.split('/').all(str::is_empty) || path.split('/').any(|c| c == "..") {
+                bail!("{path:?} is not a path to a file inside the datastore");
+            }
             let t = vmfs::cluster::Timeouts::new(host_args.heartbeat_ms, host_args.lease_ms)?;
             let target = lun::open_with(url, t.lun_options())
                 .with_context(|| format!("opening LUN {}", lun::redact(url)))?;

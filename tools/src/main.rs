@@ -348,9 +348,7 @@ fn mount(
         let _ = tx.send(());
     })
     .context("installing the signal handler")?;
-    let r = vmfs::fuse::serve(fs, &mnt, threads, rx);
-    drop(agent);
-    r?;
+    vmfs::fuse::serve_then(fs, &mnt, threads, rx, Box::new(move || drop(agent)))?;
     Ok(())
 }
 

@@ -111,12 +111,17 @@ pub(crate) enum RetryKind {
     /// the operation can free into it or allocate from it: the operation
     /// waits for it and runs again.
     ClusterBusy { addr: u64, slot: u32 },
+    /// A write that would change the file's layout (freeing its sub-block
+    /// leaves) while holding the file's data lock only shared: run again
+    /// holding it exclusively.
+    NeedExclusiveData,
 }
 
 impl std::fmt::Display for Retry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.0 {
             RetryKind::NeedVolumeLock => write!(f, "internal: this change needs the volume lock"),
+            RetryKind::NeedExclusiveData => write!(f, "internal: this write needs the file's data lock alone"),
             RetryKind::ClusterBusy { addr, slot } => write!(
                 f,
                 "internal: file-block cluster {addr:#x} is held by the host in slot {slot}"

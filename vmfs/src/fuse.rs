@@ -899,6 +899,20 @@ pub fn serve(
     threads: usize,
     stop: std::sync::mpsc::Receiver<()>,
 ) -> crate::Result<()> {
+    serve_then(fs, mountpoint, threads, stop, Box::new(|| {}))
+}
+
+/// [`serve`], calling `before_unmount` once the FUSE session has ended and
+/// before the datastore is unmounted (the host agent stops there: nothing
+/// may act as this host after its slot is freed).
+pub fn serve_then(
+    fs: Arc<Fs>,
+    mountpoint: &Path,
+    threads: usize,
+    stop: std::sync::mpsc::Receiver<()>,
+    before_unmount: Box<dyn FnOnce() + Send>,
+) -> crate::Result<()> {
+    let mut before_unmount = Some(before_unmount);
     let label = if fs.vol().header.label.is_empty() {
         crate::volume::uuid_str(&fs.vol().header.uuid)
     } else {
@@ -955,6 +969,9 @@ pub fn serve(
         match done_rx.recv_timeout(Duration::from_millis(10)) {
             Ok(r) => {
                 let _ = waiter.join();
+                if let Some(f) = before_unmount.take() {
+                    f();
+                }
                 stop_hk();
                 fs.unmount()?;
                 tracing::info!("unmounted {}", mountpoint.display());

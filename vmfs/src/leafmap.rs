@@ -21,15 +21,21 @@
 //!
 //! **Races with filling.** A miss is filled from metadata read under the
 //! state lock, after which a concurrent invalidation may already have run.
-//! Every invalidation bumps `seq` before it clears; a filler reads `seq`
-//! before it looks, stores, and checks `seq` again: if it moved, it takes
-//! back what it stored. So an entry is never older than the last
-//! invalidation.
+//! Every invalidation takes the map's write lock and bumps `seq`; a filler
+//! reads `seq` before it looks at the metadata, and stores only under the
+//! map's read lock after checking `seq` has not moved. So an entry is
+//! never older than the last invalidation, and a read that starts after a
+//! write returned never sees a hole that write filled.
+//!
+//! **Size.** The map is sparse (chunks of 1024 leaves, at most 1024 chunks
+//! per file; past that it starts over), so a read at the end of a huge thin
+//! file costs one chunk.
 //!
 //! `size_lb` is a lower bound of the file's size: sizes shrink only under
 //! the data lock held for writing (which invalidates everything), so a range
 //! below it is inside the file.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::RwLock;
 
@@ -37,6 +43,12 @@ use std::sync::RwLock;
 const UNKNOWN: u64 = 0;
 /// A hole (reads as zeros).
 const HOLE: u64 = u64::MAX;
+/// Leaves per chunk of the map: the map is sparse (a 64 TiB thin disk read
+/// at its end costs one chunk, not a slot per leaf before it).
+const CHUNK: u64 = 1024;
+/// Chunks kept per file (8 MiB of entries; 4 TiB of file at 4 MiB blocks,
+/// 1 TiB at 1 MiB): past it, the map starts over.
+const MAX_CHUNKS: usize = 1024;
 
 /// One leaf as the cache knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +63,8 @@ pub enum Leaf {
 #[derive(Default)]
 pub struct FileData {
     /// Held for reading by reads and writes, for writing by anything that
-    /// frees or moves the file's blocks (truncate, punch, fallocate).
+    /// frees or moves the file's blocks (truncate, punch, fallocate, a
+    /// change of layout).
     pub rw: RwLock<()>,
     map: RwLock<Leaves>,
     seq: AtomicU64,
@@ -70,7 +83,15 @@ pub struct FileData {
 struct Leaves {
     /// Leaf size in bytes (0: nothing cached).
     leaf: u64,
-    ptrs: Vec<AtomicU64>,
+    chunks: HashMap<u64, Box<[AtomicU64]>>,
+}
+
+impl Leaves {
+    fn get(&self, li: u64) -> u64 {
+        self.chunks
+            .get(&(li / CHUNK))
+            .map_or(UNKNOWN, |c| c[(li % CHUNK) as usize].load(SeqCst))
+    }
 }
 
 /// A filler's ticket: the sequence number it started at.
@@ -87,11 +108,12 @@ impl FileData {
         self.size_lb.load(SeqCst)
     }
 
-    /// Call `f(leaf_index, Leaf)` for each leaf of `[off, off+len)` in
-    /// order, with the leaf size, while `f` returns true; returns false at
-    /// the first `f` that returned false or when the range is not all known
-    /// and inside `size_lb`. The map stays read-locked meanwhile (I/O under
-    /// it is fine: only fillers of a new file size wait).
+    /// Call `f(leaf_index, leaf_size, Leaf)` for each leaf of
+    /// `[off, off+len)` in order while `f` returns true; returns false at
+    /// the first `f` that returned false, or (before calling `f` at all)
+    /// when the range is not all known and inside `size_lb`. The map stays
+    /// read-locked meanwhile, so no invalidation runs during the I/O `f`
+    /// does (only fillers and invalidators wait for it).
     pub fn with_leaves(&self, off: u64, len: u64, mut f: impl FnMut(u64, u64, Leaf) -> bool) -> bool {
         let Some(end) = off.checked_add(len) else {
             return false;
@@ -104,16 +126,12 @@ impl FileData {
             return false;
         }
         let (first, last) = (off / m.leaf, (end - 1) / m.leaf);
-        if last as usize >= m.ptrs.len() {
-            return false;
-        }
         // All known first: a half-done write is never left behind a miss.
-        if (first..=last).any(|li| m.ptrs[li as usize].load(SeqCst) == UNKNOWN) {
+        if (first..=last).any(|li| m.get(li) == UNKNOWN) {
             return false;
         }
         for li in first..=last {
-            let v = m.ptrs[li as usize].load(SeqCst);
-            let leaf = match v {
+            let leaf = match m.get(li) {
                 UNKNOWN => return false,
                 HOLE => Leaf::Hole,
                 a => Leaf::At(a),
@@ -131,16 +149,19 @@ impl FileData {
     }
 
     /// Store what the metadata said of leaves `first..` (leaf size `leaf`,
-    /// file size `size`), unless an invalidation ran since `t`.
+    /// file size `size`), unless an invalidation ran since `t`. Under the
+    /// map's read lock, and invalidations take its write lock: the check
+    /// of `t` and the stores cannot interleave with one.
     pub fn fill(&self, t: &Ticket, leaf: u64, size: u64, first: u64, leaves: &[Leaf]) {
-        if !self.open.load(SeqCst) {
+        if !self.open.load(SeqCst) || leaves.is_empty() {
             return;
         }
         let holes_ok = self.holes_ok.load(SeqCst);
-        let need = (first as usize).saturating_add(leaves.len());
+        let last = first.saturating_add(leaves.len() as u64 - 1);
         {
             let m = self.map.read().unwrap_or_else(|p| p.into_inner());
-            let fits = m.leaf == leaf && m.ptrs.len() >= need;
+            let fits = m.leaf == leaf
+                && (first / CHUNK..=last / CHUNK).all(|c| m.chunks.contains_key(&c));
             drop(m);
             if !fits {
                 let mut m = self.map.write().unwrap_or_else(|p| p.into_inner());
@@ -148,70 +169,63 @@ impl FileData {
                     return;
                 }
                 if m.leaf != leaf {
-                    m.ptrs.clear();
+                    m.chunks.clear();
                     m.leaf = leaf;
                 }
-                if m.ptrs.len() < need {
-                    let want = need.max(size.div_ceil(leaf) as usize).max(m.ptrs.len() * 2);
-                    m.ptrs.resize_with(want, || AtomicU64::new(UNKNOWN));
+                let need = (first / CHUNK..=last / CHUNK).filter(|c| !m.chunks.contains_key(c)).count();
+                if m.chunks.len() + need > MAX_CHUNKS {
+                    m.chunks.clear();
+                }
+                for c in first / CHUNK..=last / CHUNK {
+                    m.chunks
+                        .entry(c)
+                        .or_insert_with(|| (0..CHUNK).map(|_| AtomicU64::new(UNKNOWN)).collect());
                 }
             }
         }
         let m = self.map.read().unwrap_or_else(|p| p.into_inner());
-        if m.leaf != leaf {
+        if m.leaf != leaf || self.seq.load(SeqCst) != t.0 {
             return;
         }
-        let mut stored = Vec::new();
         for (k, l) in leaves.iter().enumerate() {
             let v = match *l {
                 Leaf::At(a) if a != UNKNOWN && a != HOLE => a,
                 Leaf::Hole if holes_ok => HOLE,
                 _ => continue,
             };
-            let i = first as usize + k;
-            if m.ptrs[i]
-                .compare_exchange(UNKNOWN, v, SeqCst, SeqCst)
-                .is_ok()
-            {
-                stored.push((i, v));
+            let li = first + k as u64;
+            if let Some(c) = m.chunks.get(&(li / CHUNK)) {
+                let _ = c[(li % CHUNK) as usize].compare_exchange(UNKNOWN, v, SeqCst, SeqCst);
             }
         }
-        if self.seq.load(SeqCst) == t.0 {
-            self.size_lb.fetch_max(size, SeqCst);
-            if self.seq.load(SeqCst) == t.0 {
-                return;
-            }
-            // An invalidation ran meanwhile: it may have reset size_lb
-            // before the fetch_max above.
-            self.size_lb.store(0, SeqCst);
-        }
-        for (i, v) in stored {
-            let _ = m.ptrs[i].compare_exchange(v, UNKNOWN, SeqCst, SeqCst);
-        }
+        self.size_lb.fetch_max(size, SeqCst);
     }
 
-    /// The file grew to at least `size` (an extending write of this host).
+    /// The file grew to at least `size` (an extending write of this host,
+    /// which holds the data lock: nothing shrinks the file meanwhile).
     pub fn grew(&self, t: &Ticket, size: u64) {
+        let _m = self.map.read().unwrap_or_else(|p| p.into_inner());
         if self.seq.load(SeqCst) == t.0 {
             self.size_lb.fetch_max(size, SeqCst);
-            if self.seq.load(SeqCst) != t.0 {
-                self.size_lb.store(0, SeqCst);
-            }
         }
     }
 
     /// Forget leaves of `[off, off+len)` (an allocating write filled them).
     pub fn invalidate_range(&self, off: u64, len: u64) {
+        let m = self.map.write().unwrap_or_else(|p| p.into_inner());
         self.seq.fetch_add(1, SeqCst);
-        let m = self.map.read().unwrap_or_else(|p| p.into_inner());
         if m.leaf == 0 || len == 0 {
             return;
         }
         let last = (off.saturating_add(len) - 1) / m.leaf;
-        for li in off / m.leaf..=last {
-            match m.ptrs.get(li as usize) {
-                Some(p) => p.store(UNKNOWN, SeqCst),
-                None => break,
+        let first = off / m.leaf;
+        if last - first > (MAX_CHUNKS as u64) * CHUNK {
+            drop(m);
+            return self.invalidate();
+        }
+        for li in first..=last {
+            if let Some(c) = m.chunks.get(&(li / CHUNK)) {
+                c[(li % CHUNK) as usize].store(UNKNOWN, SeqCst);
             }
         }
     }
@@ -219,10 +233,10 @@ impl FileData {
     /// Forget everything (truncate, punch, fallocate, times set, lock mode
     /// changed, last close).
     pub fn invalidate(&self) {
-        self.seq.fetch_add(1, SeqCst);
         let mut m = self.map.write().unwrap_or_else(|p| p.into_inner());
+        self.seq.fetch_add(1, SeqCst);
         m.leaf = 0;
-        m.ptrs = Vec::new();
+        m.chunks = HashMap::new();
         self.size_lb.store(0, SeqCst);
         self.stamp.store(0, SeqCst);
     }
@@ -291,7 +305,17 @@ mod tests {
     }
 
     #[test]
-    fn a_fill_that_raced_an_invalidation_takes_back_what_it_stored() {
+    fn a_read_far_into_a_huge_file_costs_one_chunk() {
+        let d = FileData::default();
+        d.opened();
+        let t = d.ticket();
+        d.fill(&t, 1 << 20, 1 << 62, 1 << 40, &[Leaf::At(4096)]);
+        assert!(d.with_leaves(1 << 60, 100, |_, _, _| true));
+        assert_eq!(d.map.read().unwrap().chunks.len(), 1);
+    }
+
+    #[test]
+    fn a_fill_that_raced_an_invalidation_stores_nothing() {
         let d = FileData::default();
         d.opened();
         let t = d.ticket();

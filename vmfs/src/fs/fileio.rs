@@ -130,7 +130,43 @@ impl Fs {
             return Ok(i);
         }
         let fd = self.file_data(ino);
-        let _g = fd.rw.read().unwrap_or_else(|p| p.into_inner());
+        self.write_data(&fd, ino, off, data)
+    }
+
+    /// Write under the file's data lock: shared, or exclusive when the
+    /// write moves the file to another layout (sub-block leaves freed for
+    /// file blocks: nothing may read or write them meanwhile). The leaves
+    /// the write touched are forgotten by the cache before the lock goes.
+    pub(crate) fn write_data(
+        &self,
+        fd: &crate::leafmap::FileData,
+        ino: u64,
+        off: u64,
+        data: &[u8],
+    ) -> Result<Inode> {
+        let need_excl = |e: &FsError| matches!(e, FsError::Retry(Retry(RetryKind::NeedExclusiveData)));
+        let r = {
+            let _g = fd.rw.read().unwrap_or_else(|p| p.into_inner());
+            self.write_held(fd, ino, off, data, false)
+        };
+        match r {
+            Err(e) if need_excl(&e) => {
+                let _g = fd.rw.write().unwrap_or_else(|p| p.into_inner());
+                self.write_held(fd, ino, off, data, true)
+            }
+            r => r,
+        }
+    }
+
+    /// [`Fs::write_data`] with the data lock held (`exclusive`: for writing).
+    fn write_held(
+        &self,
+        fd: &crate::leafmap::FileData,
+        ino: u64,
+        off: u64,
+        data: &[u8],
+        exclusive: bool,
+    ) -> Result<Inode> {
         // Fast path: every byte lands in a written, mapped leaf: data moves
         // without the state lock, then the size and times are committed
         // (only if they changed: same size within one clock tick = nothing to do).
@@ -152,15 +188,30 @@ impl Fs {
                 Ok(i)
             });
         }
-        self.file_op(ino, |st, vol| {
+        let end = off.saturating_add(data.len() as u64);
+        let r = self.file_op(ino, |st, vol| {
             let mut i = st.iget(vol, ino)?;
+            if !exclusive && st.converts_layout(vol, &i, end) {
+                return Err(FsError::Retry(Retry(RetryKind::NeedExclusiveData)));
+            }
             st.write_locked(vol, &mut i, off, data)?;
             let t = now();
             i.mtime = t;
             i.ctime = t;
             st.iput(vol, &i)?;
+            // It may have allocated into leaves cached as holes: forgotten
+            // before the state lock goes, so no thread can see the new
+            // leaves in the metadata (and write there in place) and then
+            // read the old hole from the cache.
+            fd.invalidate_range(off, data.len() as u64);
             Ok(i)
-        })
+        });
+        // With the data lock still held, nothing shrinks the file before
+        // the cache learns its size.
+        if let Ok(i) = &r {
+            fd.grew(&fd.ticket(), i.size);
+        }
+        r
     }
 
     /// Where a write of `len` bytes at `off` lands when every byte falls in
@@ -342,6 +393,9 @@ impl Fs {
             let leaf = vol.block_size();
             let first = off / leaf;
             let in_file = i.size.div_ceil(leaf);
+            if first >= in_file {
+                return Ok(None); // past the end: nothing to cache
+            }
             let want = off.saturating_add(len).div_ceil(leaf).max(first + 1);
             let last = want.max(first + FILL_AHEAD).min(in_file).max(want.min(in_file));
             let mut v = Vec::with_capacity(last.saturating_sub(first) as usize);
@@ -382,13 +436,7 @@ impl Fs {
             }
         }
         drop(g);
-        let t = fd.ticket();
-        let r = self.write(ino, off, data);
-        // It may have allocated into leaves cached as holes.
-        fd.invalidate_range(off, data.len() as u64);
-        let i = r?;
-        fd.grew(&t, i.size);
-        Ok(())
+        self.write_data(fd, ino, off, data).map(|_| ())
     }
 
     pub(crate) fn writes_in_place_with(&self, fd: &FileData, ino: u64, off: u64, len: usize) -> Result<bool> {

@@ -163,12 +163,26 @@ impl Fs {
             return Ok(());
         }
         if fl.writers == 0 && fl.mode != Mode::Shared {
-            // Only readers left: let other hosts read too.
-            let all = |_: &locking::Holder| true;
-            locking::release_under_volume_lock(&*lun, off, me)?;
-            let _ = locking::acquire_under_volume_lock(&*lun, off, Mode::Shared, me, &all)?;
-            fl.mode = Mode::Shared;
-            self.file_data(addr).set_holes_ok(true);
+            // Only readers left: let other hosts read too. Not while another
+            // host holds it (multi-writer): shared cannot be had beside it,
+            // and letting go would leave this host's readers unlocked.
+            let current = self.current_holders(me);
+            let rec = locking::read_lock(&*lun, off)?;
+            if !rec.holders.iter().any(|h| *h != me && current(h)) {
+                locking::release_under_volume_lock(&*lun, off, me)?;
+                // Under the volume lock nobody else changed the sector.
+                if let Err(held) =
+                    locking::acquire_under_volume_lock(&*lun, off, Mode::Shared, me, &current)?
+                {
+                    let _ = locking::acquire_under_volume_lock(&*lun, off, fl.mode, me, &current)?;
+                    return Err(FsError::Busy(format!(
+                        "file descriptor {addr:#x}: could not keep it open for reading ({} held it meanwhile)",
+                        held.mode.name()
+                    )));
+                }
+                fl.mode = Mode::Shared;
+                self.file_data(addr).set_holes_ok(true);
+            }
         }
         st.flocks.insert(addr, fl);
         Ok(())
@@ -212,9 +226,13 @@ impl Fs {
     /// The last close of an unlinked file frees it.
     pub fn release(&self, ino: u64, write: bool) -> Result<()> {
         self.detach_mapping(ino);
-        if self.shared.get().is_some() {
-            self.op(|st, _| self.unlock_file(st, ino, write))?;
-        }
+        // The open ends here whether or not its lock could be let go (an
+        // error is still said, after).
+        let unlocked = if self.shared.get().is_some() {
+            self.op(|st, _| self.unlock_file(st, ino, write))
+        } else {
+            Ok(())
+        };
         let free = {
             let mut st = self.lock();
             let n = st.open.entry(ino).or_default();
@@ -229,6 +247,11 @@ impl Fs {
         };
         if free {
             self.op(|st, vol| {
+                // Opened again (by descriptor) since: its last close frees it.
+                if st.open.contains_key(&ino) {
+                    st.orphans.insert(ino);
+                    return Ok(());
+                }
                 let mut i = st.iget(vol, ino)?;
                 if i.nlink == 0 {
                     st.ifree(vol, &mut i)?;
@@ -236,6 +259,6 @@ impl Fs {
                 Ok(())
             })?;
         }
-        Ok(())
+        unlocked
     }
 }

@@ -77,23 +77,59 @@ impl State {
         Ok(())
     }
 
+    /// Move a file from sub-block leaves to file blocks: its data (the
+    /// sub-block leaves that exist; the size may be far larger after a
+    /// truncate up) is copied sub-block by sub-block, holes and zeros left
+    /// as holes.
     pub(crate) fn sub_to_fb(&mut self, vol: &Volume, ino: &mut Inode) -> Result<()> {
-        let content = self.read_locked(vol, ino, 0, ino.size as usize)?;
         let size = ino.size;
+        let sb = u64::from(vol.header.sub_block_size);
+        let mut data: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut pos = 0;
+        while pos < size {
+            let Some(d) = self.next_data(vol, ino, pos)? else {
+                break;
+            };
+            if d >= size {
+                break;
+            }
+            let h = self.next_hole(vol, ino, d)?.min(size);
+            let mut at = d - d % sb;
+            while at < h {
+                let n = (h - at).min(sb) as usize;
+                let chunk = self.read_locked(vol, ino, at, n)?;
+                if chunk.iter().any(|&b| b != 0) {
+                    data.push((at, chunk));
+                }
+                at += sb;
+            }
+            pos = h;
+        }
         self.free_range(vol, ino, 0, u64::MAX)?;
         ino.layout = Layout::Tree {
             sub: false,
             depth: 0,
         };
         ino.size = size;
-        if content.iter().any(|&b| b != 0) {
-            self.write_locked(vol, ino, 0, &content)?;
+        for (at, chunk) in data {
+            self.write_locked(vol, ino, at, &chunk)?;
         }
         Ok(())
     }
 
     /// Make the layout able to hold `end` bytes: inline while it fits, then
     /// sub-block leaves, then file-block leaves. True when still inline.
+    /// Whether writing up to `end` moves the file from sub-block leaves to
+    /// file blocks (freeing leaves a reader without the state lock may be
+    /// reading: the writer must hold the file's data lock alone).
+    pub(crate) fn converts_layout(&self, vol: &Volume, ino: &Inode, end: u64) -> bool {
+        let sb = u64::from(vol.header.sub_block_size);
+        matches!(ino.layout, Layout::Tree { sub: true, .. })
+            && !ino.is_dir()
+            && end > SB_FILE_LEAVES * sb
+            && sb < vol.block_size()
+    }
+
     pub(crate) fn prepare_layout(&mut self, vol: &Volume, ino: &mut Inode, end: u64) -> Result<bool> {
         if ino.layout == Layout::Inline {
             if end <= INLINE_MAX as u64 {
