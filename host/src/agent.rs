@@ -34,6 +34,11 @@ pub const COMMANDS: &[&str] = &[
     "rdm-create",
     "rdm-info",
     "extend",
+    "disk-create",
+    "disk-info",
+    "disk-snapshot",
+    "disk-revert",
+    "disk-consolidate",
 ];
 
 /// What the agent serves.
@@ -273,6 +278,33 @@ struct PathArgs {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct DiskCreateArgs {
+    path: String,
+    size: u64,
+    #[serde(default = "thin")]
+    provisioning: String,
+    #[serde(default = "lsilogic")]
+    adapter: String,
+}
+
+fn thin() -> String {
+    "thin".into()
+}
+
+fn lsilogic() -> String {
+    "lsilogic".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsolidateArgs {
+    path: String,
+    #[serde(default)]
+    all: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ExtendArgs {
     lun: String,
     #[serde(default)]
@@ -328,6 +360,29 @@ fn handle(s: &Shared, req: &Request) -> Result<Value> {
             let new = lun::open_with(&a.lun, t.lun_options())?;
             let checked = ops::check_new_extent(&new, a.force, &t)?;
             to_value(ops::extend(fs, new, checked)?)
+        }
+        "disk-create" => {
+            let a: DiskCreateArgs = proto::arguments(c, args(()))?;
+            let prov = snapshot::Provisioning::parse(&a.provisioning).ok_or_else(|| {
+                HostError::BadRequest(format!("provisioning {:?}: thin, lazy or eager", a.provisioning))
+            })?;
+            to_value(ops::disk_create(fs, &a.path, a.size, prov, &a.adapter)?)
+        }
+        "disk-info" => {
+            let a: PathArgs = proto::arguments(c, args(()))?;
+            to_value(ops::disk_info(fs, &a.path)?)
+        }
+        "disk-snapshot" => {
+            let a: PathArgs = proto::arguments(c, args(()))?;
+            to_value(ops::disk_snapshot(fs, &a.path)?)
+        }
+        "disk-revert" => {
+            let a: PathArgs = proto::arguments(c, args(()))?;
+            to_value(ops::disk_revert(fs, &a.path)?)
+        }
+        "disk-consolidate" => {
+            let a: ConsolidateArgs = proto::arguments(c, args(()))?;
+            to_value(ops::disk_consolidate(fs, &a.path, a.all)?)
         }
         _ => Err(HostError::UnknownCommand(
             req.command.chars().take(100).collect(),

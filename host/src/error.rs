@@ -11,6 +11,8 @@ pub enum HostError {
     Lun(#[from] lun::LunError),
     #[error(transparent)]
     Rdm(#[from] rdm::RdmError),
+    #[error(transparent)]
+    Disk(snapshot::DiskError),
     /// A request the protocol cannot parse: not JSON, too long, a field of
     /// the wrong type, an argument missing or unknown.
     #[error("bad request: {0}")]
@@ -63,6 +65,13 @@ impl HostError {
             HostError::Fs(F::File(vmfs::Fault::NoSpace, _)) => "NoSpace",
             HostError::Fs(F::File(_, _)) => "Invalid",
             HostError::Rdm(rdm::RdmError::DatastoreLun { .. }) => "Invalid",
+            HostError::Disk(snapshot::DiskError::Store { source, .. }) if source.is_not_found() => "NotFound",
+            HostError::Disk(snapshot::DiskError::Store {
+                source: snapshot::error::StoreError::Vmfs(vmfs::FsError::Busy(_)),
+                ..
+            }) => "Busy",
+            HostError::Disk(snapshot::DiskError::Corrupt { .. } | snapshot::DiskError::Descriptor { .. } | snapshot::DiskError::Chain(_)) => "Corrupt",
+            HostError::Disk(snapshot::DiskError::Invalid(_)) => "Invalid",
             _ => "Failed",
         }
     }

@@ -409,3 +409,135 @@ pub struct Status {
     pub lease_ms: u64,
     pub socket: String,
 }
+
+// ---------------------------------------------------------------- virtual disks
+
+/// The directory of `path` inside the datastore and the disk's file name.
+fn split_disk_path(path: &str) -> Result<(String, String)> {
+    let p = path.trim_matches('/');
+    let (dir, name) = match p.rsplit_once('/') {
+        Some((d, n)) => (d.to_string(), n.to_string()),
+        None => (String::new(), p.to_string()),
+    };
+    if name.is_empty() || !name.ends_with(".vmdk") || p.split('/').any(|c| c == "..") {
+        return Err(HostError::BadRequest(format!(
+            "{path:?} is not a path to a NAME.vmdk inside the datastore"
+        )));
+    }
+    Ok((dir, name))
+}
+
+fn store_for(fs: &Arc<Fs>, path: &str) -> Result<(Arc<dyn snapshot::Store>, String)> {
+    let (dir, name) = split_disk_path(path)?;
+    Ok((Arc::new(snapshot::VmfsStore::new(fs.clone(), &dir)), name))
+}
+
+/// `vmfs disk info`: the chain and each layer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskInfo {
+    pub path: String,
+    pub size: u64,
+    pub adapter: Option<String>,
+    pub thin: Option<bool>,
+    /// Newest first: the current layer, then each snapshot below it.
+    pub layers: Vec<LayerInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayerInfo {
+    pub descriptor: String,
+    pub cid: String,
+    pub parent_cid: Option<String>,
+    pub create_type: String,
+    pub extents: Vec<String>,
+    pub allocated: u64,
+}
+
+pub fn disk_info(fs: &Arc<Fs>, path: &str) -> Result<DiskInfo> {
+    let (store, name) = store_for(fs, path)?;
+    let d = snapshot::Disk::open(store, &name, false).map_err(disk_err)?;
+    let mut layers = Vec::new();
+    for l in &d.layers {
+        layers.push(LayerInfo {
+            descriptor: l.name.clone(),
+            cid: format!("{:08x}", l.desc.cid),
+            parent_cid: (l.desc.parent_cid != snapshot::descriptor::NO_PARENT)
+                .then(|| format!("{:08x}", l.desc.parent_cid)),
+            create_type: l.desc.create_type.clone(),
+            extents: l.desc.extents.iter().filter_map(|e| e.file.clone()).collect(),
+            allocated: l.allocated_bytes().map_err(disk_err)?,
+        });
+    }
+    let base = &d.layers[d.layers.len() - 1].desc;
+    Ok(DiskInfo {
+        path: path.to_string(),
+        size: d.capacity(),
+        adapter: d.layers[0].desc.ddb("ddb.adapterType").map(String::from),
+        thin: base.ddb("ddb.thinProvisioned").map(|v| v == "1"),
+        layers,
+    })
+}
+
+/// What a disk operation did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskDone {
+    pub path: String,
+    /// What happened, for a person.
+    pub said: String,
+    pub depth: usize,
+}
+
+fn disk_err(e: snapshot::DiskError) -> HostError {
+    HostError::Disk(e)
+}
+
+fn done(fs: &Arc<Fs>, path: &str, said: String) -> Result<DiskDone> {
+    let (store, name) = store_for(fs, path)?;
+    let d = snapshot::Disk::open(store, &name, false).map_err(disk_err)?;
+    Ok(DiskDone {
+        path: path.to_string(),
+        said,
+        depth: d.depth(),
+    })
+}
+
+pub fn disk_create(
+    fs: &Arc<Fs>,
+    path: &str,
+    size: u64,
+    prov: snapshot::Provisioning,
+    adapter: &str,
+) -> Result<DiskDone> {
+    let (store, name) = store_for(fs, path)?;
+    snapshot::ops::create(&*store, &name, size, prov, adapter).map_err(disk_err)?;
+    done(fs, path, format!("created {path}: {size} bytes, {prov:?}"))
+}
+
+pub fn disk_snapshot(fs: &Arc<Fs>, path: &str) -> Result<DiskDone> {
+    let (store, name) = store_for(fs, path)?;
+    let frozen = snapshot::ops::snapshot(store, &name).map_err(disk_err)?;
+    done(fs, path, format!("snapshot taken: the state until now is frozen as {frozen}"))
+}
+
+pub fn disk_revert(fs: &Arc<Fs>, path: &str) -> Result<DiskDone> {
+    let (store, name) = store_for(fs, path)?;
+    snapshot::ops::revert(store, &name).map_err(disk_err)?;
+    done(fs, path, "reverted to the last snapshot".into())
+}
+
+pub fn disk_consolidate(fs: &Arc<Fs>, path: &str, all: bool) -> Result<DiskDone> {
+    let (store, name) = store_for(fs, path)?;
+    let mut merged = 0;
+    let mut n = 0;
+    loop {
+        merged += snapshot::ops::consolidate(store.clone(), &name).map_err(disk_err)?;
+        n += 1;
+        let depth = snapshot::Disk::open(store.clone(), &name, false)
+            .map_err(disk_err)?
+            .depth();
+        if !all || depth == 0 {
+            break;
+        }
+    }
+    done(fs, path, format!("{n} snapshot(s) deleted, {merged} bytes merged"))
+}

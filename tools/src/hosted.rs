@@ -12,7 +12,7 @@ use host::Client;
 use serde_json::json;
 use vmfs::Fs;
 
-use crate::{human, open_luns, open_luns_for, HostArgs};
+use crate::{human, open_luns, open_luns_for, DiskAt, DiskCmd, HostArgs};
 
 /// Where a command's datastore is.
 pub enum Target {
@@ -450,4 +450,116 @@ fn open_for_change(
 /// The path a mount's agent reports for `mnt`.
 pub fn canonical(mnt: &Path) -> PathBuf {
     std::fs::canonicalize(mnt).unwrap_or_else(|_| mnt.to_path_buf())
+}
+
+// ---------------------------------------------------------------- disks
+
+/// `vmfs disk ...`: through this machine's host agent, or on the datastore
+/// opened here.
+pub fn disk(c: DiskCmd) -> Result<()> {
+    let (cmd, args, at, change) = match &c {
+        DiskCmd::Create {
+            size,
+            provisioning,
+            adapter,
+            at,
+        } => (
+            "disk-create",
+            json!({"size": size, "provisioning": provisioning, "adapter": adapter}),
+            at,
+            true,
+        ),
+        DiskCmd::Info { at, .. } => ("disk-info", json!({}), at, false),
+        DiskCmd::Snapshot { at } => ("disk-snapshot", json!({}), at, true),
+        DiskCmd::Revert { at } => ("disk-revert", json!({}), at, true),
+        DiskCmd::Consolidate { all, at } => ("disk-consolidate", json!({ "all": all }), at, true),
+    };
+    let state_dir = at.host.state_dir();
+    let (target, path) = disk_target(at, &state_dir)?;
+    let mut args = args;
+    args["path"] = json!(path);
+    let out: serde_json::Value = match target {
+        Target::Agent(mut c) => c.call_value(cmd, args)?,
+        Target::Luns(specs) => {
+            let t = vmfs::cluster::Timeouts::new(at.host.heartbeat_ms, at.host.lease_ms)?;
+            let luns = open_luns_for(&specs, &t)?;
+            let fs = Arc::new(if change {
+                open_for_change(luns, &at.host, &t, "changing the disk")?
+            } else {
+                Fs::open_for_check(luns, false)?
+            });
+            let r = run_disk(&fs, &c, &path);
+            if change {
+                fs.unmount()?;
+            } else {
+                fs.abandon();
+            }
+            r?
+        }
+    };
+    if let DiskCmd::Info { json: true, .. } = c {
+        return print_json(&out);
+    }
+    if let DiskCmd::Info { .. } = c {
+        let i: ops::DiskInfo = serde_json::from_value(out)?;
+        println!("disk        {}", i.path);
+        println!("size        {} ({} bytes)", human(i.size), i.size);
+        if let Some(a) = &i.adapter {
+            println!("adapter     {a}");
+        }
+        if let Some(t) = i.thin {
+            println!("base        {}", if t { "thin" } else { "thick" });
+        }
+        println!("chain       {} layer(s), newest first", i.layers.len());
+        for (k, l) in i.layers.iter().enumerate() {
+            println!(
+                "  [{k}] {}  CID {}{}  {}  {} in {}",
+                l.descriptor,
+                l.cid,
+                l.parent_cid
+                    .as_ref()
+                    .map(|p| format!(" (parent {p})"))
+                    .unwrap_or_default(),
+                l.create_type,
+                human(l.allocated),
+                l.extents.join(", ")
+            );
+        }
+        return Ok(());
+    }
+    let d: ops::DiskDone = serde_json::from_value(out)?;
+    println!("{} ({} snapshot(s) below the current layer)", d.said, d.depth);
+    Ok(())
+}
+
+fn run_disk(fs: &Arc<Fs>, c: &DiskCmd, path: &str) -> Result<serde_json::Value> {
+    Ok(match c {
+        DiskCmd::Create {
+            size,
+            provisioning,
+            adapter,
+            ..
+        } => {
+            let prov = snapshot::Provisioning::parse(provisioning).context("provisioning")?;
+            serde_json::to_value(ops::disk_create(fs, path, *size, prov, adapter)?)?
+        }
+        DiskCmd::Info { .. } => serde_json::to_value(ops::disk_info(fs, path)?)?,
+        DiskCmd::Snapshot { .. } => serde_json::to_value(ops::disk_snapshot(fs, path)?)?,
+        DiskCmd::Revert { .. } => serde_json::to_value(ops::disk_revert(fs, path)?)?,
+        DiskCmd::Consolidate { all, .. } => serde_json::to_value(ops::disk_consolidate(fs, path, *all)?)?,
+    })
+}
+
+/// The datastore of a disk, and the disk's path inside it.
+fn disk_target(at: &DiskAt, state_dir: &Path) -> Result<(Target, String)> {
+    if !at.datastore.is_empty() {
+        return Ok((by_luns(&at.datastore, state_dir)?, at.disk.clone()));
+    }
+    match host::client::at_path(Path::new(&at.disk), state_dir)? {
+        Some((c, inner)) => Ok((Target::Agent(c), inner)),
+        None => bail!(
+            "{} is not under a vmfs mount of this machine: give --datastore LUN... and the path inside the datastore",
+            at.disk
+        ),
+    }
 }

@@ -149,6 +149,69 @@ enum Cmd {
     /// Raw device mappings: a file on the datastore that stands for a whole LUN.
     #[command(subcommand)]
     Rdm(RdmCmd),
+    /// Virtual disks (VMDK): create, inspect, snapshot, revert, consolidate.
+    /// DISK is NAME.vmdk under a mountpoint of a datastore this machine
+    /// hosts (its host agent does the work), or, with --datastore LUN...,
+    /// a path inside that datastore.
+    #[command(subcommand)]
+    Disk(DiskCmd),
+}
+
+/// Where a disk is.
+#[derive(clap::Args)]
+pub(crate) struct DiskAt {
+    /// The disk: MOUNTPOINT/.../NAME.vmdk, or a path inside the datastore
+    /// named by --datastore.
+    pub(crate) disk: String,
+    /// The datastore's LUNs, one per --datastore (then DISK is a path
+    /// inside it).
+    #[arg(long)]
+    pub(crate) datastore: Vec<String>,
+    /// When the datastore is not mounted here: who this host is.
+    #[command(flatten)]
+    pub(crate) host: HostArgs,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum DiskCmd {
+    /// A new base disk: NAME.vmdk and NAME-flat.vmdk.
+    Create {
+        /// Its size (512-byte multiples; K, M, G suffixes).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// thin (allocated as written), lazy (allocated, reads zeros), eager (allocated and zeroed).
+        #[arg(long, default_value = "thin", value_parser = ["thin", "lazy", "eager"])]
+        provisioning: String,
+        /// The adapter recorded in the disk database.
+        #[arg(long, default_value = "lsilogic", value_parser = ["pvscsi", "lsilogic", "buslogic", "ide"])]
+        adapter: String,
+        #[command(flatten)]
+        at: DiskAt,
+    },
+    /// The chain, CIDs, size and allocated bytes per layer.
+    Info {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        at: DiskAt,
+    },
+    /// Freeze the current state: later writes go to a new layer.
+    Snapshot {
+        #[command(flatten)]
+        at: DiskAt,
+    },
+    /// Drop everything written since the last snapshot.
+    Revert {
+        #[command(flatten)]
+        at: DiskAt,
+    },
+    /// Delete the newest snapshot (or all): merge into the layer below.
+    Consolidate {
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        at: DiskAt,
+    },
 }
 
 #[derive(Subcommand)]
@@ -520,6 +583,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => hosted::locks(&luns, &state_dir_or_default(state_dir), json)?,
         Cmd::Crashtest(a) => return crashtest(a),
         Cmd::Rdm(c) => return rdm_cmd(c),
+        Cmd::Disk(c) => hosted::disk(c)?,
         Cmd::Extend {
             luns,
             add,

@@ -194,7 +194,9 @@ impl File {
             size: Some(len),
             ..Default::default()
         };
-        self.fs.setattr(self.ino, &a).map(|_| ())
+        self.fs.setattr(self.ino, &a)?;
+        self.fs.changed(crate::fs::Change::Inode { ino: self.ino });
+        Ok(())
     }
 
     /// Deallocate `[off, off+len)`: whole blocks are freed, partial ones
@@ -317,7 +319,16 @@ impl Fs {
         let i = self
             .create(dir, name.as_bytes(), S_IFREG | (perm & 0o7777), uid, gid, 0, None)
             .map_err(|e| name_path(e, path))?;
+        self.entry_changed(dir, name);
         File::open_ino(self, i.addr, mode, path.to_string())
+    }
+
+    fn entry_changed(&self, dir: u64, name: &str) {
+        self.changed(crate::fs::Change::Entry {
+            dir,
+            name: name.as_bytes().to_vec(),
+        });
+        self.changed(crate::fs::Change::Inode { ino: dir });
     }
 
     /// Make a directory at `path`.
@@ -326,6 +337,7 @@ impl Fs {
         let (uid, gid) = owner();
         self.create(dir, name.as_bytes(), S_IFDIR | (perm & 0o7777), uid, gid, 0, None)
             .map_err(|e| name_path(e, path))?;
+        self.entry_changed(dir, name);
         Ok(())
     }
 
@@ -333,7 +345,10 @@ impl Fs {
     /// open here, it lives until its last handle is dropped).
     pub fn unlink_path(&self, path: &str) -> Result<()> {
         let (dir, name) = self.parent_path(path)?;
-        self.unlink(dir, name.as_bytes(), false).map_err(|e| name_path(e, path))
+        self.unlink(dir, name.as_bytes(), false)
+            .map_err(|e| name_path(e, path))?;
+        self.entry_changed(dir, name);
+        Ok(())
     }
 
     /// Rename `from` to `to`, replacing a file at `to`.
@@ -341,7 +356,10 @@ impl Fs {
         let (fd, fname) = self.parent_path(from)?;
         let (td, tname) = self.parent_path(to)?;
         self.rename(fd, fname.as_bytes(), td, tname.as_bytes(), false, false)
-            .map_err(|e| name_path(e, &format!("{from} -> {to}")))
+            .map_err(|e| name_path(e, &format!("{from} -> {to}")))?;
+        self.entry_changed(fd, fname);
+        self.entry_changed(td, tname);
+        Ok(())
     }
 }
 

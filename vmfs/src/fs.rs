@@ -130,6 +130,18 @@ pub struct Fs {
     /// The housekeeping thread waits for the volume lock to give file-block
     /// clusters away (counted in the member's wants).
     yield_wants: std::sync::atomic::AtomicBool,
+    /// Told of namespace and size changes made through the file API (the
+    /// FUSE mount drops the kernel's cached entries and attributes).
+    observer: std::sync::OnceLock<Box<dyn Fn(Change) + Send + Sync>>,
+}
+
+/// A change made without FUSE that a FUSE mount's kernel caches must learn.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// The name `name` in directory `dir` now means something else (or nothing).
+    Entry { dir: u64, name: Vec<u8> },
+    /// File `ino`'s attributes or data changed.
+    Inode { ino: u64 },
 }
 
 /// Forgets a file's cached leaves when dropped (after the change that
@@ -333,6 +345,19 @@ impl Fs {
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Be told of changes made through the file API (once; the FUSE mount).
+    pub fn set_observer(&self, f: Box<dyn Fn(Change) + Send + Sync>) {
+        let _ = self.observer.set(f);
+    }
+
+    /// Tell the observer, if any. Call with no lock held: a FUSE kernel
+    /// invalidation may wait for a request that waits for our locks.
+    pub(crate) fn changed(&self, c: Change) {
+        if let Some(f) = self.observer.get() {
+            f(c);
+        }
     }
 
     pub fn root(&self) -> u64 {

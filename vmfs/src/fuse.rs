@@ -934,6 +934,22 @@ pub fn serve_then(
     cfg.clone_fd = true;
     let session = fuser::spawn_mount(VmfsFuse::new(fs.clone()), mountpoint, &cfg)
         .map_err(|e| FsError::Invalid(format!("cannot mount on {}: {e}", mountpoint.display())))?;
+    // Changes made through the file API (the host agent's disk operations)
+    // drop what the kernel caches of the names and files they touched.
+    let notifier = session.notifier();
+    let root = fs.root();
+    let fuse_ino = move |a: u64| INodeNo(if a == root { 1 } else { a });
+    fs.set_observer(Box::new(move |c| {
+        let r = match &c {
+            crate::fs::Change::Entry { dir, name } => {
+                notifier.inval_entry(fuse_ino(*dir), OsStr::from_bytes(name))
+            }
+            crate::fs::Change::Inode { ino } => notifier.inval_inode(fuse_ino(*ino), 0, 0),
+        };
+        if let Err(e) = r {
+            tracing::debug!("telling the kernel of {c:?}: {e}");
+        }
+    }));
     tracing::info!("mounted on {}", mountpoint.display());
     let (done_tx, done_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
     let waiter = std::thread::spawn(move || {

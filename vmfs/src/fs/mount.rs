@@ -251,6 +251,7 @@ impl Fs {
             mapped_count: std::sync::atomic::AtomicUsize::new(0),
             rdm_luns: RwLock::new(Vec::new()),
             yield_wants: std::sync::atomic::AtomicBool::new(false),
+            observer: std::sync::OnceLock::new(),
         })
     }
 

@@ -1,0 +1,118 @@
+//! `vmfs disk` on a mounted datastore, through the host agent, with QEMU
+//! reading and writing the disk through the FUSE mount: create, snapshot,
+//! revert, consolidate; `qemu-img info --backing-chain`, `check` and
+//! `compare` see what we say at every step.
+
+use std::path::Path;
+use std::process::Command;
+
+mod common;
+use common::{text, vmfs, Host};
+
+const MIB: usize = 1 << 20;
+
+fn ok(args: &[&str]) -> String {
+    let o = vmfs(args);
+    assert!(o.status.success(), "vmfs {args:?}: {}", text(&o));
+    text(&o)
+}
+
+fn qemu_io(disk: &Path, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "vmdk"]);
+    for x in cmds {
+        c.args(["-c", x]);
+    }
+    let o = c.arg(disk).output().unwrap();
+    assert!(o.status.success(), "qemu-io {cmds:?}: {}", text(&o));
+    assert!(!text(&o).contains("failed"), "qemu-io {cmds:?}: {}", text(&o));
+}
+
+fn qemu_img(args: &[&str]) -> String {
+    let o = Command::new("qemu-img").args(args).output().unwrap();
+    assert!(o.status.success(), "qemu-img {args:?}: {}", text(&o));
+    text(&o)
+}
+
+/// The disk compares equal to `want` (written to a local raw file).
+fn same(disk: &Path, want: &[u8], scratch: &Path) {
+    let raw = scratch.join("want.raw");
+    std::fs::write(&raw, want).unwrap();
+    qemu_img(&["compare", "-f", "vmdk", "-F", "raw", disk.to_str().unwrap(), raw.to_str().unwrap()]);
+}
+
+#[test]
+fn disks_on_a_mounted_datastore_with_qemu_through_the_mount() {
+    let d = tempfile::tempdir().unwrap();
+    let lun = vmfs_tests::file_lun(d.path(), "ds.img", 512 << 20);
+    let o = vmfs(&["mkfs", &lun]);
+    assert!(o.status.success(), "{}", text(&o));
+    let st = d.path().join("state");
+    let st = st.to_str().unwrap();
+    let mnt = d.path().join("m");
+    std::fs::create_dir(&mnt).unwrap();
+    let mut host = Host::mount(&["--state-dir", st, &lun], &mnt);
+    std::fs::create_dir(mnt.join("vm1")).unwrap();
+    let disk = mnt.join("vm1/disk.vmdk");
+    let ds = disk.to_str().unwrap();
+
+    let t = ok(&["disk", "create", "--state-dir", st, "--size", "64M", "--adapter", "pvscsi", ds]);
+    assert!(t.contains("created"), "{t}");
+    let mut want = vec![0u8; 64 * MIB];
+    qemu_io(&disk, &["write -P 0x61 0 1M", "write -P 0x62 10M 64k"]);
+    want[..MIB].fill(0x61);
+    want[10 * MIB..10 * MIB + 65536].fill(0x62);
+    same(&disk, &want, d.path());
+    let frozen = want.clone();
+
+    // Snapshot: QEMU writes the new layer; the chain is what we say.
+    let t = ok(&["disk", "snapshot", "--state-dir", st, ds]);
+    assert!(t.contains("disk-000000.vmdk"), "{t}");
+    qemu_io(&disk, &["write -P 0x63 512k 1M", "write -P 0x64 63M 4k"]);
+    want[512 * 1024..512 * 1024 + MIB].fill(0x63);
+    want[63 * MIB..63 * MIB + 4096].fill(0x64);
+    same(&disk, &want, d.path());
+    let info = qemu_img(&["info", "--backing-chain", ds]);
+    assert_eq!(info.matches("image: ").count(), 2, "{info}");
+    assert!(qemu_img(&["check", ds]).contains("No errors"));
+    let t = ok(&["disk", "info", "--state-dir", st, ds]);
+    assert!(t.contains("2 layer(s)") && t.contains("pvscsi"), "{t}");
+    let j = ok(&["disk", "info", "--json", "--state-dir", st, ds]);
+    assert!(j.contains("\"layers\""), "{j}");
+    // The frozen layer still reads as it was.
+    same(&mnt.join("vm1/disk-000000.vmdk"), &frozen, d.path());
+
+    // Revert: back to the snapshot.
+    ok(&["disk", "revert", "--state-dir", st, ds]);
+    same(&disk, &frozen, d.path());
+    qemu_io(&disk, &["write -P 0x65 2M 128k"]);
+    let mut want = frozen.clone();
+    want[2 * MIB..2 * MIB + 128 * 1024].fill(0x65);
+
+    // Consolidate: one layer again, same content, no file left behind.
+    let t = ok(&["disk", "consolidate", "--state-dir", st, ds]);
+    assert!(t.contains("0 snapshot(s) below"), "{t}");
+    same(&disk, &want, d.path());
+    let mut files: Vec<_> = std::fs::read_dir(mnt.join("vm1"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    files.sort();
+    assert_eq!(files, vec!["disk-flat.vmdk", "disk.vmdk"]);
+    // Nothing to consolidate: a clear refusal.
+    let o = vmfs(&["disk", "consolidate", "--state-dir", st, ds]);
+    assert!(!o.status.success() && text(&o).contains("no snapshot"), "{}", text(&o));
+    // A path not under a mount and no --datastore: refused.
+    let o = vmfs(&["disk", "info", "--state-dir", st, "/tmp/none.vmdk"]);
+    assert!(text(&o).contains("not under a vmfs mount"), "{}", text(&o));
+
+    host.unmount().unwrap();
+    // Not mounted: by the datastore's LUNs.
+    let t = ok(&["disk", "info", "--datastore", &lun, "vm1/disk.vmdk"]);
+    assert!(t.contains("1 layer(s)"), "{t}");
+    ok(&["disk", "snapshot", "--datastore", &lun, "vm1/disk.vmdk"]);
+    let t = ok(&["disk", "info", "--datastore", &lun, "vm1/disk.vmdk"]);
+    assert!(t.contains("2 layer(s)"), "{t}");
+    let o = vmfs(&["fsck", &lun]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
