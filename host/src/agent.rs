@@ -39,6 +39,9 @@ pub const COMMANDS: &[&str] = &[
     "disk-snapshot",
     "disk-revert",
     "disk-consolidate",
+    "disk-clone",
+    "disk-import",
+    "disk-export",
 ];
 
 /// What the agent serves.
@@ -297,6 +300,47 @@ fn lsilogic() -> String {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct CloneArgs {
+    path: String,
+    to: String,
+    #[serde(default = "thin")]
+    provisioning: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportArgs {
+    raw: String,
+    path: String,
+    #[serde(default = "thin")]
+    provisioning: String,
+    #[serde(default = "lsilogic")]
+    adapter: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportArgs {
+    path: String,
+    raw: String,
+}
+
+fn provisioning(s: &str) -> Result<snapshot::Provisioning> {
+    snapshot::Provisioning::parse(s)
+        .ok_or_else(|| HostError::BadRequest(format!("provisioning {s:?}: thin, lazy or eager")))
+}
+
+fn local_path(p: &str) -> Result<&str> {
+    if !p.starts_with('/') {
+        return Err(HostError::BadRequest(format!(
+            "{p:?}: a raw image's path must be absolute (the host's working directory is not the caller's)"
+        )));
+    }
+    Ok(p)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ConsolidateArgs {
     path: String,
     #[serde(default)]
@@ -379,6 +423,19 @@ fn handle(s: &Shared, req: &Request) -> Result<Value> {
         "disk-revert" => {
             let a: PathArgs = proto::arguments(c, args(()))?;
             to_value(ops::disk_revert(fs, &a.path)?)
+        }
+        "disk-clone" => {
+            let a: CloneArgs = proto::arguments(c, args(()))?;
+            to_value(ops::disk_clone(fs, &a.path, &a.to, provisioning(&a.provisioning)?)?)
+        }
+        "disk-import" => {
+            let a: ImportArgs = proto::arguments(c, args(()))?;
+            let p = provisioning(&a.provisioning)?;
+            to_value(ops::disk_import(fs, local_path(&a.raw)?, &a.path, p, &a.adapter)?)
+        }
+        "disk-export" => {
+            let a: ExportArgs = proto::arguments(c, args(()))?;
+            to_value(ops::disk_export(fs, &a.path, local_path(&a.raw)?)?)
         }
         "disk-consolidate" => {
             let a: ConsolidateArgs = proto::arguments(c, args(()))?;

@@ -181,8 +181,9 @@ pub fn all(state_dir: &Path) -> Result<Vec<std::result::Result<Status, String>>>
     Ok(out)
 }
 
-/// The vmfs FUSE mount that holds `path`, and `path` inside it.
-fn vmfs_mount_of(path: &Path) -> Option<(PathBuf, String)> {
+/// The vmfs FUSE mount that holds `path` (its mountpoint), and `path`
+/// inside it.
+pub fn mount_of(path: &Path) -> Option<(PathBuf, String)> {
     // A path that does not exist yet (a file to create): its directory.
     let (real, tail) = match std::fs::canonicalize(path) {
         Ok(p) => (p, None),
@@ -226,7 +227,7 @@ fn vmfs_mount_of(path: &Path) -> Option<(PathBuf, String)> {
 /// serves it and the path inside the datastore. Err when it lies under one
 /// whose host does not answer in `state_dir`.
 pub fn at_path(path: &Path, state_dir: &Path) -> Result<Option<(Client, String)>> {
-    let Some((mp, inner)) = vmfs_mount_of(path) else {
+    let Some((mp, inner)) = mount_of(path) else {
         return Ok(None);
     };
     for st in all(state_dir)?.into_iter().flatten() {

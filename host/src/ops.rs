@@ -525,6 +525,33 @@ pub fn disk_revert(fs: &Arc<Fs>, path: &str) -> Result<DiskDone> {
     done(fs, path, "reverted to the last snapshot".into())
 }
 
+pub fn disk_clone(fs: &Arc<Fs>, path: &str, to: &str, prov: snapshot::Provisioning) -> Result<DiskDone> {
+    let (store, name) = store_for(fs, path)?;
+    let (dst_store, dst) = store_for(fs, to)?;
+    let n = snapshot::ops::clone(store, &name, dst_store, &dst, prov).map_err(disk_err)?;
+    done(fs, to, format!("cloned {path} to {to}: {n} bytes written"))
+}
+
+/// `raw` is a path on this machine (absolute: the agent's working
+/// directory is not the caller's).
+pub fn disk_import(
+    fs: &Arc<Fs>,
+    raw: &str,
+    path: &str,
+    prov: snapshot::Provisioning,
+    adapter: &str,
+) -> Result<DiskDone> {
+    let (store, name) = store_for(fs, path)?;
+    let n = snapshot::ops::import(Path::new(raw), store, &name, prov, adapter).map_err(disk_err)?;
+    done(fs, path, format!("imported {raw} as {path}: {n} bytes written"))
+}
+
+pub fn disk_export(fs: &Arc<Fs>, path: &str, raw: &str) -> Result<DiskDone> {
+    let (store, name) = store_for(fs, path)?;
+    let n = snapshot::ops::export(store, &name, Path::new(raw)).map_err(disk_err)?;
+    done(fs, path, format!("exported {path} to {raw}: {n} bytes written, the rest holes"))
+}
+
 pub fn disk_consolidate(fs: &Arc<Fs>, path: &str, all: bool) -> Result<DiskDone> {
     let (store, name) = store_for(fs, path)?;
     let mut merged = 0;

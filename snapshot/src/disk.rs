@@ -358,11 +358,45 @@ impl Disk {
     /// The ranges of the disk the current layer holds itself (its grains;
     /// all of a flat layer), in order.
     pub fn top_ranges(&self) -> Result<Vec<std::ops::Range<u64>>> {
+        self.layer_ranges(0, false)
+    }
+
+    /// The ranges of the disk that may hold data: what any layer holds
+    /// (a flat extent's allocated ranges, a sparse extent's grains), merged
+    /// and in order. Everything else reads as zeros.
+    pub fn allocated_ranges(&self) -> Result<Vec<std::ops::Range<u64>>> {
+        let mut all = Vec::new();
+        for i in 0..self.layers.len() {
+            all.extend(self.layer_ranges(i, true)?);
+        }
+        all.sort_by_key(|r| r.start);
+        let mut out: Vec<std::ops::Range<u64>> = Vec::new();
+        for r in all {
+            let r = r.start..r.end.min(self.capacity());
+            if r.start >= r.end {
+                continue;
+            }
+            match out.last_mut() {
+                Some(l) if l.end >= r.start => l.end = l.end.max(r.end),
+                _ => out.push(r),
+            }
+        }
+        Ok(out)
+    }
+
+    /// What layer `i` holds; `sparse_flat`: a flat extent's allocated
+    /// ranges only (else all of it).
+    fn layer_ranges(&self, i: usize, sparse_flat: bool) -> Result<Vec<std::ops::Range<u64>>> {
         let mut out: Vec<std::ops::Range<u64>> = Vec::new();
         let cap = self.capacity();
-        for p in &self.layers[0].pieces {
+        for p in &self.layers[i].pieces {
             match &p.io {
                 Io::Zero => {}
+                Io::Flat { file, name, offset } if sparse_flat => {
+                    for r in file.allocated(*offset, p.len).map_err(at(name))? {
+                        out.push(p.start + r.start - offset..p.start + r.end - offset);
+                    }
+                }
                 Io::Flat { .. } => out.push(p.start..p.start + p.len),
                 Io::Sparse(s) => {
                     let gb = s.grain_bytes();

@@ -345,6 +345,95 @@ pub fn consolidate(store: Arc<dyn Store>, name: &str) -> Result<u64> {
     Ok(merged)
 }
 
+/// Copy what `src` reads as into `dst` (same size), chunk by chunk over
+/// the ranges that may hold data, leaving zero chunks unwritten (holes on
+/// a thin destination). Returns the bytes written.
+pub fn copy_disk(src: &Disk, dst: &Disk) -> Result<u64> {
+    copy_ranges(&src.allocated_ranges()?, |b, o| src.read_at(b, o), |b, o| dst.write_at(b, o))
+}
+
+const CHUNK: u64 = 1 << 20;
+
+fn copy_ranges(
+    ranges: &[std::ops::Range<u64>],
+    mut read: impl FnMut(&mut [u8], u64) -> Result<()>,
+    mut write: impl FnMut(&[u8], u64) -> Result<()>,
+) -> Result<u64> {
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut written = 0;
+    for r in ranges {
+        let mut o = r.start;
+        while o < r.end {
+            // Chunks aligned to CHUNK, so a copy lands on whole grains.
+            let n = (CHUNK - o % CHUNK).min(r.end - o) as usize;
+            read(&mut buf[..n], o)?;
+            if buf[..n].iter().any(|&b| b != 0) {
+                write(&buf[..n], o)?;
+                written += n as u64;
+            }
+            o += n as u64;
+        }
+    }
+    Ok(written)
+}
+
+/// A new, independent base disk `dst` (in `dst_store`) with what `src`
+/// reads as now. Returns the bytes written.
+pub fn clone(
+    store: Arc<dyn Store>,
+    src: &str,
+    dst_store: Arc<dyn Store>,
+    dst: &str,
+    prov: Provisioning,
+) -> Result<u64> {
+    let s = Disk::open(store, src, false)?;
+    let adapter = s.layers[0].desc.ddb("ddb.adapterType").unwrap_or("lsilogic").to_string();
+    create(&*dst_store, dst, s.capacity(), prov, &adapter)?;
+    let d = Disk::open(dst_store, dst, true)?;
+    let n = copy_disk(&s, &d)?;
+    d.flush()?;
+    Ok(n)
+}
+
+/// A new base disk `dst` with the content of the raw image `raw` (a local
+/// file; its holes are not read). Returns the bytes written.
+pub fn import(raw: &std::path::Path, store: Arc<dyn Store>, dst: &str, prov: Provisioning, adapter: &str) -> Result<u64> {
+    let dir = raw.parent().unwrap_or(std::path::Path::new("."));
+    let fname = raw
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| DiskError::Invalid(format!("{}: not a file name", raw.display())))?;
+    let local = crate::store::LocalStore::new(dir);
+    let f = local.open(fname, false).map_err(at(fname))?;
+    let size = f.len().map_err(at(fname))?;
+    if size == 0 {
+        return Err(DiskError::Invalid(format!("{} is empty", raw.display())));
+    }
+    create(&*store, dst, size, prov, adapter)?;
+    let d = Disk::open(store, dst, true)?;
+    let ranges = f.allocated(0, size).map_err(at(fname))?;
+    let n = copy_ranges(&ranges, |b, o| f.read_full(b, o).map_err(at(fname)), |b, o| d.write_at(b, o))?;
+    d.flush()?;
+    Ok(n)
+}
+
+/// Write what disk `src` reads as now to the raw image `raw` (a new local
+/// file, sparse: zero chunks are holes). Returns the bytes written.
+pub fn export(store: Arc<dyn Store>, src: &str, raw: &std::path::Path) -> Result<u64> {
+    let s = Disk::open(store, src, false)?;
+    let dir = raw.parent().unwrap_or(std::path::Path::new("."));
+    let fname = raw
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| DiskError::Invalid(format!("{}: not a file name", raw.display())))?;
+    let local = crate::store::LocalStore::new(dir);
+    let f = local.create(fname).map_err(at(fname))?;
+    f.set_len(s.capacity()).map_err(at(fname))?;
+    let n = copy_ranges(&s.allocated_ranges()?, |b, o| s.read_at(b, o), |b, o| f.write_at(b, o).map_err(at(fname)))?;
+    f.flush().map_err(at(fname))?;
+    Ok(n)
+}
+
 /// The names of every file the chain of `name` uses.
 pub fn chain_files(store: &dyn Store, name: &str) -> Result<Vec<String>> {
     let mut out = Vec::new();

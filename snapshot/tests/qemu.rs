@@ -244,3 +244,30 @@ fn consolidate_merges_the_newest_snapshot_and_keeps_the_content() {
     let (ok, out) = qemu_img(&["info", "vm.vmdk"], m.dir.path());
     assert!(ok && out.contains("create type: vmfs"), "{out}");
 }
+
+#[test]
+fn clone_import_and_export_keep_the_content_and_the_holes() {
+    let mut m = Model::new(48 * MIB, Provisioning::Thin);
+    m.write(&[(0, 100_000, 1), (20 * MIB, MIB as usize, 2)]);
+    ops::snapshot(m.store.clone(), "vm.vmdk").unwrap();
+    m.write(&[(20 * MIB + 4096, 8192, 3), (47 * MIB, 4096, 4)]);
+    // Export: a sparse raw file qemu-img agrees with.
+    let raw = m.dir.path().join("out.raw");
+    ops::export(m.store.clone(), "vm.vmdk", &raw).unwrap();
+    assert!(std::fs::read(&raw).unwrap() == m.want);
+    use std::os::unix::fs::MetadataExt;
+    assert!(std::fs::metadata(&raw).unwrap().blocks() * 512 < 4 * MIB, "export is not sparse");
+    // Clone: an independent base disk.
+    let n = ops::clone(m.store.clone(), "vm.vmdk", m.store.clone(), "copy.vmdk", Provisioning::Thin).unwrap();
+    assert!(n <= 3 * MIB, "{n}");
+    m.expect("copy.vmdk");
+    let c = Disk::open(m.store.clone(), "copy.vmdk", false).unwrap();
+    assert_eq!(c.depth(), 0);
+    drop(c);
+    // Import: a raw image back as a new disk.
+    ops::import(&raw, m.store.clone(), "back.vmdk", Provisioning::Thin, "pvscsi").unwrap();
+    m.expect("back.vmdk");
+    // The source is untouched by all of it.
+    m.expect("vm.vmdk");
+    assert!(ops::clone(m.store.clone(), "vm.vmdk", m.store.clone(), "copy.vmdk", Provisioning::Thin).is_err());
+}

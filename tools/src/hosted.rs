@@ -473,6 +473,28 @@ pub fn disk(c: DiskCmd) -> Result<()> {
         DiskCmd::Snapshot { at } => ("disk-snapshot", json!({}), at, true),
         DiskCmd::Revert { at } => ("disk-revert", json!({}), at, true),
         DiskCmd::Consolidate { all, at } => ("disk-consolidate", json!({ "all": all }), at, true),
+        DiskCmd::Clone {
+            dst,
+            provisioning,
+            at,
+        } => (
+            "disk-clone",
+            json!({"to": dst_path(at, dst)?, "provisioning": provisioning}),
+            at,
+            true,
+        ),
+        DiskCmd::Import {
+            raw,
+            provisioning,
+            adapter,
+            at,
+        } => (
+            "disk-import",
+            json!({"raw": abs(raw)?, "provisioning": provisioning, "adapter": adapter}),
+            at,
+            true,
+        ),
+        DiskCmd::Export { raw, at } => ("disk-export", json!({ "raw": abs(raw)? }), at, false),
     };
     let state_dir = at.host.state_dir();
     let (target, path) = disk_target(at, &state_dir)?;
@@ -547,7 +569,50 @@ fn run_disk(fs: &Arc<Fs>, c: &DiskCmd, path: &str) -> Result<serde_json::Value> 
         DiskCmd::Snapshot { .. } => serde_json::to_value(ops::disk_snapshot(fs, path)?)?,
         DiskCmd::Revert { .. } => serde_json::to_value(ops::disk_revert(fs, path)?)?,
         DiskCmd::Consolidate { all, .. } => serde_json::to_value(ops::disk_consolidate(fs, path, *all)?)?,
+        DiskCmd::Clone {
+            dst, provisioning, ..
+        } => {
+            let prov = snapshot::Provisioning::parse(provisioning).context("provisioning")?;
+            serde_json::to_value(ops::disk_clone(fs, path, dst, prov)?)?
+        }
+        DiskCmd::Import {
+            raw,
+            provisioning,
+            adapter,
+            ..
+        } => {
+            let prov = snapshot::Provisioning::parse(provisioning).context("provisioning")?;
+            serde_json::to_value(ops::disk_import(fs, &abs(raw)?, path, prov, adapter)?)?
+        }
+        DiskCmd::Export { raw, .. } => serde_json::to_value(ops::disk_export(fs, path, &abs(raw)?)?)?,
     })
+}
+
+/// A local path made absolute (the host agent runs elsewhere).
+fn abs(p: &Path) -> Result<String> {
+    let p = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(p)
+    };
+    p.to_str()
+        .map(String::from)
+        .context("a raw image's path must be UTF-8")
+}
+
+/// A clone's destination inside the datastore: under the same mountpoint
+/// as DISK, or (with --datastore) as given.
+fn dst_path(at: &DiskAt, dst: &str) -> Result<String> {
+    if !at.datastore.is_empty() {
+        return Ok(dst.to_string());
+    }
+    let Some((src_mp, _)) = host::client::mount_of(Path::new(&at.disk)) else {
+        bail!("{} is not under a vmfs mount of this machine", at.disk);
+    };
+    match host::client::mount_of(Path::new(dst)) {
+        Some((mp, inner)) if mp == src_mp => Ok(inner),
+        _ => bail!("{dst} is not under the mountpoint {} of {}'s datastore", src_mp.display(), at.disk),
+    }
 }
 
 /// The datastore of a disk, and the disk's path inside it.

@@ -205,6 +205,35 @@ pub(crate) enum DiskCmd {
         #[command(flatten)]
         at: DiskAt,
     },
+    /// A new, independent base disk DST with DISK's current content (DST:
+    /// under the same mountpoint, or a path inside the same datastore).
+    Clone {
+        #[command(flatten)]
+        at: DiskAt,
+        /// The new disk.
+        dst: String,
+        #[arg(long, default_value = "thin", value_parser = ["thin", "lazy", "eager"])]
+        provisioning: String,
+    },
+    /// A new base disk DISK with the content of the raw image RAW (a local
+    /// file; `qemu-img convert -O raw` makes one from anything else).
+    Import {
+        /// The raw image.
+        raw: PathBuf,
+        #[arg(long, default_value = "thin", value_parser = ["thin", "lazy", "eager"])]
+        provisioning: String,
+        #[arg(long, default_value = "lsilogic", value_parser = ["pvscsi", "lsilogic", "buslogic", "ide"])]
+        adapter: String,
+        #[command(flatten)]
+        at: DiskAt,
+    },
+    /// DISK's current content as a new raw image RAW (sparse: zero chunks are holes).
+    Export {
+        #[command(flatten)]
+        at: DiskAt,
+        /// The raw image to make (it must not exist).
+        raw: PathBuf,
+    },
     /// Delete the newest snapshot (or all): merge into the layer below.
     Consolidate {
         #[arg(long)]

@@ -98,13 +98,25 @@ fn disks_on_a_mounted_datastore_with_qemu_through_the_mount() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     files.sort();
-    assert_eq!(files, vec!["disk-flat.vmdk", "disk.vmdk"]);
+    assert_eq!(files, vec!["disk-flat.vmdk", "disk.vmdk"], "files left behind");
     // Nothing to consolidate: a clear refusal.
     let o = vmfs(&["disk", "consolidate", "--state-dir", st, ds]);
     assert!(!o.status.success() && text(&o).contains("no snapshot"), "{}", text(&o));
     // A path not under a mount and no --datastore: refused.
     let o = vmfs(&["disk", "info", "--state-dir", st, "/tmp/none.vmdk"]);
     assert!(text(&o).contains("not under a vmfs mount"), "{}", text(&o));
+
+    // Clone, export and import: independent disks with the same content.
+    let t = ok(&["disk", "clone", "--state-dir", st, ds, mnt.join("vm1/copy.vmdk").to_str().unwrap()]);
+    assert!(t.contains("cloned"), "{t}");
+    same(&mnt.join("vm1/copy.vmdk"), &want, d.path());
+    let raw = d.path().join("export.raw");
+    ok(&["disk", "export", "--state-dir", st, ds, raw.to_str().unwrap()]);
+    assert!(std::fs::read(&raw).unwrap() == want);
+    ok(&["disk", "import", "--state-dir", st, raw.to_str().unwrap(), mnt.join("vm1/back.vmdk").to_str().unwrap()]);
+    same(&mnt.join("vm1/back.vmdk"), &want, d.path());
+    let o = vmfs(&["disk", "clone", "--state-dir", st, ds, "/tmp/elsewhere.vmdk"]);
+    assert!(!o.status.success() && text(&o).contains("not under the mountpoint"), "{}", text(&o));
 
     host.unmount().unwrap();
     // Not mounted: by the datastore's LUNs.
