@@ -42,6 +42,7 @@ pub const COMMANDS: &[&str] = &[
     "disk-clone",
     "disk-import",
     "disk-export",
+    "disk-resize",
 ];
 
 /// What the agent serves.
@@ -300,6 +301,13 @@ fn lsilogic() -> String {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct ResizeArgs {
+    path: String,
+    size: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CloneArgs {
     path: String,
     to: String,
@@ -423,6 +431,10 @@ fn handle(s: &Shared, req: &Request) -> Result<Value> {
         "disk-revert" => {
             let a: PathArgs = proto::arguments(c, args(()))?;
             to_value(ops::disk_revert(fs, &a.path)?)
+        }
+        "disk-resize" => {
+            let a: ResizeArgs = proto::arguments(c, args(()))?;
+            to_value(ops::disk_resize(fs, &a.path, a.size)?)
         }
         "disk-clone" => {
             let a: CloneArgs = proto::arguments(c, args(()))?;

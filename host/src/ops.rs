@@ -552,6 +552,12 @@ pub fn disk_export(fs: &Arc<Fs>, path: &str, raw: &str) -> Result<DiskDone> {
     done(fs, path, format!("exported {path} to {raw}: {n} bytes written, the rest holes"))
 }
 
+pub fn disk_resize(fs: &Arc<Fs>, path: &str, size: u64) -> Result<DiskDone> {
+    let (store, name) = store_for(fs, path)?;
+    let n = snapshot::ops::resize(store, &name, size).map_err(disk_err)?;
+    done(fs, path, format!("{path} is {n} bytes"))
+}
+
 pub fn disk_consolidate(fs: &Arc<Fs>, path: &str, all: bool) -> Result<DiskDone> {
     let (store, name) = store_for(fs, path)?;
     let mut merged = 0;

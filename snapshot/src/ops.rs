@@ -434,6 +434,60 @@ pub fn export(store: Arc<dyn Store>, src: &str, raw: &std::path::Path) -> Result
     Ok(n)
 }
 
+/// Grow disk `name` to `size` bytes (rounded up to a sector). Refused on a
+/// disk with snapshots (consolidate first, as ESX asks) and for a smaller
+/// size. Thin disks grow by a hole; thick ones allocate the new blocks.
+/// The new size is committed with the descriptor, after the extent grew.
+pub fn resize(store: Arc<dyn Store>, name: &str, size: u64) -> Result<u64> {
+    stem(name)?;
+    let disk = Disk::open(store.clone(), name, true)?;
+    if disk.depth() > 0 {
+        return Err(DiskError::Invalid(format!(
+            "{} has {} snapshot(s): consolidate before growing it",
+            store.describe(name),
+            disk.depth()
+        )));
+    }
+    let size = size.div_ceil(512) * 512;
+    let old = disk.capacity();
+    if size < old {
+        return Err(DiskError::Invalid(format!(
+            "{} is {old} bytes: a disk only grows (asked {size})",
+            store.describe(name)
+        )));
+    }
+    if size == old {
+        return Ok(old);
+    }
+    if size > 62 << 40 {
+        return Err(DiskError::Invalid(format!("disk size {size} is over 62 TiB")));
+    }
+    let mut desc = disk.layers[0].desc.clone();
+    drop(disk);
+    let thin = desc.ddb("ddb.thinProvisioned") == Some("1");
+    let last = desc
+        .extents
+        .last_mut()
+        .filter(|e| e.kind.is_flat())
+        .ok_or_else(|| DiskError::Invalid(format!("{}: its last extent is not flat", store.describe(name))))?;
+    let file = last.file.clone().expect("a flat extent names its file");
+    let f = store.open(&file, true).map_err(at(&file))?;
+    let end = (last.offset + last.sectors) * 512 + (size - old);
+    f.set_len(end).map_err(at(&file))?;
+    if !thin {
+        f.allocate(end - (size - old), size - old).map_err(at(&file))?;
+    }
+    f.flush().map_err(at(&file))?;
+    drop(f);
+    last.sectors += (size - old) / 512;
+    let (c, h, s) = geometry(size);
+    desc.set_ddb("ddb.geometry.cylinders", &c.to_string());
+    desc.set_ddb("ddb.geometry.heads", &h.to_string());
+    desc.set_ddb("ddb.geometry.sectors", &s.to_string());
+    commit(&*store, name, &desc)?;
+    Ok(size)
+}
+
 /// The names of every file the chain of `name` uses.
 pub fn chain_files(store: &dyn Store, name: &str) -> Result<Vec<String>> {
     let mut out = Vec::new();

@@ -271,3 +271,19 @@ fn clone_import_and_export_keep_the_content_and_the_holes() {
     m.expect("vm.vmdk");
     assert!(ops::clone(m.store.clone(), "vm.vmdk", m.store.clone(), "copy.vmdk", Provisioning::Thin).is_err());
 }
+
+#[test]
+fn a_disk_grows_and_keeps_its_content() {
+    let mut m = Model::new(8 * MIB, Provisioning::Thin);
+    m.write(&[(0, 4096, 1), (8 * MIB - 4096, 4096, 2)]);
+    assert_eq!(ops::resize(m.store.clone(), "vm.vmdk", 20 * MIB).unwrap(), 20 * MIB);
+    m.want.resize(20 * MIB as usize, 0);
+    m.write(&[(19 * MIB, 4096, 3)]);
+    m.expect("vm.vmdk");
+    let (ok, out) = qemu_img(&["info", "vm.vmdk"], m.dir.path());
+    assert!(ok && out.contains("20 MiB"), "{out}");
+    assert!(ops::resize(m.store.clone(), "vm.vmdk", MIB).is_err(), "shrinking");
+    ops::snapshot(m.store.clone(), "vm.vmdk").unwrap();
+    let e = ops::resize(m.store.clone(), "vm.vmdk", 40 * MIB).unwrap_err();
+    assert!(e.to_string().contains("consolidate"), "{e}");
+}

@@ -495,6 +495,7 @@ pub fn disk(c: DiskCmd) -> Result<()> {
             true,
         ),
         DiskCmd::Export { raw, at } => ("disk-export", json!({ "raw": abs(raw)? }), at, false),
+        DiskCmd::Resize { size, at } => ("disk-resize", json!({ "size": size }), at, true),
     };
     let state_dir = at.host.state_dir();
     let (target, path) = disk_target(at, &state_dir)?;
@@ -585,6 +586,7 @@ fn run_disk(fs: &Arc<Fs>, c: &DiskCmd, path: &str) -> Result<serde_json::Value> 
             serde_json::to_value(ops::disk_import(fs, &abs(raw)?, path, prov, adapter)?)?
         }
         DiskCmd::Export { raw, .. } => serde_json::to_value(ops::disk_export(fs, path, &abs(raw)?)?)?,
+        DiskCmd::Resize { size, .. } => serde_json::to_value(ops::disk_resize(fs, path, *size)?)?,
     })
 }
 

@@ -234,6 +234,14 @@ pub(crate) enum DiskCmd {
         /// The raw image to make (it must not exist).
         raw: PathBuf,
     },
+    /// Grow the disk (not while it has snapshots).
+    Resize {
+        /// The new size (K, M, G suffixes).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        #[command(flatten)]
+        at: DiskAt,
+    },
     /// Delete the newest snapshot (or all): merge into the layer below.
     Consolidate {
         #[arg(long)]

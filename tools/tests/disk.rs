@@ -115,6 +115,10 @@ fn disks_on_a_mounted_datastore_with_qemu_through_the_mount() {
     assert!(std::fs::read(&raw).unwrap() == want);
     ok(&["disk", "import", "--state-dir", st, raw.to_str().unwrap(), mnt.join("vm1/back.vmdk").to_str().unwrap()]);
     same(&mnt.join("vm1/back.vmdk"), &want, d.path());
+    let t = ok(&["disk", "resize", "--state-dir", st, "--size", "80M", mnt.join("vm1/back.vmdk").to_str().unwrap()]);
+    assert!(t.contains("83886080 bytes"), "{t}");
+    let info = qemu_img(&["info", mnt.join("vm1/back.vmdk").to_str().unwrap()]);
+    assert!(info.contains("80 MiB"), "{info}");
     let o = vmfs(&["disk", "clone", "--state-dir", st, ds, "/tmp/elsewhere.vmdk"]);
     assert!(!o.status.success() && text(&o).contains("not under the mountpoint"), "{}", text(&o));
 
