@@ -132,3 +132,69 @@ fn disks_on_a_mounted_datastore_with_qemu_through_the_mount() {
     let o = vmfs(&["fsck", &lun]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
+
+/// A disk written on host A (its top extent open for writing there):
+/// host B's snapshot, revert and consolidate are refused naming A, while B
+/// may still read the frozen layer below (what a backup proxy does). Once
+/// A closes it, B's snapshot goes through.
+#[test]
+fn a_disk_in_use_on_one_host_is_refused_to_another() {
+    let d = tempfile::tempdir().unwrap();
+    let lun = vmfs_tests::file_lun(d.path(), "ds.img", 512 << 20);
+    let o = vmfs(&["mkfs", &lun]);
+    assert!(o.status.success(), "{}", text(&o));
+    let (sa, sb) = (d.path().join("sa"), d.path().join("sb"));
+    let (sa, sb) = (sa.to_str().unwrap(), sb.to_str().unwrap());
+    let (ma, mb) = (d.path().join("a"), d.path().join("b"));
+    std::fs::create_dir(&ma).unwrap();
+    std::fs::create_dir(&mb).unwrap();
+    let mut a = Host::mount(&["--state-dir", sa, "--host-uuid", "aaaaaaaa-0000-4000-8000-0000000000d1", &lun], &ma);
+    let mut b = Host::mount(&["--state-dir", sb, "--host-uuid", "bbbbbbbb-0000-4000-8000-0000000000d2", &lun], &mb);
+    std::fs::create_dir(ma.join("vm")).unwrap();
+    let da = ma.join("vm/d.vmdk");
+    let db = mb.join("vm/d.vmdk");
+    ok(&["disk", "create", "--state-dir", sa, "--size", "32M", da.to_str().unwrap()]);
+    qemu_io(&da, &["write -P 0x71 0 1M"]);
+    ok(&["disk", "snapshot", "--state-dir", sa, da.to_str().unwrap()]);
+    let j = ok(&["disk", "info", "--json", "--state-dir", sa, da.to_str().unwrap()]);
+    let delta = j
+        .split('"')
+        .find(|s| s.ends_with("-delta.vmdk"))
+        .expect("a delta in the chain")
+        .to_string();
+    // A writes the disk (a VM running there): its top extent is open.
+    let held = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(ma.join("vm").join(&delta))
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !mb.join("vm/d.vmdk").exists() {
+        assert!(t.elapsed().as_secs() < 5, "b never saw the disk");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    for cmd in ["snapshot", "revert", "consolidate"] {
+        let o = vmfs(&["disk", cmd, "--state-dir", sb, db.to_str().unwrap()]);
+        assert!(!o.status.success(), "{cmd} went through: {}", text(&o));
+        assert!(text(&o).contains("slot 0"), "{cmd}: {}", text(&o));
+    }
+    // The frozen layer reads on B meanwhile.
+    let t = ok(&["disk", "info", "--state-dir", sb, mb.join("vm/d-000000.vmdk").to_str().unwrap()]);
+    assert!(t.contains("1 layer(s)"), "{t}");
+    drop(held);
+    let t = std::time::Instant::now();
+    loop {
+        let o = vmfs(&["disk", "snapshot", "--state-dir", sb, db.to_str().unwrap()]);
+        if o.status.success() {
+            break;
+        }
+        assert!(t.elapsed().as_secs() < 10, "{}", text(&o));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let t = ok(&["disk", "info", "--state-dir", sa, da.to_str().unwrap()]);
+    assert!(t.contains("3 layer(s)"), "{t}");
+    b.unmount().unwrap();
+    a.unmount().unwrap();
+    let o = vmfs(&["fsck", &lun]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
