@@ -43,6 +43,7 @@ pub const COMMANDS: &[&str] = &[
     "disk-import",
     "disk-export",
     "disk-resize",
+    "disk-check",
 ];
 
 /// What the agent serves.
@@ -301,6 +302,14 @@ fn lsilogic() -> String {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct CheckArgs {
+    path: String,
+    #[serde(default)]
+    repair: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ResizeArgs {
     path: String,
     size: u64,
@@ -431,6 +440,10 @@ fn handle(s: &Shared, req: &Request) -> Result<Value> {
         "disk-revert" => {
             let a: PathArgs = proto::arguments(c, args(()))?;
             to_value(ops::disk_revert(fs, &a.path)?)
+        }
+        "disk-check" => {
+            let a: CheckArgs = proto::arguments(c, args(()))?;
+            to_value(ops::disk_check(fs, &a.path, a.repair)?)
         }
         "disk-resize" => {
             let a: ResizeArgs = proto::arguments(c, args(()))?;

@@ -558,6 +558,28 @@ pub fn disk_resize(fs: &Arc<Fs>, path: &str, size: u64) -> Result<DiskDone> {
     done(fs, path, format!("{path} is {n} bytes"))
 }
 
+/// `vmfs disk check`: what was found and repaired.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskCheck {
+    pub path: String,
+    pub layers: usize,
+    pub problems: Vec<String>,
+    pub repaired: Vec<String>,
+    pub unrepairable: usize,
+}
+
+pub fn disk_check(fs: &Arc<Fs>, path: &str, repair: bool) -> Result<DiskCheck> {
+    let (store, name) = store_for(fs, path)?;
+    let r = snapshot::ops::check(store, &name, repair).map_err(disk_err)?;
+    Ok(DiskCheck {
+        path: path.to_string(),
+        layers: r.layers,
+        problems: r.problems,
+        repaired: r.repaired,
+        unrepairable: r.unrepairable,
+    })
+}
+
 pub fn disk_consolidate(fs: &Arc<Fs>, path: &str, all: bool) -> Result<DiskDone> {
     let (store, name) = store_for(fs, path)?;
     let mut merged = 0;

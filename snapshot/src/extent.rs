@@ -230,3 +230,175 @@ impl SparseExtent {
         Ok(n * self.grain_bytes())
     }
 }
+
+/// What checking one sparse extent found and fixed.
+#[derive(Debug, Default)]
+pub struct Checked {
+    pub problems: Vec<String>,
+    pub repaired: Vec<String>,
+    /// Problems left that no repair here can fix safely.
+    pub unrepairable: usize,
+}
+
+fn read_u32s(file: &dyn DiskFile, at: u64, n: usize, name: &str) -> Result<Vec<u32>> {
+    let mut raw = vec![0u8; n * 4];
+    file.read_full(&mut raw, at).map_err(at_name(name))?;
+    Ok(raw
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+fn at_name(name: &str) -> impl FnOnce(crate::error::StoreError) -> DiskError + '_ {
+    at(name)
+}
+
+/// Check a sparse extent's two grain directories and every pair of grain
+/// tables, and with `repair` fix what can be fixed safely:
+/// - a directory that is damaged is rebuilt from the other (its tables
+///   copied to where this layout keeps them);
+/// - a table entry the two copies disagree on: the one that is valid
+///   wins; of two valid ones, the one that points at a grain wins (a
+///   grain is only ever added: 0 is the older state of an interrupted
+///   flush);
+/// - an entry past the end of the file (a delta cut short) is cleared:
+///   the grain's bytes are not there to lose.
+///
+/// Entries pointing into the metadata or at a grain another entry uses
+/// are reported and left alone.
+pub fn check_file(file: &dyn DiskFile, name: &str, repair: bool) -> Result<Checked> {
+    let mut c = Checked::default();
+    let len = file.len().map_err(at(name))?;
+    let mut b = [0u8; 512];
+    file.read_full(&mut b, 0).map_err(at(name))?;
+    let hdr = Header::decode(&b, name, len)?;
+    let tables = hdr.tables() as usize;
+    let per = sparse::GTES_PER_GT as usize;
+    let gt_sectors = u64::from(sparse::GTES_PER_GT) * 4 / SECTOR;
+    let has_rgd = hdr.flags & sparse::FLAG_RGD != 0;
+    let home = |gd: u64, k: usize| gd + hdr.gd_sectors() + k as u64 * gt_sectors;
+    let gd = read_u32s(file, hdr.gd_offset * SECTOR, tables, name)?;
+    let rgd = if has_rgd {
+        read_u32s(file, hdr.rgd_offset * SECTOR, tables, name)?
+    } else {
+        Vec::new()
+    };
+    let gd_ok = sparse::check_gd(&hdr, &gd, name, hdr.gd_offset);
+    let rgd_ok = if has_rgd {
+        sparse::check_gd(&hdr, &rgd, name, hdr.rgd_offset)
+    } else {
+        Ok(Vec::new())
+    };
+    let (gts, rgts) = match (gd_ok, rgd_ok) {
+        (Ok(g), Ok(r)) => (g, r),
+        (Err(e), Ok(r)) if has_rgd => {
+            c.problems.push(format!("{e}"));
+            if !repair {
+                return Ok(c);
+            }
+            // Rebuild the directory and its tables from the redundant ones.
+            let mut g = Vec::with_capacity(tables);
+            for (k, &rt) in r.iter().enumerate() {
+                let t = read_u32s(file, rt * SECTOR, per, name)?;
+                let at_sector = home(hdr.gd_offset, k);
+                let raw: Vec<u8> = t.iter().flat_map(|e| e.to_le_bytes()).collect();
+                file.write_at(&raw, at_sector * SECTOR).map_err(at(name))?;
+                g.push(at_sector);
+            }
+            let raw: Vec<u8> = g.iter().flat_map(|&s| (s as u32).to_le_bytes()).collect();
+            file.write_at(&raw, hdr.gd_offset * SECTOR).map_err(at(name))?;
+            file.flush().map_err(at(name))?;
+            c.repaired.push(format!("{name}: grain directory rebuilt from the redundant one"));
+            (g, r)
+        }
+        (Ok(g), Err(e)) => {
+            c.problems.push(format!("{e}"));
+            if !repair {
+                return Ok(c);
+            }
+            let mut r = Vec::with_capacity(tables);
+            for (k, &pt) in g.iter().enumerate() {
+                let t = read_u32s(file, pt * SECTOR, per, name)?;
+                let at_sector = home(hdr.rgd_offset, k);
+                let raw: Vec<u8> = t.iter().flat_map(|e| e.to_le_bytes()).collect();
+                file.write_at(&raw, at_sector * SECTOR).map_err(at(name))?;
+                r.push(at_sector);
+            }
+            let raw: Vec<u8> = r.iter().flat_map(|&s| (s as u32).to_le_bytes()).collect();
+            file.write_at(&raw, hdr.rgd_offset * SECTOR).map_err(at(name))?;
+            file.flush().map_err(at(name))?;
+            c.repaired.push(format!("{name}: redundant grain directory rebuilt from the primary one"));
+            (g, r)
+        }
+        (Err(e), _) => {
+            c.problems.push(format!("{e}"));
+            c.problems.push(format!("{name}: no valid grain directory to rebuild it from"));
+            c.unrepairable += 1;
+            return Ok(c);
+        }
+    };
+    let valid = |e: u32, at_byte: u64| sparse::check_gte(&hdr, e, name, at_byte, len).is_ok();
+    let mut used: HashMap<u32, (usize, usize)> = HashMap::new();
+    for k in 0..tables {
+        let p = read_u32s(file, gts[k] * SECTOR, per, name)?;
+        let r = match rgts.get(k) {
+            Some(&rt) => read_u32s(file, rt * SECTOR, per, name)?,
+            None => p.clone(),
+        };
+        for j in 0..per {
+            let pa = gts[k] * SECTOR + j as u64 * 4;
+            let ra = rgts.get(k).map_or(pa, |&rt| rt * SECTOR + j as u64 * 4);
+            let (pv, rv) = (p[j], r[j]);
+            let (pok, rok) = (valid(pv, pa), valid(rv, ra));
+            let mut want = pv;
+            if pv != rv || !pok {
+                let choice = match (pok, rok) {
+                    (true, true) if pv == 0 => Some(rv),
+                    (true, true) if rv == 0 => Some(pv),
+                    (true, true) => None,
+                    (true, false) => Some(pv),
+                    (false, true) => Some(rv),
+                    (false, false) => {
+                        // Past the end of the file: the grain is not there.
+                        let past = |e: u32| u64::from(e) >= hdr.grain_offset;
+                        (past(pv) && past(rv)).then_some(0)
+                    }
+                };
+                c.problems.push(format!(
+                    "{name}: grain table {k} entry {j} (grain {}): primary {pv}, redundant {rv}",
+                    k * per + j
+                ));
+                match choice {
+                    Some(v) if repair => {
+                        for (at_byte, cur) in [(pa, pv), (ra, rv)] {
+                            if cur != v {
+                                file.write_at(&v.to_le_bytes(), at_byte).map_err(at(name))?;
+                            }
+                        }
+                        c.repaired.push(format!(
+                            "{name}: grain {} set to sector {v} in both tables",
+                            k * per + j
+                        ));
+                        want = v;
+                    }
+                    Some(_) => {}
+                    None => c.unrepairable += 1,
+                }
+            }
+            if want > 1 {
+                if let Some((k2, j2)) = used.insert(want, (k, j)) {
+                    c.problems.push(format!(
+                        "{name}: grains {} and {} both point at sector {want}",
+                        k2 * per + j2,
+                        k * per + j
+                    ));
+                    c.unrepairable += 1;
+                }
+            }
+        }
+    }
+    if repair && !c.repaired.is_empty() {
+        file.flush().map_err(at(name))?;
+    }
+    Ok(c)
+}

@@ -488,6 +488,91 @@ pub fn resize(store: Arc<dyn Store>, name: &str, size: u64) -> Result<u64> {
     Ok(size)
 }
 
+/// What `disk check` found and did.
+#[derive(Debug, Default)]
+pub struct CheckReport {
+    pub layers: usize,
+    pub problems: Vec<String>,
+    pub repaired: Vec<String>,
+    pub unrepairable: usize,
+}
+
+/// Check disk `name`'s chain: every descriptor, the CIDs, each flat
+/// extent's length, each sparse extent's directories and tables (and
+/// with `repair`, fix what can be fixed safely: see
+/// [`crate::extent::check_file`]); then that the chain opens.
+pub fn check(store: Arc<dyn Store>, name: &str, repair: bool) -> Result<CheckReport> {
+    let mut r = CheckReport::default();
+    let mut next = Some((name.to_string(), None::<u32>));
+    let mut seen = std::collections::HashSet::new();
+    while let Some((n, want_cid)) = next.take() {
+        if !seen.insert(n.clone()) {
+            r.problems.push(format!("the chain loops back to {n}"));
+            r.unrepairable += 1;
+            break;
+        }
+        let d = match read_descriptor(&*store, &n) {
+            Ok(d) => d,
+            Err(e) => {
+                r.problems.push(e.to_string());
+                r.unrepairable += 1;
+                break;
+            }
+        };
+        r.layers += 1;
+        if let Some(w) = want_cid {
+            if d.cid != w {
+                r.problems.push(format!(
+                    "{n} has CID {:08x}; its child recorded {w:08x} (the parent changed after the child was made)",
+                    d.cid
+                ));
+                r.unrepairable += 1;
+            }
+        }
+        for e in &d.extents {
+            let Some(f) = &e.file else { continue };
+            let file = match store.open(f, repair && e.kind == Kind::Sparse) {
+                Ok(x) => x,
+                Err(err) => {
+                    r.problems.push(format!("{f}: {err}"));
+                    r.unrepairable += 1;
+                    continue;
+                }
+            };
+            if e.kind.is_flat() {
+                let have = file.len().map_err(at(f))?;
+                if have < (e.offset + e.sectors) * 512 {
+                    r.problems.push(format!(
+                        "{f}: {have} bytes, {n} needs {}",
+                        (e.offset + e.sectors) * 512
+                    ));
+                    r.unrepairable += 1;
+                }
+                continue;
+            }
+            match crate::extent::check_file(&*file, f, repair) {
+                Ok(c) => {
+                    r.problems.extend(c.problems);
+                    r.repaired.extend(c.repaired);
+                    r.unrepairable += c.unrepairable;
+                }
+                Err(err) => {
+                    r.problems.push(err.to_string());
+                    r.unrepairable += 1;
+                }
+            }
+        }
+        next = d.parent_hint.clone().map(|h| (h, Some(d.parent_cid)));
+    }
+    if r.problems.is_empty() || (repair && r.unrepairable == 0) {
+        if let Err(e) = Disk::open(store, name, false) {
+            r.problems.push(format!("the chain does not open: {e}"));
+            r.unrepairable += 1;
+        }
+    }
+    Ok(r)
+}
+
 /// The names of every file the chain of `name` uses.
 pub fn chain_files(store: &dyn Store, name: &str) -> Result<Vec<String>> {
     let mut out = Vec::new();

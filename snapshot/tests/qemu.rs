@@ -287,3 +287,75 @@ fn a_disk_grows_and_keeps_its_content() {
     let e = ops::resize(m.store.clone(), "vm.vmdk", 40 * MIB).unwrap_err();
     assert!(e.to_string().contains("consolidate"), "{e}");
 }
+
+/// The layout of the top delta: its file, header, and the sectors of the
+/// primary and redundant tables of table 0.
+fn top_delta(m: &Model) -> (std::path::PathBuf, snapshot::sparse::Header, u64, u64) {
+    let top = snapshot::disk::read_descriptor(&*m.store, "vm.vmdk").unwrap();
+    let p = m.dir.path().join(top.extents[0].file.as_ref().unwrap());
+    let b = std::fs::read(&p).unwrap();
+    let h = snapshot::sparse::Header::decode(&b[..512], "d", b.len() as u64).unwrap();
+    let at = |s: u64| u32::from_le_bytes(b[(s * 512) as usize..][..4].try_into().unwrap()) as u64;
+    (p, h, at(h.gd_offset), at(h.rgd_offset))
+}
+
+fn poke(p: &std::path::Path, at: u64, v: u32) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+    f.write_all_at(&v.to_le_bytes(), at).unwrap();
+}
+
+#[test]
+fn check_finds_damage_and_repair_fixes_what_is_safe() {
+    let mut m = Model::new(16 * MIB, Provisioning::Thin);
+    m.write(&[(0, 100_000, 1)]);
+    ops::snapshot(m.store.clone(), "vm.vmdk").unwrap();
+    m.write(&[(0, 4096, 2), (5 * MIB, 70_000, 3)]);
+    let r = ops::check(m.store.clone(), "vm.vmdk", false).unwrap();
+    assert!(r.problems.is_empty() && r.layers == 2, "{:?}", r.problems);
+
+    // The primary grain directory damaged: the chain does not open; the
+    // redundant one rebuilds it.
+    let (p, h, _gt, _rgt) = top_delta(&m);
+    poke(&p, h.gd_offset * 512, 0);
+    assert!(Disk::open(m.store.clone(), "vm.vmdk", false).is_err());
+    let r = ops::check(m.store.clone(), "vm.vmdk", false).unwrap();
+    assert!(!r.problems.is_empty() && r.repaired.is_empty(), "{r:?}");
+    let r = ops::check(m.store.clone(), "vm.vmdk", true).unwrap();
+    assert_eq!(r.unrepairable, 0, "{r:?}");
+    assert!(r.repaired.iter().any(|x| x.contains("rebuilt")), "{r:?}");
+    m.expect("vm.vmdk");
+    m.check();
+
+    // An interrupted flush: the redundant table lost an entry.
+    let (p, _h, _gt, rgt) = top_delta(&m);
+    poke(&p, rgt * 512, 0);
+    let r = ops::check(m.store.clone(), "vm.vmdk", true).unwrap();
+    assert!(r.repaired.iter().any(|x| x.contains("grain 0")), "{r:?}");
+    assert!(ops::check(m.store.clone(), "vm.vmdk", false).unwrap().problems.is_empty());
+    m.expect("vm.vmdk");
+
+    // Both copies point past the end of a cut-short delta: cleared, the
+    // grain reads from the parent again.
+    let (p, _h, gt, rgt) = top_delta(&m);
+    let len = std::fs::metadata(&p).unwrap().len();
+    let grain = 80u64; // grain 80 (5 MiB): written above
+    let beyond = (len / 512 + 1000) as u32;
+    poke(&p, gt * 512 + grain * 4, beyond);
+    poke(&p, rgt * 512 + grain * 4, beyond);
+    let r = ops::check(m.store.clone(), "vm.vmdk", true).unwrap();
+    assert_eq!(r.unrepairable, 0, "{r:?}");
+    let d = Disk::open(m.store.clone(), "vm.vmdk", false).unwrap();
+    let mut b = vec![1u8; 4096];
+    d.read_at(&mut b, 5 * MIB).unwrap();
+    assert!(b.iter().all(|&x| x == 0), "the cleared grain reads from the parent (zeros there)");
+    drop(d);
+
+    // A CID mismatch: found, not repairable here.
+    let f = m.dir.path().join("vm-000000.vmdk");
+    let t = std::fs::read_to_string(&f).unwrap();
+    let cid = t.lines().find(|l| l.starts_with("CID=")).unwrap().to_string();
+    std::fs::write(&f, t.replace(&cid, "CID=0badc0de")).unwrap();
+    let r = ops::check(m.store.clone(), "vm.vmdk", true).unwrap();
+    assert!(r.unrepairable > 0 && r.problems.iter().any(|x| x.contains("CID")), "{r:?}");
+}

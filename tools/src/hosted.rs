@@ -456,7 +456,7 @@ pub fn canonical(mnt: &Path) -> PathBuf {
 
 /// `vmfs disk ...`: through this machine's host agent, or on the datastore
 /// opened here.
-pub fn disk(c: DiskCmd) -> Result<()> {
+pub fn disk(c: DiskCmd) -> Result<std::process::ExitCode> {
     let (cmd, args, at, change) = match &c {
         DiskCmd::Create {
             size,
@@ -496,6 +496,7 @@ pub fn disk(c: DiskCmd) -> Result<()> {
         ),
         DiskCmd::Export { raw, at } => ("disk-export", json!({ "raw": abs(raw)? }), at, false),
         DiskCmd::Resize { size, at } => ("disk-resize", json!({ "size": size }), at, true),
+        DiskCmd::Check { repair, at } => ("disk-check", json!({ "repair": repair }), at, *repair),
     };
     let state_dir = at.host.state_dir();
     let (target, path) = disk_target(at, &state_dir)?;
@@ -521,7 +522,36 @@ pub fn disk(c: DiskCmd) -> Result<()> {
         }
     };
     if let DiskCmd::Info { json: true, .. } = c {
-        return print_json(&out);
+        print_json(&out)?;
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    if let DiskCmd::Check { repair, .. } = c {
+        let r: ops::DiskCheck = serde_json::from_value(out)?;
+        for p in &r.problems {
+            println!("problem: {p}");
+        }
+        for x in &r.repaired {
+            println!("repaired: {x}");
+        }
+        let clean = r.problems.is_empty() || (repair && r.unrepairable == 0);
+        if r.problems.is_empty() {
+            println!("{}: {} layer(s), clean", r.path, r.layers);
+        } else if clean {
+            println!("{}: {} problem(s), all repaired", r.path, r.problems.len());
+        } else {
+            println!(
+                "{}: {} problem(s), {} that cannot be repaired safely{}",
+                r.path,
+                r.problems.len(),
+                r.unrepairable,
+                if repair { "" } else { "; run with --repair to fix what can be fixed" }
+            );
+        }
+        return Ok(if clean {
+            std::process::ExitCode::SUCCESS
+        } else {
+            std::process::ExitCode::from(1)
+        });
     }
     if let DiskCmd::Info { .. } = c {
         let i: ops::DiskInfo = serde_json::from_value(out)?;
@@ -548,11 +578,11 @@ pub fn disk(c: DiskCmd) -> Result<()> {
                 l.extents.join(", ")
             );
         }
-        return Ok(());
+        return Ok(std::process::ExitCode::SUCCESS);
     }
     let d: ops::DiskDone = serde_json::from_value(out)?;
     println!("{} ({} snapshot(s) below the current layer)", d.said, d.depth);
-    Ok(())
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 fn run_disk(fs: &Arc<Fs>, c: &DiskCmd, path: &str) -> Result<serde_json::Value> {
@@ -587,6 +617,7 @@ fn run_disk(fs: &Arc<Fs>, c: &DiskCmd, path: &str) -> Result<serde_json::Value> 
         }
         DiskCmd::Export { raw, .. } => serde_json::to_value(ops::disk_export(fs, path, &abs(raw)?)?)?,
         DiskCmd::Resize { size, .. } => serde_json::to_value(ops::disk_resize(fs, path, *size)?)?,
+        DiskCmd::Check { repair, .. } => serde_json::to_value(ops::disk_check(fs, path, *repair)?)?,
     })
 }
 

@@ -234,6 +234,17 @@ pub(crate) enum DiskCmd {
         /// The raw image to make (it must not exist).
         raw: PathBuf,
     },
+    /// Check the chain (descriptors, CIDs, grain directories and tables);
+    /// exit 0 clean, 1 problems left.
+    Check {
+        /// Fix what can be fixed safely (a grain directory from its
+        /// redundant copy, entries an interrupted flush left apart), and
+        /// say what was done.
+        #[arg(long)]
+        repair: bool,
+        #[command(flatten)]
+        at: DiskAt,
+    },
     /// Grow the disk (not while it has snapshots).
     Resize {
         /// The new size (K, M, G suffixes).
@@ -620,7 +631,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => hosted::locks(&luns, &state_dir_or_default(state_dir), json)?,
         Cmd::Crashtest(a) => return crashtest(a),
         Cmd::Rdm(c) => return rdm_cmd(c),
-        Cmd::Disk(c) => hosted::disk(c)?,
+        Cmd::Disk(c) => return hosted::disk(c),
         Cmd::Extend {
             luns,
             add,

@@ -75,6 +75,8 @@ fn disks_on_a_mounted_datastore_with_qemu_through_the_mount() {
     let info = qemu_img(&["info", "--backing-chain", ds]);
     assert_eq!(info.matches("image: ").count(), 2, "{info}");
     assert!(qemu_img(&["check", ds]).contains("No errors"));
+    let t = ok(&["disk", "check", "--state-dir", st, ds]);
+    assert!(t.contains("2 layer(s), clean"), "{t}");
     let t = ok(&["disk", "info", "--state-dir", st, ds]);
     assert!(t.contains("2 layer(s)") && t.contains("pvscsi"), "{t}");
     let j = ok(&["disk", "info", "--json", "--state-dir", st, ds]);
