@@ -359,3 +359,25 @@ fn check_finds_damage_and_repair_fixes_what_is_safe() {
     let r = ops::check(m.store.clone(), "vm.vmdk", true).unwrap();
     assert!(r.unrepairable > 0 && r.problems.iter().any(|x| x.contains("CID")), "{r:?}");
 }
+
+#[test]
+fn a_chain_is_at_most_31_snapshots_deep() {
+    let mut m = Model::new(4 * MIB, Provisioning::Thin);
+    for k in 0..31u64 {
+        m.write(&[(k * 65536, 4096, k + 1)]);
+        ops::snapshot(m.store.clone(), "vm.vmdk").unwrap();
+    }
+    let e = ops::snapshot(m.store.clone(), "vm.vmdk").unwrap_err().to_string();
+    assert!(e.contains("31 snapshots") && e.contains("consolidate"), "{e}");
+    m.write(&[(3 * MIB, 4096, 99)]);
+    m.expect("vm.vmdk");
+    m.check();
+    let d = Disk::open(m.store.clone(), "vm.vmdk", false).unwrap();
+    assert_eq!(d.depth(), 31);
+    drop(d);
+    // All of them consolidated at once: one layer, same content.
+    for _ in 0..31 {
+        ops::consolidate(m.store.clone(), "vm.vmdk").unwrap();
+    }
+    m.expect("vm.vmdk");
+}
