@@ -142,7 +142,10 @@ impl Drop for Agent {
             std::thread::sleep(Duration::from_millis(10));
         }
         if self.shared.active.load(Ordering::SeqCst) > 0 {
-            tracing::error!("a control request was still running after {} s of unmounting", DRAIN.as_secs());
+            tracing::error!(
+                "a control request was still running after {} s of unmounting",
+                DRAIN.as_secs()
+            );
         }
     }
 }
@@ -425,7 +428,10 @@ fn handle(s: &Shared, req: &Request) -> Result<Value> {
         "disk-create" => {
             let a: DiskCreateArgs = proto::arguments(c, args(()))?;
             let prov = snapshot::Provisioning::parse(&a.provisioning).ok_or_else(|| {
-                HostError::BadRequest(format!("provisioning {:?}: thin, lazy or eager", a.provisioning))
+                HostError::BadRequest(format!(
+                    "provisioning {:?}: thin, lazy or eager",
+                    a.provisioning
+                ))
             })?;
             to_value(ops::disk_create(fs, &a.path, a.size, prov, &a.adapter)?)
         }
@@ -451,12 +457,23 @@ fn handle(s: &Shared, req: &Request) -> Result<Value> {
         }
         "disk-clone" => {
             let a: CloneArgs = proto::arguments(c, args(()))?;
-            to_value(ops::disk_clone(fs, &a.path, &a.to, provisioning(&a.provisioning)?)?)
+            to_value(ops::disk_clone(
+                fs,
+                &a.path,
+                &a.to,
+                provisioning(&a.provisioning)?,
+            )?)
         }
         "disk-import" => {
             let a: ImportArgs = proto::arguments(c, args(()))?;
             let p = provisioning(&a.provisioning)?;
-            to_value(ops::disk_import(fs, local_path(&a.raw)?, &a.path, p, &a.adapter)?)
+            to_value(ops::disk_import(
+                fs,
+                local_path(&a.raw)?,
+                &a.path,
+                p,
+                &a.adapter,
+            )?)
         }
         "disk-export" => {
             let a: ExportArgs = proto::arguments(c, args(()))?;

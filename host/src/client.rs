@@ -102,8 +102,11 @@ impl Client {
     /// [`Client::call_value`] with typed arguments and result.
     pub fn call<T: DeserializeOwned>(&mut self, command: &str, arguments: Value) -> Result<T> {
         let v = self.call_value(command, arguments)?;
-        serde_json::from_value(v)
-            .map_err(|e| HostError::Agent(format!("the host's result of {command} is not understood: {e}")))
+        serde_json::from_value(v).map_err(|e| {
+            HostError::Agent(format!(
+                "the host's result of {command} is not understood: {e}"
+            ))
+        })
     }
 }
 
@@ -170,9 +173,15 @@ pub fn all(state_dir: &Path) -> Result<Vec<std::result::Result<Status, String>>>
             .unwrap_or_default();
         match find(state_dir, &uuid) {
             Ok(Some(mut c)) => {
-                let _ = c.w.set_read_timeout(Some(std::time::Duration::from_secs(10)));
-                let _ = c.r.get_ref().set_read_timeout(Some(std::time::Duration::from_secs(10)));
-                out.push(c.call::<Status>("status", Value::Null).map_err(|e| e.to_string()))
+                let _ =
+                    c.w.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+                let _ =
+                    c.r.get_ref()
+                        .set_read_timeout(Some(std::time::Duration::from_secs(10)));
+                out.push(
+                    c.call::<Status>("status", Value::Null)
+                        .map_err(|e| e.to_string()),
+                )
             }
             Ok(None) => {}
             Err(e) => out.push(Err(format!("{}: {e}", p.display()))),
@@ -188,7 +197,10 @@ pub fn mount_of(path: &Path) -> Option<(PathBuf, String)> {
     let (real, tail) = match std::fs::canonicalize(path) {
         Ok(p) => (p, None),
         Err(_) => {
-            let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let parent = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
             (std::fs::canonicalize(parent).ok()?, path.file_name())
         }
     };
@@ -211,7 +223,11 @@ pub fn mount_of(path: &Path) -> Option<(PathBuf, String)> {
             continue;
         };
         let mp = PathBuf::from(mp.replace("\\040", " "));
-        if real.starts_with(&mp) && best.as_ref().is_none_or(|b| mp.as_os_str().len() > b.as_os_str().len()) {
+        if real.starts_with(&mp)
+            && best
+                .as_ref()
+                .is_none_or(|b| mp.as_os_str().len() > b.as_os_str().len())
+        {
             best = Some(mp);
         }
     }

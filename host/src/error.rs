@@ -65,12 +65,18 @@ impl HostError {
             HostError::Fs(F::File(vmfs::Fault::NoSpace, _)) => "NoSpace",
             HostError::Fs(F::File(_, _)) => "Invalid",
             HostError::Rdm(rdm::RdmError::DatastoreLun { .. }) => "Invalid",
-            HostError::Disk(snapshot::DiskError::Store { source, .. }) if source.is_not_found() => "NotFound",
+            HostError::Disk(snapshot::DiskError::Store { source, .. }) if source.is_not_found() => {
+                "NotFound"
+            }
             HostError::Disk(snapshot::DiskError::Store {
                 source: snapshot::error::StoreError::Vmfs(vmfs::FsError::Busy(_)),
                 ..
             }) => "Busy",
-            HostError::Disk(snapshot::DiskError::Corrupt { .. } | snapshot::DiskError::Descriptor { .. } | snapshot::DiskError::Chain(_)) => "Corrupt",
+            HostError::Disk(
+                snapshot::DiskError::Corrupt { .. }
+                | snapshot::DiskError::Descriptor { .. }
+                | snapshot::DiskError::Chain(_),
+            ) => "Corrupt",
             HostError::Disk(snapshot::DiskError::Invalid(_)) => "Invalid",
             _ => "Failed",
         }

@@ -133,7 +133,9 @@ pub fn info(fs: &Fs, slots: Vec<(u32, vmfs::Result<HostSlot>)>) -> Info {
 
 /// The slots of `vol` as on disk, numbered.
 pub fn disk_slots(vol: &vmfs::Volume) -> Result<Vec<(u32, vmfs::Result<HostSlot>)>> {
-    Ok((0u32..).zip(vol.read_slots()?.into_iter().map(|(h, _)| h)).collect())
+    Ok((0u32..)
+        .zip(vol.read_slots()?.into_iter().map(|(h, _)| h))
+        .collect())
 }
 
 /// `vmfs hosts`: each slot ever used, and whether its heartbeat moves.
@@ -227,9 +229,7 @@ pub struct HolderView {
 pub fn locks(fs: &Fs, slots: &[(u32, vmfs::Result<HostSlot>)]) -> Result<Locks> {
     let held = fs.held_locks()?;
     let slot = |n: u32| slots.get(n as usize).and_then(|(_, s)| s.as_ref().ok());
-    let current = |h: &vmfs::locking::Holder| {
-        matches!(slot(h.slot), Some(s) if s.generation == h.generation && s.state != SLOT_FREE)
-    };
+    let current = |h: &vmfs::locking::Holder| matches!(slot(h.slot), Some(s) if s.generation == h.generation && s.state != SLOT_FREE);
     let (live, stale): (Vec<_>, Vec<_>) = held
         .into_iter()
         .partition(|(_, rec)| rec.holders.iter().any(current));
@@ -249,7 +249,9 @@ pub fn locks(fs: &Fs, slots: &[(u32, vmfs::Result<HostSlot>)]) -> Result<Locks> 
                     .map(|h| HolderView {
                         slot: h.slot,
                         generation: h.generation,
-                        host: slot(h.slot).map(|s| uuid_str(&s.host)).unwrap_or("?".into()),
+                        host: slot(h.slot)
+                            .map(|s| uuid_str(&s.host))
+                            .unwrap_or("?".into()),
                         state: match slot(h.slot) {
                             Some(_) if current(h) => "held",
                             Some(_) => "stale",
@@ -366,7 +368,8 @@ pub fn check_new_extent(
     force: bool,
     t: &vmfs::cluster::Timeouts,
 ) -> Result<vmfs::guard::Checked> {
-    let hint = |u: &str| -> vmfs::Result<Arc<dyn lun::Lun>> { Ok(lun::open_with(u, t.lun_options())?) };
+    let hint =
+        |u: &str| -> vmfs::Result<Arc<dyn lun::Lun>> { Ok(lun::open_with(u, t.lun_options())?) };
     Ok(vmfs::guard::check_overwrite(
         std::slice::from_ref(new),
         force,
@@ -464,7 +467,12 @@ pub fn disk_info(fs: &Arc<Fs>, path: &str) -> Result<DiskInfo> {
             parent_cid: (l.desc.parent_cid != snapshot::descriptor::NO_PARENT)
                 .then(|| format!("{:08x}", l.desc.parent_cid)),
             create_type: l.desc.create_type.clone(),
-            extents: l.desc.extents.iter().filter_map(|e| e.file.clone()).collect(),
+            extents: l
+                .desc
+                .extents
+                .iter()
+                .filter_map(|e| e.file.clone())
+                .collect(),
             allocated: l.allocated_bytes().map_err(disk_err)?,
         });
     }
@@ -516,7 +524,11 @@ pub fn disk_create(
 pub fn disk_snapshot(fs: &Arc<Fs>, path: &str) -> Result<DiskDone> {
     let (store, name) = store_for(fs, path)?;
     let frozen = snapshot::ops::snapshot(store, &name).map_err(disk_err)?;
-    done(fs, path, format!("snapshot taken: the state until now is frozen as {frozen}"))
+    done(
+        fs,
+        path,
+        format!("snapshot taken: the state until now is frozen as {frozen}"),
+    )
 }
 
 pub fn disk_revert(fs: &Arc<Fs>, path: &str) -> Result<DiskDone> {
@@ -525,7 +537,12 @@ pub fn disk_revert(fs: &Arc<Fs>, path: &str) -> Result<DiskDone> {
     done(fs, path, "reverted to the last snapshot".into())
 }
 
-pub fn disk_clone(fs: &Arc<Fs>, path: &str, to: &str, prov: snapshot::Provisioning) -> Result<DiskDone> {
+pub fn disk_clone(
+    fs: &Arc<Fs>,
+    path: &str,
+    to: &str,
+    prov: snapshot::Provisioning,
+) -> Result<DiskDone> {
     let (store, name) = store_for(fs, path)?;
     let (dst_store, dst) = store_for(fs, to)?;
     let n = snapshot::ops::clone(store, &name, dst_store, &dst, prov).map_err(disk_err)?;
@@ -543,13 +560,21 @@ pub fn disk_import(
 ) -> Result<DiskDone> {
     let (store, name) = store_for(fs, path)?;
     let n = snapshot::ops::import(Path::new(raw), store, &name, prov, adapter).map_err(disk_err)?;
-    done(fs, path, format!("imported {raw} as {path}: {n} bytes written"))
+    done(
+        fs,
+        path,
+        format!("imported {raw} as {path}: {n} bytes written"),
+    )
 }
 
 pub fn disk_export(fs: &Arc<Fs>, path: &str, raw: &str) -> Result<DiskDone> {
     let (store, name) = store_for(fs, path)?;
     let n = snapshot::ops::export(store, &name, Path::new(raw)).map_err(disk_err)?;
-    done(fs, path, format!("exported {path} to {raw}: {n} bytes written, the rest holes"))
+    done(
+        fs,
+        path,
+        format!("exported {path} to {raw}: {n} bytes written, the rest holes"),
+    )
 }
 
 pub fn disk_resize(fs: &Arc<Fs>, path: &str, size: u64) -> Result<DiskDone> {
@@ -594,5 +619,9 @@ pub fn disk_consolidate(fs: &Arc<Fs>, path: &str, all: bool) -> Result<DiskDone>
             break;
         }
     }
-    done(fs, path, format!("{n} snapshot(s) deleted, {merged} bytes merged"))
+    done(
+        fs,
+        path,
+        format!("{n} snapshot(s) deleted, {merged} bytes merged"),
+    )
 }

@@ -128,7 +128,10 @@ pub fn parse_request(line: &[u8]) -> std::result::Result<Request, (HostError, Op
     })?;
     let id = v.get("id").cloned();
     let Some(obj) = v.as_object() else {
-        return Err((HostError::BadRequest("a request is a JSON object".into()), id));
+        return Err((
+            HostError::BadRequest("a request is a JSON object".into()),
+            id,
+        ));
     };
     match obj.get("protocol") {
         Some(Value::Number(n)) if n.as_u64() == Some(u64::from(VERSION)) => {}
@@ -180,7 +183,10 @@ mod tests {
             (br#"{"protocol":2,"command":"info"}"#, "VersionMismatch"),
             (br#"{"command":"info"}"#, "VersionMismatch"),
             (br#"{"protocol":1,"command":5}"#, "BadRequest"),
-            (br#"{"protocol":1,"command":"info","extra":1}"#, "BadRequest"),
+            (
+                br#"{"protocol":1,"command":"info","extra":1}"#,
+                "BadRequest",
+            ),
             (b"\xff\xfe", "BadRequest"),
         ];
         for (line, class) in bad {

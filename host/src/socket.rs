@@ -92,8 +92,6 @@ pub fn read_greeting(s: &UnixStream) -> Result<Greeting> {
     Ok(g.greeting)
 }
 
-
-
 /// Bind the control socket of datastore `uuid`, holding `UUID.lock`
 /// (flock) for as long as the returned lock file stays open: a second
 /// agent for the same datastore in the same state directory is refused

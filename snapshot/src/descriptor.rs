@@ -111,7 +111,9 @@ pub struct Descriptor {
 /// no quote.
 pub fn check_name(name: &str) -> std::result::Result<(), String> {
     if name.is_empty() || name.len() > 255 {
-        return Err(format!("file name {name:?} is empty or longer than 255 bytes"));
+        return Err(format!(
+            "file name {name:?} is empty or longer than 255 bytes"
+        ));
     }
     if name.contains('/') || name == "." || name == ".." {
         return Err(format!(
@@ -119,7 +121,9 @@ pub fn check_name(name: &str) -> std::result::Result<(), String> {
         ));
     }
     if name.chars().any(|c| c == '"' || c.is_control()) {
-        return Err(format!("file name {name:?} holds a quote or a control character"));
+        return Err(format!(
+            "file name {name:?} holds a quote or a control character"
+        ));
     }
     Ok(())
 }
@@ -173,13 +177,22 @@ impl Descriptor {
             reason,
         };
         if text.len() > MAX_LEN {
-            return Err(bad(0, format!("longer than {MAX_LEN} bytes: not a descriptor")));
+            return Err(bad(
+                0,
+                format!("longer than {MAX_LEN} bytes: not a descriptor"),
+            ));
         }
         // QEMU rewrites a descriptor in place (a new CID at its first write)
         // and pads it with NULs: the text ends at the first one.
         let text = text.split(|&b| b == 0).next().unwrap_or(&[]);
         let text = std::str::from_utf8(text).map_err(|e| {
-            bad(0, format!("not UTF-8 text (byte {}): not a descriptor", e.valid_up_to()))
+            bad(
+                0,
+                format!(
+                    "not UTF-8 text (byte {}): not a descriptor",
+                    e.valid_up_to()
+                ),
+            )
         })?;
         let mut version = None;
         let mut cid = None;
@@ -208,7 +221,10 @@ impl Descriptor {
                 continue;
             }
             let Some((k, v)) = l.split_once('=') else {
-                return Err(bad(n, format!("{l:?} is neither key=value nor an extent line")));
+                return Err(bad(
+                    n,
+                    format!("{l:?} is neither key=value nor an extent line"),
+                ));
             };
             let (k, v) = (k.trim(), v.trim());
             if k.starts_with("ddb.") {
@@ -270,13 +286,19 @@ impl Descriptor {
             .next()
             .and_then(|s| s.parse().ok())
             .filter(|&s| s > 0 && s <= 1 << 40)
-            .ok_or_else(|| format!("extent line {l:?}: the sector count is not a number from 1 to 2^40"))?;
+            .ok_or_else(|| {
+                format!("extent line {l:?}: the sector count is not a number from 1 to 2^40")
+            })?;
         let kind = match it.next() {
             Some("VMFS") => Kind::Vmfs,
             Some("FLAT") => Kind::Flat,
             Some("SPARSE") => Kind::Sparse,
             Some("ZERO") => Kind::Zero,
-            Some(k) => return Err(format!("extent type {k:?} is not one this host reads (VMFS, FLAT, SPARSE, ZERO)")),
+            Some(k) => {
+                return Err(format!(
+                    "extent type {k:?} is not one this host reads (VMFS, FLAT, SPARSE, ZERO)"
+                ))
+            }
             None => return Err(format!("extent line {l:?} has no type")),
         };
         let rest = it.next().unwrap_or("").trim();
@@ -296,7 +318,9 @@ impl Descriptor {
             return Err(format!("extent line {l:?}: the file name is not in quotes"));
         };
         let Some((name, tail)) = after.split_once('"') else {
-            return Err(format!("extent line {l:?}: the file name's quote is not closed"));
+            return Err(format!(
+                "extent line {l:?}: the file name's quote is not closed"
+            ));
         };
         check_name(name)?;
         let tail = tail.trim();
@@ -306,10 +330,14 @@ impl Descriptor {
             tail.parse::<u64>()
                 .ok()
                 .filter(|o| o.checked_add(sectors).is_some_and(|e| e <= 1 << 42))
-                .ok_or_else(|| format!("extent line {l:?}: offset {tail:?} is not a sector number"))?
+                .ok_or_else(|| {
+                    format!("extent line {l:?}: offset {tail:?} is not a sector number")
+                })?
         };
         if offset != 0 && !kind.is_flat() {
-            return Err(format!("extent line {l:?}: only flat extents have an offset"));
+            return Err(format!(
+                "extent line {l:?}: only flat extents have an offset"
+            ));
         }
         Ok(Extent {
             access,
@@ -401,7 +429,9 @@ mod tests {
             ("", "no extent"),
         ] {
             let t = format!("{base}{tail}");
-            let e = Descriptor::parse(t.as_bytes(), "d.vmdk").unwrap_err().to_string();
+            let e = Descriptor::parse(t.as_bytes(), "d.vmdk")
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want) && e.starts_with("d.vmdk"), "{tail:?}: {e}");
         }
         let e = Descriptor::parse(b"version=1\nCID=zz\n", "d").unwrap_err();

@@ -56,7 +56,9 @@ impl Layer {
     }
 
     fn piece(&self, off: u64) -> Option<&Piece> {
-        self.pieces.iter().find(|p| off >= p.start && off < p.start + p.len)
+        self.pieces
+            .iter()
+            .find(|p| off >= p.start && off < p.start + p.len)
     }
 
     /// Bytes this layer holds: a flat extent's allocated bytes, a sparse
@@ -178,7 +180,9 @@ impl Disk {
                 )));
             }
             let desc = match read_descriptor(&*store, &n) {
-                Err(DiskError::Store { source, .. }) if source.is_not_found() && child.is_some() => {
+                Err(DiskError::Store { source, .. })
+                    if source.is_not_found() && child.is_some() =>
+                {
                     let (c, _) = child.expect("checked");
                     return Err(DiskError::Chain(format!(
                         "{}: its parent {} is missing",
@@ -314,7 +318,9 @@ impl Disk {
                         layer.name, p.start
                     )))
                 }
-                Io::Flat { file, name, offset } => file.write_at(part, offset + rel).map_err(at(name))?,
+                Io::Flat { file, name, offset } => {
+                    file.write_at(part, offset + rel).map_err(at(name))?
+                }
                 Io::Sparse(s) => self.write_sparse(s, pos - rel, rel, part)?,
             }
             done += n;

@@ -57,7 +57,8 @@ impl SparseExtent {
         let hdr = Header::decode(&b, name, len)?;
         let read_gd = |at_sector: u64| -> Result<Vec<u64>> {
             let mut raw = vec![0u8; (hdr.tables() * 4) as usize];
-            file.read_full(&mut raw, at_sector * SECTOR).map_err(at(name))?;
+            file.read_full(&mut raw, at_sector * SECTOR)
+                .map_err(at(name))?;
             let gd: Vec<u32> = raw
                 .chunks_exact(4)
                 .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -88,7 +89,12 @@ impl SparseExtent {
 
     /// Make a new, empty sparse extent of `capacity` bytes in `file`: every
     /// grain table preallocated (zeros), both directories pointing at them.
-    pub fn create(file: Arc<dyn DiskFile>, name: &str, capacity: u64, grain: u64) -> Result<SparseExtent> {
+    pub fn create(
+        file: Arc<dyn DiskFile>,
+        name: &str,
+        capacity: u64,
+        grain: u64,
+    ) -> Result<SparseExtent> {
         let hdr = Header::new(capacity, grain)?;
         let tables = hdr.tables();
         let gt_sectors = u64::from(sparse::GTES_PER_GT) * 4 / SECTOR;
@@ -124,7 +130,9 @@ impl SparseExtent {
         let n = sparse::GTES_PER_GT as usize;
         let mut raw = vec![0u8; n * 4];
         let at_byte = self.gts[t] * SECTOR;
-        self.file.read_full(&mut raw, at_byte).map_err(at(&self.name))?;
+        self.file
+            .read_full(&mut raw, at_byte)
+            .map_err(at(&self.name))?;
         let len = self.file.len().map_err(at(&self.name))?;
         let mut v = Vec::with_capacity(n);
         for (k, c) in raw.chunks_exact(4).enumerate() {
@@ -146,7 +154,13 @@ impl SparseExtent {
                 self.name
             )));
         }
-        let e = match self.alloc.lock().unwrap_or_else(|p| p.into_inner()).pending.get(&g) {
+        let e = match self
+            .alloc
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pending
+            .get(&g)
+        {
             Some(&e) => e,
             None => self.table(t)?[k].load(Ordering::Acquire),
         };
@@ -179,7 +193,9 @@ impl SparseExtent {
                 self.name
             )));
         }
-        self.file.write_at(data, s * SECTOR).map_err(at(&self.name))?;
+        self.file
+            .write_at(data, s * SECTOR)
+            .map_err(at(&self.name))?;
         a.next = s + self.hdr.granularity;
         a.pending.insert(g, s as u32);
         Ok(None)
@@ -187,7 +203,11 @@ impl SparseExtent {
 
     /// Grains allocated since the last flush.
     pub fn pending(&self) -> usize {
-        self.alloc.lock().unwrap_or_else(|p| p.into_inner()).pending.len()
+        self.alloc
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pending
+            .len()
     }
 
     /// Make the new grains durable, then their entries (both tables).
@@ -202,7 +222,10 @@ impl SparseExtent {
         entries.sort_unstable();
         for (g, s) in &entries {
             let (t, k) = ((g / per) as usize, g % per);
-            for base in [Some(self.gts[t]), self.rgts.get(t).copied()].into_iter().flatten() {
+            for base in [Some(self.gts[t]), self.rgts.get(t).copied()]
+                .into_iter()
+                .flatten()
+            {
                 self.file
                     .write_at(&s.to_le_bytes(), base * SECTOR + k * 4)
                     .map_err(at(&self.name))?;
@@ -221,7 +244,8 @@ impl SparseExtent {
     pub fn allocated_bytes(&self) -> Result<u64> {
         let mut n = 0;
         for t in 0..self.tables.len() {
-            n += self.table(t)?
+            n += self
+                .table(t)?
                 .iter()
                 .filter(|e| e.load(Ordering::Acquire) > 1)
                 .count() as u64;
@@ -306,9 +330,12 @@ pub fn check_file(file: &dyn DiskFile, name: &str, repair: bool) -> Result<Check
                 g.push(at_sector);
             }
             let raw: Vec<u8> = g.iter().flat_map(|&s| (s as u32).to_le_bytes()).collect();
-            file.write_at(&raw, hdr.gd_offset * SECTOR).map_err(at(name))?;
+            file.write_at(&raw, hdr.gd_offset * SECTOR)
+                .map_err(at(name))?;
             file.flush().map_err(at(name))?;
-            c.repaired.push(format!("{name}: grain directory rebuilt from the redundant one"));
+            c.repaired.push(format!(
+                "{name}: grain directory rebuilt from the redundant one"
+            ));
             (g, r)
         }
         (Ok(g), Err(e)) => {
@@ -325,14 +352,19 @@ pub fn check_file(file: &dyn DiskFile, name: &str, repair: bool) -> Result<Check
                 r.push(at_sector);
             }
             let raw: Vec<u8> = r.iter().flat_map(|&s| (s as u32).to_le_bytes()).collect();
-            file.write_at(&raw, hdr.rgd_offset * SECTOR).map_err(at(name))?;
+            file.write_at(&raw, hdr.rgd_offset * SECTOR)
+                .map_err(at(name))?;
             file.flush().map_err(at(name))?;
-            c.repaired.push(format!("{name}: redundant grain directory rebuilt from the primary one"));
+            c.repaired.push(format!(
+                "{name}: redundant grain directory rebuilt from the primary one"
+            ));
             (g, r)
         }
         (Err(e), _) => {
             c.problems.push(format!("{e}"));
-            c.problems.push(format!("{name}: no valid grain directory to rebuild it from"));
+            c.problems.push(format!(
+                "{name}: no valid grain directory to rebuild it from"
+            ));
             c.unrepairable += 1;
             return Ok(c);
         }

@@ -129,7 +129,10 @@ pub fn create(
     }
     let size = size.div_ceil(512) * 512;
     if store.exists(name).map_err(at(name))? {
-        return Err(DiskError::Invalid(format!("{} exists", store.describe(name))));
+        return Err(DiskError::Invalid(format!(
+            "{} exists",
+            store.describe(name)
+        )));
     }
     let flat = format!("{st}-flat.vmdk");
     let f = store.create(&flat).map_err(at(&flat))?;
@@ -167,7 +170,10 @@ pub fn create(
     d.set_ddb("ddb.geometry.heads", &h.to_string());
     d.set_ddb("ddb.geometry.sectors", &s.to_string());
     d.set_ddb("ddb.uuid", &uuid_text());
-    d.set_ddb("ddb.thinProvisioned", if prov == Provisioning::Thin { "1" } else { "0" });
+    d.set_ddb(
+        "ddb.thinProvisioned",
+        if prov == Provisioning::Thin { "1" } else { "0" },
+    );
     commit(store, name, &d)?;
     Ok(d)
 }
@@ -205,7 +211,13 @@ fn new_delta(store: &dyn Store, prefix: &str, capacity: u64) -> Result<Vec<Exten
 
 /// The descriptor of a new, empty layer over the frozen `parent` (name,
 /// descriptor), keeping `top`'s disk database.
-fn layer_over(store: &dyn Store, st: &str, depth: usize, parent: (&str, &Descriptor), top: &Descriptor) -> Result<Descriptor> {
+fn layer_over(
+    store: &dyn Store,
+    st: &str,
+    depth: usize,
+    parent: (&str, &Descriptor),
+    top: &Descriptor,
+) -> Result<Descriptor> {
     let cid = new_cid();
     let extents = new_delta(store, &format!("{st}-{depth:06}-{cid:08x}"), top.capacity())?;
     let mut d = Descriptor::new("twoGbMaxExtentSparse", cid, extents);
@@ -337,7 +349,12 @@ pub fn consolidate(store: Arc<dyn Store>, name: &str) -> Result<u64> {
     drop(parent);
     drop(top);
     commit(&*store, name, &next)?;
-    for f in top_desc.extents.iter().filter_map(|e| e.file.as_ref()).chain([&parent_name]) {
+    for f in top_desc
+        .extents
+        .iter()
+        .filter_map(|e| e.file.as_ref())
+        .chain([&parent_name])
+    {
         if let Err(e) = store.remove(f) {
             tracing::warn!("removing {} after consolidating: {e}", store.describe(f));
         }
@@ -349,7 +366,11 @@ pub fn consolidate(store: Arc<dyn Store>, name: &str) -> Result<u64> {
 /// the ranges that may hold data, leaving zero chunks unwritten (holes on
 /// a thin destination). Returns the bytes written.
 pub fn copy_disk(src: &Disk, dst: &Disk) -> Result<u64> {
-    copy_ranges(&src.allocated_ranges()?, |b, o| src.read_at(b, o), |b, o| dst.write_at(b, o))
+    copy_ranges(
+        &src.allocated_ranges()?,
+        |b, o| src.read_at(b, o),
+        |b, o| dst.write_at(b, o),
+    )
 }
 
 const CHUNK: u64 = 1 << 20;
@@ -387,7 +408,11 @@ pub fn clone(
     prov: Provisioning,
 ) -> Result<u64> {
     let s = Disk::open(store, src, false)?;
-    let adapter = s.layers[0].desc.ddb("ddb.adapterType").unwrap_or("lsilogic").to_string();
+    let adapter = s.layers[0]
+        .desc
+        .ddb("ddb.adapterType")
+        .unwrap_or("lsilogic")
+        .to_string();
     create(&*dst_store, dst, s.capacity(), prov, &adapter)?;
     let d = Disk::open(dst_store, dst, true)?;
     let n = copy_disk(&s, &d)?;
@@ -397,7 +422,13 @@ pub fn clone(
 
 /// A new base disk `dst` with the content of the raw image `raw` (a local
 /// file; its holes are not read). Returns the bytes written.
-pub fn import(raw: &std::path::Path, store: Arc<dyn Store>, dst: &str, prov: Provisioning, adapter: &str) -> Result<u64> {
+pub fn import(
+    raw: &std::path::Path,
+    store: Arc<dyn Store>,
+    dst: &str,
+    prov: Provisioning,
+    adapter: &str,
+) -> Result<u64> {
     let dir = raw.parent().unwrap_or(std::path::Path::new("."));
     let fname = raw
         .file_name()
@@ -412,7 +443,11 @@ pub fn import(raw: &std::path::Path, store: Arc<dyn Store>, dst: &str, prov: Pro
     create(&*store, dst, size, prov, adapter)?;
     let d = Disk::open(store, dst, true)?;
     let ranges = f.allocated(0, size).map_err(at(fname))?;
-    let n = copy_ranges(&ranges, |b, o| f.read_full(b, o).map_err(at(fname)), |b, o| d.write_at(b, o))?;
+    let n = copy_ranges(
+        &ranges,
+        |b, o| f.read_full(b, o).map_err(at(fname)),
+        |b, o| d.write_at(b, o),
+    )?;
     d.flush()?;
     Ok(n)
 }
@@ -429,7 +464,11 @@ pub fn export(store: Arc<dyn Store>, src: &str, raw: &std::path::Path) -> Result
     let local = crate::store::LocalStore::new(dir);
     let f = local.create(fname).map_err(at(fname))?;
     f.set_len(s.capacity()).map_err(at(fname))?;
-    let n = copy_ranges(&s.allocated_ranges()?, |b, o| s.read_at(b, o), |b, o| f.write_at(b, o).map_err(at(fname)))?;
+    let n = copy_ranges(
+        &s.allocated_ranges()?,
+        |b, o| s.read_at(b, o),
+        |b, o| f.write_at(b, o).map_err(at(fname)),
+    )?;
     f.flush().map_err(at(fname))?;
     Ok(n)
 }
@@ -460,7 +499,9 @@ pub fn resize(store: Arc<dyn Store>, name: &str, size: u64) -> Result<u64> {
         return Ok(old);
     }
     if size > 62 << 40 {
-        return Err(DiskError::Invalid(format!("disk size {size} is over 62 TiB")));
+        return Err(DiskError::Invalid(format!(
+            "disk size {size} is over 62 TiB"
+        )));
     }
     let mut desc = disk.layers[0].desc.clone();
     drop(disk);
@@ -469,13 +510,19 @@ pub fn resize(store: Arc<dyn Store>, name: &str, size: u64) -> Result<u64> {
         .extents
         .last_mut()
         .filter(|e| e.kind.is_flat())
-        .ok_or_else(|| DiskError::Invalid(format!("{}: its last extent is not flat", store.describe(name))))?;
+        .ok_or_else(|| {
+            DiskError::Invalid(format!(
+                "{}: its last extent is not flat",
+                store.describe(name)
+            ))
+        })?;
     let file = last.file.clone().expect("a flat extent names its file");
     let f = store.open(&file, true).map_err(at(&file))?;
     let end = (last.offset + last.sectors) * 512 + (size - old);
     f.set_len(end).map_err(at(&file))?;
     if !thin {
-        f.allocate(end - (size - old), size - old).map_err(at(&file))?;
+        f.allocate(end - (size - old), size - old)
+            .map_err(at(&file))?;
     }
     f.flush().map_err(at(&file))?;
     drop(f);

@@ -98,7 +98,9 @@ impl Header {
         }
         let granularity = grain / SECTOR;
         let capacity = capacity / SECTOR;
-        let tables = capacity.div_ceil(granularity).div_ceil(u64::from(GTES_PER_GT));
+        let tables = capacity
+            .div_ceil(granularity)
+            .div_ceil(u64::from(GTES_PER_GT));
         let gd_sectors = (tables * 4).div_ceil(SECTOR);
         let rgd_offset = 1;
         let gd_offset = rgd_offset + gd_sectors + tables * GT_SECTORS;
@@ -162,7 +164,10 @@ impl Header {
             reason,
         };
         if b.len() < 512 {
-            return Err(bad(0, format!("{} bytes: too short for a sparse header", b.len())));
+            return Err(bad(
+                0,
+                format!("{} bytes: too short for a sparse header", b.len()),
+            ));
         }
         if get32(b, 0) != MAGIC {
             return Err(bad(0, "no KDMV magic: not a hosted sparse extent".into()));
@@ -182,7 +187,10 @@ impl Header {
             compression: u16::from_le_bytes([b[77], b[78]]),
         };
         if !(1..=3).contains(&h.version) {
-            return Err(bad(4, format!("sparse extent version {} is not 1 to 3", h.version)));
+            return Err(bad(
+                4,
+                format!("sparse extent version {} is not 1 to 3", h.version),
+            ));
         }
         if h.flags & FLAG_NL_DETECT != 0 && b[73..77] != CHECK {
             return Err(bad(
@@ -197,23 +205,44 @@ impl Header {
             ));
         }
         if !h.granularity.is_power_of_two() || !(8..=2048).contains(&h.granularity) {
-            return Err(bad(20, format!("grain of {} sectors is not a power of two from 8 to 2048", h.granularity)));
+            return Err(bad(
+                20,
+                format!(
+                    "grain of {} sectors is not a power of two from 8 to 2048",
+                    h.granularity
+                ),
+            ));
         }
         if h.gtes_per_gt != GTES_PER_GT {
-            return Err(bad(44, format!("{} entries per grain table (this host reads 512)", h.gtes_per_gt)));
+            return Err(bad(
+                44,
+                format!(
+                    "{} entries per grain table (this host reads 512)",
+                    h.gtes_per_gt
+                ),
+            ));
         }
         if h.capacity == 0 || h.capacity > MAX_FILE_SECTORS {
-            return Err(bad(12, format!("capacity of {} sectors is not from 1 to 2^32", h.capacity)));
+            return Err(bad(
+                12,
+                format!("capacity of {} sectors is not from 1 to 2^32", h.capacity),
+            ));
         }
         let meta_end = |at: u64| {
             at.saturating_add(h.gd_sectors())
                 .saturating_add(h.tables() * GT_SECTORS)
         };
-        for (o, at, what) in [(56u64, h.gd_offset, "grain directory"), (48, h.rgd_offset, "redundant grain directory")] {
+        for (o, at, what) in [
+            (56u64, h.gd_offset, "grain directory"),
+            (48, h.rgd_offset, "redundant grain directory"),
+        ] {
             if what.starts_with("redundant") && h.flags & FLAG_RGD == 0 {
                 continue;
             }
-            if at == 0 || meta_end(at) > h.grain_offset || meta_end(at).saturating_mul(SECTOR) > file_len {
+            if at == 0
+                || meta_end(at) > h.grain_offset
+                || meta_end(at).saturating_mul(SECTOR) > file_len
+            {
                 return Err(bad(
                     o,
                     format!("{what} at sector {at} does not lie between the header and the first grain inside the file"),
@@ -221,7 +250,10 @@ impl Header {
             }
         }
         if h.grain_offset >= MAX_FILE_SECTORS {
-            return Err(bad(64, format!("first grain at sector {} is past 2 TiB", h.grain_offset)));
+            return Err(bad(
+                64,
+                format!("first grain at sector {} is past 2 TiB", h.grain_offset),
+            ));
         }
         Ok(h)
     }
@@ -239,14 +271,18 @@ pub fn check_gd(h: &Header, gd: &[u32], file: &str, which: u64) -> Result<Vec<u6
             return Err(DiskError::Corrupt {
                 file: file.to_string(),
                 offset: off,
-                reason: format!("grain directory entry {k} is 0 (this host preallocates every grain table)"),
+                reason: format!(
+                    "grain directory entry {k} is 0 (this host preallocates every grain table)"
+                ),
             });
         }
         if at < 1 || at + GT_SECTORS > h.grain_offset {
             return Err(DiskError::Corrupt {
                 file: file.to_string(),
                 offset: off,
-                reason: format!("grain table {k} at sector {at} is not between the header and the first grain"),
+                reason: format!(
+                    "grain table {k} at sector {at} is not between the header and the first grain"
+                ),
             });
         }
         out.push(at);
@@ -287,7 +323,12 @@ mod tests {
 
     #[test]
     fn headers_round_trip_and_lay_out_tables_before_the_grains() {
-        for (cap, grain) in [(64u64 << 20, 64u64 << 10), (1 << 40, 1 << 20), (512, 4096), (3 << 30, 64 << 10)] {
+        for (cap, grain) in [
+            (64u64 << 20, 64u64 << 10),
+            (1 << 40, 1 << 20),
+            (512, 4096),
+            (3 << 30, 64 << 10),
+        ] {
             let h = Header::new(cap, grain).unwrap();
             let file_len = h.grain_offset * SECTOR;
             assert_eq!(Header::decode(&h.encode(), "x", file_len).unwrap(), h);
@@ -318,10 +359,18 @@ mod tests {
             if at == 56 {
                 b[56..64].fill(0);
             }
-            let e = Header::decode(&b, "d-s001.vmdk", len).unwrap_err().to_string();
-            assert!(e.contains(want) && e.contains("d-s001.vmdk"), "byte {at}: {e}");
+            let e = Header::decode(&b, "d-s001.vmdk", len)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(want) && e.contains("d-s001.vmdk"),
+                "byte {at}: {e}"
+            );
         }
-        assert!(Header::decode(&h.encode(), "x", 1024).is_err(), "a truncated file");
+        assert!(
+            Header::decode(&h.encode(), "x", 1024).is_err(),
+            "a truncated file"
+        );
     }
 
     proptest::proptest! {

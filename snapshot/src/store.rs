@@ -243,7 +243,9 @@ impl Store for VmfsStore {
         } else {
             vmfs::LockMode::ReadOnly
         };
-        Ok(Arc::new(VmfsFile(self.fs.open_path(&self.path(name), mode)?)))
+        Ok(Arc::new(VmfsFile(
+            self.fs.open_path(&self.path(name), mode)?,
+        )))
     }
     fn create(&self, name: &str) -> StoreResult<Arc<dyn DiskFile>> {
         let f = self

@@ -28,7 +28,9 @@ fn qemu_img(args: &[&str], dir: &Path) -> (bool, String) {
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    (0..len as u64).map(|i| (i * 7 + seed * 13 + i / 4096) as u8).collect()
+    (0..len as u64)
+        .map(|i| (i * 7 + seed * 13 + i / 4096) as u8)
+        .collect()
 }
 
 /// The disk and what it must read as.
@@ -65,10 +67,21 @@ impl Model {
         let d = Disk::open(self.store.clone(), name, false).unwrap();
         let mut got = vec![0u8; self.want.len()];
         d.read_at(&mut got, 0).unwrap();
-        assert!(got == self.want, "{name} reads differently through our code");
+        assert!(
+            got == self.want,
+            "{name} reads differently through our code"
+        );
         // QEMU's.
         let (ok, out) = qemu_img(
-            &["compare", "-f", "vmdk", "-F", "raw", name, raw.to_str().unwrap()],
+            &[
+                "compare",
+                "-f",
+                "vmdk",
+                "-F",
+                "raw",
+                name,
+                raw.to_str().unwrap(),
+            ],
             self.dir.path(),
         );
         assert!(ok, "qemu-img compare {name}: {out}");
@@ -83,7 +96,11 @@ impl Model {
 fn base_disks_of_each_provisioning_read_the_same_in_qemu() {
     for prov in [Provisioning::Thin, Provisioning::Lazy, Provisioning::Eager] {
         let mut m = Model::new(64 * MIB, prov);
-        m.write(&[(0, 4096, 1), (MIB + 100, 70_000, 2), (64 * MIB - 512, 512, 3)]);
+        m.write(&[
+            (0, 4096, 1),
+            (MIB + 100, 70_000, 2),
+            (64 * MIB - 512, 512, 3),
+        ]);
         m.expect("vm.vmdk");
         let (ok, out) = qemu_img(&["info", "--output=json", "vm.vmdk"], m.dir.path());
         assert!(ok && out.contains("\"virtual-size\": 67108864"), "{out}");
@@ -106,7 +123,12 @@ fn snapshot_chains_read_the_same_in_qemu_and_frozen_layers_stay_frozen() {
     let f0 = ops::snapshot(m.store.clone(), "vm.vmdk").unwrap();
     assert_eq!(f0, "vm-000000.vmdk");
     // Partial grains (completed from below), whole grains, across grains.
-    m.write(&[(100, 10, 3), (64 * 1024, 64 * 1024, 4), (MIB - 5000, 10_000, 5), (90 * MIB, 1, 6)]);
+    m.write(&[
+        (100, 10, 3),
+        (64 * 1024, 64 * 1024, 4),
+        (MIB - 5000, 10_000, 5),
+        (90 * MIB, 1, 6),
+    ]);
     let state1 = m.want.clone();
     let f1 = ops::snapshot(m.store.clone(), "vm.vmdk").unwrap();
     m.write(&[(64 * 1024 + 77, 3000, 7), (2 * MIB, MIB as usize, 8)]);
@@ -131,7 +153,15 @@ fn a_chain_qemu_wrote_into_reads_right_with_ours() {
     m.write(&[(0, 2 * MIB as usize, 1)]);
     ops::snapshot(m.store.clone(), "vm.vmdk").unwrap();
     let o = Command::new("qemu-io")
-        .args(["-f", "vmdk", "-c", "write -P 0x5a 1000k 300k", "-c", "write -P 0x11 20M 4k", "vm.vmdk"])
+        .args([
+            "-f",
+            "vmdk",
+            "-c",
+            "write -P 0x5a 1000k 300k",
+            "-c",
+            "write -P 0x11 20M 4k",
+            "vm.vmdk",
+        ])
         .current_dir(m.dir.path())
         .output()
         .unwrap();
@@ -175,17 +205,41 @@ fn a_broken_chain_is_refused_with_a_clear_error() {
     let p = m.dir.path().join("vm-000000.vmdk");
     let text = std::fs::read_to_string(&p).unwrap();
     // The parent's CID changed after the child was made.
-    let cid = text.lines().find(|l| l.starts_with("CID=")).unwrap().to_string();
+    let cid = text
+        .lines()
+        .find(|l| l.starts_with("CID="))
+        .unwrap()
+        .to_string();
     std::fs::write(&p, text.replace(&cid, "CID=0badc0de")).unwrap();
-    let e = Disk::open(m.store.clone(), "vm.vmdk", false).err().unwrap().to_string();
-    assert!(e.contains("parent CID") && e.contains("vm-000000.vmdk"), "{e}");
+    let e = Disk::open(m.store.clone(), "vm.vmdk", false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("parent CID") && e.contains("vm-000000.vmdk"),
+        "{e}"
+    );
     // A missing parent.
     std::fs::remove_file(&p).unwrap();
-    let e = Disk::open(m.store.clone(), "vm.vmdk", false).err().unwrap().to_string();
+    let e = Disk::open(m.store.clone(), "vm.vmdk", false)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("missing"), "{e}");
     // A loop.
-    std::fs::write(&p, text.replace("createType=\"vmfs\"", "createType=\"vmfs\"\nparentFileNameHint=\"vm.vmdk\"").replace("parentCID=ffffffff", "parentCID=00000001")).unwrap();
-    let e = Disk::open(m.store.clone(), "vm.vmdk", false).err().unwrap().to_string();
+    std::fs::write(
+        &p,
+        text.replace(
+            "createType=\"vmfs\"",
+            "createType=\"vmfs\"\nparentFileNameHint=\"vm.vmdk\"",
+        )
+        .replace("parentCID=ffffffff", "parentCID=00000001"),
+    )
+    .unwrap();
+    let e = Disk::open(m.store.clone(), "vm.vmdk", false)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("parent CID") || e.contains("loops"), "{e}");
     // A grain-table entry into the metadata.
     let mut m = Model::new(8 * MIB, Provisioning::Thin);
@@ -195,13 +249,17 @@ fn a_broken_chain_is_refused_with_a_clear_error() {
     let delta = m.dir.path().join(top.extents[0].file.as_ref().unwrap());
     let mut b = std::fs::read(&delta).unwrap();
     let h = snapshot::sparse::Header::decode(&b[..512], "d", b.len() as u64).unwrap();
-    let gt = u32::from_le_bytes(b[(h.gd_offset * 512) as usize..][..4].try_into().unwrap()) as usize;
+    let gt =
+        u32::from_le_bytes(b[(h.gd_offset * 512) as usize..][..4].try_into().unwrap()) as usize;
     b[gt * 512..gt * 512 + 4].copy_from_slice(&3u32.to_le_bytes());
     std::fs::write(&delta, &b).unwrap();
     let d = Disk::open(m.store.clone(), "vm.vmdk", false).unwrap();
     let mut x = vec![0u8; 4096];
     let e = d.read_at(&mut x, 0).unwrap_err().to_string();
-    assert!(e.contains("into the metadata") && e.contains("delta"), "{e}");
+    assert!(
+        e.contains("into the metadata") && e.contains("delta"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -256,33 +314,63 @@ fn clone_import_and_export_keep_the_content_and_the_holes() {
     ops::export(m.store.clone(), "vm.vmdk", &raw).unwrap();
     assert!(std::fs::read(&raw).unwrap() == m.want);
     use std::os::unix::fs::MetadataExt;
-    assert!(std::fs::metadata(&raw).unwrap().blocks() * 512 < 4 * MIB, "export is not sparse");
+    assert!(
+        std::fs::metadata(&raw).unwrap().blocks() * 512 < 4 * MIB,
+        "export is not sparse"
+    );
     // Clone: an independent base disk.
-    let n = ops::clone(m.store.clone(), "vm.vmdk", m.store.clone(), "copy.vmdk", Provisioning::Thin).unwrap();
+    let n = ops::clone(
+        m.store.clone(),
+        "vm.vmdk",
+        m.store.clone(),
+        "copy.vmdk",
+        Provisioning::Thin,
+    )
+    .unwrap();
     assert!(n <= 3 * MIB, "{n}");
     m.expect("copy.vmdk");
     let c = Disk::open(m.store.clone(), "copy.vmdk", false).unwrap();
     assert_eq!(c.depth(), 0);
     drop(c);
     // Import: a raw image back as a new disk.
-    ops::import(&raw, m.store.clone(), "back.vmdk", Provisioning::Thin, "pvscsi").unwrap();
+    ops::import(
+        &raw,
+        m.store.clone(),
+        "back.vmdk",
+        Provisioning::Thin,
+        "pvscsi",
+    )
+    .unwrap();
     m.expect("back.vmdk");
     // The source is untouched by all of it.
     m.expect("vm.vmdk");
-    assert!(ops::clone(m.store.clone(), "vm.vmdk", m.store.clone(), "copy.vmdk", Provisioning::Thin).is_err());
+    assert!(ops::clone(
+        m.store.clone(),
+        "vm.vmdk",
+        m.store.clone(),
+        "copy.vmdk",
+        Provisioning::Thin
+    )
+    .is_err());
 }
 
 #[test]
 fn a_disk_grows_and_keeps_its_content() {
     let mut m = Model::new(8 * MIB, Provisioning::Thin);
     m.write(&[(0, 4096, 1), (8 * MIB - 4096, 4096, 2)]);
-    assert_eq!(ops::resize(m.store.clone(), "vm.vmdk", 20 * MIB).unwrap(), 20 * MIB);
+    assert_eq!(
+        ops::resize(m.store.clone(), "vm.vmdk", 20 * MIB).unwrap(),
+        20 * MIB
+    );
     m.want.resize(20 * MIB as usize, 0);
     m.write(&[(19 * MIB, 4096, 3)]);
     m.expect("vm.vmdk");
     let (ok, out) = qemu_img(&["info", "vm.vmdk"], m.dir.path());
     assert!(ok && out.contains("20 MiB"), "{out}");
-    assert!(ops::resize(m.store.clone(), "vm.vmdk", MIB).is_err(), "shrinking");
+    assert!(
+        ops::resize(m.store.clone(), "vm.vmdk", MIB).is_err(),
+        "shrinking"
+    );
     ops::snapshot(m.store.clone(), "vm.vmdk").unwrap();
     let e = ops::resize(m.store.clone(), "vm.vmdk", 40 * MIB).unwrap_err();
     assert!(e.to_string().contains("consolidate"), "{e}");
@@ -332,7 +420,10 @@ fn check_finds_damage_and_repair_fixes_what_is_safe() {
     poke(&p, rgt * 512, 0);
     let r = ops::check(m.store.clone(), "vm.vmdk", true).unwrap();
     assert!(r.repaired.iter().any(|x| x.contains("grain 0")), "{r:?}");
-    assert!(ops::check(m.store.clone(), "vm.vmdk", false).unwrap().problems.is_empty());
+    assert!(ops::check(m.store.clone(), "vm.vmdk", false)
+        .unwrap()
+        .problems
+        .is_empty());
     m.expect("vm.vmdk");
 
     // Both copies point past the end of a cut-short delta: cleared, the
@@ -348,16 +439,26 @@ fn check_finds_damage_and_repair_fixes_what_is_safe() {
     let d = Disk::open(m.store.clone(), "vm.vmdk", false).unwrap();
     let mut b = vec![1u8; 4096];
     d.read_at(&mut b, 5 * MIB).unwrap();
-    assert!(b.iter().all(|&x| x == 0), "the cleared grain reads from the parent (zeros there)");
+    assert!(
+        b.iter().all(|&x| x == 0),
+        "the cleared grain reads from the parent (zeros there)"
+    );
     drop(d);
 
     // A CID mismatch: found, not repairable here.
     let f = m.dir.path().join("vm-000000.vmdk");
     let t = std::fs::read_to_string(&f).unwrap();
-    let cid = t.lines().find(|l| l.starts_with("CID=")).unwrap().to_string();
+    let cid = t
+        .lines()
+        .find(|l| l.starts_with("CID="))
+        .unwrap()
+        .to_string();
     std::fs::write(&f, t.replace(&cid, "CID=0badc0de")).unwrap();
     let r = ops::check(m.store.clone(), "vm.vmdk", true).unwrap();
-    assert!(r.unrepairable > 0 && r.problems.iter().any(|x| x.contains("CID")), "{r:?}");
+    assert!(
+        r.unrepairable > 0 && r.problems.iter().any(|x| x.contains("CID")),
+        "{r:?}"
+    );
 }
 
 #[test]
@@ -367,8 +468,13 @@ fn a_chain_is_at_most_31_snapshots_deep() {
         m.write(&[(k * 65536, 4096, k + 1)]);
         ops::snapshot(m.store.clone(), "vm.vmdk").unwrap();
     }
-    let e = ops::snapshot(m.store.clone(), "vm.vmdk").unwrap_err().to_string();
-    assert!(e.contains("31 snapshots") && e.contains("consolidate"), "{e}");
+    let e = ops::snapshot(m.store.clone(), "vm.vmdk")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("31 snapshots") && e.contains("consolidate"),
+        "{e}"
+    );
     m.write(&[(3 * MIB, 4096, 99)]);
     m.expect("vm.vmdk");
     m.check();

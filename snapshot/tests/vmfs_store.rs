@@ -23,7 +23,14 @@ fn disks_on_a_datastore_through_the_file_api() {
         let d = Disk::open(store.clone(), "disk.vmdk", true).unwrap();
         d.write_at(&[8u8; 5000], 2000).unwrap();
     }
-    let n = ops::clone(store.clone(), "disk.vmdk", store.clone(), "copy.vmdk", Provisioning::Thin).unwrap();
+    let n = ops::clone(
+        store.clone(),
+        "disk.vmdk",
+        store.clone(),
+        "copy.vmdk",
+        Provisioning::Thin,
+    )
+    .unwrap();
     assert!(n > 0);
     let c = Disk::open(store.clone(), "copy.vmdk", false).unwrap();
     let mut b = vec![0u8; 8000];

@@ -102,7 +102,10 @@ fn holes_allocated_ranges_punch_zeroes_and_length() {
     f.write_at(&pattern(3, 10), (32 << 20) - 10).unwrap();
     let want = vec![3 * BS..4 * BS, 10 * BS..12 * BS, (32 << 20) - BS..32 << 20];
     assert_eq!(f.allocated(0, u64::MAX).unwrap(), want);
-    assert_eq!(f.allocated(3 * BS + 5, 8 * BS).unwrap(), vec![3 * BS + 5..4 * BS, 10 * BS..11 * BS + 5]);
+    assert_eq!(
+        f.allocated(3 * BS + 5, 8 * BS).unwrap(),
+        vec![3 * BS + 5..4 * BS, 10 * BS..11 * BS + 5]
+    );
     assert_eq!(f.seek_data(0).unwrap(), Some(3 * BS));
     assert_eq!(f.seek_data(3 * BS + 7).unwrap(), Some(3 * BS + 7));
     assert_eq!(f.seek_hole(3 * BS).unwrap(), Some(4 * BS));
@@ -122,7 +125,10 @@ fn holes_allocated_ranges_punch_zeroes_and_length() {
     let mut b = vec![1u8; (2 * BS) as usize];
     f.read_exact_at(&mut b, 10 * BS).unwrap();
     assert!(b[..(BS + 10) as usize].iter().all(|&x| x == 0));
-    assert_eq!(&b[(BS + 10) as usize..], &pattern(2, (2 * BS) as usize)[(BS + 10) as usize..]);
+    assert_eq!(
+        &b[(BS + 10) as usize..],
+        &pattern(2, (2 * BS) as usize)[(BS + 10) as usize..]
+    );
     // Zeroes: reads as zeros, blocks stay allocated but are not data.
     f.write_zeroes(3 * BS, BS).unwrap();
     let mut b = vec![1u8; BS as usize];
@@ -153,7 +159,7 @@ fn cached_blocks_are_forgotten_when_the_file_changes_or_goes() {
     f.write_at(&pattern(1, (4 * BS) as usize), 0).unwrap();
     let mut b = vec![0u8; 4096];
     f.read_exact_at(&mut b, BS).unwrap(); // now cached
-    // Another handle of this host punches: the first sees the hole.
+                                          // Another handle of this host punches: the first sees the hole.
     let g = fs.open_path("a", LockMode::Exclusive).unwrap();
     g.punch_hole(BS, BS).unwrap();
     f.read_exact_at(&mut b, BS).unwrap();
@@ -172,12 +178,17 @@ fn cached_blocks_are_forgotten_when_the_file_changes_or_goes() {
     fs.unlink_path("a").unwrap();
     let mut reused = None;
     for k in 0..3000 {
-        let n = fs.create_file(&format!("n{k}"), 0o600, LockMode::Exclusive).unwrap();
+        let n = fs
+            .create_file(&format!("n{k}"), 0o600, LockMode::Exclusive)
+            .unwrap();
         n.set_len(4 * BS).unwrap();
         if n.ino() == ino {
             let mut z = vec![1u8; 4096];
             n.read_exact_at(&mut z, 0).unwrap();
-            assert!(z.iter().all(|&x| x == 0), "a reused descriptor read its old file's block");
+            assert!(
+                z.iter().all(|&x| x == 0),
+                "a reused descriptor read its old file's block"
+            );
             reused = Some(k);
             break;
         }
@@ -203,7 +214,10 @@ fn far_offsets_read_nothing_and_write_sparse() {
     f.read_exact_at(&mut b, 1 << 39).unwrap();
     assert!(b.iter().all(|&x| x == 0));
     // The small file's data moved to a file block; the holes stayed holes.
-    assert_eq!(f.allocated(0, u64::MAX).unwrap(), vec![0..BS, (1 << 40)..(1 << 40) + 4096]);
+    assert_eq!(
+        f.allocated(0, u64::MAX).unwrap(),
+        vec![0..BS, (1 << 40)..(1 << 40) + 4096]
+    );
     assert!(f.write_at(b"x", u64::MAX - 1).is_err());
 }
 
@@ -250,7 +264,10 @@ fn many_threads_read_and_write_one_file_at_once() {
                     let data = pattern(b * 1000 + round, 4096);
                     f.write_at(&data, b * 4096).unwrap();
                     f.read_exact_at(&mut got, b * 4096).unwrap();
-                    assert_eq!(got, data, "thread {t} block {b}: a read after the write returned");
+                    assert_eq!(
+                        got, data,
+                        "thread {t} block {b}: a read after the write returned"
+                    );
                     let _ = f.read_at(&mut got, (x >> 20) % size);
                 }
             });
@@ -276,7 +293,12 @@ fn many_threads_read_and_write_one_file_at_once() {
         g.read_exact_at(&mut got, b * 4096).unwrap();
         assert_eq!(got, pattern(b * 1000 + round, 4096), "block {b}");
     }
-    let data: u64 = g.allocated(0, size).unwrap().iter().map(|r| r.end - r.start).sum();
+    let data: u64 = g
+        .allocated(0, size)
+        .unwrap()
+        .iter()
+        .map(|r| r.end - r.start)
+        .sum();
     assert!(data >= last.len() as u64 * 4096 && data <= last.len() as u64 * BS);
 }
 
@@ -319,7 +341,10 @@ fn two_hosts_lock_modes_and_ebusy_naming_the_holder() {
     }
     let fa = Arc::new(a.open_path("d", LockMode::MultiWriter).unwrap());
     let fb = Arc::new(b.open_path("d", LockMode::MultiWriter).unwrap());
-    assert!(matches!(b.open_path("d", LockMode::Exclusive), Err(FsError::Busy(_))));
+    assert!(matches!(
+        b.open_path("d", LockMode::Exclusive),
+        Err(FsError::Busy(_))
+    ));
     std::thread::scope(|s| {
         for (h, f) in [(0u64, fa.clone()), (1, fb.clone())] {
             for t in 0..2u64 {

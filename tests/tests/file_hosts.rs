@@ -68,14 +68,23 @@ fn check_all(f: &vmfs::File) {
 fn wait_for(p: &Path, what: &str) {
     let t = Instant::now();
     while !p.exists() {
-        assert!(t.elapsed() < Duration::from_secs(60), "waited too long for {what}");
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "waited too long for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 fn child(role: &str, dir: &Path) -> Child {
     Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_host", "--nocapture", "--test-threads", "1"])
+        .args([
+            "--exact",
+            "child_host",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
         .env("VMFS_FILE_CHILD", role)
         .env("VMFS_FILE_DIR", dir)
         .env("VMFS_LOG", "warn")
@@ -132,7 +141,10 @@ fn child_host() {
 fn two_host_processes_share_a_multi_writer_file_and_recover_a_killed_holder() {
     let d = tempfile::tempdir().unwrap();
     let lun = d.path().join("lun.img");
-    std::fs::File::create(&lun).unwrap().set_len(256 << 20).unwrap();
+    std::fs::File::create(&lun)
+        .unwrap()
+        .set_len(256 << 20)
+        .unwrap();
     {
         let l = lun::open(lun.to_str().unwrap()).unwrap();
         let opts = MkfsOptions {
@@ -140,10 +152,13 @@ fn two_host_processes_share_a_multi_writer_file_and_recover_a_killed_holder() {
             ..Default::default()
         };
         let fs = Arc::new(Fs::mkfs(vec![l], &opts).unwrap());
-        let f = fs.create_file("shared", 0o600, LockMode::Exclusive).unwrap();
+        let f = fs
+            .create_file("shared", 0o600, LockMode::Exclusive)
+            .unwrap();
         f.allocate(0, SHARED_BLOCKS * 2 * 4096).unwrap();
         drop(f);
-        fs.set_multi_writer(fs.resolve("shared").unwrap(), true).unwrap();
+        fs.set_multi_writer(fs.resolve("shared").unwrap(), true)
+            .unwrap();
         drop(fs.create_file("solo", 0o600, LockMode::Exclusive).unwrap());
         fs.unmount().unwrap();
     }

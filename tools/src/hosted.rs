@@ -41,11 +41,15 @@ pub fn target(args: &[String], state_dir: &Path) -> Result<Target> {
 
 /// The agent of the datastore on `luns`, else the LUNs.
 pub fn by_luns(luns: &[String], state_dir: &Path) -> Result<Target> {
-    let first = lun::open(&luns[0]).with_context(|| format!("opening LUN {}", lun::redact(&luns[0])))?;
+    let first =
+        lun::open(&luns[0]).with_context(|| format!("opening LUN {}", lun::redact(&luns[0])))?;
     if let Some(uuid) = host::client::datastore_uuid(&*first) {
         drop(first);
         if let Some(c) = host::client::find(state_dir, &uuid)? {
-            tracing::debug!("datastore {uuid} is hosted here: through {}", c.socket.display());
+            tracing::debug!(
+                "datastore {uuid} is hosted here: through {}",
+                c.socket.display()
+            );
             return Ok(Target::Agent(c));
         }
     }
@@ -88,7 +92,10 @@ pub fn info(args: &[String], state_dir: &Path, as_json: bool) -> Result<()> {
         return print_json(&i);
     }
     println!("volume      {}", i.volume);
-    println!("label       {}", if i.label.is_empty() { "-" } else { &i.label });
+    println!(
+        "label       {}",
+        if i.label.is_empty() { "-" } else { &i.label }
+    );
     println!(
         "format      version {}, configuration generation {}",
         i.format_version, i.config_generation
@@ -401,10 +408,9 @@ pub fn rdm_info(args: &[String], state_dir: &Path) -> Result<bool> {
 pub fn extend(args: &[String], add: &str, force: bool, host_args: &HostArgs) -> Result<()> {
     let state_dir = host_args.state_dir();
     let e = match target(args, &state_dir)? {
-        Target::Agent(mut c) => c.call::<ops::Extended>(
-            "extend",
-            json!({"lun": absolute_lun(add), "force": force}),
-        )?,
+        Target::Agent(mut c) => {
+            c.call::<ops::Extended>("extend", json!({"lun": absolute_lun(add), "force": force}))?
+        }
         Target::Luns(specs) => {
             let t = vmfs::cluster::Timeouts::new(host_args.heartbeat_ms, host_args.lease_ms)?;
             let luns = open_luns_for(&specs, &t)?;
@@ -544,7 +550,11 @@ pub fn disk(c: DiskCmd) -> Result<std::process::ExitCode> {
                 r.path,
                 r.problems.len(),
                 r.unrepairable,
-                if repair { "" } else { "; run with --repair to fix what can be fixed" }
+                if repair {
+                    ""
+                } else {
+                    "; run with --repair to fix what can be fixed"
+                }
             );
         }
         return Ok(if clean {
@@ -581,7 +591,10 @@ pub fn disk(c: DiskCmd) -> Result<std::process::ExitCode> {
         return Ok(std::process::ExitCode::SUCCESS);
     }
     let d: ops::DiskDone = serde_json::from_value(out)?;
-    println!("{} ({} snapshot(s) below the current layer)", d.said, d.depth);
+    println!(
+        "{} ({} snapshot(s) below the current layer)",
+        d.said, d.depth
+    );
     Ok(std::process::ExitCode::SUCCESS)
 }
 
@@ -599,7 +612,9 @@ fn run_disk(fs: &Arc<Fs>, c: &DiskCmd, path: &str) -> Result<serde_json::Value> 
         DiskCmd::Info { .. } => serde_json::to_value(ops::disk_info(fs, path)?)?,
         DiskCmd::Snapshot { .. } => serde_json::to_value(ops::disk_snapshot(fs, path)?)?,
         DiskCmd::Revert { .. } => serde_json::to_value(ops::disk_revert(fs, path)?)?,
-        DiskCmd::Consolidate { all, .. } => serde_json::to_value(ops::disk_consolidate(fs, path, *all)?)?,
+        DiskCmd::Consolidate { all, .. } => {
+            serde_json::to_value(ops::disk_consolidate(fs, path, *all)?)?
+        }
         DiskCmd::Clone {
             dst, provisioning, ..
         } => {
@@ -615,7 +630,9 @@ fn run_disk(fs: &Arc<Fs>, c: &DiskCmd, path: &str) -> Result<serde_json::Value> 
             let prov = snapshot::Provisioning::parse(provisioning).context("provisioning")?;
             serde_json::to_value(ops::disk_import(fs, &abs(raw)?, path, prov, adapter)?)?
         }
-        DiskCmd::Export { raw, .. } => serde_json::to_value(ops::disk_export(fs, path, &abs(raw)?)?)?,
+        DiskCmd::Export { raw, .. } => {
+            serde_json::to_value(ops::disk_export(fs, path, &abs(raw)?)?)?
+        }
         DiskCmd::Resize { size, .. } => serde_json::to_value(ops::disk_resize(fs, path, *size)?)?,
         DiskCmd::Check { repair, .. } => serde_json::to_value(ops::disk_check(fs, path, *repair)?)?,
     })
@@ -644,7 +661,11 @@ fn dst_path(at: &DiskAt, dst: &str) -> Result<String> {
     };
     match host::client::mount_of(Path::new(dst)) {
         Some((mp, inner)) if mp == src_mp => Ok(inner),
-        _ => bail!("{dst} is not under the mountpoint {} of {}'s datastore", src_mp.display(), at.disk),
+        _ => bail!(
+            "{dst} is not under the mountpoint {} of {}'s datastore",
+            src_mp.display(),
+            at.disk
+        ),
     }
 }
 

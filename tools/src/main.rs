@@ -319,7 +319,10 @@ pub(crate) fn open_luns(specs: &[String]) -> Result<Vec<Arc<dyn lun::Lun>>> {
 
 /// Open LUNs for a host of the cluster: network I/O bounded by the I/O
 /// timeout its lease implies (see `Timeouts::io`).
-pub(crate) fn open_luns_for(specs: &[String], t: &vmfs::cluster::Timeouts) -> Result<Vec<Arc<dyn lun::Lun>>> {
+pub(crate) fn open_luns_for(
+    specs: &[String],
+    t: &vmfs::cluster::Timeouts,
+) -> Result<Vec<Arc<dyn lun::Lun>>> {
     open_luns_with(specs, t.lun_options())
 }
 
@@ -546,13 +549,13 @@ fn rdm_cmd(c: RdmCmd) -> Result<ExitCode> {
             hosted::rdm_create(&mode, url, rest, &host)?;
             Ok(ExitCode::SUCCESS)
         }
-        RdmCmd::Info { args, state_dir } => {
-            Ok(if hosted::rdm_info(&args, &state_dir_or_default(state_dir))? {
+        RdmCmd::Info { args, state_dir } => Ok(
+            if hosted::rdm_info(&args, &state_dir_or_default(state_dir))? {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
-            })
-        }
+            },
+        ),
     }
 }
 

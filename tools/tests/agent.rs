@@ -72,7 +72,10 @@ fn commands_on_a_mounted_datastore_go_through_its_host() {
 
     // status names the mount, its slot and host.
     let t = ok(&["status", "--state-dir", st]);
-    assert!(t.contains(mnt) && t.contains(A) && t.contains("slot 0"), "{t}");
+    assert!(
+        t.contains(mnt) && t.contains(A) && t.contains("slot 0"),
+        "{t}"
+    );
     // info, hosts, locks by the LUN and by the mountpoint: the same host.
     for ds in [s.lun.as_str(), mnt] {
         let t = ok(&["info", "--state-dir", st, ds]);
@@ -82,26 +85,66 @@ fn commands_on_a_mounted_datastore_go_through_its_host() {
     }
     let t = ok(&["hosts", "--state-dir", st, mnt]);
     assert_eq!(slots(&t).len(), 1, "{t}");
-    assert!(t.contains("live (heartbeat moving)") && t.contains(A), "{t}");
+    assert!(
+        t.contains("live (heartbeat moving)") && t.contains(A),
+        "{t}"
+    );
 
     // rdm create by a path under the mountpoint and by the LUNs; rdm info
     // both ways. The mount makes them: visible at once through FUSE.
-    ok(&["rdm", "create", "--mode", "virtual", "--state-dir", st, &raw, &format!("{mnt}/db.vmdk")]);
-    ok(&["rdm", "create", "--mode", "physical", "--state-dir", st, &raw2, &s.lun, "/db2.vmdk"]);
-    assert_eq!(std::fs::metadata(s.mnt.join("db.vmdk")).unwrap().len(), 16 << 20);
-    assert_eq!(std::fs::metadata(s.mnt.join("db2.vmdk")).unwrap().len(), 16 << 20);
+    ok(&[
+        "rdm",
+        "create",
+        "--mode",
+        "virtual",
+        "--state-dir",
+        st,
+        &raw,
+        &format!("{mnt}/db.vmdk"),
+    ]);
+    ok(&[
+        "rdm",
+        "create",
+        "--mode",
+        "physical",
+        "--state-dir",
+        st,
+        &raw2,
+        &s.lun,
+        "/db2.vmdk",
+    ]);
+    assert_eq!(
+        std::fs::metadata(s.mnt.join("db.vmdk")).unwrap().len(),
+        16 << 20
+    );
+    assert_eq!(
+        std::fs::metadata(s.mnt.join("db2.vmdk")).unwrap().len(),
+        16 << 20
+    );
     let t = ok(&["rdm", "info", "--state-dir", st, &format!("{mnt}/db.vmdk")]);
-    assert!(t.contains("vmfsRawDeviceMap") && t.contains("identity and size match"), "{t}");
+    assert!(
+        t.contains("vmfsRawDeviceMap") && t.contains("identity and size match"),
+        "{t}"
+    );
     let t = ok(&["rdm", "info", "--state-dir", st, &s.lun, "db2.vmdk"]);
     assert!(t.contains("vmfsPassthroughRawDeviceMap"), "{t}");
     // Errors come back with the host's message.
-    let o = vmfs(&["rdm", "info", "--state-dir", st, &format!("{mnt}/nothing.vmdk")]);
+    let o = vmfs(&[
+        "rdm",
+        "info",
+        "--state-dir",
+        st,
+        &format!("{mnt}/nothing.vmdk"),
+    ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).contains("nothing.vmdk"), "{}", text(&o));
 
     // extend by the mountpoint (a relative LUN path: the host sees it too).
     let l2 = vmfs_tests::file_lun(s.d.path(), "ext.img", 128 << 20);
-    let rel = Path::new(&l2).strip_prefix(std::env::current_dir().unwrap()).map(|p| p.to_str().unwrap().to_string()).unwrap_or(l2.clone());
+    let rel = Path::new(&l2)
+        .strip_prefix(std::env::current_dir().unwrap())
+        .map(|p| p.to_str().unwrap().to_string())
+        .unwrap_or(l2.clone());
     let t = ok(&["extend", "--state-dir", st, mnt, "--add", &rel]);
     assert!(t.contains("2 extents"), "{t}");
     let t = ok(&["info", "--state-dir", st, mnt]);
@@ -183,7 +226,14 @@ fn a_socket_that_answers_for_another_datastore_is_refused() {
     let o = vmfs(&["mkfs", &other]);
     assert!(o.status.success(), "{}", text(&o));
     let t = ok(&["info", &other]);
-    let uuid = t.lines().next().unwrap().split_whitespace().nth(1).unwrap().to_string();
+    let uuid = t
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string();
     let fake = Path::new(st).join("run").join(format!("{uuid}.sock"));
     std::fs::hard_link(socket_of(st), &fake).unwrap();
     let o = vmfs(&["info", "--state-dir", st, &other]);
@@ -237,14 +287,29 @@ fn garbage_on_the_socket_gets_error_replies_and_the_host_lives_on() {
     let cases: &[(&[u8], &str)] = &[
         (b"hello", "BadRequest"),
         (b"{\"protocol\":1}", "BadRequest"),
-        (b"{\"protocol\":1,\"command\":\"frobnicate\"}", "UnknownCommand"),
+        (
+            b"{\"protocol\":1,\"command\":\"frobnicate\"}",
+            "UnknownCommand",
+        ),
         (b"{\"protocol\":2,\"command\":\"info\"}", "VersionMismatch"),
         (b"{\"command\":\"info\"}", "VersionMismatch"),
         (b"{\"protocol\":1,\"command\":[1,2]}", "BadRequest"),
-        (b"{\"protocol\":1,\"command\":\"rdm-info\",\"arguments\":{\"path\":7}}", "BadRequest"),
-        (b"{\"protocol\":1,\"command\":\"rdm-info\",\"arguments\":{}}", "BadRequest"),
-        (b"{\"protocol\":1,\"command\":\"info\",\"arguments\":{\"x\":1}}", "BadRequest"),
-        (b"{\"protocol\":1,\"command\":\"rdm-info\",\"arguments\":{\"path\":\"nope\"}}", "NotFound"),
+        (
+            b"{\"protocol\":1,\"command\":\"rdm-info\",\"arguments\":{\"path\":7}}",
+            "BadRequest",
+        ),
+        (
+            b"{\"protocol\":1,\"command\":\"rdm-info\",\"arguments\":{}}",
+            "BadRequest",
+        ),
+        (
+            b"{\"protocol\":1,\"command\":\"info\",\"arguments\":{\"x\":1}}",
+            "BadRequest",
+        ),
+        (
+            b"{\"protocol\":1,\"command\":\"rdm-info\",\"arguments\":{\"path\":\"nope\"}}",
+            "NotFound",
+        ),
         (b"\xff\xfe\x00", "BadRequest"),
     ];
     for (req, class) in cases {
@@ -256,7 +321,10 @@ fn garbage_on_the_socket_gets_error_replies_and_the_host_lives_on() {
         );
     }
     let r = c.ask(b"{\"protocol\":1,\"command\":\"info\",\"id\":\"x1\"}");
-    assert!(r.contains("\"return\"") && r.contains("\"id\":\"x1\""), "{r}");
+    assert!(
+        r.contains("\"return\"") && r.contains("\"id\":\"x1\""),
+        "{r}"
+    );
     // A line of 2 MiB: an error, and the connection is closed.
     let mut huge = vec![b'a'; 2 << 20];
     huge.push(b'\n');
@@ -266,8 +334,12 @@ fn garbage_on_the_socket_gets_error_replies_and_the_host_lives_on() {
     let mut rest = String::new();
     let _ = c.r.read_to_string(&mut rest);
     // Silent clients and a flood of connections hold nobody up.
-    let silent: Vec<_> = (0..8).map(|_| UnixStream::connect(&sock).unwrap()).collect();
-    let flood: Vec<_> = (0..40).filter_map(|_| UnixStream::connect(&sock).ok()).collect();
+    let silent: Vec<_> = (0..8)
+        .map(|_| UnixStream::connect(&sock).unwrap())
+        .collect();
+    let flood: Vec<_> = (0..40)
+        .filter_map(|_| UnixStream::connect(&sock).ok())
+        .collect();
     drop(flood);
     let t = Instant::now();
     let mut c = loop {
@@ -338,7 +410,10 @@ fn a_non_root_client_is_refused() {
         .output()
         .unwrap();
     let t = text(&o);
-    assert!(t.contains("PermissionDenied") && t.contains("root only"), "{t}");
+    assert!(
+        t.contains("PermissionDenied") && t.contains("root only"),
+        "{t}"
+    );
     // Root still gets in.
     let t = ok(&["status", "--state-dir", &s.st]);
     assert!(t.contains("slot 0"), "{t}");

@@ -25,7 +25,11 @@ fn qemu_io(disk: &Path, cmds: &[&str]) {
     }
     let o = c.arg(disk).output().unwrap();
     assert!(o.status.success(), "qemu-io {cmds:?}: {}", text(&o));
-    assert!(!text(&o).contains("failed"), "qemu-io {cmds:?}: {}", text(&o));
+    assert!(
+        !text(&o).contains("failed"),
+        "qemu-io {cmds:?}: {}",
+        text(&o)
+    );
 }
 
 fn qemu_img(args: &[&str]) -> String {
@@ -38,7 +42,15 @@ fn qemu_img(args: &[&str]) -> String {
 fn same(disk: &Path, want: &[u8], scratch: &Path) {
     let raw = scratch.join("want.raw");
     std::fs::write(&raw, want).unwrap();
-    qemu_img(&["compare", "-f", "vmdk", "-F", "raw", disk.to_str().unwrap(), raw.to_str().unwrap()]);
+    qemu_img(&[
+        "compare",
+        "-f",
+        "vmdk",
+        "-F",
+        "raw",
+        disk.to_str().unwrap(),
+        raw.to_str().unwrap(),
+    ]);
 }
 
 #[test]
@@ -56,7 +68,17 @@ fn disks_on_a_mounted_datastore_with_qemu_through_the_mount() {
     let disk = mnt.join("vm1/disk.vmdk");
     let ds = disk.to_str().unwrap();
 
-    let t = ok(&["disk", "create", "--state-dir", st, "--size", "64M", "--adapter", "pvscsi", ds]);
+    let t = ok(&[
+        "disk",
+        "create",
+        "--state-dir",
+        st,
+        "--size",
+        "64M",
+        "--adapter",
+        "pvscsi",
+        ds,
+    ]);
     assert!(t.contains("created"), "{t}");
     let mut want = vec![0u8; 64 * MIB];
     qemu_io(&disk, &["write -P 0x61 0 1M", "write -P 0x62 10M 64k"]);
@@ -100,29 +122,77 @@ fn disks_on_a_mounted_datastore_with_qemu_through_the_mount() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     files.sort();
-    assert_eq!(files, vec!["disk-flat.vmdk", "disk.vmdk"], "files left behind");
+    assert_eq!(
+        files,
+        vec!["disk-flat.vmdk", "disk.vmdk"],
+        "files left behind"
+    );
     // Nothing to consolidate: a clear refusal.
     let o = vmfs(&["disk", "consolidate", "--state-dir", st, ds]);
-    assert!(!o.status.success() && text(&o).contains("no snapshot"), "{}", text(&o));
+    assert!(
+        !o.status.success() && text(&o).contains("no snapshot"),
+        "{}",
+        text(&o)
+    );
     // A path not under a mount and no --datastore: refused.
     let o = vmfs(&["disk", "info", "--state-dir", st, "/tmp/none.vmdk"]);
     assert!(text(&o).contains("not under a vmfs mount"), "{}", text(&o));
 
     // Clone, export and import: independent disks with the same content.
-    let t = ok(&["disk", "clone", "--state-dir", st, ds, mnt.join("vm1/copy.vmdk").to_str().unwrap()]);
+    let t = ok(&[
+        "disk",
+        "clone",
+        "--state-dir",
+        st,
+        ds,
+        mnt.join("vm1/copy.vmdk").to_str().unwrap(),
+    ]);
     assert!(t.contains("cloned"), "{t}");
     same(&mnt.join("vm1/copy.vmdk"), &want, d.path());
     let raw = d.path().join("export.raw");
-    ok(&["disk", "export", "--state-dir", st, ds, raw.to_str().unwrap()]);
+    ok(&[
+        "disk",
+        "export",
+        "--state-dir",
+        st,
+        ds,
+        raw.to_str().unwrap(),
+    ]);
     assert!(std::fs::read(&raw).unwrap() == want);
-    ok(&["disk", "import", "--state-dir", st, raw.to_str().unwrap(), mnt.join("vm1/back.vmdk").to_str().unwrap()]);
+    ok(&[
+        "disk",
+        "import",
+        "--state-dir",
+        st,
+        raw.to_str().unwrap(),
+        mnt.join("vm1/back.vmdk").to_str().unwrap(),
+    ]);
     same(&mnt.join("vm1/back.vmdk"), &want, d.path());
-    let t = ok(&["disk", "resize", "--state-dir", st, "--size", "80M", mnt.join("vm1/back.vmdk").to_str().unwrap()]);
+    let t = ok(&[
+        "disk",
+        "resize",
+        "--state-dir",
+        st,
+        "--size",
+        "80M",
+        mnt.join("vm1/back.vmdk").to_str().unwrap(),
+    ]);
     assert!(t.contains("83886080 bytes"), "{t}");
     let info = qemu_img(&["info", mnt.join("vm1/back.vmdk").to_str().unwrap()]);
     assert!(info.contains("80 MiB"), "{info}");
-    let o = vmfs(&["disk", "clone", "--state-dir", st, ds, "/tmp/elsewhere.vmdk"]);
-    assert!(!o.status.success() && text(&o).contains("not under the mountpoint"), "{}", text(&o));
+    let o = vmfs(&[
+        "disk",
+        "clone",
+        "--state-dir",
+        st,
+        ds,
+        "/tmp/elsewhere.vmdk",
+    ]);
+    assert!(
+        !o.status.success() && text(&o).contains("not under the mountpoint"),
+        "{}",
+        text(&o)
+    );
 
     host.unmount().unwrap();
     // Not mounted: by the datastore's LUNs.
@@ -150,15 +220,48 @@ fn a_disk_in_use_on_one_host_is_refused_to_another() {
     let (ma, mb) = (d.path().join("a"), d.path().join("b"));
     std::fs::create_dir(&ma).unwrap();
     std::fs::create_dir(&mb).unwrap();
-    let mut a = Host::mount(&["--state-dir", sa, "--host-uuid", "aaaaaaaa-0000-4000-8000-0000000000d1", &lun], &ma);
-    let mut b = Host::mount(&["--state-dir", sb, "--host-uuid", "bbbbbbbb-0000-4000-8000-0000000000d2", &lun], &mb);
+    let mut a = Host::mount(
+        &[
+            "--state-dir",
+            sa,
+            "--host-uuid",
+            "aaaaaaaa-0000-4000-8000-0000000000d1",
+            &lun,
+        ],
+        &ma,
+    );
+    let mut b = Host::mount(
+        &[
+            "--state-dir",
+            sb,
+            "--host-uuid",
+            "bbbbbbbb-0000-4000-8000-0000000000d2",
+            &lun,
+        ],
+        &mb,
+    );
     std::fs::create_dir(ma.join("vm")).unwrap();
     let da = ma.join("vm/d.vmdk");
     let db = mb.join("vm/d.vmdk");
-    ok(&["disk", "create", "--state-dir", sa, "--size", "32M", da.to_str().unwrap()]);
+    ok(&[
+        "disk",
+        "create",
+        "--state-dir",
+        sa,
+        "--size",
+        "32M",
+        da.to_str().unwrap(),
+    ]);
     qemu_io(&da, &["write -P 0x71 0 1M"]);
     ok(&["disk", "snapshot", "--state-dir", sa, da.to_str().unwrap()]);
-    let j = ok(&["disk", "info", "--json", "--state-dir", sa, da.to_str().unwrap()]);
+    let j = ok(&[
+        "disk",
+        "info",
+        "--json",
+        "--state-dir",
+        sa,
+        da.to_str().unwrap(),
+    ]);
     let delta = j
         .split('"')
         .find(|s| s.ends_with("-delta.vmdk"))
@@ -181,7 +284,13 @@ fn a_disk_in_use_on_one_host_is_refused_to_another() {
         assert!(text(&o).contains("slot 0"), "{cmd}: {}", text(&o));
     }
     // The frozen layer reads on B meanwhile.
-    let t = ok(&["disk", "info", "--state-dir", sb, mb.join("vm/d-000000.vmdk").to_str().unwrap()]);
+    let t = ok(&[
+        "disk",
+        "info",
+        "--state-dir",
+        sb,
+        mb.join("vm/d-000000.vmdk").to_str().unwrap(),
+    ]);
     assert!(t.contains("1 layer(s)"), "{t}");
     drop(held);
     let t = std::time::Instant::now();

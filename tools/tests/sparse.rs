@@ -36,12 +36,17 @@ fn holes_show_through_the_mount_to_lseek_qemu_img_map_and_cp() {
     let p = mnt.join("sparse.raw");
     let f = std::fs::File::create(&p).unwrap();
     f.set_len(64 * MIB).unwrap();
-    f.write_all_at(&vec![0xa5; (2 * MIB) as usize], 8 * MIB).unwrap();
+    f.write_all_at(&vec![0xa5; (2 * MIB) as usize], 8 * MIB)
+        .unwrap();
     f.write_all_at(&[1u8; 4096], 40 * MIB + 4096).unwrap();
     f.write_all_at(b"end", 64 * MIB - 3).unwrap();
     f.sync_all().unwrap();
     drop(f);
-    let data = [(8 * MIB, 10 * MIB), (40 * MIB, 41 * MIB), (63 * MIB, 64 * MIB)];
+    let data = [
+        (8 * MIB, 10 * MIB),
+        (40 * MIB, 41 * MIB),
+        (63 * MIB, 64 * MIB),
+    ];
 
     let f = std::fs::File::open(&p).unwrap();
     assert_eq!(lseek(&f, 0, libc::SEEK_DATA), Some(8 * MIB));

@@ -121,7 +121,9 @@ impl std::fmt::Display for Retry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.0 {
             RetryKind::NeedVolumeLock => write!(f, "internal: this change needs the volume lock"),
-            RetryKind::NeedExclusiveData => write!(f, "internal: this write needs the file's data lock alone"),
+            RetryKind::NeedExclusiveData => {
+                write!(f, "internal: this write needs the file's data lock alone")
+            }
             RetryKind::ClusterBusy { addr, slot } => write!(
                 f,
                 "internal: file-block cluster {addr:#x} is held by the host in slot {slot}"

@@ -163,7 +163,9 @@ impl File {
     /// Write all of `data` at `off`, extending the file when it ends past it.
     pub fn write_at(&self, data: &[u8], off: u64) -> Result<()> {
         self.check_writable("write")?;
-        self.fs.write_with(&self.data, self.ino, off, data).map(|_| ())
+        self.fs
+            .write_with(&self.data, self.ino, off, data)
+            .map(|_| ())
     }
 
     /// Whether a write of `len` bytes at `off` needs no block allocated
@@ -284,7 +286,10 @@ impl Fs {
     pub fn resolve(&self, path: &str) -> Result<u64> {
         let mut ino = self.root();
         for c in components(path)? {
-            ino = self.lookup(ino, c.as_bytes()).map_err(|e| name_path(e, path))?.addr;
+            ino = self
+                .lookup(ino, c.as_bytes())
+                .map_err(|e| name_path(e, path))?
+                .addr;
         }
         Ok(ino)
     }
@@ -293,11 +298,16 @@ impl Fs {
     pub fn parent_path<'p>(&self, path: &'p str) -> Result<(u64, &'p str)> {
         let mut cs = components(path)?;
         let Some(name) = cs.pop() else {
-            return Err(FsError::Invalid(format!("{path:?} names the root, not a file")));
+            return Err(FsError::Invalid(format!(
+                "{path:?} names the root, not a file"
+            )));
         };
         let mut ino = self.root();
         for c in cs {
-            ino = self.lookup(ino, c.as_bytes()).map_err(|e| name_path(e, path))?.addr;
+            ino = self
+                .lookup(ino, c.as_bytes())
+                .map_err(|e| name_path(e, path))?
+                .addr;
         }
         Ok((ino, name))
     }
@@ -307,7 +317,10 @@ impl Fs {
         let ino = self.resolve(path)?;
         let i = self.getattr(ino)?;
         if i.is_dir() {
-            return Err(FsError::File(Fault::IsDir, format!("{path} is a directory")));
+            return Err(FsError::File(
+                Fault::IsDir,
+                format!("{path} is a directory"),
+            ));
         }
         File::open_ino(self, ino, mode, path.to_string()).map_err(|e| name_path(e, path))
     }
@@ -317,7 +330,15 @@ impl Fs {
         let (dir, name) = self.parent_path(path)?;
         let (uid, gid) = owner();
         let i = self
-            .create(dir, name.as_bytes(), S_IFREG | (perm & 0o7777), uid, gid, 0, None)
+            .create(
+                dir,
+                name.as_bytes(),
+                S_IFREG | (perm & 0o7777),
+                uid,
+                gid,
+                0,
+                None,
+            )
             .map_err(|e| name_path(e, path))?;
         self.entry_changed(dir, name);
         File::open_ino(self, i.addr, mode, path.to_string())
@@ -335,8 +356,16 @@ impl Fs {
     pub fn mkdir_path(&self, path: &str, perm: u32) -> Result<()> {
         let (dir, name) = self.parent_path(path)?;
         let (uid, gid) = owner();
-        self.create(dir, name.as_bytes(), S_IFDIR | (perm & 0o7777), uid, gid, 0, None)
-            .map_err(|e| name_path(e, path))?;
+        self.create(
+            dir,
+            name.as_bytes(),
+            S_IFDIR | (perm & 0o7777),
+            uid,
+            gid,
+            0,
+            None,
+        )
+        .map_err(|e| name_path(e, path))?;
         self.entry_changed(dir, name);
         Ok(())
     }

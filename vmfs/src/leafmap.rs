@@ -114,7 +114,12 @@ impl FileData {
     /// when the range is not all known and inside `size_lb`. The map stays
     /// read-locked meanwhile, so no invalidation runs during the I/O `f`
     /// does (only fillers and invalidators wait for it).
-    pub fn with_leaves(&self, off: u64, len: u64, mut f: impl FnMut(u64, u64, Leaf) -> bool) -> bool {
+    pub fn with_leaves(
+        &self,
+        off: u64,
+        len: u64,
+        mut f: impl FnMut(u64, u64, Leaf) -> bool,
+    ) -> bool {
         let Some(end) = off.checked_add(len) else {
             return false;
         };
@@ -160,8 +165,8 @@ impl FileData {
         let last = first.saturating_add(leaves.len() as u64 - 1);
         {
             let m = self.map.read().unwrap_or_else(|p| p.into_inner());
-            let fits = m.leaf == leaf
-                && (first / CHUNK..=last / CHUNK).all(|c| m.chunks.contains_key(&c));
+            let fits =
+                m.leaf == leaf && (first / CHUNK..=last / CHUNK).all(|c| m.chunks.contains_key(&c));
             drop(m);
             if !fits {
                 let mut m = self.map.write().unwrap_or_else(|p| p.into_inner());
@@ -172,7 +177,9 @@ impl FileData {
                     m.chunks.clear();
                     m.leaf = leaf;
                 }
-                let need = (first / CHUNK..=last / CHUNK).filter(|c| !m.chunks.contains_key(c)).count();
+                let need = (first / CHUNK..=last / CHUNK)
+                    .filter(|c| !m.chunks.contains_key(c))
+                    .count();
                 if m.chunks.len() + need > MAX_CHUNKS {
                     m.chunks.clear();
                 }
@@ -285,7 +292,13 @@ mod tests {
         d.set_holes_ok(true);
         assert!(!d.with_leaves(0, 10, |_, _, _| true));
         let t = d.ticket();
-        d.fill(&t, 100, 300, 0, &[Leaf::At(1000), Leaf::Hole, Leaf::At(5000)]);
+        d.fill(
+            &t,
+            100,
+            300,
+            0,
+            &[Leaf::At(1000), Leaf::Hole, Leaf::At(5000)],
+        );
         let mut seen = Vec::new();
         assert!(d.with_leaves(50, 200, |li, l, x| {
             seen.push((li, l, x));
@@ -293,7 +306,11 @@ mod tests {
         }));
         assert_eq!(
             seen,
-            vec![(0, 100, Leaf::At(1000)), (1, 100, Leaf::Hole), (2, 100, Leaf::At(5000))]
+            vec![
+                (0, 100, Leaf::At(1000)),
+                (1, 100, Leaf::Hole),
+                (2, 100, Leaf::At(5000))
+            ]
         );
         // Past the known size: not from the cache.
         assert!(!d.with_leaves(250, 100, |_, _, _| true));

@@ -21,8 +21,8 @@ pub mod writebehind;
 
 pub use error::{Fault, FsError, Result};
 pub use file::{File, LockMode};
-pub use housekeeper::Housekeeper;
 pub use fs::{Change, Fs, SetAttr, Usage};
+pub use housekeeper::Housekeeper;
 
 /// White-box access for tests that damage or fill a datastore on purpose
 /// (cargo feature `test-hooks`; never in the shipped binary): run a

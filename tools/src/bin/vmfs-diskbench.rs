@@ -82,12 +82,25 @@ fn qemu_bench(file: &std::path::Path, n: u64, size: u64) -> Result<f64> {
     // offsets by the step and wraps.
     let t = Instant::now();
     let o = std::process::Command::new("qemu-img")
-        .args(["bench", "-f", "vmdk", "-c", &n.to_string(), "-s", "4096", "-S"])
+        .args([
+            "bench",
+            "-f",
+            "vmdk",
+            "-c",
+            &n.to_string(),
+            "-s",
+            "4096",
+            "-S",
+        ])
         .arg(((size / 4096 / 7 * 4096) + 4096).to_string())
         .arg(file)
         .output()
         .context("qemu-img bench")?;
-    anyhow::ensure!(o.status.success(), "qemu-img bench: {}", String::from_utf8_lossy(&o.stderr));
+    anyhow::ensure!(
+        o.status.success(),
+        "qemu-img bench: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     Ok(n as f64 / t.elapsed().as_secs_f64())
 }
 
@@ -97,7 +110,11 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let size = a.size << 20;
     let store: Arc<dyn Store> = Arc::new(LocalStore::new(&dir));
-    println!("vmfs-diskbench: {} MiB disks, local files in {}", a.size, dir.display());
+    println!(
+        "vmfs-diskbench: {} MiB disks, local files in {}",
+        a.size,
+        dir.display()
+    );
 
     // 1. A base disk vs. its flat extent.
     ops::create(&*store, "base.vmdk", size, Provisioning::Thin, "pvscsi")?;

@@ -159,7 +159,8 @@ fn run(side: &dyn Side, kind: Kind, threads: u64, size_mib: u64, ops: u64) -> Re
             })
             .collect();
         for h in hs {
-            h.join().map_err(|_| anyhow::anyhow!("a thread panicked"))??;
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a thread panicked"))??;
         }
         Ok(())
     })?;
@@ -222,7 +223,12 @@ fn main() -> Result<()> {
     );
     let mut ours = std::collections::HashMap::new();
     let mut base = std::collections::HashMap::new();
-    for kind in [Kind::SeqWrite, Kind::SeqRead, Kind::RandRead, Kind::RandWrite] {
+    for kind in [
+        Kind::SeqWrite,
+        Kind::SeqRead,
+        Kind::RandRead,
+        Kind::RandWrite,
+    ] {
         for threads in [1, a.threads] {
             let b1 = run(&raw, kind, threads, size, a.random_ops)?;
             let o1 = run(&api, kind, threads, size, a.random_ops)?;
@@ -245,7 +251,12 @@ fn main() -> Result<()> {
         }
     }
     println!("scaling, {} threads / 1 thread:", a.threads);
-    for kind in [Kind::SeqWrite, Kind::SeqRead, Kind::RandRead, Kind::RandWrite] {
+    for kind in [
+        Kind::SeqWrite,
+        Kind::SeqRead,
+        Kind::RandRead,
+        Kind::RandWrite,
+    ] {
         let s = |m: &std::collections::HashMap<(&str, u64), f64>| {
             m[&(kind.name(), a.threads)] / m[&(kind.name(), 1)]
         };

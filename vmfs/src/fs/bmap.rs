@@ -69,7 +69,9 @@ impl State {
             return Ok((off < ino.size).then_some(off));
         }
         let leaf = Self::leaf_size(vol, ino);
-        Ok(self.scan(vol, ino, off / leaf, true)?.map(|li| (li * leaf).max(off)))
+        Ok(self
+            .scan(vol, ino, off / leaf, true)?
+            .map(|li| (li * leaf).max(off)))
     }
 
     /// The first byte at or after `off` in a hole (unwritten leaves read as
@@ -81,7 +83,9 @@ impl State {
         let leaf = Self::leaf_size(vol, ino);
         Ok(match self.scan(vol, ino, off / leaf, false)? {
             Some(li) => (li * leaf).max(off),
-            None => (FD_PTRS as u64 * Self::tree_span(ino)).saturating_mul(leaf).max(off),
+            None => (FD_PTRS as u64 * Self::tree_span(ino))
+                .saturating_mul(leaf)
+                .max(off),
         })
     }
 
@@ -93,13 +97,27 @@ impl State {
     }
 
     /// The first leaf at or after `from` that is data (`data`) or a hole.
-    pub(crate) fn scan(&mut self, vol: &Volume, ino: &Inode, from: u64, data: bool) -> Result<Option<u64>> {
+    pub(crate) fn scan(
+        &mut self,
+        vol: &Volume,
+        ino: &Inode,
+        from: u64,
+        data: bool,
+    ) -> Result<Option<u64>> {
         let Layout::Tree { depth, .. } = ino.layout else {
             return Ok(None);
         };
         let span = Self::span(depth);
         for root in from / span..FD_PTRS as u64 {
-            let found = self.scan_node(vol, ino, ino.ptr(root as usize), depth, root * span, from, data)?;
+            let found = self.scan_node(
+                vol,
+                ino,
+                ino.ptr(root as usize),
+                depth,
+                root * span,
+                from,
+                data,
+            )?;
             if found.is_some() {
                 return Ok(found);
             }
@@ -261,7 +279,13 @@ impl State {
         self.rewrite_ptr(vol, ino, li, addr | PTR_UNWRITTEN)
     }
 
-    pub(crate) fn rewrite_ptr(&mut self, vol: &Volume, ino: &mut Inode, li: u64, v: u64) -> Result<()> {
+    pub(crate) fn rewrite_ptr(
+        &mut self,
+        vol: &Volume,
+        ino: &mut Inode,
+        li: u64,
+        v: u64,
+    ) -> Result<()> {
         let Layout::Tree { depth, .. } = ino.layout else {
             return Ok(());
         };

@@ -14,7 +14,12 @@ impl State {
     }
 
     /// The 4K address of directory block `idx`, allocating (zeroed) if absent.
-    pub(crate) fn dir_block_alloc(&mut self, vol: &Volume, dir: &mut Inode, idx: u64) -> Result<u64> {
+    pub(crate) fn dir_block_alloc(
+        &mut self,
+        vol: &Volume,
+        dir: &mut Inode,
+        idx: u64,
+    ) -> Result<u64> {
         let (li, sub) = Self::dir_pos(vol, dir, idx);
         let (a, fresh) = self.map_alloc(vol, dir, li)?;
         if fresh {
@@ -62,7 +67,13 @@ impl State {
         Ok((a, es, next))
     }
 
-    pub(crate) fn bucket_write(&mut self, vol: &Volume, addr: u64, es: &[DirEntry], next: u32) -> Result<()> {
+    pub(crate) fn bucket_write(
+        &mut self,
+        vol: &Volume,
+        addr: u64,
+        es: &[DirEntry],
+        next: u32,
+    ) -> Result<()> {
         let b = self.meta.get_mut(vol, addr, MAGIC_DIRBKT)?;
         let ok = bucket_store(b, es);
         put32(b, 36, next);
@@ -158,7 +169,12 @@ impl State {
         Ok(out)
     }
 
-    pub(crate) fn ovf_alloc(&mut self, vol: &Volume, dir: &mut Inode, hdr: u64) -> Result<(u32, u64)> {
+    pub(crate) fn ovf_alloc(
+        &mut self,
+        vol: &Volume,
+        dir: &mut Inode,
+        hdr: u64,
+    ) -> Result<(u32, u64)> {
         let b = self.meta.get(vol, hdr, MAGIC_DIRHDR)?;
         let (onext, ofree) = (get32(b, 56), get32(b, 60));
         let k = if ofree != 0 {
@@ -175,7 +191,13 @@ impl State {
         Ok((k, a))
     }
 
-    pub(crate) fn ovf_release(&mut self, vol: &Volume, dir: &Inode, hdr: u64, k: u32) -> Result<()> {
+    pub(crate) fn ovf_release(
+        &mut self,
+        vol: &Volume,
+        dir: &Inode,
+        hdr: u64,
+        k: u32,
+    ) -> Result<()> {
         let a = self.dir_block_ro(vol, dir, DIR_OVF_BASE + u64::from(k) - 1)?;
         let head = get32(self.meta.get(vol, hdr, MAGIC_DIRHDR)?, 60);
         self.bucket_write(vol, a, &[], head)?;
@@ -393,7 +415,9 @@ mod tests {
             let unique: std::collections::HashSet<_> = names.iter().collect();
             assert_eq!(unique.len(), names.len());
             assert!(st.dir_insert(vol, &mut d, b"", 1, 1).is_err());
-            assert!(st.dir_insert(vol, &mut d, &[b'x'; NAME_MAX + 1], 1, 1).is_err());
+            assert!(st
+                .dir_insert(vol, &mut d, &[b'x'; NAME_MAX + 1], 1, 1)
+                .is_err());
             Ok(())
         })
         .unwrap();

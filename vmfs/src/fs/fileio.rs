@@ -118,7 +118,8 @@ impl Fs {
                 .checked_add(data.len() as u64)
                 .is_none_or(|e| e > lun.size())
             {
-                return Err(FsError::File(Fault::NoSpace,
+                return Err(FsError::File(
+                    Fault::NoSpace,
                     format!(
                         "write at {off} (+{} bytes) past the end of the mapped LUN ({} bytes)",
                         data.len(),
@@ -144,7 +145,8 @@ impl Fs {
         off: u64,
         data: &[u8],
     ) -> Result<Inode> {
-        let need_excl = |e: &FsError| matches!(e, FsError::Retry(Retry(RetryKind::NeedExclusiveData)));
+        let need_excl =
+            |e: &FsError| matches!(e, FsError::Retry(Retry(RetryKind::NeedExclusiveData)));
         let r = {
             let _g = fd.rw.read().unwrap_or_else(|p| p.into_inner());
             self.write_held(fd, ino, off, data, false)
@@ -260,7 +262,8 @@ impl Fs {
     /// fallocate: mode bits as in fallocate(2).
     pub fn fallocate(&self, ino: u64, off: u64, len: u64, mode: i32) -> Result<()> {
         if self.getattr(ino)?.flags & FD_FLAG_RDM != 0 {
-            return Err(FsError::File(Fault::NotSupported,
+            return Err(FsError::File(
+                Fault::NotSupported,
                 format!("file {ino:#x} is a raw device mapping: allocate on its LUN"),
             ));
         }
@@ -302,7 +305,6 @@ impl Fs {
     }
 }
 
-
 /// How many leaves a miss fills ahead of the one asked for (sequential
 /// readers then find the next ones cached).
 const FILL_AHEAD: u64 = 256;
@@ -311,7 +313,13 @@ const FILL_AHEAD: u64 = 256;
 // through its leaf cache ([`crate::leafmap`]); misses fill it.
 impl Fs {
     /// Reads and writes of an open file meet its blocks here first.
-    pub(crate) fn read_with(&self, fd: &FileData, ino: u64, off: u64, buf: &mut [u8]) -> Result<usize> {
+    pub(crate) fn read_with(
+        &self,
+        fd: &FileData,
+        ino: u64,
+        off: u64,
+        buf: &mut [u8],
+    ) -> Result<usize> {
         if let Some((lun, _)) = self.mapped_lun(ino) {
             let n = lun.size().saturating_sub(off).min(buf.len() as u64) as usize;
             lun.read_at(&mut buf[..n], off)?;
@@ -397,7 +405,10 @@ impl Fs {
                 return Ok(None); // past the end: nothing to cache
             }
             let want = off.saturating_add(len).div_ceil(leaf).max(first + 1);
-            let last = want.max(first + FILL_AHEAD).min(in_file).max(want.min(in_file));
+            let last = want
+                .max(first + FILL_AHEAD)
+                .min(in_file)
+                .max(want.min(in_file));
             let mut v = Vec::with_capacity(last.saturating_sub(first) as usize);
             for li in first..last {
                 let p = st.get_ptr(vol, &i, li)?;
@@ -439,13 +450,18 @@ impl Fs {
         self.write_data(fd, ino, off, data).map(|_| ())
     }
 
-    pub(crate) fn writes_in_place_with(&self, fd: &FileData, ino: u64, off: u64, len: usize) -> Result<bool> {
+    pub(crate) fn writes_in_place_with(
+        &self,
+        fd: &FileData,
+        ino: u64,
+        off: u64,
+        len: usize,
+    ) -> Result<bool> {
         if self.mapped_lun(ino).is_some() {
             return Ok(false);
         }
-        let mapped = |fd: &FileData| {
-            fd.with_leaves(off, len as u64, |_, _, l| matches!(l, Leaf::At(_)))
-        };
+        let mapped =
+            |fd: &FileData| fd.with_leaves(off, len as u64, |_, _, l| matches!(l, Leaf::At(_)));
         if len > 0 && mapped(fd) {
             return Ok(true);
         }
@@ -456,7 +472,10 @@ impl Fs {
     /// become now, committed once per clock tick at most.
     fn stamp_times(&self, fd: &FileData, ino: u64) -> Result<()> {
         let t = crate::fs::now();
-        let packed = (t.0 as u64).wrapping_mul(1_000_000_000).wrapping_add(u64::from(t.1)) | 1;
+        let packed = (t.0 as u64)
+            .wrapping_mul(1_000_000_000)
+            .wrapping_add(u64::from(t.1))
+            | 1;
         if fd.stamp.load(std::sync::atomic::Ordering::SeqCst) == packed {
             return Ok(());
         }
@@ -477,7 +496,11 @@ impl Fs {
     pub fn allocated(&self, ino: u64, off: u64, len: u64) -> Result<Vec<Range>> {
         if let Some((lun, _)) = self.mapped_lun(ino) {
             let end = off.saturating_add(len).min(lun.size());
-            return Ok(if off < end { vec![off..end] } else { Vec::new() });
+            return Ok(if off < end {
+                vec![off..end]
+            } else {
+                Vec::new()
+            });
         }
         self.file_read_op(ino, |st, vol| {
             let i = st.iget(vol, ino)?;

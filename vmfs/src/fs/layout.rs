@@ -130,7 +130,12 @@ impl State {
             && sb < vol.block_size()
     }
 
-    pub(crate) fn prepare_layout(&mut self, vol: &Volume, ino: &mut Inode, end: u64) -> Result<bool> {
+    pub(crate) fn prepare_layout(
+        &mut self,
+        vol: &Volume,
+        ino: &mut Inode,
+        end: u64,
+    ) -> Result<bool> {
         if ino.layout == Layout::Inline {
             if end <= INLINE_MAX as u64 {
                 return Ok(true);
@@ -188,7 +193,13 @@ impl State {
     }
 
     /// Zero `[off, end)` inside already-mapped leaves (no allocation).
-    pub(crate) fn zero_mapped(&mut self, vol: &Volume, ino: &mut Inode, off: u64, end: u64) -> Result<()> {
+    pub(crate) fn zero_mapped(
+        &mut self,
+        vol: &Volume,
+        ino: &mut Inode,
+        off: u64,
+        end: u64,
+    ) -> Result<()> {
         if off >= end {
             return Ok(());
         }

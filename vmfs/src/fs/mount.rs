@@ -374,7 +374,12 @@ impl Fs {
         Ok(n)
     }
 
-    pub(crate) fn journal_region(&self, addr: u64, nblocks: u32, slot: u32) -> Result<journal::Region> {
+    pub(crate) fn journal_region(
+        &self,
+        addr: u64,
+        nblocks: u32,
+        slot: u32,
+    ) -> Result<journal::Region> {
         journal_region(&self.vol(), addr, nblocks, slot)
     }
 
@@ -506,7 +511,11 @@ impl Fs {
     /// lock, so a read-check-write of the slot suffices even on LUNs without
     /// compare-and-write: no delta-lease waits in a takeover. Returns how
     /// many this host recovered (their replays are in [`Fs::replays`]).
-    pub(crate) fn recover_slots(&self, dead: Vec<crate::cluster::Dead>, why: &str) -> Result<usize> {
+    pub(crate) fn recover_slots(
+        &self,
+        dead: Vec<crate::cluster::Dead>,
+        why: &str,
+    ) -> Result<usize> {
         let Some(m) = self.member.get() else {
             return Ok(0);
         };
@@ -555,7 +564,10 @@ impl Fs {
     /// This host's journal: bytes in use and its size (None: no journal).
     pub fn journal_use(&self) -> Option<(u64, u64)> {
         let st = self.lock();
-        st.meta.jnl.as_ref().map(|j| (j.used() * 4096, j.capacity() * 4096))
+        st.meta
+            .jnl
+            .as_ref()
+            .map(|j| (j.used() * 4096, j.capacity() * 4096))
     }
 
     /// Files this host has open.

@@ -376,7 +376,8 @@ impl Fs {
         self.op(|st, vol| {
             let mut i = st.iget(vol, ino)?;
             if a.size.is_some() && i.flags & FD_FLAG_RDM != 0 {
-                return Err(FsError::File(Fault::NotPermitted,
+                return Err(FsError::File(
+                    Fault::NotPermitted,
                     format!("file {ino:#x} is a raw device mapping: its size is its LUN's"),
                 ));
             }

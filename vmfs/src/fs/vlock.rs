@@ -526,7 +526,10 @@ impl Fs {
     /// reading the slot table once, and only when asked about a host other
     /// than `me`. A table that cannot be read counts every holder as current
     /// (the safe side: wait, or refuse).
-    pub(crate) fn current_holders(&self, me: locking::Holder) -> impl Fn(&locking::Holder) -> bool + '_ {
+    pub(crate) fn current_holders(
+        &self,
+        me: locking::Holder,
+    ) -> impl Fn(&locking::Holder) -> bool + '_ {
         let table = std::cell::OnceCell::new();
         move |h| {
             *h == me
@@ -555,7 +558,10 @@ impl Fs {
     /// while another host holds it; the cache is dropped if its generation
     /// moved) and, if `f` read anything from disk, after; if it changed in
     /// between, `f` runs again on fresh blocks.
-    pub(crate) fn read_op<R>(&self, mut f: impl FnMut(&mut State, &Volume) -> Result<R>) -> Result<R> {
+    pub(crate) fn read_op<R>(
+        &self,
+        mut f: impl FnMut(&mut State, &Volume) -> Result<R>,
+    ) -> Result<R> {
         let mut st = self.lock();
         let (Some(sh), Some(m)) = (self.shared.get(), self.member.get()) else {
             return f(&mut st, &self.vol());
