@@ -231,8 +231,7 @@ impl Disk {
 
     /// Read `buf.len()` bytes at `off` (an error past the end).
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        let end = off
-            .checked_add(buf.len() as u64)
+        off.checked_add(buf.len() as u64)
             .filter(|&e| e <= self.capacity())
             .ok_or_else(|| {
                 DiskError::Invalid(format!(
@@ -241,7 +240,6 @@ impl Disk {
                     self.capacity()
                 ))
             })?;
-        let _ = end;
         self.read_layer(0, buf, off)
     }
 

@@ -97,11 +97,10 @@ impl SparseExtent {
     ) -> Result<SparseExtent> {
         let hdr = Header::new(capacity, grain)?;
         let tables = hdr.tables();
-        let gt_sectors = u64::from(sparse::GTES_PER_GT) * 4 / SECTOR;
         let dir = |gd_at: u64| -> Vec<u8> {
             let first = gd_at + hdr.gd_sectors();
             (0..tables)
-                .flat_map(|k| ((first + k * gt_sectors) as u32).to_le_bytes())
+                .flat_map(|k| ((first + k * sparse::GT_SECTORS) as u32).to_le_bytes())
                 .collect()
         };
         file.set_len(hdr.grain_offset * SECTOR).map_err(at(name))?;
@@ -255,6 +254,31 @@ impl SparseExtent {
     }
 }
 
+/// Rebuild the directory at sector `gd_at` from the good tables `from`:
+/// each table copied to where this layout keeps the tables of that
+/// directory (right after it), then the directory pointing at them.
+fn rebuild_directory(
+    file: &dyn DiskFile,
+    name: &str,
+    hdr: &Header,
+    from: &[u64],
+    gd_at: u64,
+) -> Result<Vec<u64>> {
+    let per = sparse::GTES_PER_GT as usize;
+    let mut out = Vec::with_capacity(from.len());
+    for (k, &src) in from.iter().enumerate() {
+        let t = read_u32s(file, src * SECTOR, per, name)?;
+        let dst = gd_at + hdr.gd_sectors() + k as u64 * sparse::GT_SECTORS;
+        let raw: Vec<u8> = t.iter().flat_map(|e| e.to_le_bytes()).collect();
+        file.write_at(&raw, dst * SECTOR).map_err(at(name))?;
+        out.push(dst);
+    }
+    let raw: Vec<u8> = out.iter().flat_map(|&s| (s as u32).to_le_bytes()).collect();
+    file.write_at(&raw, gd_at * SECTOR).map_err(at(name))?;
+    file.flush().map_err(at(name))?;
+    Ok(out)
+}
+
 /// What checking one sparse extent found and fixed.
 #[derive(Debug, Default)]
 pub struct Checked {
@@ -264,17 +288,13 @@ pub struct Checked {
     pub unrepairable: usize,
 }
 
-fn read_u32s(file: &dyn DiskFile, at: u64, n: usize, name: &str) -> Result<Vec<u32>> {
+fn read_u32s(file: &dyn DiskFile, off: u64, n: usize, name: &str) -> Result<Vec<u32>> {
     let mut raw = vec![0u8; n * 4];
-    file.read_full(&mut raw, at).map_err(at_name(name))?;
+    file.read_full(&mut raw, off).map_err(at(name))?;
     Ok(raw
         .chunks_exact(4)
         .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect())
-}
-
-fn at_name(name: &str) -> impl FnOnce(crate::error::StoreError) -> DiskError + '_ {
-    at(name)
 }
 
 /// Check a sparse extent's two grain directories and every pair of grain
@@ -298,9 +318,7 @@ pub fn check_file(file: &dyn DiskFile, name: &str, repair: bool) -> Result<Check
     let hdr = Header::decode(&b, name, len)?;
     let tables = hdr.tables() as usize;
     let per = sparse::GTES_PER_GT as usize;
-    let gt_sectors = u64::from(sparse::GTES_PER_GT) * 4 / SECTOR;
     let has_rgd = hdr.flags & sparse::FLAG_RGD != 0;
-    let home = |gd: u64, k: usize| gd + hdr.gd_sectors() + k as u64 * gt_sectors;
     let gd = read_u32s(file, hdr.gd_offset * SECTOR, tables, name)?;
     let rgd = if has_rgd {
         read_u32s(file, hdr.rgd_offset * SECTOR, tables, name)?
@@ -320,19 +338,7 @@ pub fn check_file(file: &dyn DiskFile, name: &str, repair: bool) -> Result<Check
             if !repair {
                 return Ok(c);
             }
-            // Rebuild the directory and its tables from the redundant ones.
-            let mut g = Vec::with_capacity(tables);
-            for (k, &rt) in r.iter().enumerate() {
-                let t = read_u32s(file, rt * SECTOR, per, name)?;
-                let at_sector = home(hdr.gd_offset, k);
-                let raw: Vec<u8> = t.iter().flat_map(|e| e.to_le_bytes()).collect();
-                file.write_at(&raw, at_sector * SECTOR).map_err(at(name))?;
-                g.push(at_sector);
-            }
-            let raw: Vec<u8> = g.iter().flat_map(|&s| (s as u32).to_le_bytes()).collect();
-            file.write_at(&raw, hdr.gd_offset * SECTOR)
-                .map_err(at(name))?;
-            file.flush().map_err(at(name))?;
+            let g = rebuild_directory(file, name, &hdr, &r, hdr.gd_offset)?;
             c.repaired.push(format!(
                 "{name}: grain directory rebuilt from the redundant one"
             ));
@@ -343,18 +349,7 @@ pub fn check_file(file: &dyn DiskFile, name: &str, repair: bool) -> Result<Check
             if !repair {
                 return Ok(c);
             }
-            let mut r = Vec::with_capacity(tables);
-            for (k, &pt) in g.iter().enumerate() {
-                let t = read_u32s(file, pt * SECTOR, per, name)?;
-                let at_sector = home(hdr.rgd_offset, k);
-                let raw: Vec<u8> = t.iter().flat_map(|e| e.to_le_bytes()).collect();
-                file.write_at(&raw, at_sector * SECTOR).map_err(at(name))?;
-                r.push(at_sector);
-            }
-            let raw: Vec<u8> = r.iter().flat_map(|&s| (s as u32).to_le_bytes()).collect();
-            file.write_at(&raw, hdr.rgd_offset * SECTOR)
-                .map_err(at(name))?;
-            file.flush().map_err(at(name))?;
+            let r = rebuild_directory(file, name, &hdr, &g, hdr.rgd_offset)?;
             c.repaired.push(format!(
                 "{name}: redundant grain directory rebuilt from the primary one"
             ));

@@ -420,6 +420,16 @@ pub fn clone(
     Ok(n)
 }
 
+/// A local file as a store of its directory, and its name.
+fn local_file(raw: &std::path::Path) -> Result<(crate::store::LocalStore, &str)> {
+    let dir = raw.parent().unwrap_or(std::path::Path::new("."));
+    let fname = raw
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| DiskError::Invalid(format!("{}: not a file name", raw.display())))?;
+    Ok((crate::store::LocalStore::new(dir), fname))
+}
+
 /// A new base disk `dst` with the content of the raw image `raw` (a local
 /// file; its holes are not read). Returns the bytes written.
 pub fn import(
@@ -429,12 +439,7 @@ pub fn import(
     prov: Provisioning,
     adapter: &str,
 ) -> Result<u64> {
-    let dir = raw.parent().unwrap_or(std::path::Path::new("."));
-    let fname = raw
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| DiskError::Invalid(format!("{}: not a file name", raw.display())))?;
-    let local = crate::store::LocalStore::new(dir);
+    let (local, fname) = local_file(raw)?;
     let f = local.open(fname, false).map_err(at(fname))?;
     let size = f.len().map_err(at(fname))?;
     if size == 0 {
@@ -456,12 +461,7 @@ pub fn import(
 /// file, sparse: zero chunks are holes). Returns the bytes written.
 pub fn export(store: Arc<dyn Store>, src: &str, raw: &std::path::Path) -> Result<u64> {
     let s = Disk::open(store, src, false)?;
-    let dir = raw.parent().unwrap_or(std::path::Path::new("."));
-    let fname = raw
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| DiskError::Invalid(format!("{}: not a file name", raw.display())))?;
-    let local = crate::store::LocalStore::new(dir);
+    let (local, fname) = local_file(raw)?;
     let f = local.create(fname).map_err(at(fname))?;
     f.set_len(s.capacity()).map_err(at(fname))?;
     let n = copy_ranges(

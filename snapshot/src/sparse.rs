@@ -41,7 +41,8 @@ use crate::error::{DiskError, Result};
 pub const MAGIC: u32 = 0x564d_444b; // "KDMV" read as little-endian bytes K D M V
 pub const SECTOR: u64 = 512;
 pub const GTES_PER_GT: u32 = 512;
-const GT_SECTORS: u64 = (GTES_PER_GT as u64 * 4) / SECTOR;
+/// Sectors of one grain table.
+pub const GT_SECTORS: u64 = (GTES_PER_GT as u64 * 4) / SECTOR;
 pub const FLAG_NL_DETECT: u32 = 1 << 0;
 pub const FLAG_RGD: u32 = 1 << 1;
 pub const FLAG_ZERO_GRAIN: u32 = 1 << 2;
