@@ -382,30 +382,30 @@ fn to_value<T: serde::Serialize>(v: T) -> Result<Value> {
 /// Run one request as this host.
 fn handle(s: &Shared, req: &Request) -> Result<Value> {
     let fs = &s.cfg.fs;
-    let args = |_: ()| &req.arguments;
+    let args = &req.arguments;
     let c = req.command.as_str();
     match c {
         "status" => {
-            proto::arguments::<NoArgs>(c, args(()))?;
+            proto::arguments::<NoArgs>(c, args)?;
             to_value(status(s))
         }
         "info" => {
-            proto::arguments::<NoArgs>(c, args(()))?;
+            proto::arguments::<NoArgs>(c, args)?;
             let slots = ops::disk_slots(&fs.vol())?;
             to_value(ops::info(fs, slots))
         }
         "hosts" => {
-            let a: HostsArgs = proto::arguments(c, args(()))?;
+            let a: HostsArgs = proto::arguments(c, args)?;
             let watch = Duration::from_millis(a.watch_ms.min(60_000));
             to_value(ops::hosts(&fs.vol(), watch)?)
         }
         "locks" => {
-            proto::arguments::<NoArgs>(c, args(()))?;
+            proto::arguments::<NoArgs>(c, args)?;
             let slots = ops::disk_slots(&fs.vol())?;
             to_value(ops::locks(fs, &slots)?)
         }
         "rdm-create" => {
-            let a: RdmCreateArgs = proto::arguments(c, args(()))?;
+            let a: RdmCreateArgs = proto::arguments(c, args)?;
             let mode = rdm::Mode::parse(&a.mode).ok_or_else(|| {
                 HostError::BadRequest(format!("mode {:?}: virtual or physical", a.mode))
             })?;
@@ -415,18 +415,18 @@ fn handle(s: &Shared, req: &Request) -> Result<Value> {
             to_value(ops::rdm_create(fs, &m, &a.path)?)
         }
         "rdm-info" => {
-            let a: PathArgs = proto::arguments(c, args(()))?;
+            let a: PathArgs = proto::arguments(c, args)?;
             to_value(ops::rdm_info(fs, &a.path, &s.cfg.state_dir)?)
         }
         "extend" => {
-            let a: ExtendArgs = proto::arguments(c, args(()))?;
+            let a: ExtendArgs = proto::arguments(c, args)?;
             let t = fs.member().map(|m| m.timeouts).unwrap_or_default();
             let new = lun::open_with(&a.lun, t.lun_options())?;
             let checked = ops::check_new_extent(&new, a.force, &t)?;
             to_value(ops::extend(fs, new, checked)?)
         }
         "disk-create" => {
-            let a: DiskCreateArgs = proto::arguments(c, args(()))?;
+            let a: DiskCreateArgs = proto::arguments(c, args)?;
             let prov = snapshot::Provisioning::parse(&a.provisioning).ok_or_else(|| {
                 HostError::BadRequest(format!(
                     "provisioning {:?}: thin, lazy or eager",
@@ -436,27 +436,27 @@ fn handle(s: &Shared, req: &Request) -> Result<Value> {
             to_value(ops::disk_create(fs, &a.path, a.size, prov, &a.adapter)?)
         }
         "disk-info" => {
-            let a: PathArgs = proto::arguments(c, args(()))?;
+            let a: PathArgs = proto::arguments(c, args)?;
             to_value(ops::disk_info(fs, &a.path)?)
         }
         "disk-snapshot" => {
-            let a: PathArgs = proto::arguments(c, args(()))?;
+            let a: PathArgs = proto::arguments(c, args)?;
             to_value(ops::disk_snapshot(fs, &a.path)?)
         }
         "disk-revert" => {
-            let a: PathArgs = proto::arguments(c, args(()))?;
+            let a: PathArgs = proto::arguments(c, args)?;
             to_value(ops::disk_revert(fs, &a.path)?)
         }
         "disk-check" => {
-            let a: CheckArgs = proto::arguments(c, args(()))?;
+            let a: CheckArgs = proto::arguments(c, args)?;
             to_value(ops::disk_check(fs, &a.path, a.repair)?)
         }
         "disk-resize" => {
-            let a: ResizeArgs = proto::arguments(c, args(()))?;
+            let a: ResizeArgs = proto::arguments(c, args)?;
             to_value(ops::disk_resize(fs, &a.path, a.size)?)
         }
         "disk-clone" => {
-            let a: CloneArgs = proto::arguments(c, args(()))?;
+            let a: CloneArgs = proto::arguments(c, args)?;
             to_value(ops::disk_clone(
                 fs,
                 &a.path,
@@ -465,7 +465,7 @@ fn handle(s: &Shared, req: &Request) -> Result<Value> {
             )?)
         }
         "disk-import" => {
-            let a: ImportArgs = proto::arguments(c, args(()))?;
+            let a: ImportArgs = proto::arguments(c, args)?;
             let p = provisioning(&a.provisioning)?;
             to_value(ops::disk_import(
                 fs,
@@ -476,11 +476,11 @@ fn handle(s: &Shared, req: &Request) -> Result<Value> {
             )?)
         }
         "disk-export" => {
-            let a: ExportArgs = proto::arguments(c, args(()))?;
+            let a: ExportArgs = proto::arguments(c, args)?;
             to_value(ops::disk_export(fs, &a.path, local_path(&a.raw)?)?)
         }
         "disk-consolidate" => {
-            let a: ConsolidateArgs = proto::arguments(c, args(()))?;
+            let a: ConsolidateArgs = proto::arguments(c, args)?;
             to_value(ops::disk_consolidate(fs, &a.path, a.all)?)
         }
         _ => Err(HostError::UnknownCommand(

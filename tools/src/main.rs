@@ -51,42 +51,18 @@ enum Cmd {
     },
     /// Each host slot: state, host UUID, generation, heartbeat, journal.
     Hosts {
-        /// The datastore: its LUNs, or a directory under its mountpoint on
-        /// this machine (then its host agent answers).
-        #[arg(required = true)]
-        luns: Vec<String>,
-        /// Where this machine's host agents listen (STATE_DIR/run).
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
-        /// Print the result as JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        ds: DatastoreArgs,
     },
     /// Locks held on disk: object, mode, owner slot/host, generation.
     Locks {
-        /// The datastore: its LUNs, or a directory under its mountpoint on
-        /// this machine (then its host agent answers).
-        #[arg(required = true)]
-        luns: Vec<String>,
-        /// Where this machine's host agents listen (STATE_DIR/run).
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
-        /// Print the result as JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        ds: DatastoreArgs,
     },
     /// Show the volume, its extents, usage and free space.
     Info {
-        /// The datastore: its LUNs, or a directory under its mountpoint on
-        /// this machine (then its host agent answers).
-        #[arg(required = true)]
-        luns: Vec<String>,
-        /// Where this machine's host agents listen (STATE_DIR/run).
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
-        /// Print the result as JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        ds: DatastoreArgs,
     },
     /// The datastores this machine hosts (its `vmfs mount` processes):
     /// mountpoint, slot, generation, journal use, open files.
@@ -155,6 +131,21 @@ enum Cmd {
     /// a path inside that datastore.
     #[command(subcommand)]
     Disk(DiskCmd),
+}
+
+/// A datastore a reading command names, and how it prints.
+#[derive(clap::Args)]
+struct DatastoreArgs {
+    /// The datastore: its LUNs, or a directory under its mountpoint on
+    /// this machine (then its host agent answers).
+    #[arg(required = true)]
+    luns: Vec<String>,
+    /// Where this machine's host agents listen (STATE_DIR/run).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Where a disk is.
@@ -599,11 +590,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 max_hosts
             );
         }
-        Cmd::Info {
-            luns,
-            state_dir,
-            json,
-        } => hosted::info(&luns, &state_dir_or_default(state_dir), json)?,
+        Cmd::Info { ds } => hosted::info(&ds.luns, &state_dir_or_default(ds.state_dir), ds.json)?,
         Cmd::Status { state_dir, json } => hosted::status(&state_dir_or_default(state_dir), json)?,
         Cmd::Fsck { repair, luns } => {
             return Ok(match fsck(&luns, repair) {
@@ -622,16 +609,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             host,
             args,
         } => mount(&args, foreground, threads, log_file, &host)?,
-        Cmd::Hosts {
-            luns,
-            state_dir,
-            json,
-        } => hosted::hosts(&luns, &state_dir_or_default(state_dir), json)?,
-        Cmd::Locks {
-            luns,
-            state_dir,
-            json,
-        } => hosted::locks(&luns, &state_dir_or_default(state_dir), json)?,
+        Cmd::Hosts { ds } => hosted::hosts(&ds.luns, &state_dir_or_default(ds.state_dir), ds.json)?,
+        Cmd::Locks { ds } => hosted::locks(&ds.luns, &state_dir_or_default(ds.state_dir), ds.json)?,
         Cmd::Crashtest(a) => return crashtest(a),
         Cmd::Rdm(c) => return rdm_cmd(c),
         Cmd::Disk(c) => return hosted::disk(c),

@@ -98,12 +98,6 @@ impl Leaves {
 pub struct Ticket(u64);
 
 impl FileData {
-    /// The leaf size when anything is cached.
-    pub fn leaf_size(&self) -> Option<u64> {
-        let m = self.map.read().unwrap_or_else(|p| p.into_inner());
-        (m.leaf != 0).then_some(m.leaf)
-    }
-
     pub fn size_lb(&self) -> u64 {
         self.size_lb.load(SeqCst)
     }

@@ -405,10 +405,7 @@ impl Fs {
                 return Ok(None); // past the end: nothing to cache
             }
             let want = off.saturating_add(len).div_ceil(leaf).max(first + 1);
-            let last = want
-                .max(first + FILL_AHEAD)
-                .min(in_file)
-                .max(want.min(in_file));
+            let last = want.max(first + FILL_AHEAD).min(in_file);
             let mut v = Vec::with_capacity(last.saturating_sub(first) as usize);
             for li in first..last {
                 let p = st.get_ptr(vol, &i, li)?;
@@ -460,9 +457,7 @@ impl Fs {
         if self.mapped_lun(ino).is_some() {
             return Ok(false);
         }
-        let mapped =
-            |fd: &FileData| fd.with_leaves(off, len as u64, |_, _, l| matches!(l, Leaf::At(_)));
-        if len > 0 && mapped(fd) {
+        if len > 0 && fd.with_leaves(off, len as u64, |_, _, l| matches!(l, Leaf::At(_))) {
             return Ok(true);
         }
         self.writes_in_place(ino, off, len)
