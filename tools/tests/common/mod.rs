@@ -97,6 +97,13 @@ impl Host {
             mnt: mnt.to_path_buf(),
         }
     }
+    /// [`Host::mount`] with a lease of `lease_ms`.
+    pub fn mount_lease(args: &[&str], mnt: &Path, lease_ms: u32) -> Host {
+        Host {
+            child: mount_foreground_lease(args, mnt, lease_ms),
+            mnt: mnt.to_path_buf(),
+        }
+    }
     /// SIGKILL it (a crash) and detach its dead mount.
     pub fn kill(&mut self) {
         if let Ok(None) = self.child.try_wait() {
