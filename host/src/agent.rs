@@ -44,6 +44,8 @@ pub const COMMANDS: &[&str] = &[
     "disk-export",
     "disk-resize",
     "disk-check",
+    "disk-changed",
+    "disk-tracking",
 ];
 
 /// What the agent serves.
@@ -293,6 +295,28 @@ struct DiskCreateArgs {
     provisioning: String,
     #[serde(default = "lsilogic")]
     adapter: String,
+    #[serde(default = "yes")]
+    change_tracking: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChangedArgs {
+    path: String,
+    since: String,
+    #[serde(default)]
+    until: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrackingArgs {
+    path: String,
+    on: bool,
 }
 
 fn thin() -> String {
@@ -433,7 +457,27 @@ fn handle(s: &Shared, req: &Request) -> Result<Value> {
                     a.provisioning
                 ))
             })?;
-            to_value(ops::disk_create(fs, &a.path, a.size, prov, &a.adapter)?)
+            to_value(ops::disk_create(
+                fs,
+                &a.path,
+                a.size,
+                prov,
+                &a.adapter,
+                a.change_tracking,
+            )?)
+        }
+        "disk-changed" => {
+            let a: ChangedArgs = proto::arguments(c, args)?;
+            to_value(ops::disk_changed(
+                fs,
+                &a.path,
+                &a.since,
+                a.until.as_deref(),
+            )?)
+        }
+        "disk-tracking" => {
+            let a: TrackingArgs = proto::arguments(c, args)?;
+            to_value(ops::disk_tracking(fs, &a.path, a.on)?)
         }
         "disk-info" => {
             let a: PathArgs = proto::arguments(c, args)?;

@@ -444,6 +444,21 @@ pub struct DiskInfo {
     pub thin: Option<bool>,
     /// Newest first: the current layer, then each snapshot below it.
     pub layers: Vec<LayerInfo>,
+    /// Change tracking (`None`: off).
+    #[serde(default)]
+    pub tracking: Option<TrackingInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrackingInfo {
+    pub file: String,
+    /// The ID of the last snapshot (`HISTORY/0`: the start of the history).
+    pub last_change_id: Option<String>,
+    pub granularity: u64,
+    /// When and why the history began.
+    pub began: String,
+    /// Why it cannot answer now (the next write-open starts a new history).
+    pub invalid: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -483,7 +498,77 @@ pub fn disk_info(fs: &Arc<Fs>, path: &str) -> Result<DiskInfo> {
         adapter: d.layers[0].desc.ddb("ddb.adapterType").map(String::from),
         thin: base.ddb("ddb.thinProvisioned").map(|v| v == "1"),
         layers,
+        tracking: d.tracking_info().map(|t| TrackingInfo {
+            file: t.file,
+            last_change_id: t.last_id.map(|i| i.to_string()),
+            granularity: t.granularity,
+            began: t.began,
+            invalid: t.invalid,
+        }),
     })
+}
+
+/// `vmfs disk changed`: the byte ranges to read.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskChanges {
+    pub path: String,
+    pub since: String,
+    pub until: Option<String>,
+    pub size: u64,
+    pub granularity: u64,
+    /// `[start, end)` byte ranges, in order.
+    pub ranges: Vec<(u64, u64)>,
+    /// Their total.
+    pub bytes: u64,
+    /// Set when the answer is the whole disk because the history cannot
+    /// answer: why.
+    pub whole_disk: Option<String>,
+}
+
+fn change_id(s: &str) -> Result<snapshot::ctk::ChangeId> {
+    s.parse().map_err(disk_err)
+}
+
+pub fn disk_changed(
+    fs: &Arc<Fs>,
+    path: &str,
+    since: &str,
+    until: Option<&str>,
+) -> Result<DiskChanges> {
+    let (store, name) = store_for(fs, path)?;
+    let s = if since == "*" {
+        None
+    } else {
+        Some(change_id(since)?)
+    };
+    let u = until.map(change_id).transpose()?;
+    let d = snapshot::Disk::open(store, &name, false).map_err(disk_err)?;
+    let c = d.changed(s, u).map_err(disk_err)?;
+    Ok(DiskChanges {
+        path: path.to_string(),
+        since: since.to_string(),
+        until: until.map(String::from),
+        size: d.capacity(),
+        granularity: c.granularity,
+        bytes: c.ranges.iter().map(|r| r.end - r.start).sum(),
+        ranges: c.ranges.iter().map(|r| (r.start, r.end)).collect(),
+        whole_disk: c.whole_disk,
+    })
+}
+
+pub fn disk_tracking(fs: &Arc<Fs>, path: &str, on: bool) -> Result<DiskDone> {
+    let (store, name) = store_for(fs, path)?;
+    let was = snapshot::ops::set_tracking(store, &name, on).map_err(disk_err)?;
+    let said = match (was, on) {
+        (true, true) => "change tracking was already on".to_string(),
+        (false, false) => "change tracking was already off".to_string(),
+        (false, true) => {
+            "change tracking is on: a new history begins (the next backup reads the whole disk)"
+                .to_string()
+        }
+        (true, false) => "change tracking is off; its file is removed".to_string(),
+    };
+    done(fs, path, said)
 }
 
 /// What a disk operation did.
@@ -493,6 +578,9 @@ pub struct DiskDone {
     /// What happened, for a person.
     pub said: String,
     pub depth: usize,
+    /// What `snapshot` froze at (with change tracking on).
+    #[serde(default)]
+    pub change_id: Option<String>,
 }
 
 fn disk_err(e: snapshot::DiskError) -> HostError {
@@ -506,6 +594,7 @@ fn done(fs: &Arc<Fs>, path: &str, said: String) -> Result<DiskDone> {
         path: path.to_string(),
         said,
         depth: d.depth(),
+        change_id: None,
     })
 }
 
@@ -515,20 +604,39 @@ pub fn disk_create(
     size: u64,
     prov: snapshot::Provisioning,
     adapter: &str,
+    tracking: bool,
 ) -> Result<DiskDone> {
     let (store, name) = store_for(fs, path)?;
     snapshot::ops::create(&*store, &name, size, prov, adapter).map_err(disk_err)?;
-    done(fs, path, format!("created {path}: {size} bytes, {prov:?}"))
+    if !tracking {
+        snapshot::ops::set_tracking(store, &name, false).map_err(disk_err)?;
+    }
+    done(
+        fs,
+        path,
+        format!(
+            "created {path}: {size} bytes, {prov:?}, change tracking {}",
+            if tracking { "on" } else { "off" }
+        ),
+    )
 }
 
 pub fn disk_snapshot(fs: &Arc<Fs>, path: &str) -> Result<DiskDone> {
     let (store, name) = store_for(fs, path)?;
-    let frozen = snapshot::ops::snapshot(store, &name).map_err(disk_err)?;
-    done(
+    let s = snapshot::ops::snapshot(store, &name).map_err(disk_err)?;
+    let mut d = done(
         fs,
         path,
-        format!("snapshot taken: the state until now is frozen as {frozen}"),
-    )
+        format!(
+            "snapshot taken: the state until now is frozen as {}{}",
+            s.frozen,
+            s.change_id
+                .map(|i| format!(", change ID {i}"))
+                .unwrap_or_default()
+        ),
+    )?;
+    d.change_id = s.change_id.map(|i| i.to_string());
+    Ok(d)
 }
 
 pub fn disk_revert(fs: &Arc<Fs>, path: &str) -> Result<DiskDone> {
@@ -591,6 +699,8 @@ pub struct DiskCheck {
     pub problems: Vec<String>,
     pub repaired: Vec<String>,
     pub unrepairable: usize,
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 pub fn disk_check(fs: &Arc<Fs>, path: &str, repair: bool) -> Result<DiskCheck> {
@@ -602,6 +712,7 @@ pub fn disk_check(fs: &Arc<Fs>, path: &str, repair: bool) -> Result<DiskCheck> {
         problems: r.problems,
         repaired: r.repaired,
         unrepairable: r.unrepairable,
+        notes: r.notes,
     })
 }
 

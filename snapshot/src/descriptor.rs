@@ -128,6 +128,9 @@ pub fn check_name(name: &str) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// The header key naming a disk's change-tracking file.
+pub const CHANGE_TRACK_PATH: &str = "changeTrackPath";
+
 fn unquote(v: &str) -> &str {
     let v = v.trim();
     v.strip_prefix('"')
@@ -166,6 +169,24 @@ impl Descriptor {
         match self.ddb.iter_mut().find(|(k, _)| k == key) {
             Some((_, v)) => *v = value.to_string(),
             None => self.ddb.push((key.to_string(), value.to_string())),
+        }
+    }
+
+    /// The change-tracking file this descriptor names (`changeTrackPath`,
+    /// as ESX writes it), if tracking is on.
+    pub fn change_track_path(&self) -> Option<&str> {
+        self.other
+            .iter()
+            .find(|(k, _)| k == CHANGE_TRACK_PATH)
+            .map(|(_, v)| unquote(v))
+    }
+
+    /// Name (or with `None`, drop) the change-tracking file.
+    pub fn set_change_track_path(&mut self, file: Option<&str>) {
+        self.other.retain(|(k, _)| k != CHANGE_TRACK_PATH);
+        if let Some(f) = file {
+            self.other
+                .push((CHANGE_TRACK_PATH.to_string(), format!("\"{f}\"")));
         }
     }
 
@@ -248,6 +269,10 @@ impl Descriptor {
                     let h = unquote(v).to_string();
                     check_name(&h).map_err(|r| bad(n, format!("parentFileNameHint: {r}")))?;
                     parent_hint = Some(h);
+                }
+                CHANGE_TRACK_PATH => {
+                    check_name(unquote(v)).map_err(|r| bad(n, format!("{k}: {r}")))?;
+                    other.push((k.to_string(), v.to_string()))
                 }
                 _ => other.push((k.to_string(), v.to_string())),
             }

@@ -17,6 +17,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use crate::ctk::{self, ChangeId, Changes, Tracker};
 use crate::descriptor::{Descriptor, Kind, NO_PARENT};
 use crate::error::{at, DiskError, Result};
 use crate::extent::{Grain, SparseExtent};
@@ -156,6 +157,56 @@ pub struct Disk {
     /// Newest first: `layers[0]` is `NAME.vmdk`.
     pub layers: Vec<Layer>,
     writable: bool,
+    /// Change tracking, when the current descriptor names a file for it.
+    tracking: Option<Tracking>,
+}
+
+struct Tracking {
+    /// `None`: the file could not be read (a read-only open answers the
+    /// whole disk; a writer starts a new history).
+    tracker: Option<Tracker>,
+    /// Why the history cannot answer for this disk's content (something
+    /// that does not keep it wrote the disk); `changed` then answers the
+    /// whole disk.
+    foreign: Option<String>,
+}
+
+/// What `disk info` says of change tracking.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackingInfo {
+    pub file: String,
+    /// The ID of the last snapshot (epoch 0: the start of the history).
+    pub last_id: Option<ChangeId>,
+    pub granularity: u64,
+    /// When and why the history began.
+    pub began: String,
+    /// Why the history cannot answer (the next write-open restarts it).
+    pub invalid: Option<String>,
+}
+
+/// `now` as `YYYY-MM-DD HH:MM:SS UTC`.
+pub fn utc_now() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let (days, secs) = (t.div_euclid(86400), t.rem_euclid(86400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + (m <= 2) as i64;
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
 }
 
 impl Disk {
@@ -163,6 +214,17 @@ impl Disk {
     /// below it. Refused: a missing parent, a CID that differs from the
     /// one the child recorded, a cycle, a chain deeper than [`MAX_DEPTH`].
     pub fn open(store: Arc<dyn Store>, name: &str, write: bool) -> Result<Disk> {
+        Self::open_with(store, name, write, false)
+    }
+
+    /// [`Disk::open`]; `merging`: for the consolidation that is finishing
+    /// an interrupted one (else refused while its marker is there).
+    pub(crate) fn open_with(
+        store: Arc<dyn Store>,
+        name: &str,
+        write: bool,
+        merging: bool,
+    ) -> Result<Disk> {
         let mut layers = Vec::new();
         let mut seen = HashSet::new();
         let mut next = Some((name.to_string(), None::<(String, u32)>));
@@ -213,11 +275,239 @@ impl Disk {
             let top = layers.is_empty();
             layers.push(open_layer(&*store, &n, desc, write && top)?);
         }
-        Ok(Disk {
+        if layers.len() > 1 && !merging {
+            let below = &layers[1].name;
+            if store
+                .exists(&consolidating_marker(below))
+                .map_err(at(below))?
+                && write
+            {
+                // Reads are right (the current layer covers what was
+                // merged), but nothing may write before it is finished.
+                return Err(DiskError::Chain(format!(
+                    "{}: a consolidation into {below} was interrupted; `vmfs disk consolidate` or `vmfs disk check --repair` finishes it",
+                    store.describe(name)
+                )));
+            }
+        }
+        if !merging
+            && store
+                .exists(&consolidating_marker(name))
+                .map_err(at(name))?
+        {
+            return Err(DiskError::Chain(format!(
+                "{}: a consolidation into this layer was interrupted: it holds part of the newer layer's writes, so it is not the snapshot it was; finish the consolidation of the disk above it first",
+                store.describe(name)
+            )));
+        }
+        let mut d = Disk {
             store,
             layers,
             writable: write,
+            tracking: None,
+        };
+        d.tracking = d.open_tracking(name)?;
+        Ok(d)
+    }
+
+    /// Open the change-tracking file the current descriptor names, check
+    /// that its history still describes the disk, and (for a writer)
+    /// recover it after a crash or start a new history saying why.
+    fn open_tracking(&self, name: &str) -> Result<Option<Tracking>> {
+        let desc = &self.layers[0].desc;
+        let Some(file) = desc.change_track_path().map(str::to_string) else {
+            return Ok(None);
+        };
+        let cid = desc.cid;
+        let (tracker, foreign) = match Tracker::open(&*self.store, &file, self.writable) {
+            Ok(t) => {
+                let h = t.header();
+                let why = if !t.knows_cid(cid) {
+                    Some(format!(
+                        "{name}'s CID is {cid:08x} but its change tracking last saw {:08x}: something that does not keep change tracking (QEMU's vmdk driver, another tool) wrote the disk",
+                        h.cid
+                    ))
+                } else if h.capacity < self.capacity() {
+                    Some(format!(
+                        "the disk is {} bytes but its change tracking covers {}: it was grown by something that does not keep change tracking",
+                        self.capacity(),
+                        h.capacity
+                    ))
+                } else if !h.open && h.pending_cid != Some(cid) && h.stamp != self.stamp()? {
+                    Some(format!(
+                        "the files of {name}'s chain changed (length or modification time) since this host last closed the disk: something that does not keep change tracking wrote them (a dd into an extent, a file copied over one)"
+                    ))
+                } else {
+                    None
+                };
+                (Some(t), why)
+            }
+            Err(e) => (
+                None,
+                Some(format!("its change-tracking file could not be read: {e}")),
+            ),
+        };
+        if !self.writable {
+            return Ok(Some(Tracking { tracker, foreign }));
+        }
+        let tracker = match (tracker, foreign) {
+            (Some(t), None) => t,
+            (old, Some(why)) => {
+                drop(old);
+                tracing::warn!(
+                    "{}: change tracking restarts: {why}; the next backup reads the whole disk",
+                    self.store.describe(name)
+                );
+                ctk::create(
+                    &*self.store,
+                    &file,
+                    self.capacity(),
+                    cid,
+                    &format!("{} (restarted: {why})", utc_now()),
+                )?;
+                Tracker::open(&*self.store, &file, true)?
+            }
+            (None, None) => unreachable!("an unreadable file has a reason"),
+        };
+        tracker.begin(cid)?;
+        Ok(Some(Tracking {
+            tracker: Some(tracker),
+            foreign: None,
+        }))
+    }
+
+    /// A stamp of every file of the chain (their lengths and modification
+    /// times), as a clean close records it.
+    pub fn stamp(&self) -> Result<u64> {
+        let mut v = Vec::new();
+        for l in &self.layers {
+            for p in &l.pieces {
+                let (f, n) = match &p.io {
+                    Io::Flat { file, name, .. } => (file, name),
+                    Io::Sparse(s) => (&s.file, &s.name),
+                    Io::Zero => continue,
+                };
+                v.push((
+                    n.clone(),
+                    f.len().map_err(at(n))?,
+                    f.modified().map_err(at(n))?,
+                ));
+            }
+        }
+        Ok(ctk::stamp(&v))
+    }
+
+    fn tracker(&self) -> Option<&Tracker> {
+        self.tracking.as_ref().and_then(|t| t.tracker.as_ref())
+    }
+
+    /// Change tracking's state, `None` when it is off.
+    pub fn tracking_info(&self) -> Option<TrackingInfo> {
+        let t = self.tracking.as_ref()?;
+        let file = self.layers[0]
+            .desc
+            .change_track_path()
+            .unwrap_or_default()
+            .to_string();
+        Some(match &t.tracker {
+            Some(tr) => {
+                let h = tr.header();
+                TrackingInfo {
+                    file,
+                    last_id: Some(tr.last_id()),
+                    granularity: ctk::BLOCK,
+                    began: h.reason,
+                    invalid: t.foreign.clone(),
+                }
+            }
+            None => TrackingInfo {
+                file,
+                last_id: None,
+                granularity: ctk::BLOCK,
+                began: String::new(),
+                invalid: t.foreign.clone(),
+            },
         })
+    }
+
+    /// The byte ranges that may differ from the disk's content at `since`
+    /// (`None`: `'*'`, every range that may hold data), up to `until`
+    /// (default: now).
+    pub fn changed(&self, since: Option<ChangeId>, until: Option<ChangeId>) -> Result<Changes> {
+        let Some(since) = since else {
+            return Ok(Changes {
+                granularity: ctk::BLOCK,
+                ranges: self.allocated_ranges()?,
+                whole_disk: None,
+            });
+        };
+        let whole = |why: String| Changes {
+            granularity: ctk::BLOCK,
+            ranges: vec![0..self.capacity()],
+            whole_disk: Some(why),
+        };
+        let Some(t) = &self.tracking else {
+            return Ok(whole("change tracking is off for this disk".into()));
+        };
+        let Some(tr) = &t.tracker else {
+            return Ok(whole(t.foreign.clone().unwrap_or_default()));
+        };
+        let mut c = tr.changed(since, until, t.foreign.clone())?;
+        for r in &mut c.ranges {
+            r.end = r.end.min(self.capacity());
+        }
+        c.ranges.retain(|r| r.start < r.end);
+        Ok(c)
+    }
+
+    /// End the current change-tracking epoch (a snapshot is being taken;
+    /// `next_cid` is the new layer's CID). `None` when tracking is off.
+    pub fn end_epoch(&self, next_cid: u32) -> Result<Option<ChangeId>> {
+        self.tracker().map(|t| t.end_epoch(next_cid)).transpose()
+    }
+
+    /// Accept `cid` as the descriptor's next CID in the change history
+    /// (before an operation of ours commits it).
+    pub fn expect_cid(&self, cid: u32) -> Result<()> {
+        self.tracker()
+            .map(|t| t.expect_cid(cid))
+            .transpose()
+            .map(|_| ())
+    }
+
+    /// Record `ranges` as changed now, durably (what a revert drops).
+    pub fn mark_changed(&self, ranges: &[std::ops::Range<u64>]) -> Result<()> {
+        self.tracker()
+            .map(|t| t.mark_durably(ranges))
+            .transpose()
+            .map(|_| ())
+    }
+
+    /// Grow the change history with the disk.
+    pub fn grow_tracking(&self, capacity: u64) -> Result<()> {
+        self.tracker()
+            .map(|t| t.grow(capacity))
+            .transpose()
+            .map(|_| ())
+    }
+
+    /// Flush, and close the change history cleanly (its stamp of the
+    /// chain as it is now). Dropping a writable disk does this too, but
+    /// cannot report an error.
+    pub fn close(mut self) -> Result<()> {
+        self.close_inner()
+    }
+
+    fn close_inner(&mut self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        self.writable = false;
+        self.flush()?;
+        if let Some(t) = self.tracker() {
+            t.close(self.layers[0].desc.cid, self.stamp()?)?;
+        }
+        Ok(())
     }
 
     pub fn capacity(&self) -> u64 {
@@ -287,7 +577,8 @@ impl Disk {
         Ok(())
     }
 
-    /// Write all of `data` at `off` into the current layer.
+    /// Write all of `data` at `off` into the current layer (recorded by
+    /// change tracking first, durably).
     pub fn write_at(&self, data: &[u8], off: u64) -> Result<()> {
         if !self.writable {
             return Err(DiskError::Invalid("the disk is open read-only".into()));
@@ -301,6 +592,9 @@ impl Disk {
                     self.capacity()
                 ))
             })?;
+        if let Some(t) = self.tracker() {
+            t.record(off, data.len() as u64)?;
+        }
         let layer = &self.layers[0];
         let mut done = 0usize;
         while done < data.len() {
@@ -421,7 +715,8 @@ impl Disk {
     }
 
     /// Make everything written durable: flat extents flushed; sparse
-    /// grains, then their grain-table entries.
+    /// grains, then their grain-table entries; change tracking's entries
+    /// (at most once a second; its intent bits already cover the rest).
     pub fn flush(&self) -> Result<()> {
         for p in &self.layers[0].pieces {
             match &p.io {
@@ -430,16 +725,37 @@ impl Disk {
                 Io::Zero => {}
             }
         }
+        if let Some(t) = self.tracker() {
+            t.checkpoint(false)?;
+        }
         Ok(())
     }
 }
 
+/// Stamp the chain of disk `name` as it is now into its change history
+/// (after a repair of ours rewrote metadata of its files), keeping the
+/// history. Only for a history known to describe the disk.
+pub(crate) fn reseal(store: Arc<dyn Store>, name: &str) -> Result<()> {
+    let d = Disk::open(store.clone(), name, false)?;
+    let Some(file) = d.layers[0].desc.change_track_path() else {
+        return Ok(());
+    };
+    let t = Tracker::open(&*store, file, true)?;
+    let cid = d.layers[0].desc.cid;
+    t.begin(cid)?;
+    t.close(cid, d.stamp()?)
+}
+
+/// The file whose presence says a consolidation into layer `name` started
+/// and has not finished.
+pub fn consolidating_marker(name: &str) -> String {
+    format!("{name}.consolidating")
+}
+
 impl Drop for Disk {
     fn drop(&mut self) {
-        if self.writable {
-            if let Err(e) = self.flush() {
-                tracing::error!("closing {}: {e}", self.layers[0].name);
-            }
+        if let Err(e) = self.close_inner() {
+            tracing::error!("closing {}: {e}", self.layers[0].name);
         }
     }
 }

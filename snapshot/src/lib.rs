@@ -5,6 +5,7 @@
 //! the chain. Everything goes through [`store::Store`]: a directory of the
 //! datastore through the vmfs file API, or a local directory.
 
+pub mod ctk;
 pub mod descriptor;
 pub mod disk;
 pub mod error;

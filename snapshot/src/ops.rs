@@ -19,8 +19,9 @@
 
 use std::sync::Arc;
 
+use crate::ctk::{self, ChangeId};
 use crate::descriptor::{Access, Descriptor, Extent, Kind};
-use crate::disk::{read_descriptor, Disk, MAX_DEPTH};
+use crate::disk::{consolidating_marker, read_descriptor, utc_now, Disk, MAX_DEPTH};
 use crate::error::{at, DiskError, Result};
 use crate::extent::SparseExtent;
 use crate::sparse::MAX_EXTENT_CAPACITY;
@@ -174,8 +175,23 @@ pub fn create(
         "ddb.thinProvisioned",
         if prov == Provisioning::Thin { "1" } else { "0" },
     );
+    // Change tracking on, as for every new disk.
+    let ctk_name = ctk_file(st);
+    ctk::create(
+        store,
+        &ctk_name,
+        size,
+        d.cid,
+        &format!("{} (the disk was created)", utc_now()),
+    )?;
+    d.set_change_track_path(Some(&ctk_name));
     commit(store, name, &d)?;
     Ok(d)
+}
+
+/// The change-tracking file of disk `NAME`.
+pub fn ctk_file(stem: &str) -> String {
+    format!("{stem}-ctk.vmdk")
 }
 
 /// Make the empty delta extent(s) of a new layer of `capacity` bytes
@@ -229,14 +245,25 @@ fn layer_over(
         .filter(|(k, _)| k != "ddb.thinProvisioned")
         .cloned()
         .collect();
+    d.set_change_track_path(top.change_track_path());
     Ok(d)
+}
+
+/// What `snapshot` froze.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The frozen layer's descriptor (`NAME-NNNNNN.vmdk`).
+    pub frozen: String,
+    /// The change ID the disk froze at (`None`: tracking is off).
+    pub change_id: Option<ChangeId>,
 }
 
 /// Take a snapshot of disk `name`: freeze its current state. Returns the
 /// frozen layer's descriptor name. Refused on a chain already
 /// [`MAX_DEPTH`] deep, and while the disk is open for writing elsewhere.
-pub fn snapshot(store: Arc<dyn Store>, name: &str) -> Result<String> {
+pub fn snapshot(store: Arc<dyn Store>, name: &str) -> Result<Snapshot> {
     let st = stem(name)?.to_string();
+    finish_consolidation(store.clone(), name)?;
     // Opened for writing: its extents locked (EBUSY if written elsewhere),
     // and everything written so far made durable.
     let disk = Disk::open(store.clone(), name, true)?;
@@ -249,17 +276,32 @@ pub fn snapshot(store: Arc<dyn Store>, name: &str) -> Result<String> {
     disk.flush()?;
     let top = disk.layers[0].desc.clone();
     let frozen = format!("{st}-{:06}.vmdk", disk.depth());
-    write_new(&*store, &frozen, &top.to_text())?;
+    // A marker left by a consolidation of an older layer of this name
+    // that finished (it is removed last): not about the new one.
+    let stale = consolidating_marker(&frozen);
+    if store.exists(&stale).map_err(at(&stale))? {
+        store.remove(&stale).map_err(at(&stale))?;
+    }
+    let mut fz = top.clone();
+    fz.set_change_track_path(None);
+    write_new(&*store, &frozen, &fz.to_text())?;
     let next = layer_over(&*store, &st, disk.depth() + 1, (&frozen, &top), &top)?;
-    drop(disk);
+    let change_id = disk.end_epoch(next.cid)?;
+    disk.close()?;
     commit(&*store, name, &next)?;
-    Ok(frozen)
+    Ok(Snapshot { frozen, change_id })
 }
 
 /// Revert disk `name` to its last snapshot: what was written since is
 /// dropped. Refused on a disk with no snapshot.
 pub fn revert(store: Arc<dyn Store>, name: &str) -> Result<()> {
     let st = stem(name)?.to_string();
+    if finish_consolidation(store.clone(), name)?.is_some() {
+        return Err(DiskError::Invalid(format!(
+            "{}: an interrupted consolidation was found and finished first: the snapshot it deleted is gone, so there is nothing to revert to",
+            store.describe(name)
+        )));
+    }
     let disk = Disk::open(store.clone(), name, true)?;
     if disk.depth() == 0 {
         return Err(DiskError::Invalid(format!(
@@ -271,7 +313,10 @@ pub fn revert(store: Arc<dyn Store>, name: &str) -> Result<()> {
     let parent = disk.layers[1].desc.clone();
     let parent_name = disk.layers[1].name.clone();
     let next = layer_over(&*store, &st, disk.depth(), (&parent_name, &parent), &top)?;
-    drop(disk);
+    // What the dropped layer held reads differently from now on: changed.
+    disk.mark_changed(&disk.top_ranges()?)?;
+    disk.expect_cid(next.cid)?;
+    disk.close()?;
     commit(&*store, name, &next)?;
     // The old layer's extents: nothing refers to them now.
     for e in &top.extents {
@@ -302,7 +347,7 @@ pub fn revert(store: Arc<dyn Store>, name: &str) -> Result<()> {
 /// Returns the bytes merged.
 pub fn consolidate(store: Arc<dyn Store>, name: &str) -> Result<u64> {
     stem(name)?;
-    let top = Disk::open(store.clone(), name, true)?;
+    let top = Disk::open_with(store.clone(), name, true, true)?;
     if top.depth() == 0 {
         return Err(DiskError::Invalid(format!(
             "{} has no snapshot to consolidate",
@@ -318,7 +363,23 @@ pub fn consolidate(store: Arc<dyn Store>, name: &str) -> Result<u64> {
             store.describe(name)
         )));
     }
-    let parent = Disk::open(store.clone(), &parent_name, true)?;
+    // From here until the commit the layer below holds part of the
+    // current layer's writes: the marker keeps anyone from reading it as
+    // the snapshot it was, or reverting onto it, until this finishes
+    // (here, or in the next consolidate, snapshot, revert or check
+    // --repair of the disk).
+    let marker = consolidating_marker(&parent_name);
+    if !store.exists(&marker).map_err(at(&marker))? {
+        write_new(
+            &*store,
+            &marker,
+            &format!(
+                "consolidating {name} (CID {:08x}) into {parent_name}\n",
+                top_desc.cid
+            ),
+        )?;
+    }
+    let parent = Disk::open_with(store.clone(), &parent_name, true, true)?;
     if parent.capacity() < top.capacity() {
         return Err(DiskError::Chain(format!(
             "{} is smaller than {}: grow it first",
@@ -346,20 +407,42 @@ pub fn consolidate(store: Arc<dyn Store>, name: &str) -> Result<u64> {
     if let Some(t) = parent.layers[0].desc.ddb("ddb.thinProvisioned") {
         next.set_ddb("ddb.thinProvisioned", t);
     }
-    drop(parent);
-    drop(top);
+    next.set_change_track_path(top_desc.change_track_path());
+    // The content does not change: change tracking only learns the CID.
+    top.expect_cid(next.cid)?;
+    parent.close()?;
+    top.close()?;
     commit(&*store, name, &next)?;
     for f in top_desc
         .extents
         .iter()
         .filter_map(|e| e.file.as_ref())
-        .chain([&parent_name])
+        .chain([&parent_name, &marker])
     {
         if let Err(e) = store.remove(f) {
             tracing::warn!("removing {} after consolidating: {e}", store.describe(f));
         }
     }
     Ok(merged)
+}
+
+/// Finish a consolidation of disk `name` that was interrupted (a crash, a
+/// kill, an I/O error), if its marker is there: the merge is copied again
+/// and committed. Returns the bytes merged, `None` if there was none.
+pub fn finish_consolidation(store: Arc<dyn Store>, name: &str) -> Result<Option<u64>> {
+    let d = read_descriptor(&*store, name)?;
+    let Some(parent) = &d.parent_hint else {
+        return Ok(None);
+    };
+    let marker = consolidating_marker(parent);
+    if !store.exists(&marker).map_err(at(&marker))? {
+        return Ok(None);
+    }
+    tracing::warn!(
+        "{}: finishing a consolidation into {parent} that was interrupted",
+        store.describe(name)
+    );
+    consolidate(store, name).map(Some)
 }
 
 /// Copy what `src` reads as into `dst` (same size), chunk by chunk over
@@ -479,6 +562,7 @@ pub fn export(store: Arc<dyn Store>, src: &str, raw: &std::path::Path) -> Result
 /// The new size is committed with the descriptor, after the extent grew.
 pub fn resize(store: Arc<dyn Store>, name: &str, size: u64) -> Result<u64> {
     stem(name)?;
+    finish_consolidation(store.clone(), name)?;
     let disk = Disk::open(store.clone(), name, true)?;
     if disk.depth() > 0 {
         return Err(DiskError::Invalid(format!(
@@ -504,7 +588,10 @@ pub fn resize(store: Arc<dyn Store>, name: &str, size: u64) -> Result<u64> {
         )));
     }
     let mut desc = disk.layers[0].desc.clone();
-    drop(disk);
+    // The disk stays open (its lock held, change tracking open) until the
+    // new size is committed; its clean close then stamps the grown chain.
+    // The history grows first: the new blocks count as changed.
+    disk.grow_tracking(size)?;
     let thin = desc.ddb("ddb.thinProvisioned") == Some("1");
     let last = desc
         .extents
@@ -532,7 +619,55 @@ pub fn resize(store: Arc<dyn Store>, name: &str, size: u64) -> Result<u64> {
     desc.set_ddb("ddb.geometry.heads", &h.to_string());
     desc.set_ddb("ddb.geometry.sectors", &s.to_string());
     commit(&*store, name, &desc)?;
+    disk.close()?;
     Ok(size)
+}
+
+/// Turn change tracking of disk `name` on (a new history: IDs from an
+/// earlier one are answered with the whole disk) or off (its file
+/// removed). Returns whether it was on before.
+pub fn set_tracking(store: Arc<dyn Store>, name: &str, on: bool) -> Result<bool> {
+    let st = stem(name)?.to_string();
+    let disk = Disk::open(store.clone(), name, true)?;
+    let mut desc = disk.layers[0].desc.clone();
+    let was = desc.change_track_path().map(str::to_string);
+    match (&was, on) {
+        (Some(_), true) | (None, false) => return Ok(was.is_some()),
+        (None, true) => {
+            let f = ctk_file(&st);
+            ctk::create(
+                &*store,
+                &f,
+                disk.capacity(),
+                desc.cid,
+                &format!("{} (tracking was turned on)", utc_now()),
+            )?;
+            desc.set_change_track_path(Some(&f));
+            disk.close()?;
+            commit(&*store, name, &desc)?;
+        }
+        (Some(f), false) => {
+            desc.set_change_track_path(None);
+            disk.close()?;
+            commit(&*store, name, &desc)?;
+            if let Err(e) = store.remove(f) {
+                tracing::warn!("removing {}: {e}", store.describe(f));
+            }
+        }
+    }
+    Ok(was.is_some())
+}
+
+/// What disk `name` may have changed since `since` (`None`: `'*'`, what
+/// may hold data), up to `until`.
+pub fn changed(
+    store: Arc<dyn Store>,
+    name: &str,
+    since: Option<ChangeId>,
+    until: Option<ChangeId>,
+) -> Result<ctk::Changes> {
+    stem(name)?;
+    Disk::open(store, name, false)?.changed(since, until)
 }
 
 /// What `disk check` found and did.
@@ -542,6 +677,8 @@ pub struct CheckReport {
     pub problems: Vec<String>,
     pub repaired: Vec<String>,
     pub unrepairable: usize,
+    /// Not damage: what a person should know (change tracking's state).
+    pub notes: Vec<String>,
 }
 
 /// Check disk `name`'s chain: every descriptor, the CIDs, each flat
@@ -550,6 +687,20 @@ pub struct CheckReport {
 /// [`crate::extent::check_file`]); then that the chain opens.
 pub fn check(store: Arc<dyn Store>, name: &str, repair: bool) -> Result<CheckReport> {
     let mut r = CheckReport::default();
+    // Whether change tracking describes the disk before any repair (a
+    // repair rewrites metadata, not content: the history is kept).
+    let tracking_was_right = Disk::open(store.clone(), name, false)
+        .ok()
+        .and_then(|d| d.tracking_info())
+        .map(|t| {
+            if let Some(why) = &t.invalid {
+                r.notes.push(format!(
+                    "change tracking cannot answer for this disk ({why}); the next write-open starts a new history"
+                ));
+            }
+            t.invalid.is_none()
+        });
+    let mut merging = None;
     let mut next = Some((name.to_string(), None::<u32>));
     let mut seen = std::collections::HashSet::new();
     while let Some((n, want_cid)) = next.take() {
@@ -609,7 +760,24 @@ pub fn check(store: Arc<dyn Store>, name: &str, repair: bool) -> Result<CheckRep
                 }
             }
         }
+        if r.layers == 2 && store.exists(&consolidating_marker(&n)).map_err(at(&n))? {
+            r.problems.push(format!(
+                "a consolidation of {name} into {n} was interrupted (reads are right; {n} is not the snapshot it was)"
+            ));
+            merging = Some(n.clone());
+        }
         next = d.parent_hint.clone().map(|h| (h, Some(d.parent_cid)));
+    }
+    if repair && r.unrepairable == 0 {
+        if let Some(n) = merging {
+            let bytes = consolidate(store.clone(), name)?;
+            r.repaired.push(format!(
+                "finished the consolidation into {n}: {bytes} bytes merged, the snapshot deleted"
+            ));
+        }
+        if !r.repaired.is_empty() && tracking_was_right == Some(true) {
+            crate::disk::reseal(store.clone(), name)?;
+        }
     }
     if r.problems.is_empty() || (repair && r.unrepairable == 0) {
         if let Err(e) = Disk::open(store, name, false) {
@@ -631,6 +799,7 @@ pub fn chain_files(store: &dyn Store, name: &str) -> Result<Vec<String>> {
         let d = read_descriptor(store, &n)?;
         out.push(n);
         out.extend(d.extents.iter().filter_map(|e| e.file.clone()));
+        out.extend(d.change_track_path().map(str::to_string));
         next = d.parent_hint.clone();
     }
     Ok(out)

@@ -31,6 +31,8 @@ pub trait DiskFile: Send + Sync {
     fn allocate(&self, off: u64, len: u64) -> StoreResult<()>;
     /// The ranges of `[off, off+len)` that hold data, in order.
     fn allocated(&self, off: u64, len: u64) -> StoreResult<Vec<Range<u64>>>;
+    /// When the file's data last changed (seconds, nanoseconds).
+    fn modified(&self) -> StoreResult<(i64, u32)>;
 
     /// Read exactly `buf.len()` bytes; bytes past the end read as zeros.
     fn read_full(&self, buf: &mut [u8], off: u64) -> StoreResult<()> {
@@ -146,6 +148,11 @@ impl DiskFile for LocalFile {
         }
         Ok(out)
     }
+    fn modified(&self) -> StoreResult<(i64, u32)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self.0.metadata()?;
+        Ok((m.mtime(), m.mtime_nsec() as u32))
+    }
 }
 
 impl Store for LocalStore {
@@ -233,6 +240,9 @@ impl DiskFile for VmfsFile {
     }
     fn allocated(&self, off: u64, len: u64) -> StoreResult<Vec<Range<u64>>> {
         Ok(self.0.allocated(off, len)?)
+    }
+    fn modified(&self) -> StoreResult<(i64, u32)> {
+        Ok(self.0.fs().getattr(self.0.ino())?.mtime)
     }
 }
 

@@ -468,13 +468,26 @@ pub fn disk(c: DiskCmd) -> Result<std::process::ExitCode> {
             size,
             provisioning,
             adapter,
+            change_tracking,
             at,
         } => (
             "disk-create",
-            json!({"size": size, "provisioning": provisioning, "adapter": adapter}),
+            json!({"size": size, "provisioning": provisioning, "adapter": adapter,
+                   "change_tracking": change_tracking == "on"}),
             at,
             true,
         ),
+        DiskCmd::Changed {
+            since, until, at, ..
+        } => (
+            "disk-changed",
+            json!({"since": since, "until": until}),
+            at,
+            false,
+        ),
+        DiskCmd::Tracking { state, at } => {
+            ("disk-tracking", json!({"on": state == "on"}), at, true)
+        }
         DiskCmd::Info { at, .. } => ("disk-info", json!({}), at, false),
         DiskCmd::Snapshot { at } => ("disk-snapshot", json!({}), at, true),
         DiskCmd::Revert { at } => ("disk-revert", json!({}), at, true),
@@ -527,8 +540,25 @@ pub fn disk(c: DiskCmd) -> Result<std::process::ExitCode> {
             r?
         }
     };
-    if let DiskCmd::Info { json: true, .. } = c {
+    if let DiskCmd::Info { json: true, .. } | DiskCmd::Changed { json: true, .. } = c {
         print_json(&out)?;
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    if let DiskCmd::Changed { .. } = c {
+        let r: ops::DiskChanges = serde_json::from_value(out)?;
+        if let Some(why) = &r.whole_disk {
+            eprintln!("the whole disk must be read: {why}");
+        }
+        for (a, b) in &r.ranges {
+            println!("{a} {}", b - a);
+        }
+        eprintln!(
+            "{} range(s), {} of {} ({} granularity)",
+            r.ranges.len(),
+            human(r.bytes),
+            human(r.size),
+            human(r.granularity)
+        );
         return Ok(std::process::ExitCode::SUCCESS);
     }
     if let DiskCmd::Check { repair, .. } = c {
@@ -538,6 +568,9 @@ pub fn disk(c: DiskCmd) -> Result<std::process::ExitCode> {
         }
         for x in &r.repaired {
             println!("repaired: {x}");
+        }
+        for x in &r.notes {
+            println!("note: {x}");
         }
         let clean = r.problems.is_empty() || (repair && r.unrepairable == 0);
         if r.problems.is_empty() {
@@ -588,6 +621,23 @@ pub fn disk(c: DiskCmd) -> Result<std::process::ExitCode> {
                 l.extents.join(", ")
             );
         }
+        match &i.tracking {
+            None => println!("tracking    off"),
+            Some(t) => {
+                println!(
+                    "tracking    on, {} granularity, in {}",
+                    human(t.granularity),
+                    t.file
+                );
+                if let Some(id) = &t.last_change_id {
+                    println!("  last change ID  {id}");
+                }
+                println!("  history began   {}", t.began);
+                if let Some(w) = &t.invalid {
+                    println!("  cannot answer   {w}");
+                }
+            }
+        }
         return Ok(std::process::ExitCode::SUCCESS);
     }
     let d: ops::DiskDone = serde_json::from_value(out)?;
@@ -604,10 +654,24 @@ fn run_disk(fs: &Arc<Fs>, c: &DiskCmd, path: &str) -> Result<serde_json::Value> 
             size,
             provisioning,
             adapter,
+            change_tracking,
             ..
         } => {
             let prov = snapshot::Provisioning::parse(provisioning).context("provisioning")?;
-            serde_json::to_value(ops::disk_create(fs, path, *size, prov, adapter)?)?
+            serde_json::to_value(ops::disk_create(
+                fs,
+                path,
+                *size,
+                prov,
+                adapter,
+                change_tracking == "on",
+            )?)?
+        }
+        DiskCmd::Changed { since, until, .. } => {
+            serde_json::to_value(ops::disk_changed(fs, path, since, until.as_deref())?)?
+        }
+        DiskCmd::Tracking { state, .. } => {
+            serde_json::to_value(ops::disk_tracking(fs, path, state == "on")?)?
         }
         DiskCmd::Info { .. } => serde_json::to_value(ops::disk_info(fs, path)?)?,
         DiskCmd::Snapshot { .. } => serde_json::to_value(ops::disk_snapshot(fs, path)?)?,

@@ -176,10 +176,13 @@ pub(crate) enum DiskCmd {
         /// The adapter recorded in the disk database.
         #[arg(long, default_value = "lsilogic", value_parser = ["pvscsi", "lsilogic", "buslogic", "ide"])]
         adapter: String,
+        /// Changed-block tracking (on by default; `vmfs disk tracking` turns it on or off later).
+        #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+        change_tracking: String,
         #[command(flatten)]
         at: DiskAt,
     },
-    /// The chain, CIDs, size and allocated bytes per layer.
+    /// The chain, CIDs, size, allocated bytes per layer, change tracking.
     Info {
         #[arg(long)]
         json: bool,
@@ -250,6 +253,30 @@ pub(crate) enum DiskCmd {
         all: bool,
         #[command(flatten)]
         at: DiskAt,
+    },
+    /// The byte ranges written since a change ID (64 KiB granularity), or
+    /// with --since '*' every range that may hold data. After any crash the
+    /// answer still covers every write; when the history cannot answer (a
+    /// tool that does not keep it wrote the disk) it is the whole disk,
+    /// and says why.
+    Changed {
+        /// A change ID (as `vmfs disk snapshot` prints it) or '*'.
+        #[arg(long)]
+        since: String,
+        /// Up to this change ID (default: now).
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        at: DiskAt,
+    },
+    /// Turn changed-block tracking on (a new history) or off.
+    Tracking {
+        #[command(flatten)]
+        at: DiskAt,
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
     },
 }
 

@@ -90,7 +90,36 @@ fn disks_on_a_mounted_datastore_with_qemu_through_the_mount() {
     // Snapshot: QEMU writes the new layer; the chain is what we say.
     let t = ok(&["disk", "snapshot", "--state-dir", st, ds]);
     assert!(t.contains("disk-000000.vmdk"), "{t}");
+    let id = t
+        .split("change ID ")
+        .nth(1)
+        .and_then(|r| r.split([' ', '\n']).next())
+        .unwrap_or_else(|| panic!("no change ID in {t:?}"))
+        .to_string();
+    // Nothing written since: no range. '*': what may hold data.
+    let o = vmfs(&["disk", "changed", "--state-dir", st, "--since", &id, ds]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "", "{}", text(&o));
+    let all = ok(&["disk", "changed", "--state-dir", st, "--since", "*", ds]);
+    assert!(all.starts_with("0 1048576\n"), "{all}");
     qemu_io(&disk, &["write -P 0x63 512k 1M", "write -P 0x64 63M 4k"]);
+    // QEMU's vmdk driver does not keep our change tracking; its new CID
+    // tells, and the answer is the whole disk, saying why.
+    let j = ok(&[
+        "disk",
+        "changed",
+        "--json",
+        "--state-dir",
+        st,
+        "--since",
+        &id,
+        ds,
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&j).unwrap();
+    assert_eq!(v["ranges"], serde_json::json!([[0, 64 * MIB]]), "{j}");
+    assert!(v["whole_disk"].as_str().unwrap().contains("CID"), "{j}");
+    let t = ok(&["disk", "changed", "--state-dir", st, "--since", &id, ds]);
+    assert!(t.contains("the whole disk must be read"), "{t}");
     want[512 * 1024..512 * 1024 + MIB].fill(0x63);
     want[63 * MIB..63 * MIB + 4096].fill(0x64);
     same(&disk, &want, d.path());
@@ -124,9 +153,15 @@ fn disks_on_a_mounted_datastore_with_qemu_through_the_mount() {
     files.sort();
     assert_eq!(
         files,
-        vec!["disk-flat.vmdk", "disk.vmdk"],
+        vec!["disk-ctk.vmdk", "disk-flat.vmdk", "disk.vmdk"],
         "files left behind"
     );
+    let t = ok(&["disk", "info", "--state-dir", st, ds]);
+    assert!(t.contains("tracking    on"), "{t}");
+    ok(&["disk", "tracking", "--state-dir", st, ds, "off"]);
+    let t = ok(&["disk", "info", "--state-dir", st, ds]);
+    assert!(t.contains("tracking    off"), "{t}");
+    assert!(!mnt.join("vm1/disk-ctk.vmdk").exists());
     // Nothing to consolidate: a clear refusal.
     let o = vmfs(&["disk", "consolidate", "--state-dir", st, ds]);
     assert!(
