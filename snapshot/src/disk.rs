@@ -300,26 +300,38 @@ impl Disk {
                 store.describe(name)
             )));
         }
+        // Not writable (nor closed as a writer when dropped) until every
+        // step of the open succeeded.
         let mut d = Disk {
             store,
             layers,
-            writable: write,
+            writable: false,
             tracking: None,
         };
-        d.tracking = d.open_tracking(name)?;
+        // Tracking first: it compares the files' stamps with those of the
+        // last clean close, before this open marks the extents in use.
+        d.tracking = d.open_tracking(name, write)?;
+        if write {
+            for p in &d.layers[0].pieces {
+                if let Io::Sparse(s) = &p.io {
+                    s.begin_write()?;
+                }
+            }
+        }
+        d.writable = write;
         Ok(d)
     }
 
     /// Open the change-tracking file the current descriptor names, check
     /// that its history still describes the disk, and (for a writer)
     /// recover it after a crash or start a new history saying why.
-    fn open_tracking(&self, name: &str) -> Result<Option<Tracking>> {
+    fn open_tracking(&self, name: &str, write: bool) -> Result<Option<Tracking>> {
         let desc = &self.layers[0].desc;
         let Some(file) = desc.change_track_path().map(str::to_string) else {
             return Ok(None);
         };
         let cid = desc.cid;
-        let (tracker, foreign) = match Tracker::open(&*self.store, &file, self.writable) {
+        let (tracker, foreign) = match Tracker::open(&*self.store, &file, write) {
             Ok(t) => {
                 let h = t.header();
                 let why = if !t.knows_cid(cid) {
@@ -347,7 +359,7 @@ impl Disk {
                 Some(format!("its change-tracking file could not be read: {e}")),
             ),
         };
-        if !self.writable {
+        if !write {
             return Ok(Some(Tracking { tracker, foreign }));
         }
         let tracker = match (tracker, foreign) {
@@ -504,6 +516,11 @@ impl Disk {
         }
         self.writable = false;
         self.flush()?;
+        for p in &self.layers[0].pieces {
+            if let Io::Sparse(s) = &p.io {
+                s.mark_clean()?;
+            }
+        }
         if let Some(t) = self.tracker() {
             t.close(self.layers[0].desc.cid, self.stamp()?)?;
         }

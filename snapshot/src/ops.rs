@@ -122,7 +122,40 @@ pub fn create(
     prov: Provisioning,
     adapter: &str,
 ) -> Result<Descriptor> {
+    let d = create_unlinked(store, name, size, prov, adapter)?;
+    commit(store, name, &d)?;
+    Ok(d)
+}
+
+/// The descriptor under which a clone or an import is filled before it is
+/// committed as `name`: a crash leaves no half-copied disk under its name.
+fn part_name(name: &str) -> String {
+    format!("{name}.part")
+}
+
+/// The extent and change-tracking files of a new disk `name`, and its
+/// descriptor (not yet written). The leftovers of an interrupted clone or
+/// import of the same name are removed first.
+fn create_unlinked(
+    store: &dyn Store,
+    name: &str,
+    size: u64,
+    prov: Provisioning,
+    adapter: &str,
+) -> Result<Descriptor> {
     let st = stem(name)?;
+    let part = part_name(name);
+    if !store.exists(name).map_err(at(name))? && store.exists(&part).map_err(at(&part))? {
+        tracing::warn!(
+            "{}: removing the files of an interrupted clone or import",
+            store.describe(name)
+        );
+        for f in [format!("{st}-flat.vmdk"), ctk_file(st), part] {
+            if store.exists(&f).map_err(at(&f))? {
+                store.remove(&f).map_err(at(&f))?;
+            }
+        }
+    }
     if size == 0 || size > 62 << 40 {
         return Err(DiskError::Invalid(format!(
             "disk size {size} is not from 1 byte to 62 TiB"
@@ -185,8 +218,43 @@ pub fn create(
         &format!("{} (the disk was created)", utc_now()),
     )?;
     d.set_change_track_path(Some(&ctk_name));
-    commit(store, name, &d)?;
     Ok(d)
+}
+
+/// Make `name` a disk filled by `fill` (a clone or an import): its files
+/// made, filled through a descriptor under another name, then committed.
+fn create_filled(
+    store: Arc<dyn Store>,
+    name: &str,
+    size: u64,
+    prov: Provisioning,
+    adapter: &str,
+    fill: impl FnOnce(&Disk) -> Result<u64>,
+) -> Result<u64> {
+    let d = create_unlinked(&*store, name, size, prov, adapter)?;
+    let part = part_name(name);
+    write_new(&*store, &part, &d.to_text())?;
+    let disk = Disk::open(store.clone(), &part, true)?;
+    let n = fill(&disk)?;
+    disk.close()?;
+    store.rename(&part, name).map_err(at(name))?;
+    Ok(n)
+}
+
+/// Delete disk `name`: its current descriptor first (from then on it is
+/// gone), then every other file of its chain. Refused while it is open
+/// for writing anywhere.
+pub fn delete(store: Arc<dyn Store>, name: &str) -> Result<()> {
+    stem(name)?;
+    let files = chain_files(&*store, name)?;
+    drop(Disk::open(store.clone(), name, true)?);
+    store.remove(name).map_err(at(name))?;
+    for f in files.iter().filter(|f| *f != name) {
+        if let Err(e) = store.remove(f) {
+            tracing::warn!("removing {}: {e}", store.describe(f));
+        }
+    }
+    Ok(())
 }
 
 /// The change-tracking file of disk `NAME`.
@@ -496,11 +564,9 @@ pub fn clone(
         .ddb("ddb.adapterType")
         .unwrap_or("lsilogic")
         .to_string();
-    create(&*dst_store, dst, s.capacity(), prov, &adapter)?;
-    let d = Disk::open(dst_store, dst, true)?;
-    let n = copy_disk(&s, &d)?;
-    d.flush()?;
-    Ok(n)
+    create_filled(dst_store, dst, s.capacity(), prov, &adapter, |d| {
+        copy_disk(&s, d)
+    })
 }
 
 /// A local file as a store of its directory, and its name.
@@ -528,16 +594,14 @@ pub fn import(
     if size == 0 {
         return Err(DiskError::Invalid(format!("{} is empty", raw.display())));
     }
-    create(&*store, dst, size, prov, adapter)?;
-    let d = Disk::open(store, dst, true)?;
     let ranges = f.allocated(0, size).map_err(at(fname))?;
-    let n = copy_ranges(
-        &ranges,
-        |b, o| f.read_full(b, o).map_err(at(fname)),
-        |b, o| d.write_at(b, o),
-    )?;
-    d.flush()?;
-    Ok(n)
+    create_filled(store, dst, size, prov, adapter, |d| {
+        copy_ranges(
+            &ranges,
+            |b, o| f.read_full(b, o).map_err(at(fname)),
+            |b, o| d.write_at(b, o),
+        )
+    })
 }
 
 /// Write what disk `src` reads as now to the raw image `raw` (a new local

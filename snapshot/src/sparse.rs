@@ -55,6 +55,9 @@ pub const MAX_FILE_SECTORS: u64 = 1 << 32;
 /// tables below 2 TiB); larger disks have several.
 pub const MAX_EXTENT_CAPACITY: u64 = 1 << 40; // bytes
 
+/// Where the unclean-shutdown byte is in the header.
+pub const UNCLEAN_AT: u64 = 72;
+
 /// A sparse extent's header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {

@@ -253,8 +253,18 @@ fn a_broken_chain_is_refused_with_a_clear_error() {
         u32::from_le_bytes(b[(h.gd_offset * 512) as usize..][..4].try_into().unwrap()) as usize;
     b[gt * 512..gt * 512 + 4].copy_from_slice(&3u32.to_le_bytes());
     std::fs::write(&delta, &b).unwrap();
+    // The redundant table still has it right: reads use it.
     let d = Disk::open(m.store.clone(), "vm.vmdk", false).unwrap();
     let mut x = vec![0u8; 4096];
+    d.read_at(&mut x, 0).unwrap();
+    assert_eq!(x, m.want[..4096]);
+    drop(d);
+    // Both copies damaged: a clear error naming the file and offset.
+    let rgt =
+        u32::from_le_bytes(b[(h.rgd_offset * 512) as usize..][..4].try_into().unwrap()) as usize;
+    b[rgt * 512..rgt * 512 + 4].copy_from_slice(&3u32.to_le_bytes());
+    std::fs::write(&delta, &b).unwrap();
+    let d = Disk::open(m.store.clone(), "vm.vmdk", false).unwrap();
     let e = d.read_at(&mut x, 0).unwrap_err().to_string();
     assert!(
         e.contains("into the metadata") && e.contains("delta"),

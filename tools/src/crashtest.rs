@@ -28,10 +28,10 @@ use vmfs::{Fs, FsError, MkfsOptions, SetAttr};
 /// so that a flush of one LUN says nothing about the other.
 const LUN_SIZES: [u64; 2] = [2 << 20, 12 << 20];
 /// Log markers: operation `i` started / completed.
-fn mark_start(i: usize) -> u64 {
+pub(crate) fn mark_start(i: usize) -> u64 {
     2 * i as u64
 }
-fn mark_done(i: usize) -> u64 {
+pub(crate) fn mark_done(i: usize) -> u64 {
     2 * i as u64 + 1
 }
 
@@ -632,7 +632,7 @@ struct Recording {
 
 /// Crash points: just before each flush of the log completes, and at the
 /// end. Crash point `s` is log index `points[s]`.
-fn crash_points(log: &[Event]) -> Vec<usize> {
+pub(crate) fn crash_points(log: &[Event]) -> Vec<usize> {
     let mut out: Vec<usize> = (0..log.len())
         .filter(|&i| matches!(log[i], Event::Flush { .. }))
         .collect();
@@ -649,7 +649,7 @@ fn lun_of(e: &Event) -> Option<usize> {
 
 /// Log indices of the writes before `b` that no flush of their own LUN
 /// before `b` made durable: a power cut at `b` keeps any subset of them.
-fn pending(log: &[Event], b: usize) -> Vec<usize> {
+pub(crate) fn pending(log: &[Event], b: usize) -> Vec<usize> {
     let mut last_flush: Vec<Option<usize>> = Vec::new();
     for (i, e) in log[..b].iter().enumerate() {
         if let Event::Flush { lun } = e {
@@ -668,11 +668,11 @@ fn pending(log: &[Event], b: usize) -> Vec<usize> {
         .collect()
 }
 
-fn is_write(e: &Event) -> bool {
+pub(crate) fn is_write(e: &Event) -> bool {
     matches!(e, Event::Write { .. } | Event::Zero { .. })
 }
 
-fn apply_event(luns: &[CowLun], e: &Event) -> lun::Result<()> {
+pub(crate) fn apply_event(luns: &[CowLun], e: &Event) -> lun::Result<()> {
     let Some(l) = lun_of(e).and_then(|i| luns.get(i)) else {
         return Ok(());
     };
@@ -681,6 +681,132 @@ fn apply_event(luns: &[CowLun], e: &Event) -> lun::Result<()> {
         Event::Zero { offset, len, .. } => l.write_zeroes(*offset, *len, false),
         _ => Ok(()),
     }
+}
+
+/// Choose up to `budget` crash states of a log: the crash with nothing in
+/// flight, every crash point with all its writes landed, then partial
+/// subsets and torn sectors while the budget lasts.
+pub(crate) fn plan(log: &[Event], budget: usize, rng: &mut Rng) -> Vec<Crash> {
+    let points = crash_points(log);
+    let pend: Vec<Vec<usize>> = points.iter().map(|&b| pending(log, b)).collect();
+    let mut out: Vec<Crash> = vec![Crash {
+        segment: 0,
+        writes: Vec::new(),
+        torn: None,
+    }];
+    // Every crash point with writes in flight: all of them on disk (the
+    // crash just before the flush completes), then partial subsets and
+    // torn variants while the budget lasts.
+    let live: Vec<usize> = (0..points.len()).filter(|&s| !pend[s].is_empty()).collect();
+    for &s in &live {
+        out.push(Crash {
+            segment: s,
+            writes: (0..pend[s].len()).collect(),
+            torn: None,
+        });
+    }
+    let mut tries = 0;
+    while out.len() < budget && !live.is_empty() && tries < budget * 4 {
+        tries += 1;
+        let s = live[rng.below(live.len() as u64) as usize];
+        let n = pend[s].len();
+        let writes: Vec<usize> = match rng.below(3) {
+            0 => (0..rng.below(n as u64) as usize).collect(), // a prefix
+            _ => (0..n).filter(|_| rng.below(2) == 0).collect(), // any subset
+        };
+        let torn = if rng.below(2) == 0 && !writes.is_empty() {
+            let w = writes[rng.below(writes.len() as u64) as usize];
+            let len = match &log[pend[s][w]] {
+                Event::Write { data, .. } => data.len() as u64,
+                _ => 0,
+            };
+            (len >= 512).then(|| (w, rng.below(len / 512)))
+        } else {
+            None
+        };
+        let c = Crash {
+            segment: s,
+            writes,
+            torn,
+        };
+        if !out.contains(&c) {
+            out.push(c);
+        }
+    }
+    out.truncate(budget.max(1));
+    out
+}
+
+/// The image a crash state leaves (a copy-on-write over `bases`), and
+/// which operations it must show: at least the first `durable` (their
+/// persistence acknowledged), at most the first `started`.
+pub(crate) fn crash_image(
+    bases: &[Arc<MemLun>],
+    log: &[Event],
+    persisted: &[bool],
+    c: &Crash,
+) -> Result<(Vec<CowLun>, usize, usize), String> {
+    let points = crash_points(log);
+    let &b = points.get(c.segment).ok_or_else(|| {
+        format!(
+            "crash point {} does not exist ({} in the log)",
+            c.segment,
+            points.len()
+        )
+    })?;
+    let pend = pending(log, b);
+    let mut chosen = std::collections::HashMap::new();
+    for &w in &c.writes {
+        let i = *pend
+            .get(w)
+            .ok_or_else(|| format!("write {w} is not in flight at crash point {}", c.segment))?;
+        chosen.insert(i, w);
+    }
+    let imgs: Vec<CowLun> = bases.iter().map(|b| CowLun::new(b.clone())).collect();
+    let io = |e: lun::LunError| e.to_string();
+    for (i, e) in log[..b].iter().enumerate() {
+        if !is_write(e) {
+            continue;
+        }
+        let w = match chosen.get(&i) {
+            Some(&w) => Some(w),
+            None if pend.binary_search(&i).is_ok() => continue, // in flight, lost
+            None => None,                                       // durable
+        };
+        if let (Some((tw, sec)), Some(w), Event::Write { lun, offset, data }) = (c.torn, w, e) {
+            if tw == w {
+                // All sectors but the torn one, and half of that one.
+                let img = &imgs[*lun];
+                let mut d = data.to_vec();
+                let s = (sec * 512) as usize;
+                if s + 512 <= d.len() {
+                    let mut old = vec![0u8; 256];
+                    img.read_at(&mut old, offset + s as u64 + 256).map_err(io)?;
+                    d[s + 256..s + 512].copy_from_slice(&old);
+                }
+                img.write_at(&d, *offset).map_err(io)?;
+                continue;
+            }
+        }
+        apply_event(&imgs, e).map_err(io)?;
+    }
+    // Which operations had completed (their persistence acknowledged)
+    // and which had started before the crash point (the flush at `b`).
+    let mut durable = 0usize;
+    let mut started = 0usize;
+    for e in &log[..b] {
+        if let Event::Mark(m) = e {
+            let k = (*m / 2) as usize;
+            if m % 2 == 0 {
+                started = started.max(k + 1);
+            } else if persisted.get(k).copied().unwrap_or(true) {
+                durable = durable.max(k + 1);
+            }
+        }
+    }
+    let started = started.min(persisted.len());
+    let durable = durable.min(persisted.len());
+    Ok((imgs, durable, started))
 }
 
 /// The harness's fixed starting image and settings.
@@ -846,118 +972,12 @@ impl Harness {
 
     /// Choose up to `budget` crash states of a recording.
     fn plan(rec: &Recording, budget: usize, rng: &mut Rng) -> Vec<Crash> {
-        let points = crash_points(&rec.log);
-        let pend: Vec<Vec<usize>> = points.iter().map(|&b| pending(&rec.log, b)).collect();
-        let mut out: Vec<Crash> = vec![Crash {
-            segment: 0,
-            writes: Vec::new(),
-            torn: None,
-        }];
-        // Every crash point with writes in flight: all of them on disk (the
-        // crash just before the flush completes), then partial subsets and
-        // torn variants while the budget lasts.
-        let live: Vec<usize> = (0..points.len()).filter(|&s| !pend[s].is_empty()).collect();
-        for &s in &live {
-            out.push(Crash {
-                segment: s,
-                writes: (0..pend[s].len()).collect(),
-                torn: None,
-            });
-        }
-        let mut tries = 0;
-        while out.len() < budget && !live.is_empty() && tries < budget * 4 {
-            tries += 1;
-            let s = live[rng.below(live.len() as u64) as usize];
-            let n = pend[s].len();
-            let writes: Vec<usize> = match rng.below(3) {
-                0 => (0..rng.below(n as u64) as usize).collect(), // a prefix
-                _ => (0..n).filter(|_| rng.below(2) == 0).collect(), // any subset
-            };
-            let torn = if rng.below(2) == 0 && !writes.is_empty() {
-                let w = writes[rng.below(writes.len() as u64) as usize];
-                let len = match &rec.log[pend[s][w]] {
-                    Event::Write { data, .. } => data.len() as u64,
-                    _ => 0,
-                };
-                (len >= 512).then(|| (w, rng.below(len / 512)))
-            } else {
-                None
-            };
-            let c = Crash {
-                segment: s,
-                writes,
-                torn,
-            };
-            if !out.contains(&c) {
-                out.push(c);
-            }
-        }
-        out.truncate(budget.max(1));
-        out
+        plan(&rec.log, budget, rng)
     }
 
     /// Build the crash image, mount it, fsck it and judge it by the oracle.
     fn check(&self, rec: &Recording, c: &Crash) -> Result<bool, String> {
-        let points = crash_points(&rec.log);
-        let &b = points.get(c.segment).ok_or_else(|| {
-            format!(
-                "crash point {} does not exist ({} in the log)",
-                c.segment,
-                points.len()
-            )
-        })?;
-        let pend = pending(&rec.log, b);
-        let mut chosen = std::collections::HashMap::new();
-        for &w in &c.writes {
-            let i = *pend.get(w).ok_or_else(|| {
-                format!("write {w} is not in flight at crash point {}", c.segment)
-            })?;
-            chosen.insert(i, w);
-        }
-        let imgs: Vec<CowLun> = self.bases.iter().map(|b| CowLun::new(b.clone())).collect();
-        let io = |e: lun::LunError| e.to_string();
-        for (i, e) in rec.log[..b].iter().enumerate() {
-            if !is_write(e) {
-                continue;
-            }
-            let w = match chosen.get(&i) {
-                Some(&w) => Some(w),
-                None if pend.binary_search(&i).is_ok() => continue, // in flight, lost
-                None => None,                                       // durable
-            };
-            if let (Some((tw, sec)), Some(w), Event::Write { lun, offset, data }) = (c.torn, w, e) {
-                if tw == w {
-                    // All sectors but the torn one, and half of that one.
-                    let img = &imgs[*lun];
-                    let mut d = data.to_vec();
-                    let s = (sec * 512) as usize;
-                    if s + 512 <= d.len() {
-                        let mut old = vec![0u8; 256];
-                        img.read_at(&mut old, offset + s as u64 + 256).map_err(io)?;
-                        d[s + 256..s + 512].copy_from_slice(&old);
-                    }
-                    img.write_at(&d, *offset).map_err(io)?;
-                    continue;
-                }
-            }
-            apply_event(&imgs, e).map_err(io)?;
-        }
-        // Which operations had completed (their fsync/sync acknowledged) and
-        // which had started before the crash point (the flush at `b`).
-        let mut durable = 0usize;
-        let mut started = 0usize;
-        for e in &rec.log[..b] {
-            if let Event::Mark(m) = e {
-                let k = (*m / 2) as usize;
-                if m % 2 == 0 {
-                    started = started.max(k + 1);
-                } else if rec.persisted.get(k).copied().unwrap_or(true) {
-                    durable = durable.max(k + 1);
-                }
-            }
-        }
-        let started = started.min(rec.persisted.len());
-        let durable = durable.min(rec.persisted.len());
+        let (imgs, durable, started) = crash_image(&self.bases, &rec.log, &rec.persisted, c)?;
         let luns: Vec<Arc<dyn Lun>> = imgs
             .into_iter()
             .map(|l| Arc::new(l) as Arc<dyn Lun>)

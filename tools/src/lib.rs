@@ -1,4 +1,5 @@
 //! Libraries behind the `vmfs` command that are worth calling on their own:
 //! the crash-recovery harness.
 
+pub mod crashdisk;
 pub mod crashtest;

@@ -749,6 +749,10 @@ struct CrashArgs {
     /// With --workload: check only this crash state (SEGMENT:WRITES[:torn=W.S]).
     #[arg(long, requires = "workload")]
     crash: Option<String>,
+    /// Crash states of virtual-disk workloads (writes into a chain,
+    /// snapshot, revert, consolidate, grow, clone), beside --states.
+    #[arg(long, default_value_t = 4000)]
+    disk_states: u64,
 }
 
 fn crashtest(a: CrashArgs) -> Result<ExitCode> {
@@ -757,14 +761,25 @@ fn crashtest(a: CrashArgs) -> Result<ExitCode> {
     let mut sum = Summary::default();
     let mut rng = Rng::new(a.seed);
     let t0 = std::time::Instant::now();
-    if let Some(w) = &a.workload {
+    let crash = a
+        .crash
+        .as_deref()
+        .map(str::parse::<Crash>)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    if let Some(w) = a.workload.as_deref().filter(|w| w.starts_with("disk:")) {
+        use vmfs_tools::crashdisk::*;
+        let ops = parse_disk_ops(w).map_err(anyhow::Error::msg)?;
+        DiskHarness::new()?.run_workload(
+            &ops,
+            a.per_workload.max(1) * 10,
+            crash.as_ref(),
+            &mut rng,
+            &mut sum,
+        );
+    } else if let Some(w) = &a.workload {
         let ops = parse_ops(w).map_err(anyhow::Error::msg)?;
-        let c = a
-            .crash
-            .as_deref()
-            .map(str::parse::<Crash>)
-            .transpose()
-            .map_err(anyhow::Error::msg)?;
+        let c = crash;
         h.run_workload(
             &ops,
             a.per_workload.max(1) * 10,
@@ -828,6 +843,16 @@ fn crashtest(a: CrashArgs) -> Result<ExitCode> {
             }
         }
         bar.finish_and_clear();
+        if !a.exhaustive && a.disk_states > 0 {
+            use vmfs_tools::crashdisk::*;
+            let dh = DiskHarness::new()?;
+            let goal = sum.states + a.disk_states;
+            while sum.states < goal {
+                let len = 4 + rng.below(12) as usize;
+                let w = random_disk_workload(&mut rng, len);
+                dh.run_workload(&w, a.per_workload * 3, None, &mut rng, &mut sum);
+            }
+        }
     }
     println!(
         "{} workloads, {} crash states explored ({} needed a journal replay), {} failures, {:.0} s",
