@@ -333,6 +333,11 @@ struct Inner {
     /// Pages changed since the last checkpoint.
     dirty: BTreeMap<u64, Page>,
     last_checkpoint: Instant,
+    /// Intent regions where a block was recorded since the last
+    /// checkpoint: their bits stay set through it (the writes go on there,
+    /// and each new block would cost a flush again); the others are
+    /// cleared.
+    active: std::collections::HashSet<u64>,
 }
 
 /// An open change-tracking file.
@@ -396,6 +401,7 @@ impl Tracker {
                 h,
                 dirty: BTreeMap::new(),
                 last_checkpoint: Instant::now(),
+                active: Default::default(),
             }),
             begun: std::sync::atomic::AtomicBool::new(false),
         })
@@ -545,6 +551,7 @@ impl Tracker {
         }
         for b in first..=last {
             if missing(b) {
+                inner.active.insert(b / rb);
                 self.mark(inner, b)?;
                 self.recorded[(b / 64) as usize].fetch_or(1 << (b % 64), Ordering::Release);
             }
@@ -563,8 +570,9 @@ impl Tracker {
         Ok(())
     }
 
-    /// Write the entries changed in memory and clear the intent bits
-    /// (`force`: now; else only if a second has passed since the last).
+    /// Write the entries changed in memory (`force`: now; else only if a
+    /// second has passed since the last checkpoint), and clear the intent
+    /// bits of regions idle since the last one (`force`: all of them).
     pub fn checkpoint(&self, force: bool) -> Result<()> {
         self.check_begun()?;
         let mut g = self.lock();
@@ -577,7 +585,19 @@ impl Tracker {
             return Ok(());
         }
         self.write_pages(inner)?;
-        inner.h.intent.fill(0);
+        let before = inner.h.intent.clone();
+        for (i, byte) in inner.h.intent.iter_mut().enumerate() {
+            for bit in 0..8 {
+                let r = (i * 8 + bit) as u64;
+                if force || !inner.active.contains(&r) {
+                    *byte &= !(1 << bit);
+                }
+            }
+        }
+        inner.active.clear();
+        if inner.h.intent == before {
+            return Ok(());
+        }
         self.write_header(inner)
     }
 

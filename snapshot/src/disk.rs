@@ -578,12 +578,29 @@ impl Disk {
                     while k < part.len() {
                         let r = rel + k as u64;
                         let in_g = r % gb;
-                        let m = ((gb - in_g) as usize).min(part.len() - k);
-                        let sub = &mut part[k..k + m];
+                        let mut m = ((gb - in_g) as usize).min(part.len() - k);
                         match s.lookup(r / gb)? {
-                            Grain::At(a) => s.file.read_full(sub, a + in_g).map_err(at(&s.name))?,
-                            Grain::Zero => sub.fill(0),
-                            Grain::Absent => self.read_layer(i + 1, sub, pos + k as u64)?,
+                            Grain::At(a) => {
+                                // Grains that follow each other in the file
+                                // too (written in order): one read.
+                                let mut next = a + gb;
+                                while k + m < part.len() {
+                                    match s.lookup((r + m as u64) / gb)? {
+                                        Grain::At(b) if b == next => {
+                                            m += (gb as usize).min(part.len() - k - m);
+                                            next += gb;
+                                        }
+                                        _ => break,
+                                    }
+                                }
+                                s.file
+                                    .read_full(&mut part[k..k + m], a + in_g)
+                                    .map_err(at(&s.name))?
+                            }
+                            Grain::Zero => part[k..k + m].fill(0),
+                            Grain::Absent => {
+                                self.read_layer(i + 1, &mut part[k..k + m], pos + k as u64)?
+                            }
                         }
                         k += m;
                     }

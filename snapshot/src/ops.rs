@@ -455,19 +455,7 @@ pub fn consolidate(store: Arc<dyn Store>, name: &str) -> Result<u64> {
             store.describe(name)
         )));
     }
-    let mut merged = 0;
-    let mut buf = Vec::new();
-    for r in top.top_ranges()? {
-        let mut o = r.start;
-        while o < r.end {
-            let n = (r.end - o).min(8 << 20);
-            buf.resize(n as usize, 0);
-            top.read_at(&mut buf, o)?;
-            parent.write_at(&buf, o)?;
-            o += n;
-            merged += n;
-        }
-    }
+    let merged = merge(&top, &parent)?;
     parent.flush()?;
     let mut next = parent.layers[0].desc.clone();
     next.cid = new_cid();
@@ -491,6 +479,56 @@ pub fn consolidate(store: Arc<dyn Store>, name: &str) -> Result<u64> {
             tracing::warn!("removing {} after consolidating: {e}", store.describe(f));
         }
     }
+    Ok(merged)
+}
+
+/// Copy what `top`'s current layer holds into `parent`, reading the next
+/// chunk while the last one is written. Returns the bytes copied.
+fn merge(top: &Disk, parent: &Disk) -> Result<u64> {
+    const CHUNK: u64 = 8 << 20;
+    let mut work = Vec::new();
+    for r in top.top_ranges()? {
+        let mut o = r.start;
+        while o < r.end {
+            let n = (r.end - o).min(CHUNK - o % CHUNK);
+            work.push((o, n));
+            o += n;
+        }
+    }
+    let merged = work.iter().map(|w| w.1).sum();
+    std::thread::scope(|sc| -> Result<()> {
+        let (full, filled) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(2);
+        let (empty, emptied) = std::sync::mpsc::channel::<Vec<u8>>();
+        for _ in 0..3 {
+            let _ = empty.send(Vec::new());
+        }
+        let reader = sc.spawn(move || -> Result<()> {
+            for (o, n) in work {
+                let Ok(mut buf) = emptied.recv() else {
+                    return Ok(()); // the writer stopped: its error is returned
+                };
+                buf.resize(n as usize, 0);
+                top.read_at(&mut buf, o)?;
+                if full.send((o, buf)).is_err() {
+                    return Ok(());
+                }
+            }
+            Ok(())
+        });
+        let mut res = Ok(());
+        for (o, buf) in filled {
+            if let Err(e) = parent.write_at(&buf, o) {
+                res = Err(e);
+                break;
+            }
+            let _ = empty.send(buf);
+        }
+        drop(empty);
+        let r = reader.join().unwrap_or_else(|_| {
+            Err(DiskError::Invalid("the merge's reader panicked".into()))
+        });
+        res.and(r)
+    })?;
     Ok(merged)
 }
 
