@@ -482,10 +482,14 @@ pub fn consolidate(store: Arc<dyn Store>, name: &str) -> Result<u64> {
     Ok(merged)
 }
 
-/// Copy what `top`'s current layer holds into `parent`, reading the next
-/// chunk while the last one is written. Returns the bytes copied.
+/// Copy what `top`'s current layer holds into `parent`: a few readers
+/// fetch chunks (a device reads faster with several requests in flight)
+/// while the chunks already read are written. Order does not matter:
+/// nothing reads the parent until the merge is committed. Returns the
+/// bytes copied.
 fn merge(top: &Disk, parent: &Disk) -> Result<u64> {
     const CHUNK: u64 = 8 << 20;
+    const READERS: usize = 3;
     let mut work = Vec::new();
     for r in top.top_ranges()? {
         let mut o = r.start;
@@ -496,38 +500,45 @@ fn merge(top: &Disk, parent: &Disk) -> Result<u64> {
         }
     }
     let merged = work.iter().map(|w| w.1).sum();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|sc| -> Result<()> {
-        let (full, filled) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(2);
-        let (empty, emptied) = std::sync::mpsc::channel::<Vec<u8>>();
-        for _ in 0..3 {
-            let _ = empty.send(Vec::new());
-        }
-        let reader = sc.spawn(move || -> Result<()> {
-            for (o, n) in work {
-                let Ok(mut buf) = emptied.recv() else {
-                    return Ok(()); // the writer stopped: its error is returned
-                };
-                buf.resize(n as usize, 0);
-                top.read_at(&mut buf, o)?;
-                if full.send((o, buf)).is_err() {
-                    return Ok(());
+        let (full, filled) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(READERS);
+        let mut readers = Vec::new();
+        for _ in 0..READERS {
+            let full = full.clone();
+            let (work, next, stop) = (&work, &next, &stop);
+            readers.push(sc.spawn(move || -> Result<()> {
+                use std::sync::atomic::Ordering::Relaxed;
+                while !stop.load(Relaxed) {
+                    let Some(&(o, n)) = work.get(next.fetch_add(1, Relaxed)) else {
+                        break;
+                    };
+                    let mut buf = vec![0u8; n as usize];
+                    top.read_at(&mut buf, o)?;
+                    if full.send((o, buf)).is_err() {
+                        break;
+                    }
                 }
-            }
-            Ok(())
-        });
+                Ok(())
+            }));
+        }
+        drop(full);
         let mut res = Ok(());
         for (o, buf) in filled {
             if let Err(e) = parent.write_at(&buf, o) {
                 res = Err(e);
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
                 break;
             }
-            let _ = empty.send(buf);
         }
-        drop(empty);
-        let r = reader.join().unwrap_or_else(|_| {
-            Err(DiskError::Invalid("the merge's reader panicked".into()))
-        });
-        res.and(r)
+        for r in readers {
+            let r = r.join().unwrap_or_else(|_| {
+                Err(DiskError::Invalid("a reader of the merge panicked".into()))
+            });
+            res = res.and(r);
+        }
+        res
     })?;
     Ok(merged)
 }
