@@ -27,6 +27,8 @@ fi
 # POSIX test tools from crates.io, pinned.
 command -v pjdfstest >/dev/null || cargo install --locked pjdfstest --version 0.2.2
 command -v fsx       >/dev/null || cargo install --locked fsx --version 0.3.2
+# The parsers' fuzzers (scripts/fuzz.sh runs each briefly).
+cargo fuzz --version >/dev/null 2>&1 || cargo install --locked cargo-fuzz --version 0.13.2
 
 # pjdfstest switches to these identities (tests/conf/pjdfstest.toml).
 getent group tests  >/dev/null || $SUDO groupadd tests

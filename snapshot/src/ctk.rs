@@ -152,7 +152,7 @@ impl Header {
             cid,
             pending_cid: None,
             stamp: 0,
-            reason: reason.chars().take(REASON_MAX / 4).collect(),
+            reason: clip(reason, REASON_MAX),
             intent: vec![0; (MAX_REGIONS / 8) as usize],
         }
     }
@@ -175,8 +175,9 @@ impl Header {
         b[56..60].copy_from_slice(&self.cid.to_le_bytes());
         b[60..64].copy_from_slice(&self.pending_cid.unwrap_or(NO_CID).to_le_bytes());
         b[64..72].copy_from_slice(&self.stamp.to_le_bytes());
-        let r = self.reason.as_bytes();
-        let n = r.len().min(REASON_MAX);
+        let reason = clip(&self.reason, REASON_MAX);
+        let r = reason.as_bytes();
+        let n = r.len();
         b[72..74].copy_from_slice(&(n as u16).to_le_bytes());
         b[80..80 + n].copy_from_slice(&r[..n]);
         b[INTENT_AT..INTENT_AT + self.intent.len()].copy_from_slice(&self.intent);
@@ -208,7 +209,7 @@ impl Header {
         if u32_at(b, 40) as u64 != BLOCK {
             return Err(format!("block size {}, not {BLOCK}", u32_at(b, 40)));
         }
-        if capacity == 0 || capacity > 1 << 50 {
+        if capacity == 0 || capacity > 64 << 40 {
             return Err(format!("capacity {capacity} is impossible"));
         }
         let region_blocks = u32_at(b, 44) as u64;
@@ -234,7 +235,7 @@ impl Header {
             cid: u32_at(b, 56),
             pending_cid: (pending != NO_CID).then_some(pending),
             stamp: u64_at(b, 64),
-            reason: String::from_utf8_lossy(&b[80..80 + n]).into_owned(),
+            reason: clip(&String::from_utf8_lossy(&b[80..80 + n]), REASON_MAX),
             intent: b[INTENT_AT..INTENT_AT + (MAX_REGIONS / 8) as usize].to_vec(),
         })
     }
@@ -245,6 +246,15 @@ impl Header {
     fn any_intent(&self) -> bool {
         self.intent.iter().any(|&x| x != 0)
     }
+}
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+fn clip(s: &str, max: usize) -> String {
+    let mut n = s.len().min(max);
+    while !s.is_char_boundary(n) {
+        n -= 1;
+    }
+    s[..n].to_string()
 }
 
 fn region_blocks(blocks: u64) -> u64 {
@@ -391,7 +401,12 @@ impl Tracker {
                 })
             }
         };
-        let words = h.blocks().div_ceil(64) as usize;
+        // The write path's bitmap: only a writer needs it.
+        let words = if write {
+            h.blocks().div_ceil(64) as usize
+        } else {
+            0
+        };
         Ok(Tracker {
             file,
             name: name.to_string(),
