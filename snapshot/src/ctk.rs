@@ -48,6 +48,19 @@ pub const PER_PAGE: u64 = 511;
 const PAGES_AT: u64 = 2 * SLOT;
 const MAX_REGIONS: u64 = 16384;
 const MIN_REGION_BLOCKS: u64 = 1024;
+/// Test knobs (the crash harness): smaller intent regions so that a small
+/// disk has several, and a checkpoint at every flush so that runs do not
+/// depend on the clock. Never changed outside tests.
+static TEST_REGION_BLOCKS: AtomicU64 = AtomicU64::new(0);
+static TEST_EVERY_FLUSH: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// For tests: intent regions of `blocks` blocks for histories created from
+/// now on (0: the default), and a checkpoint at every flush.
+#[doc(hidden)]
+pub fn test_knobs(blocks: u64, every_flush: bool) {
+    TEST_REGION_BLOCKS.store(blocks, Ordering::Relaxed);
+    TEST_EVERY_FLUSH.store(every_flush, Ordering::Relaxed);
+}
 const REASON_MAX: usize = 512;
 const INTENT_AT: usize = 1024;
 const NO_CID: u32 = 0xffff_ffff;
@@ -258,7 +271,11 @@ fn clip(s: &str, max: usize) -> String {
 }
 
 fn region_blocks(blocks: u64) -> u64 {
-    blocks.div_ceil(MAX_REGIONS).max(MIN_REGION_BLOCKS)
+    let min = match TEST_REGION_BLOCKS.load(Ordering::Relaxed) {
+        0 => MIN_REGION_BLOCKS,
+        n => n,
+    };
+    blocks.div_ceil(MAX_REGIONS).max(min)
 }
 
 /// One page of block entries: `(last, prev)` epochs.
@@ -332,7 +349,9 @@ pub fn create(store: &dyn Store, name: &str, capacity: u64, cid: u32, reason: &s
     let f = store.create(&tmp).map_err(at(&tmp))?;
     f.set_len(PAGES_AT + pages_for(h.blocks()) * PAGE)
         .map_err(at(&tmp))?;
-    f.write_at(&h.encode(), 0).map_err(at(&tmp))?;
+    // Generation 1 goes in slot 1: the first header written after it (2)
+    // goes in slot 0, and a tear there leaves this one.
+    f.write_at(&h.encode(), SLOT).map_err(at(&tmp))?;
     f.flush().map_err(at(&tmp))?;
     drop(f);
     store.rename(&tmp, name).map_err(at(name))
@@ -440,13 +459,21 @@ impl Tracker {
         }
     }
 
+    /// Write the header to the slot not holding the last durable one, and
+    /// flush. On an error the generation is not advanced (the next write
+    /// goes to the same slot, never over the durable one).
     fn write_header(&self, inner: &mut Inner) -> Result<()> {
         inner.h.gen += 1;
         let slot = inner.h.gen % 2;
-        self.file
+        let r = self
+            .file
             .write_at(&inner.h.encode(), slot * SLOT)
-            .map_err(at(&self.name))?;
-        self.file.flush().map_err(at(&self.name))
+            .and_then(|()| self.file.flush())
+            .map_err(at(&self.name));
+        if r.is_err() {
+            inner.h.gen -= 1;
+        }
+        r
     }
 
     fn page<'a>(&self, inner: &'a mut Inner, no: u64) -> Result<&'a mut Page> {
@@ -537,10 +564,11 @@ impl Tracker {
         self.check_begun()?;
         let first = off / BLOCK;
         let last = (off + len - 1) / BLOCK;
+        // (A block past the bitmap, after a grow, is always recorded.)
         let missing = |b: u64| {
             self.recorded
                 .get((b / 64) as usize)
-                .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (b % 64)) == 0)
+                .is_none_or(|w| w.load(Ordering::Acquire) & (1 << (b % 64)) == 0)
         };
         if !(first..=last).any(missing) {
             return Ok(());
@@ -548,6 +576,7 @@ impl Tracker {
         let mut g = self.lock();
         let inner = &mut *g;
         let rb = inner.h.region_blocks;
+        let intent_before = inner.h.intent.clone();
         let mut new_intent = false;
         for b in first..=last {
             if !missing(b) {
@@ -561,14 +590,20 @@ impl Tracker {
         }
         if new_intent {
             // Durable before the data is written: the write may reach the
-            // disk before any flush.
-            self.write_header(inner)?;
+            // disk before any flush. Not durable: not set either (a retry
+            // must write it again).
+            if let Err(e) = self.write_header(inner) {
+                inner.h.intent = intent_before;
+                return Err(e);
+            }
         }
         for b in first..=last {
             if missing(b) {
                 inner.active.insert(b / rb);
                 self.mark(inner, b)?;
-                self.recorded[(b / 64) as usize].fetch_or(1 << (b % 64), Ordering::Release);
+                if let Some(w) = self.recorded.get((b / 64) as usize) {
+                    w.fetch_or(1 << (b % 64), Ordering::Release);
+                }
             }
         }
         Ok(())
@@ -592,7 +627,9 @@ impl Tracker {
         self.check_begun()?;
         let mut g = self.lock();
         let inner = &mut *g;
-        if !self.writable || (!force && inner.last_checkpoint.elapsed() < CHECKPOINT_EVERY) {
+        let due = inner.last_checkpoint.elapsed() >= CHECKPOINT_EVERY
+            || TEST_EVERY_FLUSH.load(Ordering::Relaxed);
+        if !self.writable || (!force && !due) {
             return Ok(());
         }
         inner.last_checkpoint = Instant::now();
@@ -627,6 +664,12 @@ impl Tracker {
             history: inner.h.history,
             epoch: inner.h.epoch,
         };
+        // Nothing is recorded in the new epoch yet (cleared first: a writer
+        // must not skip a block because it was recorded in the old one).
+        for w in &self.recorded {
+            w.store(0, Ordering::Release);
+        }
+        let (old_epoch, old_pending) = (inner.h.epoch, inner.h.pending_cid);
         inner.h.epoch = inner
             .h
             .epoch
@@ -639,7 +682,11 @@ impl Tracker {
                 ))
             })?;
         inner.h.pending_cid = Some(pending);
-        self.write_header(inner)?;
+        if let Err(e) = self.write_header(inner) {
+            inner.h.epoch = old_epoch;
+            inner.h.pending_cid = old_pending;
+            return Err(e);
+        }
         for w in &self.recorded {
             w.store(0, Ordering::Release);
         }
@@ -680,7 +727,8 @@ impl Tracker {
         self.checkpoint(true)?;
         let mut g = self.lock();
         let inner = &mut *g;
-        let old = inner.h.blocks();
+        // From the block the old end was in: its tail is new disk too.
+        let old = inner.h.capacity / BLOCK;
         if capacity <= inner.h.capacity {
             return Ok(());
         }

@@ -354,10 +354,19 @@ impl Disk {
                 };
                 (Some(t), why)
             }
-            Err(e) => (
+            // Missing or damaged: the history cannot answer (a writer
+            // starts a new one). Any other error (I/O, a lock held
+            // elsewhere) fails the open: nothing is restarted on a
+            // transient error.
+            Err(e @ DiskError::Corrupt { .. }) => (
                 None,
-                Some(format!("its change-tracking file could not be read: {e}")),
+                Some(format!("its change-tracking file is damaged: {e}")),
             ),
+            Err(DiskError::Store { file, source }) if source.is_not_found() => (
+                None,
+                Some(format!("its change-tracking file {file} is missing")),
+            ),
+            Err(e) => return Err(e),
         };
         if !write {
             return Ok(Some(Tracking { tracker, foreign }));
@@ -759,8 +768,10 @@ impl Disk {
                 Io::Zero => {}
             }
         }
-        if let Some(t) = self.tracker() {
-            t.checkpoint(false)?;
+        if self.writable {
+            if let Some(t) = self.tracker() {
+                t.checkpoint(false)?;
+            }
         }
         Ok(())
     }
@@ -774,6 +785,15 @@ pub(crate) fn reseal(store: Arc<dyn Store>, name: &str) -> Result<()> {
     let Some(file) = d.layers[0].desc.change_track_path() else {
         return Ok(());
     };
+    // The current layer's extents held for writing meanwhile: no writer
+    // of the disk (whose header this would overwrite) can be open.
+    let _held: Vec<_> = d.layers[0]
+        .desc
+        .extents
+        .iter()
+        .filter_map(|e| e.file.as_ref())
+        .map(|f| store.open(f, true).map_err(at(f)))
+        .collect::<Result<_>>()?;
     let t = Tracker::open(&*store, file, true)?;
     let cid = d.layers[0].desc.cid;
     t.begin(cid)?;

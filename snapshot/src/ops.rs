@@ -124,6 +124,10 @@ pub fn create(
 ) -> Result<Descriptor> {
     let d = create_unlinked(store, name, size, prov, adapter)?;
     commit(store, name, &d)?;
+    let part = part_name(name);
+    if store.exists(&part).map_err(at(&part))? {
+        store.remove(&part).map_err(at(&part))?;
+    }
     Ok(d)
 }
 
@@ -150,7 +154,9 @@ fn create_unlinked(
             "{}: removing the files of an interrupted clone or import",
             store.describe(name)
         );
-        for f in [format!("{st}-flat.vmdk"), ctk_file(st), part] {
+        // (The .part itself stays: it marks these files until the new
+        // disk is committed.)
+        for f in [format!("{st}-flat.vmdk"), ctk_file(st)] {
             if store.exists(&f).map_err(at(&f))? {
                 store.remove(&f).map_err(at(&f))?;
             }
@@ -231,8 +237,20 @@ fn create_filled(
     adapter: &str,
     fill: impl FnOnce(&Disk) -> Result<u64>,
 ) -> Result<u64> {
-    let d = create_unlinked(&*store, name, size, prov, adapter)?;
+    stem(name)?;
+    if store.exists(name).map_err(at(name))? {
+        return Err(DiskError::Invalid(format!(
+            "{} exists",
+            store.describe(name)
+        )));
+    }
     let part = part_name(name);
+    // The .part first, before any other file: whatever a crash leaves
+    // from here on, it is there to say whose leftovers they are.
+    if !store.exists(&part).map_err(at(&part))? {
+        write_new(&*store, &part, "")?;
+    }
+    let d = create_unlinked(&*store, name, size, prov, adapter)?;
     write_new(&*store, &part, &d.to_text())?;
     let disk = Disk::open(store.clone(), &part, true)?;
     let n = fill(&disk)?;
@@ -248,12 +266,16 @@ pub fn delete(store: Arc<dyn Store>, name: &str) -> Result<()> {
     stem(name)?;
     let files = chain_files(&*store, name)?;
     drop(Disk::open(store.clone(), name, true)?);
-    store.remove(name).map_err(at(name))?;
+    // The descriptor becomes the .part first: from then on the disk is
+    // gone, and a crash leaves files a later create of the name removes.
+    let part = part_name(name);
+    store.rename(name, &part).map_err(at(name))?;
     for f in files.iter().filter(|f| *f != name) {
         if let Err(e) = store.remove(f) {
             tracing::warn!("removing {}: {e}", store.describe(f));
         }
     }
+    store.remove(&part).map_err(at(&part))?;
     Ok(())
 }
 
@@ -355,8 +377,11 @@ pub fn snapshot(store: Arc<dyn Store>, name: &str) -> Result<Snapshot> {
     write_new(&*store, &frozen, &fz.to_text())?;
     let next = layer_over(&*store, &st, disk.depth() + 1, (&frozen, &top), &top)?;
     let change_id = disk.end_epoch(next.cid)?;
-    disk.close()?;
+    // Committed while the disk is still open here (its locks held): no
+    // writer can open the old layer in between and write into what is now
+    // frozen.
     commit(&*store, name, &next)?;
+    disk.close()?;
     Ok(Snapshot { frozen, change_id })
 }
 
@@ -384,8 +409,8 @@ pub fn revert(store: Arc<dyn Store>, name: &str) -> Result<()> {
     // What the dropped layer held reads differently from now on: changed.
     disk.mark_changed(&disk.top_ranges()?)?;
     disk.expect_cid(next.cid)?;
-    disk.close()?;
     commit(&*store, name, &next)?;
+    disk.close()?;
     // The old layer's extents: nothing refers to them now.
     for e in &top.extents {
         if let Some(f) = &e.file {
@@ -436,6 +461,17 @@ pub fn consolidate(store: Arc<dyn Store>, name: &str) -> Result<u64> {
     // the snapshot it was, or reverting onto it, until this finishes
     // (here, or in the next consolidate, snapshot, revert or check
     // --repair of the disk).
+    // Written once everything that can refuse has passed (the layer below
+    // opened for writing, big enough): a refused consolidation leaves no
+    // marker behind.
+    let parent = Disk::open_with(store.clone(), &parent_name, true, true)?;
+    if parent.capacity() < top.capacity() {
+        return Err(DiskError::Chain(format!(
+            "{} is smaller than {}: grow it first",
+            store.describe(&parent_name),
+            store.describe(name)
+        )));
+    }
     let marker = consolidating_marker(&parent_name);
     if !store.exists(&marker).map_err(at(&marker))? {
         write_new(
@@ -446,14 +482,6 @@ pub fn consolidate(store: Arc<dyn Store>, name: &str) -> Result<u64> {
                 top_desc.cid
             ),
         )?;
-    }
-    let parent = Disk::open_with(store.clone(), &parent_name, true, true)?;
-    if parent.capacity() < top.capacity() {
-        return Err(DiskError::Chain(format!(
-            "{} is smaller than {}: grow it first",
-            store.describe(&parent_name),
-            store.describe(name)
-        )));
     }
     let merged = merge(&top, &parent)?;
     parent.flush()?;
@@ -515,7 +543,10 @@ fn merge(top: &Disk, parent: &Disk) -> Result<u64> {
                         break;
                     };
                     let mut buf = vec![0u8; n as usize];
-                    top.read_at(&mut buf, o)?;
+                    if let Err(e) = top.read_at(&mut buf, o) {
+                        stop.store(true, Relaxed);
+                        return Err(e);
+                    }
                     if full.send((o, buf)).is_err() {
                         break;
                     }
