@@ -2,30 +2,16 @@
 //! `qemu-img info/check/compare` read what we write, and we read what
 //! `qemu-io` writes into our chains.
 
-use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
 use snapshot::ops::{self, Provisioning};
 use snapshot::{Disk, LocalStore, Store};
 
-const MIB: u64 = 1 << 20;
+mod common;
+use common::qemu_img;
 
-fn qemu_img(args: &[&str], dir: &Path) -> (bool, String) {
-    let o = Command::new("qemu-img")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("qemu-img is installed (qemu-utils)");
-    (
-        o.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-    )
-}
+const MIB: u64 = 1 << 20;
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
     (0..len as u64)

@@ -7,13 +7,15 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
 use snapshot::ctk::ChangeId;
 use snapshot::ops::{self, Provisioning};
 use snapshot::{Disk, LocalStore, Store};
+
+mod common;
+use common::qemu_img;
 
 const MIB: u64 = 1 << 20;
 
@@ -28,6 +30,14 @@ impl Rng {
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
+}
+
+/// A new thin disk `vm.vmdk` of `size` bytes in a fresh directory.
+fn new_disk(size: u64) -> (tempfile::TempDir, Arc<dyn Store>) {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(LocalStore::new(dir.path()));
+    ops::create(&*store, "vm.vmdk", size, Provisioning::Thin, "pvscsi").unwrap();
+    (dir, store)
 }
 
 fn read_all(store: &Arc<dyn Store>, name: &str) -> Vec<u8> {
@@ -74,9 +84,7 @@ fn changed(
 #[test]
 fn changed_covers_every_difference_through_the_chain_operations_and_crashes() {
     for seed in 1..=6u64 {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(LocalStore::new(dir.path()));
-        ops::create(&*store, "vm.vmdk", 24 * MIB, Provisioning::Thin, "pvscsi").unwrap();
+        let (dir, store) = new_disk(24 * MIB);
         let mut rng = Rng(seed * 0x9e37_79b9_7f4a_7c15);
         // The content at each change ID taken.
         let mut at: BTreeMap<u32, (ChangeId, Vec<u8>)> = BTreeMap::new();
@@ -157,9 +165,7 @@ fn changed_covers_every_difference_through_the_chain_operations_and_crashes() {
 /// and must be reported.
 #[test]
 fn a_revert_after_a_consolidation_reports_what_it_took_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(LocalStore::new(dir.path()));
-    ops::create(&*store, "vm.vmdk", 8 * MIB, Provisioning::Thin, "pvscsi").unwrap();
+    let (_dir, store) = new_disk(8 * MIB);
     ops::snapshot(store.clone(), "vm.vmdk").unwrap();
     let d = Disk::open(store.clone(), "vm.vmdk", true).unwrap();
     d.write_at(&[1; 512], 3 * MIB).unwrap();
@@ -180,9 +186,7 @@ fn a_revert_after_a_consolidation_reports_what_it_took_back() {
 
 #[test]
 fn the_cost_is_paid_once_per_region_and_the_answer_is_block_grained() {
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(LocalStore::new(dir.path()));
-    ops::create(&*store, "vm.vmdk", 256 * MIB, Provisioning::Thin, "pvscsi").unwrap();
+    let (_dir, store) = new_disk(256 * MIB);
     let id = ops::snapshot(store.clone(), "vm.vmdk")
         .unwrap()
         .change_id
@@ -205,22 +209,6 @@ fn the_cost_is_paid_once_per_region_and_the_answer_is_block_grained() {
     assert_eq!(all.ranges, c.ranges);
 }
 
-fn qemu_img(args: &[&str], dir: &Path) -> (bool, String) {
-    let o = Command::new("qemu-img")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("qemu-img is installed (qemu-utils)");
-    (
-        o.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-    )
-}
-
 fn info_tracking(store: &Arc<dyn Store>) -> snapshot::disk::TrackingInfo {
     Disk::open(store.clone(), "vm.vmdk", false)
         .unwrap()
@@ -231,9 +219,7 @@ fn info_tracking(store: &Arc<dyn Store>) -> snapshot::disk::TrackingInfo {
 #[test]
 fn a_writer_that_does_not_keep_tracking_makes_the_answer_the_whole_disk() {
     // QEMU's vmdk driver writing the current layer (a delta) changes its CID.
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(LocalStore::new(dir.path()));
-    ops::create(&*store, "vm.vmdk", 16 * MIB, Provisioning::Thin, "pvscsi").unwrap();
+    let (dir, store) = new_disk(16 * MIB);
     let id = ops::snapshot(store.clone(), "vm.vmdk")
         .unwrap()
         .change_id
@@ -267,9 +253,7 @@ fn a_writer_that_does_not_keep_tracking_makes_the_answer_the_whole_disk() {
 
     // A write straight into a base disk's flat extent (dd) changes its
     // modification time while no writer of ours has it open.
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(LocalStore::new(dir.path()));
-    ops::create(&*store, "vm.vmdk", 16 * MIB, Provisioning::Thin, "pvscsi").unwrap();
+    let (dir, store) = new_disk(16 * MIB);
     let id = ops::snapshot(store.clone(), "vm.vmdk")
         .unwrap()
         .change_id
@@ -310,9 +294,7 @@ fn a_writer_that_does_not_keep_tracking_makes_the_answer_the_whole_disk() {
 
 #[test]
 fn an_interrupted_consolidation_is_finished_before_anything_else() {
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(LocalStore::new(dir.path()));
-    ops::create(&*store, "vm.vmdk", 8 * MIB, Provisioning::Thin, "pvscsi").unwrap();
+    let (dir, store) = new_disk(8 * MIB);
     let d = Disk::open(store.clone(), "vm.vmdk", true).unwrap();
     d.write_at(&[1; 65536], 0).unwrap();
     d.close().unwrap();

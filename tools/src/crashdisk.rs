@@ -28,7 +28,7 @@ use snapshot::ops::{self, Provisioning};
 use snapshot::{Disk, Store, VmfsStore};
 use vmfs::{Fs, MkfsOptions};
 
-use crate::crashtest::{crash_image, mark_done, mark_start, plan, Crash, Failure, Rng, Summary};
+use crate::crashtest::{crash_image, mark_done, mark_start, run_recorded, Crash, Rng, Summary};
 
 const LUN_SIZES: [u64; 2] = [2 << 20, 14 << 20];
 const DISK: &str = "disk.vmdk";
@@ -368,34 +368,13 @@ impl DiskHarness {
         rng: &mut Rng,
         sum: &mut Summary,
     ) {
-        let workload = format_disk_ops(ops);
-        sum.workloads += 1;
-        let rec = match self.record(ops) {
-            Ok(r) => r,
-            Err(what) => {
-                sum.failures.push(Failure {
-                    workload,
-                    crash: None,
-                    what,
-                });
-                return;
-            }
-        };
-        let states = match only {
-            Some(c) => vec![c.clone()],
-            None => plan(&rec.log, budget, rng),
-        };
-        for c in states {
-            sum.states += 1;
-            match self.check(ops, &rec, &c) {
-                Ok(replayed) => sum.replayed += u64::from(replayed),
-                Err(what) => sum.failures.push(Failure {
-                    workload: workload.clone(),
-                    crash: Some(c),
-                    what,
-                }),
-            }
-        }
+        run_recorded(
+            format_disk_ops(ops),
+            || self.record(ops),
+            |rec| &rec.log,
+            |rec, c| self.check(ops, rec, c),
+            (budget, only, rng, sum),
+        );
     }
 }
 

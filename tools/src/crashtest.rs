@@ -970,11 +970,6 @@ impl Harness {
         })
     }
 
-    /// Choose up to `budget` crash states of a recording.
-    fn plan(rec: &Recording, budget: usize, rng: &mut Rng) -> Vec<Crash> {
-        plan(&rec.log, budget, rng)
-    }
-
     /// Build the crash image, mount it, fsck it and judge it by the oracle.
     fn check(&self, rec: &Recording, c: &Crash) -> Result<bool, String> {
         let (imgs, durable, started) = crash_image(&self.bases, &rec.log, &rec.persisted, c)?;
@@ -1031,33 +1026,51 @@ impl Harness {
         rng: &mut Rng,
         sum: &mut Summary,
     ) {
-        let workload = format_ops(ops);
-        sum.workloads += 1;
-        let rec = match self.record(ops) {
-            Ok(r) => r,
-            Err(what) => {
-                sum.failures.push(Failure {
-                    workload,
-                    crash: None,
-                    what,
-                });
-                return;
-            }
-        };
-        let plan = match only {
-            Some(c) => vec![c.clone()],
-            None => Self::plan(&rec, budget, rng),
-        };
-        for c in plan {
-            sum.states += 1;
-            match self.check(&rec, &c) {
-                Ok(replayed) => sum.replayed += u64::from(replayed),
-                Err(what) => sum.failures.push(Failure {
-                    workload: workload.clone(),
-                    crash: Some(c),
-                    what,
-                }),
-            }
+        run_recorded(
+            format_ops(ops),
+            || self.record(ops),
+            |rec| &rec.log,
+            |rec, c| self.check(rec, c),
+            (budget, only, rng, sum),
+        );
+    }
+}
+
+/// The loop both harnesses share: record a workload (a failure to is one
+/// failure), plan up to `budget` crash states of its log (or exactly
+/// `only`), check each, count.
+pub(crate) fn run_recorded<R>(
+    workload: String,
+    record: impl FnOnce() -> Result<R, String>,
+    log: impl Fn(&R) -> &[Event],
+    check: impl Fn(&R, &Crash) -> Result<bool, String>,
+    (budget, only, rng, sum): (usize, Option<&Crash>, &mut Rng, &mut Summary),
+) {
+    sum.workloads += 1;
+    let rec = match record() {
+        Ok(r) => r,
+        Err(what) => {
+            sum.failures.push(Failure {
+                workload,
+                crash: None,
+                what,
+            });
+            return;
+        }
+    };
+    let states = match only {
+        Some(c) => vec![c.clone()],
+        None => plan(log(&rec), budget, rng),
+    };
+    for c in states {
+        sum.states += 1;
+        match check(&rec, &c) {
+            Ok(replayed) => sum.replayed += u64::from(replayed),
+            Err(what) => sum.failures.push(Failure {
+                workload: workload.clone(),
+                crash: Some(c),
+                what,
+            }),
         }
     }
 }
