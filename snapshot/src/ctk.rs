@@ -713,11 +713,21 @@ impl Tracker {
     /// A CID accepted with [`Tracker::expect_cid`] stays accepted (the
     /// descriptor with it is committed after this).
     pub fn close(&self, cid: u32, stamp: u64) -> Result<()> {
+        self.close_as(cid, stamp, false)
+    }
+
+    /// [`Tracker::close`]; `settled`: `cid` is the descriptor an operation
+    /// of ours has just committed and `stamp` its chain's: nothing is
+    /// pending any more, and the next open compares the stamp.
+    pub fn close_as(&self, cid: u32, stamp: u64, settled: bool) -> Result<()> {
         self.checkpoint(true)?;
         let mut g = self.lock();
         g.h.open = false;
         g.h.cid = cid;
         g.h.stamp = stamp;
+        if settled {
+            g.h.pending_cid = None;
+        }
         self.write_header(&mut g)
     }
 

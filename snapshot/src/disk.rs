@@ -523,6 +523,15 @@ impl Disk {
         if !self.writable {
             return Ok(());
         }
+        self.close_extents()?;
+        if let Some(t) = self.tracker() {
+            t.close(self.layers[0].desc.cid, self.stamp()?)?;
+        }
+        Ok(())
+    }
+
+    /// Flush and mark the current layer's extents closed cleanly.
+    fn close_extents(&mut self) -> Result<()> {
         self.writable = false;
         self.flush()?;
         for p in &self.layers[0].pieces {
@@ -530,10 +539,24 @@ impl Disk {
                 s.mark_clean()?;
             }
         }
-        if let Some(t) = self.tracker() {
-            t.close(self.layers[0].desc.cid, self.stamp()?)?;
-        }
         Ok(())
+    }
+
+    /// Close after an operation of ours committed a new descriptor `name`
+    /// over this disk's chain (a snapshot, revert or consolidation): the
+    /// change history is stamped with the new chain's files and CID, so
+    /// that a writer that does not keep it is noticed from now on (not
+    /// only after the next open for writing).
+    pub fn close_committed(mut self, name: &str) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        self.close_extents()?;
+        let Some(t) = self.tracker() else {
+            return Ok(());
+        };
+        let new = Disk::open(self.store.clone(), name, false)?;
+        t.close_as(new.layers[0].desc.cid, new.stamp()?, true)
     }
 
     pub fn capacity(&self) -> u64 {

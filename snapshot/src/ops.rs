@@ -381,7 +381,7 @@ pub fn snapshot(store: Arc<dyn Store>, name: &str) -> Result<Snapshot> {
     // writer can open the old layer in between and write into what is now
     // frozen.
     commit(&*store, name, &next)?;
-    disk.close()?;
+    disk.close_committed(name)?;
     Ok(Snapshot { frozen, change_id })
 }
 
@@ -410,7 +410,7 @@ pub fn revert(store: Arc<dyn Store>, name: &str) -> Result<()> {
     disk.mark_changed(&disk.top_ranges()?)?;
     disk.expect_cid(next.cid)?;
     commit(&*store, name, &next)?;
-    disk.close()?;
+    disk.close_committed(name)?;
     // The old layer's extents: nothing refers to them now.
     for e in &top.extents {
         if let Some(f) = &e.file {
@@ -495,8 +495,8 @@ pub fn consolidate(store: Arc<dyn Store>, name: &str) -> Result<u64> {
     // The content does not change: change tracking only learns the CID.
     top.expect_cid(next.cid)?;
     parent.close()?;
-    top.close()?;
     commit(&*store, name, &next)?;
+    top.close_committed(name)?;
     for f in top_desc
         .extents
         .iter()

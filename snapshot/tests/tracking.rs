@@ -351,3 +351,28 @@ fn an_interrupted_consolidation_is_finished_before_anything_else() {
     let r = ops::check(store.clone(), "vm.vmdk", false).unwrap();
     assert!(r.problems.is_empty(), "{r:?}");
 }
+
+/// Right after a snapshot (no writer has opened the new layer yet), a
+/// write into a frozen layer's extent is noticed too: the snapshot stamped
+/// the new chain.
+#[test]
+fn a_write_into_a_frozen_extent_right_after_a_snapshot_is_noticed() {
+    let (dir, store) = new_disk(8 * MIB);
+    let id = ops::snapshot(store.clone(), "vm.vmdk")
+        .unwrap()
+        .change_id
+        .unwrap();
+    assert!(changed(&store, id, None).whole_disk.is_none());
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("vm-flat.vmdk"))
+        .unwrap();
+    f.write_all_at(&[7; 512], 0).unwrap();
+    drop(f);
+    let why = changed(&store, id, None)
+        .whole_disk
+        .expect("the whole disk");
+    assert!(why.contains("modification time"), "{why}");
+}
