@@ -45,6 +45,7 @@ pub const COMMANDS: &[&str] = &[
     "disk-resize",
     "disk-check",
     "disk-changed",
+    "disk-delete",
     "disk-tracking",
 ];
 
@@ -494,6 +495,10 @@ fn handle(s: &Shared, req: &Request) -> Result<Value> {
         "disk-check" => {
             let a: CheckArgs = proto::arguments(c, args)?;
             to_value(ops::disk_check(fs, &a.path, a.repair)?)
+        }
+        "disk-delete" => {
+            let a: PathArgs = proto::arguments(c, args)?;
+            to_value(ops::disk_delete(fs, &a.path)?)
         }
         "disk-resize" => {
             let a: ResizeArgs = proto::arguments(c, args)?;

@@ -691,6 +691,19 @@ pub fn disk_resize(fs: &Arc<Fs>, path: &str, size: u64) -> Result<DiskDone> {
     done(fs, path, format!("{path} is {n} bytes"))
 }
 
+/// Delete a disk and every file of its chain (refused while it is open
+/// for writing anywhere, naming the holder).
+pub fn disk_delete(fs: &Arc<Fs>, path: &str) -> Result<DiskDone> {
+    let (store, name) = store_for(fs, path)?;
+    snapshot::ops::delete(store, &name).map_err(disk_err)?;
+    Ok(DiskDone {
+        path: path.to_string(),
+        said: format!("deleted {path} and every file of its chain"),
+        depth: 0,
+        change_id: None,
+    })
+}
+
 /// `vmfs disk check`: what was found and repaired.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DiskCheck {

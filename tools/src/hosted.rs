@@ -515,6 +515,7 @@ pub fn disk(c: DiskCmd) -> Result<std::process::ExitCode> {
         ),
         DiskCmd::Export { raw, at } => ("disk-export", json!({ "raw": abs(raw)? }), at, false),
         DiskCmd::Resize { size, at } => ("disk-resize", json!({ "size": size }), at, true),
+        DiskCmd::Delete { at } => ("disk-delete", json!({}), at, true),
         DiskCmd::Check { repair, at } => ("disk-check", json!({ "repair": repair }), at, *repair),
     };
     let state_dir = at.host.state_dir();
@@ -698,6 +699,7 @@ fn run_disk(fs: &Arc<Fs>, c: &DiskCmd, path: &str) -> Result<serde_json::Value> 
             serde_json::to_value(ops::disk_export(fs, path, &abs(raw)?)?)?
         }
         DiskCmd::Resize { size, .. } => serde_json::to_value(ops::disk_resize(fs, path, *size)?)?,
+        DiskCmd::Delete { .. } => serde_json::to_value(ops::disk_delete(fs, path)?)?,
         DiskCmd::Check { repair, .. } => serde_json::to_value(ops::disk_check(fs, path, *repair)?)?,
     })
 }

@@ -271,6 +271,12 @@ pub(crate) enum DiskCmd {
         #[command(flatten)]
         at: DiskAt,
     },
+    /// Delete the disk and every file of its chain (snapshots, change
+    /// tracking); refused while it is open for writing anywhere.
+    Delete {
+        #[command(flatten)]
+        at: DiskAt,
+    },
     /// Turn changed-block tracking on (a new history) or off.
     Tracking {
         #[command(flatten)]

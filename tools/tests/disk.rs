@@ -236,8 +236,30 @@ fn disks_on_a_mounted_datastore_with_qemu_through_the_mount() {
     ok(&["disk", "snapshot", "--datastore", &lun, "vm1/disk.vmdk"]);
     let t = ok(&["disk", "info", "--datastore", &lun, "vm1/disk.vmdk"]);
     assert!(t.contains("2 layer(s)"), "{t}");
+    // Delete, not mounted too: every file of the chain goes (the disk has
+    // a snapshot and change tracking is on again).
+    ok(&[
+        "disk",
+        "tracking",
+        "--datastore",
+        &lun,
+        "vm1/disk.vmdk",
+        "on",
+    ]);
+    ok(&["disk", "delete", "--datastore", &lun, "vm1/back.vmdk"]);
+    ok(&["disk", "delete", "--datastore", &lun, "vm1/copy.vmdk"]);
+    ok(&["disk", "delete", "--datastore", &lun, "vm1/disk.vmdk"]);
+    let o = vmfs(&["disk", "info", "--datastore", &lun, "vm1/disk.vmdk"]);
+    assert!(!o.status.success(), "{}", text(&o));
     let o = vmfs(&["fsck", &lun]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let mut host = Host::mount(&["--state-dir", st, &lun], &mnt);
+    let left: Vec<_> = std::fs::read_dir(mnt.join("vm1"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "files left behind: {left:?}");
+    host.unmount().unwrap();
 }
 
 /// A disk written on host A (its top extent open for writing there):
