@@ -321,17 +321,8 @@ fn pages_for(blocks: u64) -> u64 {
 /// A fresh history id.
 fn new_history() -> u64 {
     let mut b = [0u8; 8];
-    // SAFETY: b is a valid 8-byte buffer.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 8, 0) };
-    if n == 8 {
-        u64::from_le_bytes(b)
-    } else {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1);
-        t ^ ((std::process::id() as u64) << 32)
-    }
+    crate::ids::fill(&mut b);
+    u64::from_le_bytes(b)
 }
 
 /// Write a new, empty history to `name` (replacing any): every block

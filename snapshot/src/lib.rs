@@ -10,6 +10,7 @@ pub mod descriptor;
 pub mod disk;
 pub mod error;
 pub mod extent;
+pub mod ids;
 pub mod ops;
 pub mod sparse;
 pub mod store;

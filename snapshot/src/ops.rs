@@ -56,16 +56,8 @@ pub const GRAIN: u64 = 64 << 10;
 pub fn new_cid() -> u32 {
     loop {
         let mut b = [0u8; 4];
-        // SAFETY: b is a valid 4-byte buffer.
-        let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 4, 0) };
-        let c = if n == 4 {
-            u32::from_le_bytes(b)
-        } else {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.subsec_nanos() ^ d.as_secs() as u32)
-                .unwrap_or(7)
-        };
+        crate::ids::fill(&mut b);
+        let c = u32::from_le_bytes(b);
         if c < 0xffff_fffe {
             return c;
         }
@@ -106,8 +98,7 @@ fn geometry(size: u64) -> (u64, u64, u64) {
 
 fn uuid_text() -> String {
     let mut b = [0u8; 16];
-    // SAFETY: b is a valid buffer.
-    unsafe { libc::getrandom(b.as_mut_ptr().cast(), 16, 0) };
+    crate::ids::fill(&mut b);
     let h: Vec<String> = b.iter().map(|x| format!("{x:02x}")).collect();
     format!("{}-{}", h[..8].join(" "), h[8..].join(" "))
 }
@@ -512,8 +503,8 @@ pub fn consolidate(store: Arc<dyn Store>, name: &str) -> Result<u64> {
 
 /// Copy what `top`'s current layer holds into `parent`: a few readers
 /// fetch chunks (a device reads faster with several requests in flight)
-/// while the chunks already read are written. Order does not matter:
-/// nothing reads the parent until the merge is committed. Returns the
+/// while the chunks already read are written, in order (a thin parent
+/// allocates sequentially, and a run is the same every time). Returns the
 /// bytes copied.
 fn merge(top: &Disk, parent: &Disk) -> Result<u64> {
     const CHUNK: u64 = 8 << 20;
@@ -531,7 +522,7 @@ fn merge(top: &Disk, parent: &Disk) -> Result<u64> {
     let next = std::sync::atomic::AtomicUsize::new(0);
     let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|sc| -> Result<()> {
-        let (full, filled) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(READERS);
+        let (full, filled) = std::sync::mpsc::sync_channel::<(usize, Vec<u8>)>(READERS);
         let mut readers = Vec::new();
         for _ in 0..READERS {
             let full = full.clone();
@@ -539,7 +530,8 @@ fn merge(top: &Disk, parent: &Disk) -> Result<u64> {
             readers.push(sc.spawn(move || -> Result<()> {
                 use std::sync::atomic::Ordering::Relaxed;
                 while !stop.load(Relaxed) {
-                    let Some(&(o, n)) = work.get(next.fetch_add(1, Relaxed)) else {
+                    let k = next.fetch_add(1, Relaxed);
+                    let Some(&(o, n)) = work.get(k) else {
                         break;
                     };
                     let mut buf = vec![0u8; n as usize];
@@ -547,7 +539,7 @@ fn merge(top: &Disk, parent: &Disk) -> Result<u64> {
                         stop.store(true, Relaxed);
                         return Err(e);
                     }
-                    if full.send((o, buf)).is_err() {
+                    if full.send((k, buf)).is_err() {
                         break;
                     }
                 }
@@ -556,11 +548,19 @@ fn merge(top: &Disk, parent: &Disk) -> Result<u64> {
         }
         drop(full);
         let mut res = Ok(());
-        for (o, buf) in filled {
-            if let Err(e) = parent.write_at(&buf, o) {
-                res = Err(e);
-                stop.store(true, std::sync::atomic::Ordering::Relaxed);
-                break;
+        // Chunks read ahead of the next one to write (at most a few: the
+        // readers take them in order).
+        let mut ahead = std::collections::BTreeMap::new();
+        let mut due = 0usize;
+        'recv: for (k, buf) in filled {
+            ahead.insert(k, buf);
+            while let Some(buf) = ahead.remove(&due) {
+                if let Err(e) = parent.write_at(&buf, work[due].0) {
+                    res = Err(e);
+                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    break 'recv;
+                }
+                due += 1;
             }
         }
         for r in readers {

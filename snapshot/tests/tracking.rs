@@ -32,6 +32,14 @@ impl Rng {
     }
 }
 
+/// Take a snapshot of `vm.vmdk`: the change ID it froze at.
+fn snap(store: &Arc<dyn Store>) -> ChangeId {
+    ops::snapshot(store.clone(), "vm.vmdk")
+        .unwrap()
+        .change_id
+        .expect("change tracking is on")
+}
+
 /// A new thin disk `vm.vmdk` of `size` bytes in a fresh directory.
 fn new_disk(size: u64) -> (tempfile::TempDir, Arc<dyn Store>) {
     let dir = tempfile::tempdir().unwrap();
@@ -171,10 +179,7 @@ fn a_revert_after_a_consolidation_reports_what_it_took_back() {
     d.write_at(&[1; 512], 3 * MIB).unwrap();
     d.close().unwrap();
     let then = read_all(&store, "vm.vmdk");
-    let id2 = ops::snapshot(store.clone(), "vm.vmdk")
-        .unwrap()
-        .change_id
-        .unwrap();
+    let id2 = snap(&store);
     ops::consolidate(store.clone(), "vm.vmdk").unwrap();
     ops::revert(store.clone(), "vm.vmdk").unwrap();
     let now = read_all(&store, "vm.vmdk");
@@ -187,10 +192,7 @@ fn a_revert_after_a_consolidation_reports_what_it_took_back() {
 #[test]
 fn the_cost_is_paid_once_per_region_and_the_answer_is_block_grained() {
     let (_dir, store) = new_disk(256 * MIB);
-    let id = ops::snapshot(store.clone(), "vm.vmdk")
-        .unwrap()
-        .change_id
-        .unwrap();
+    let id = snap(&store);
     let d = Disk::open(store.clone(), "vm.vmdk", true).unwrap();
     d.write_at(&[1; 4096], 5 * MIB).unwrap();
     d.write_at(&[2; 100], 200 * MIB + 70_000).unwrap();
@@ -220,10 +222,7 @@ fn info_tracking(store: &Arc<dyn Store>) -> snapshot::disk::TrackingInfo {
 fn a_writer_that_does_not_keep_tracking_makes_the_answer_the_whole_disk() {
     // QEMU's vmdk driver writing the current layer (a delta) changes its CID.
     let (dir, store) = new_disk(16 * MIB);
-    let id = ops::snapshot(store.clone(), "vm.vmdk")
-        .unwrap()
-        .change_id
-        .unwrap();
+    let id = snap(&store);
     let o = Command::new("qemu-io")
         .args(["-f", "vmdk", "-c", "write -P 0x55 3M 4k", "vm.vmdk"])
         .current_dir(dir.path())
@@ -254,10 +253,7 @@ fn a_writer_that_does_not_keep_tracking_makes_the_answer_the_whole_disk() {
     // A write straight into a base disk's flat extent (dd) changes its
     // modification time while no writer of ours has it open.
     let (dir, store) = new_disk(16 * MIB);
-    let id = ops::snapshot(store.clone(), "vm.vmdk")
-        .unwrap()
-        .change_id
-        .unwrap();
+    let id = snap(&store);
     ops::consolidate(store.clone(), "vm.vmdk").unwrap();
     let d = Disk::open(store.clone(), "vm.vmdk", true).unwrap();
     d.write_at(&[9; 512], 0).unwrap();
@@ -358,10 +354,7 @@ fn an_interrupted_consolidation_is_finished_before_anything_else() {
 #[test]
 fn a_write_into_a_frozen_extent_right_after_a_snapshot_is_noticed() {
     let (dir, store) = new_disk(8 * MIB);
-    let id = ops::snapshot(store.clone(), "vm.vmdk")
-        .unwrap()
-        .change_id
-        .unwrap();
+    let id = snap(&store);
     assert!(changed(&store, id, None).whole_disk.is_none());
     std::thread::sleep(std::time::Duration::from_millis(20));
     use std::os::unix::fs::FileExt;

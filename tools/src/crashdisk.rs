@@ -197,6 +197,7 @@ impl DiskHarness {
         // (which keeps the intent bits of regions still being written):
         // the same code paths as a big disk, and no clock in the log.
         snapshot::ctk::test_knobs(4, true);
+        snapshot::ids::test_seed(1);
         let mems: Vec<Arc<MemLun>> = LUN_SIZES
             .iter()
             .enumerate()
@@ -237,6 +238,9 @@ impl DiskHarness {
     }
 
     fn record(&self, ops: &[DiskOp]) -> Result<Recording, String> {
+        // The same identifiers (CIDs, file names) every run of a workload:
+        // a reproducer's crash point is where it was.
+        snapshot::ids::test_seed(1);
         let log = WriteLog::default();
         let luns: Vec<Arc<dyn Lun>> = self
             .bases
@@ -342,6 +346,9 @@ impl DiskHarness {
         push(mark_done(ops.len()));
         drop(fs);
         rec.log = log.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if std::env::var_os("VMFS_CRASH_DEBUG").is_some() {
+            crate::crashtest::print_log(&rec.log);
+        }
         Ok(rec)
     }
 

@@ -809,6 +809,26 @@ pub(crate) fn crash_image(
     Ok((imgs, durable, started))
 }
 
+/// Print a write log (`VMFS_CRASH_DEBUG=1`).
+pub(crate) fn print_log(log: &[Event]) {
+    for (i, e) in log.iter().enumerate() {
+        match e {
+            Event::Write { lun, offset, data } => {
+                eprintln!("{i}: write lun{lun} {offset:#x} +{:#x}", data.len())
+            }
+            Event::Zero { lun, offset, len } => {
+                eprintln!("{i}: zero lun{lun} {offset:#x} +{len:#x}")
+            }
+            Event::Flush { lun } => eprintln!("{i}: FLUSH lun{lun}"),
+            Event::Mark(m) => eprintln!(
+                "{i}: op {} {}",
+                m / 2,
+                if m % 2 == 0 { "start" } else { "done" }
+            ),
+        }
+    }
+}
+
 /// The harness's fixed starting image and settings.
 pub struct Harness {
     bases: Vec<Arc<MemLun>>,
@@ -946,22 +966,7 @@ impl Harness {
         drop(fs);
         let log = log.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if std::env::var_os("VMFS_CRASH_DEBUG").is_some() {
-            for (i, e) in log.iter().enumerate() {
-                match e {
-                    Event::Write { lun, offset, data } => {
-                        eprintln!("{i}: write lun{lun} {offset:#x} +{:#x}", data.len())
-                    }
-                    Event::Zero { lun, offset, len } => {
-                        eprintln!("{i}: zero lun{lun} {offset:#x} +{len:#x}")
-                    }
-                    Event::Flush { lun } => eprintln!("{i}: FLUSH lun{lun}"),
-                    Event::Mark(m) => eprintln!(
-                        "{i}: op {} {}",
-                        m / 2,
-                        if m % 2 == 0 { "start" } else { "done" }
-                    ),
-                }
-            }
+            print_log(&log);
         }
         Ok(Recording {
             log,
