@@ -450,19 +450,25 @@ fn handle(s: &Shared, req: &Request) -> Result<Value> {
             let checked = ops::check_new_extent(&new, a.force, &t)?;
             to_value(ops::extend(fs, new, checked)?)
         }
+        c if c.starts_with("disk-") => disk_command(fs, c, args),
+        _ => Err(HostError::UnknownCommand(
+            req.command.chars().take(100).collect(),
+            COMMANDS.join(", "),
+        )),
+    }
+}
+
+/// Run a `disk-*` command on `fs`: the agent's, and the CLI's when no
+/// agent hosts the datastore (one decoding of the arguments for both).
+pub fn disk_command(fs: &Arc<vmfs::Fs>, c: &str, args: &Value) -> Result<Value> {
+    match c {
         "disk-create" => {
             let a: DiskCreateArgs = proto::arguments(c, args)?;
-            let prov = snapshot::Provisioning::parse(&a.provisioning).ok_or_else(|| {
-                HostError::BadRequest(format!(
-                    "provisioning {:?}: thin, lazy or eager",
-                    a.provisioning
-                ))
-            })?;
             to_value(ops::disk_create(
                 fs,
                 &a.path,
                 a.size,
-                prov,
+                provisioning(&a.provisioning)?,
                 &a.adapter,
                 a.change_tracking,
             )?)
@@ -533,7 +539,7 @@ fn handle(s: &Shared, req: &Request) -> Result<Value> {
             to_value(ops::disk_consolidate(fs, &a.path, a.all)?)
         }
         _ => Err(HostError::UnknownCommand(
-            req.command.chars().take(100).collect(),
+            c.chars().take(100).collect(),
             COMMANDS.join(", "),
         )),
     }

@@ -532,7 +532,7 @@ pub fn disk(c: DiskCmd) -> Result<std::process::ExitCode> {
             } else {
                 Fs::open_for_check(luns, false)?
             });
-            let r = run_disk(&fs, &c, &path);
+            let r = host::agent::disk_command(&fs, cmd, &args);
             if change {
                 fs.unmount()?;
             } else {
@@ -647,61 +647,6 @@ pub fn disk(c: DiskCmd) -> Result<std::process::ExitCode> {
         d.said, d.depth
     );
     Ok(std::process::ExitCode::SUCCESS)
-}
-
-fn run_disk(fs: &Arc<Fs>, c: &DiskCmd, path: &str) -> Result<serde_json::Value> {
-    Ok(match c {
-        DiskCmd::Create {
-            size,
-            provisioning,
-            adapter,
-            change_tracking,
-            ..
-        } => {
-            let prov = snapshot::Provisioning::parse(provisioning).context("provisioning")?;
-            serde_json::to_value(ops::disk_create(
-                fs,
-                path,
-                *size,
-                prov,
-                adapter,
-                change_tracking == "on",
-            )?)?
-        }
-        DiskCmd::Changed { since, until, .. } => {
-            serde_json::to_value(ops::disk_changed(fs, path, since, until.as_deref())?)?
-        }
-        DiskCmd::Tracking { state, .. } => {
-            serde_json::to_value(ops::disk_tracking(fs, path, state == "on")?)?
-        }
-        DiskCmd::Info { .. } => serde_json::to_value(ops::disk_info(fs, path)?)?,
-        DiskCmd::Snapshot { .. } => serde_json::to_value(ops::disk_snapshot(fs, path)?)?,
-        DiskCmd::Revert { .. } => serde_json::to_value(ops::disk_revert(fs, path)?)?,
-        DiskCmd::Consolidate { all, .. } => {
-            serde_json::to_value(ops::disk_consolidate(fs, path, *all)?)?
-        }
-        DiskCmd::Clone {
-            dst, provisioning, ..
-        } => {
-            let prov = snapshot::Provisioning::parse(provisioning).context("provisioning")?;
-            serde_json::to_value(ops::disk_clone(fs, path, dst, prov)?)?
-        }
-        DiskCmd::Import {
-            raw,
-            provisioning,
-            adapter,
-            ..
-        } => {
-            let prov = snapshot::Provisioning::parse(provisioning).context("provisioning")?;
-            serde_json::to_value(ops::disk_import(fs, &abs(raw)?, path, prov, adapter)?)?
-        }
-        DiskCmd::Export { raw, .. } => {
-            serde_json::to_value(ops::disk_export(fs, path, &abs(raw)?)?)?
-        }
-        DiskCmd::Resize { size, .. } => serde_json::to_value(ops::disk_resize(fs, path, *size)?)?,
-        DiskCmd::Delete { .. } => serde_json::to_value(ops::disk_delete(fs, path)?)?,
-        DiskCmd::Check { repair, .. } => serde_json::to_value(ops::disk_check(fs, path, *repair)?)?,
-    })
 }
 
 /// A local path made absolute (the host agent runs elsewhere).
