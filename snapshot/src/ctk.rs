@@ -334,9 +334,7 @@ pub fn create(store: &dyn Store, name: &str, capacity: u64, cid: u32, reason: &s
     // (a CID still "being committed" is not checked against a stamp).
     h.pending_cid = Some(cid);
     let tmp = format!("{name}.new");
-    if store.exists(&tmp).map_err(at(&tmp))? {
-        store.remove(&tmp).map_err(at(&tmp))?;
-    }
+    store.remove_if_there(&tmp).map_err(at(&tmp))?;
     let f = store.create(&tmp).map_err(at(&tmp))?;
     f.set_len(PAGES_AT + pages_for(h.blocks()) * PAGE)
         .map_err(at(&tmp))?;
@@ -481,14 +479,19 @@ impl Tracker {
         self.file
             .read_full(&mut b, PAGES_AT + no * PAGE)
             .map_err(at(&self.name))?;
-        Ok(Page::decode(&b, h.history, no).unwrap_or_else(|| {
+        Ok(self.page_from(h, no, &b))
+    }
+
+    /// Page `no` from its bytes; a damaged one as changed in every epoch.
+    fn page_from(&self, h: &Header, no: u64, b: &[u8]) -> Page {
+        Page::decode(b, h.history, no).unwrap_or_else(|| {
             tracing::warn!(
                 "{} page {no} (byte {}): damaged; its {PER_PAGE} blocks count as changed in every epoch",
                 self.name,
                 PAGES_AT + no * PAGE
             );
             Page(vec![(h.epoch, h.epoch); PER_PAGE as usize])
-        }))
+        })
     }
 
     /// Mark block `b` changed in the current epoch (in memory).
@@ -678,9 +681,6 @@ impl Tracker {
             inner.h.pending_cid = old_pending;
             return Err(e);
         }
-        for w in &self.recorded {
-            w.store(0, Ordering::Release);
-        }
         Ok(id)
     }
 
@@ -818,37 +818,48 @@ impl Tracker {
         // anyone else counts the intent regions as changed now.
         let overlay = !self.begun.load(Ordering::Acquire);
         let mut out: Vec<Range<u64>> = Vec::new();
-        let mut buf = vec![0u8; PAGE as usize];
-        for no in 0..pages_for(blocks) {
-            let page = match g.dirty.get(&no) {
-                Some(p) => p.clone(),
-                None => {
-                    self.file
-                        .read_full(&mut buf, PAGES_AT + no * PAGE)
-                        .map_err(at(&self.name))?;
-                    Page::decode(&buf, h.history, no)
-                        .unwrap_or_else(|| Page(vec![(h.epoch, h.epoch); PER_PAGE as usize]))
-                }
-            };
-            for i in 0..PER_PAGE {
-                let b = no * PER_PAGE + i;
-                if b >= blocks {
-                    break;
-                }
-                let mut e = page.0[i as usize];
-                if overlay && h.intent_set(b / rb) && e.0 != h.epoch {
-                    // In flight when the file was last written: maybe
-                    // changed in the current epoch.
-                    e = (h.epoch, e.0);
-                }
-                if hit(e) {
-                    let (s, t) = (b * BLOCK, ((b + 1) * BLOCK).min(h.capacity));
-                    match out.last_mut() {
-                        Some(r) if r.end == s => r.end = t,
-                        _ => out.push(s..t),
+        // The pages are read 256 at a time (1 MiB), in order.
+        const BATCH: u64 = 256;
+        let pages = pages_for(blocks);
+        let mut buf = vec![0u8; (BATCH.min(pages) * PAGE) as usize];
+        let mut first = 0;
+        while first < pages {
+            let n = (pages - first).min(BATCH);
+            let bytes = &mut buf[..(n * PAGE) as usize];
+            self.file
+                .read_full(bytes, PAGES_AT + first * PAGE)
+                .map_err(at(&self.name))?;
+            for no in first..first + n {
+                let read;
+                let page = match g.dirty.get(&no) {
+                    Some(p) => p,
+                    None => {
+                        let k = ((no - first) * PAGE) as usize;
+                        read = self.page_from(h, no, &bytes[k..k + PAGE as usize]);
+                        &read
+                    }
+                };
+                for i in 0..PER_PAGE {
+                    let b = no * PER_PAGE + i;
+                    if b >= blocks {
+                        break;
+                    }
+                    let mut e = page.0[i as usize];
+                    if overlay && h.intent_set(b / rb) && e.0 != h.epoch {
+                        // In flight when the file was last written: maybe
+                        // changed in the current epoch.
+                        e = (h.epoch, e.0);
+                    }
+                    if hit(e) {
+                        let (s, t) = (b * BLOCK, ((b + 1) * BLOCK).min(h.capacity));
+                        match out.last_mut() {
+                            Some(r) if r.end == s => r.end = t,
+                            _ => out.push(s..t),
+                        }
                     }
                 }
             }
+            first += n;
         }
         Ok(Changes {
             granularity: BLOCK,

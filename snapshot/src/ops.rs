@@ -73,9 +73,7 @@ pub fn stem(name: &str) -> Result<&str> {
 }
 
 fn write_new(store: &dyn Store, name: &str, text: &str) -> Result<()> {
-    if store.exists(name).map_err(at(name))? {
-        store.remove(name).map_err(at(name))?;
-    }
+    store.remove_if_there(name).map_err(at(name))?;
     let f = store.create(name).map_err(at(name))?;
     f.write_at(text.as_bytes(), 0).map_err(at(name))?;
     f.flush().map_err(at(name))?;
@@ -116,9 +114,7 @@ pub fn create(
     let d = create_unlinked(store, name, size, prov, adapter)?;
     commit(store, name, &d)?;
     let part = part_name(name);
-    if store.exists(&part).map_err(at(&part))? {
-        store.remove(&part).map_err(at(&part))?;
-    }
+    store.remove_if_there(&part).map_err(at(&part))?;
     Ok(d)
 }
 
@@ -148,9 +144,7 @@ fn create_unlinked(
         // (The .part itself stays: it marks these files until the new
         // disk is committed.)
         for f in [format!("{st}-flat.vmdk"), ctk_file(st)] {
-            if store.exists(&f).map_err(at(&f))? {
-                store.remove(&f).map_err(at(&f))?;
-            }
+            store.remove_if_there(&f).map_err(at(&f))?;
         }
     }
     if size == 0 || size > 62 << 40 {
@@ -288,9 +282,7 @@ fn new_delta(store: &dyn Store, prefix: &str, capacity: u64) -> Result<Vec<Exten
         } else {
             format!("{prefix}-delta-{k}.vmdk")
         };
-        if store.exists(&name).map_err(at(&name))? {
-            store.remove(&name).map_err(at(&name))?;
-        }
+        store.remove_if_there(&name).map_err(at(&name))?;
         let f = store.create(&name).map_err(at(&name))?;
         SparseExtent::create(f, &name, len, GRAIN)?;
         out.push(Extent {
@@ -360,9 +352,7 @@ pub fn snapshot(store: Arc<dyn Store>, name: &str) -> Result<Snapshot> {
     // A marker left by a consolidation of an older layer of this name
     // that finished (it is removed last): not about the new one.
     let stale = consolidating_marker(&frozen);
-    if store.exists(&stale).map_err(at(&stale))? {
-        store.remove(&stale).map_err(at(&stale))?;
-    }
+    store.remove_if_there(&stale).map_err(at(&stale))?;
     let mut fz = top.clone();
     fz.set_change_track_path(None);
     write_new(&*store, &frozen, &fz.to_text())?;

@@ -53,6 +53,14 @@ pub trait Store: Send + Sync {
     fn rename(&self, from: &str, to: &str) -> StoreResult<()>;
     fn remove(&self, name: &str) -> StoreResult<()>;
     fn exists(&self, name: &str) -> StoreResult<bool>;
+    /// Remove `name` if it is there (a leftover of an interrupted
+    /// operation, or a file about to be made afresh).
+    fn remove_if_there(&self, name: &str) -> StoreResult<()> {
+        match self.remove(name) {
+            Err(e) if e.is_not_found() => Ok(()),
+            r => r,
+        }
+    }
     /// Where the files are, for messages.
     fn describe(&self, name: &str) -> String;
 }

@@ -183,6 +183,14 @@ fn revert_drops_what_was_written_since_the_snapshot() {
     assert!(ops::revert(b.store.clone(), "vm.vmdk").is_err());
 }
 
+/// Rewrite the CID line of the descriptor at `p` (as a tool that does not
+/// keep the chain would).
+fn set_cid(p: &std::path::Path, cid: &str) {
+    let text = std::fs::read_to_string(p).unwrap();
+    let line = text.lines().find(|l| l.starts_with("CID=")).unwrap();
+    std::fs::write(p, text.replace(line, &format!("CID={cid}"))).unwrap();
+}
+
 #[test]
 fn a_broken_chain_is_refused_with_a_clear_error() {
     let mut m = Model::new(8 * MIB, Provisioning::Thin);
@@ -191,12 +199,7 @@ fn a_broken_chain_is_refused_with_a_clear_error() {
     let p = m.dir.path().join("vm-000000.vmdk");
     let text = std::fs::read_to_string(&p).unwrap();
     // The parent's CID changed after the child was made.
-    let cid = text
-        .lines()
-        .find(|l| l.starts_with("CID="))
-        .unwrap()
-        .to_string();
-    std::fs::write(&p, text.replace(&cid, "CID=0badc0de")).unwrap();
+    set_cid(&p, "0badc0de");
     let e = Disk::open(m.store.clone(), "vm.vmdk", false)
         .err()
         .unwrap()
@@ -446,14 +449,7 @@ fn check_finds_damage_and_repair_fixes_what_is_safe() {
     drop(d);
 
     // A CID mismatch: found, not repairable here.
-    let f = m.dir.path().join("vm-000000.vmdk");
-    let t = std::fs::read_to_string(&f).unwrap();
-    let cid = t
-        .lines()
-        .find(|l| l.starts_with("CID="))
-        .unwrap()
-        .to_string();
-    std::fs::write(&f, t.replace(&cid, "CID=0badc0de")).unwrap();
+    set_cid(&m.dir.path().join("vm-000000.vmdk"), "0badc0de");
     let r = ops::check(m.store.clone(), "vm.vmdk", true).unwrap();
     assert!(
         r.unrepairable > 0 && r.problems.iter().any(|x| x.contains("CID")),

@@ -32,6 +32,18 @@ impl Rng {
     }
 }
 
+/// Write `data` at `off` of a file of the disk directly, as `dd` would
+/// (no writer of ours involved).
+fn dd(file: &std::path::Path, data: &[u8], off: u64) {
+    use std::os::unix::fs::FileExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(file)
+        .unwrap()
+        .write_all_at(data, off)
+        .unwrap();
+}
+
 /// Take a snapshot of `vm.vmdk`: the change ID it froze at.
 fn snap(store: &Arc<dyn Store>) -> ChangeId {
     ops::snapshot(store.clone(), "vm.vmdk")
@@ -260,13 +272,7 @@ fn a_writer_that_does_not_keep_tracking_makes_the_answer_the_whole_disk() {
     d.close().unwrap();
     assert!(changed(&store, id, None).whole_disk.is_none());
     std::thread::sleep(std::time::Duration::from_millis(20));
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(dir.path().join("vm-flat.vmdk"))
-        .unwrap();
-    f.write_all_at(&[7; 4096], 8 * MIB).unwrap();
-    drop(f);
+    dd(&dir.path().join("vm-flat.vmdk"), &[7; 4096], 8 * MIB);
     let why = changed(&store, id, None)
         .whole_disk
         .expect("the whole disk");
@@ -306,14 +312,7 @@ fn an_interrupted_consolidation_is_finished_before_anything_else() {
         "consolidating\n",
     )
     .unwrap();
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(dir.path().join("vm-flat.vmdk"))
-            .unwrap();
-        f.write_all_at(&[2; 512], 0).unwrap();
-    }
+    dd(&dir.path().join("vm-flat.vmdk"), &[2; 512], 0);
     // Reads are right; the frozen layer is not readable as a snapshot;
     // nothing writes before the merge is finished.
     assert_eq!(read_all(&store, "vm.vmdk"), want);
@@ -357,13 +356,7 @@ fn a_write_into_a_frozen_extent_right_after_a_snapshot_is_noticed() {
     let id = snap(&store);
     assert!(changed(&store, id, None).whole_disk.is_none());
     std::thread::sleep(std::time::Duration::from_millis(20));
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(dir.path().join("vm-flat.vmdk"))
-        .unwrap();
-    f.write_all_at(&[7; 512], 0).unwrap();
-    drop(f);
+    dd(&dir.path().join("vm-flat.vmdk"), &[7; 512], 0);
     let why = changed(&store, id, None)
         .whole_disk
         .expect("the whole disk");
