@@ -570,16 +570,21 @@ impl Disk {
 
     /// Read `buf.len()` bytes at `off` (an error past the end).
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        off.checked_add(buf.len() as u64)
+        self.check_range("read", buf.len(), off)?;
+        self.read_layer(0, buf, off)
+    }
+
+    /// An I/O of `len` bytes at `off` ends inside the disk.
+    fn check_range(&self, what: &str, len: usize, off: u64) -> Result<()> {
+        off.checked_add(len as u64)
             .filter(|&e| e <= self.capacity())
+            .map(|_| ())
             .ok_or_else(|| {
                 DiskError::Invalid(format!(
-                    "read of {} bytes at {off} ends past the disk's {} bytes",
-                    buf.len(),
+                    "{what} of {len} bytes at {off} ends past the disk's {} bytes",
                     self.capacity()
                 ))
-            })?;
-        self.read_layer(0, buf, off)
+            })
     }
 
     /// Read from layer `i` down.
@@ -649,15 +654,7 @@ impl Disk {
         if !self.writable {
             return Err(DiskError::Invalid("the disk is open read-only".into()));
         }
-        off.checked_add(data.len() as u64)
-            .filter(|&e| e <= self.capacity())
-            .ok_or_else(|| {
-                DiskError::Invalid(format!(
-                    "write of {} bytes at {off} ends past the disk's {} bytes",
-                    data.len(),
-                    self.capacity()
-                ))
-            })?;
+        self.check_range("write", data.len(), off)?;
         if let Some(t) = self.tracker() {
             t.record(off, data.len() as u64)?;
         }

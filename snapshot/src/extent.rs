@@ -187,10 +187,11 @@ impl SparseExtent {
             let mut e = p;
             if let Some((ra, r)) = &redundant {
                 let r = r[k];
-                let ok =
-                    |x: u32, a: u64| sparse::check_gte(&self.hdr, x, &self.name, a, len).is_ok();
-                if r != p && ok(r, ra + k as u64 * 4) && (p == 0 || !ok(p, pa)) {
-                    e = r;
+                if r != p {
+                    let ok = |x: u32, a: u64| {
+                        sparse::check_gte(&self.hdr, x, &self.name, a, len).is_ok()
+                    };
+                    e = settle(p, ok(p, pa), r, ok(r, ra + k as u64 * 4)).unwrap_or(p);
                 }
             }
             sparse::check_gte(&self.hdr, e, &self.name, pa, len)?;
@@ -336,6 +337,23 @@ fn rebuild_directory(
     Ok(out)
 }
 
+/// Which copy of a grain-table entry to believe, primary `p` or redundant
+/// `r` (each valid or not): the valid one; of two valid ones, the one that
+/// points at a grain (grains are only added: 0 is the older state of an
+/// interrupted flush). `None`: neither is valid, or they name two grains.
+/// Reads and `check --repair` settle on the same entry by this one rule.
+fn settle(p: u32, p_ok: bool, r: u32, r_ok: bool) -> Option<u32> {
+    match (p_ok, r_ok) {
+        _ if p == r => p_ok.then_some(p),
+        (true, true) if p == 0 => Some(r),
+        (true, true) if r == 0 => Some(p),
+        (true, true) => None,
+        (true, false) => Some(p),
+        (false, true) => Some(r),
+        (false, false) => None,
+    }
+}
+
 /// What checking one sparse extent found and fixed.
 #[derive(Debug, Default)]
 pub struct Checked {
@@ -436,18 +454,11 @@ pub fn check_file(file: &dyn DiskFile, name: &str, repair: bool) -> Result<Check
             let (pok, rok) = (valid(pv, pa), valid(rv, ra));
             let mut want = pv;
             if pv != rv || !pok {
-                let choice = match (pok, rok) {
-                    (true, true) if pv == 0 => Some(rv),
-                    (true, true) if rv == 0 => Some(pv),
-                    (true, true) => None,
-                    (true, false) => Some(pv),
-                    (false, true) => Some(rv),
-                    (false, false) => {
-                        // Past the end of the file: the grain is not there.
-                        let past = |e: u32| u64::from(e) >= hdr.grain_offset;
-                        (past(pv) && past(rv)).then_some(0)
-                    }
-                };
+                // Neither valid, both past the end of the file: the grain
+                // is not there (a delta cut short).
+                let past = |e: u32| u64::from(e) >= hdr.grain_offset;
+                let choice = settle(pv, pok, rv, rok)
+                    .or_else(|| (!pok && !rok && past(pv) && past(rv)).then_some(0));
                 c.problems.push(format!(
                     "{name}: grain table {k} entry {j} (grain {}): primary {pv}, redundant {rv}",
                     k * per + j
