@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use vmfs::{Fs, MkfsOptions};
 
+mod backup;
 mod hosted;
 
 #[derive(Parser)]
@@ -131,6 +132,11 @@ enum Cmd {
     /// a path inside that datastore.
     #[command(subcommand)]
     Disk(DiskCmd),
+    /// Backups: a deduplicating, compressed, optionally encrypted
+    /// repository on a directory or S3; back up, restore, mount, verify,
+    /// prune.
+    #[command(subcommand)]
+    Backup(backup::BackupCmd),
 }
 
 /// A datastore a reading command names, and how it prints.
@@ -647,6 +653,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Crashtest(a) => return crashtest(a),
         Cmd::Rdm(c) => return rdm_cmd(c),
         Cmd::Disk(c) => return hosted::disk(c),
+        Cmd::Backup(c) => return backup::run(c),
         Cmd::Extend {
             luns,
             add,

@@ -1,0 +1,469 @@
+//! Prune and garbage collection. Prune forgets backups by retention;
+//! collection finds the chunks that only forgotten backups (and killed
+//! writers) referenced, *condemns* them, and deletes them in a *sweep*
+//! that every live writer has acknowledged (see [`crate::session`]).
+//!
+//! The work follows what changed, not the repository's size: candidates
+//! come from the indexes of the backups forgotten and the intent logs of
+//! dead writers, never from listing or touching every chunk; the live
+//! set is read only for the candidates, from the surviving indexes.
+
+use std::collections::{BTreeMap, HashSet};
+
+use crate::blob::{self, Kind};
+use crate::error::{BackupError, Result};
+use crate::index::{Digest, Index, ZERO};
+use crate::repo::{chunk_key, Listed, Repo};
+use crate::session::{put_list, read_list, read_record, SessionRecord};
+use crate::util::{civil, hex, random_bytes, stamp, unix_now};
+
+#[derive(Debug, Clone, Default)]
+pub struct Retention {
+    pub keep_last: Option<usize>,
+    pub keep_daily: Option<usize>,
+    pub keep_weekly: Option<usize>,
+    pub keep_monthly: Option<usize>,
+}
+
+impl Retention {
+    pub fn is_empty(&self) -> bool {
+        self.keep_last.is_none()
+            && self.keep_daily.is_none()
+            && self.keep_weekly.is_none()
+            && self.keep_monthly.is_none()
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct PruneReport {
+    pub kept: Vec<String>,
+    pub forgotten: Vec<String>,
+    /// Chunks condemned by this run.
+    pub condemned: usize,
+    pub swept: Vec<SweepReport>,
+}
+
+#[derive(Debug, Default)]
+pub struct SweepReport {
+    pub list: String,
+    pub deleted: usize,
+    pub freed: u64,
+    /// Kept because a backup references them again (or a writer rescued them).
+    pub kept: usize,
+    /// Not swept: the live session that has not yet acknowledged the list.
+    pub waiting_for: Option<String>,
+}
+
+/// When a backup started, from its ID (`NAME/YYYYMMDDTHHMMSSZ-RAND`).
+pub fn started_of(id: &str) -> Option<i64> {
+    let s = id.split('/').nth(1)?;
+    let n = |a: usize, b: usize| s.get(a..b)?.parse::<i64>().ok();
+    let (y, mo, d, h, mi, se) = (
+        n(0, 4)?,
+        n(4, 6)?,
+        n(6, 8)?,
+        n(9, 11)?,
+        n(11, 13)?,
+        n(13, 15)?,
+    );
+    // Days from civil (inverse of util::civil).
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86400 + h * 3600 + mi * 60 + se)
+}
+
+/// Which backups of each name to keep: the union of the rules, each
+/// counting the newest backup of each of its last N periods (restic's and
+/// PBS's reading of them).
+pub fn select(all: &[Listed], r: &Retention) -> (Vec<String>, Vec<String>) {
+    let mut by_name: BTreeMap<&str, Vec<&Listed>> = BTreeMap::new();
+    for l in all {
+        by_name.entry(&l.name).or_default().push(l);
+    }
+    let (mut keep, mut forget) = (Vec::new(), Vec::new());
+    for (_, mut v) in by_name {
+        v.sort_by(|a, b| b.id.cmp(&a.id)); // newest first
+        let mut kept: HashSet<&str> = HashSet::new();
+        if let Some(n) = r.keep_last {
+            kept.extend(v.iter().take(n).map(|l| l.id.as_str()));
+        }
+        let period = |l: &Listed, f: &dyn Fn(i64) -> i64| {
+            f(started_of(&l.id).unwrap_or(0).div_euclid(86400))
+        };
+        let rules: [(Option<usize>, &dyn Fn(i64) -> i64); 3] = [
+            (r.keep_daily, &|d| d),
+            (r.keep_weekly, &|d| (d + 3).div_euclid(7)), // ISO weeks start on Monday
+            (r.keep_monthly, &|d| {
+                let (y, m, _) = civil(d);
+                y * 12 + m as i64
+            }),
+        ];
+        for (n, f) in rules {
+            let Some(n) = n else { continue };
+            let mut seen = HashSet::new();
+            for l in &v {
+                if seen.len() >= n {
+                    break;
+                }
+                if seen.insert(period(l, f)) {
+                    kept.insert(&l.id);
+                }
+            }
+        }
+        for l in v {
+            if kept.contains(l.id.as_str()) {
+                keep.push(l.id.clone());
+            } else {
+                forget.push(l.id.clone());
+            }
+        }
+    }
+    keep.sort();
+    forget.sort();
+    (keep, forget)
+}
+
+/// The chunks a backup references, from its index objects (read directly,
+/// so a backup whose manifest is damaged can still be forgotten cleanly).
+fn referenced(repo: &Repo, id: &str) -> Result<HashSet<Digest>> {
+    let mut out = HashSet::new();
+    for e in repo.backend.list(&format!("backups/{id}/"))? {
+        if !e.key.ends_with(".index") {
+            continue;
+        }
+        let what = format!("{}/{}", repo.describe(), e.key);
+        let raw = repo
+            .backend
+            .get(&e.key)?
+            .ok_or_else(|| BackupError::NotFound(what.clone()))?;
+        let plain = blob::open(
+            Kind::Index,
+            &raw,
+            repo.cipher.as_ref(),
+            e.key.as_bytes(),
+            &what,
+        )?;
+        out.extend(
+            Index::decode(&plain, &what)?
+                .digests
+                .into_iter()
+                .filter(|d| *d != ZERO),
+        );
+    }
+    Ok(out)
+}
+
+/// Of `candidates`, those some backup in the repository now references.
+/// A backup that cannot be read makes this fail: nothing is condemned or
+/// deleted on a guess.
+fn live_among(
+    repo: &Repo,
+    candidates: &HashSet<Digest>,
+    skip: &HashSet<String>,
+) -> Result<HashSet<Digest>> {
+    let mut live = HashSet::new();
+    if candidates.is_empty() {
+        return Ok(live);
+    }
+    for l in repo.list()? {
+        if skip.contains(&l.id) {
+            continue;
+        }
+        let m = repo.manifest(&l.id).map_err(|e| {
+            BackupError::Invalid(format!("garbage collection stopped: backup {} cannot be read ({e}); `vmfs backup verify` names it", l.id))
+        })?;
+        for d in &m.disks {
+            let i = repo.index(d).map_err(|e| {
+                BackupError::Invalid(format!("garbage collection stopped: backup {} cannot be read ({e}); `vmfs backup verify` names it", l.id))
+            })?;
+            live.extend(i.digests.iter().filter(|d| candidates.contains(*d)));
+        }
+    }
+    Ok(live)
+}
+
+/// Sessions: (record, its key, whether its heartbeat is fresh).
+fn sessions(repo: &Repo) -> Result<(Vec<(SessionRecord, bool)>, Vec<String>, Vec<String>)> {
+    let now = repo.backend.now_ms()?;
+    let lease = repo.lease_ms();
+    let all = repo.backend.list("sessions/")?;
+    let mut records = Vec::new();
+    let mut live_ids = HashSet::new();
+    let mut stale_records = Vec::new();
+    for e in all.iter().filter(|e| !e.key.contains(".chunks-")) {
+        let fresh = now - e.modified_ms <= lease;
+        match read_record(repo, &e.key) {
+            Ok(Some(r)) => {
+                if fresh {
+                    live_ids.insert(e.key.clone());
+                } else {
+                    stale_records.push(e.key.clone());
+                }
+                records.push((r, fresh));
+            }
+            Ok(None) => {}
+            Err(err) => {
+                tracing::warn!("{err}");
+                if !fresh {
+                    stale_records.push(e.key.clone());
+                }
+            }
+        }
+    }
+    // Intent logs of writers that are gone.
+    let orphans = all
+        .iter()
+        .filter_map(|e| {
+            let (rec, _) = e.key.split_once(".chunks-")?;
+            (!live_ids.contains(rec)).then(|| e.key.clone())
+        })
+        .collect();
+    Ok((records, stale_records, orphans))
+}
+
+/// Forget the backups the rules do not keep, then collect.
+pub fn prune(repo: &Repo, r: &Retention, dry_run: bool) -> Result<PruneReport> {
+    if r.is_empty() {
+        return Err(BackupError::Invalid(
+            "prune needs a rule: --keep-last, --keep-daily, --keep-weekly or --keep-monthly".into(),
+        ));
+    }
+    let all = repo.list()?;
+    let (kept, forgotten) = select(&all, r);
+    let mut rep = PruneReport {
+        kept,
+        forgotten,
+        ..Default::default()
+    };
+    if dry_run {
+        return Ok(rep);
+    }
+    let gone: HashSet<String> = rep.forgotten.iter().cloned().collect();
+    rep.condemned = condemn(repo, &gone)?;
+    rep.swept = sweep_all(repo)?;
+    Ok(rep)
+}
+
+/// Garbage collection alone (also what prune runs after forgetting).
+pub fn collect(repo: &Repo) -> Result<PruneReport> {
+    let mut rep = PruneReport {
+        condemned: condemn(repo, &HashSet::new())?,
+        ..Default::default()
+    };
+    rep.swept = sweep_all(repo)?;
+    Ok(rep)
+}
+
+/// Forget `gone` (manifests first, so each disappears whole), and
+/// condemn what only they and dead writers referenced.
+fn condemn(repo: &Repo, gone: &HashSet<String>) -> Result<usize> {
+    let mut candidates = HashSet::new();
+    for id in gone {
+        match referenced(repo, id) {
+            Ok(s) => candidates.extend(s),
+            Err(e) => tracing::warn!("backup {id}: its chunks cannot all be found ({e}); they stay until a full collection"),
+        }
+    }
+    let (_, stale_records, orphan_logs) = sessions(repo)?;
+    for k in &orphan_logs {
+        match read_list(repo, k) {
+            Ok(d) => candidates.extend(d),
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
+    // Not twice: a chunk already condemned stays in its list.
+    for e in repo.backend.list("gc/condemned/")? {
+        if let Ok(d) = read_list(repo, &e.key) {
+            for x in d {
+                candidates.remove(&x);
+            }
+        }
+    }
+    let live = live_among(repo, &candidates, gone)?;
+    let list: Vec<Digest> = candidates.difference(&live).copied().collect();
+    if !list.is_empty() {
+        let key = format!(
+            "gc/condemned/{}-{}",
+            stamp(unix_now()),
+            hex(&random_bytes::<6>())
+        );
+        put_list(repo, &key, &list)?;
+    }
+    for id in gone {
+        repo.backend.delete(&crate::repo::manifest_key(id))?;
+    }
+    for id in gone {
+        for e in repo.backend.list(&format!("backups/{id}/"))? {
+            repo.backend.delete(&e.key)?;
+        }
+    }
+    for k in orphan_logs.iter().chain(&stale_records) {
+        repo.backend.delete(k)?;
+    }
+    Ok(list.len())
+}
+
+fn sweep_all(repo: &Repo) -> Result<Vec<SweepReport>> {
+    let mut out = Vec::new();
+    for e in repo.backend.list("gc/condemned/")? {
+        let lid = e.key["gc/condemned/".len()..].to_string();
+        out.push(sweep(repo, &lid)?);
+    }
+    Ok(out)
+}
+
+/// Sweep one condemned list (see [`crate::session`] for why this order).
+pub fn sweep(repo: &Repo, lid: &str) -> Result<SweepReport> {
+    let mut rep = SweepReport {
+        list: lid.to_string(),
+        ..Default::default()
+    };
+    let marker = format!("gc/sweeping/{lid}");
+    let rec = SweepRecord::new();
+    if !repo.backend.put_new(&marker, &rec)? {
+        let m = repo.backend.list(&marker)?;
+        let stale = m
+            .first()
+            .map(|e| {
+                repo.backend
+                    .now_ms()
+                    .map(|n| n - e.modified_ms > repo.lease_ms())
+            })
+            .transpose()?
+            .unwrap_or(true);
+        if !stale {
+            rep.waiting_for = Some("another sweep of this list".into());
+            return Ok(rep);
+        }
+        repo.backend.put(&marker, &rec)?;
+    }
+    let (records, _, _) = sessions(repo)?;
+    if let Some((r, _)) = records
+        .iter()
+        .find(|(r, fresh)| *fresh && !r.acked.iter().any(|a| a == lid))
+    {
+        repo.backend.delete(&marker)?;
+        rep.waiting_for = Some(format!(
+            "session {} (backup {} on {})",
+            r.id, r.backup, r.host
+        ));
+        return Ok(rep);
+    }
+    let mut rescued = HashSet::new();
+    let rescue_keys = repo.backend.list(&format!("gc/rescue/{lid}/"))?;
+    for e in &rescue_keys {
+        rescued.extend(read_list(repo, &e.key)?);
+    }
+    let list: HashSet<Digest> = read_list(repo, &format!("gc/condemned/{lid}"))?
+        .into_iter()
+        .collect();
+    let live = live_among(repo, &list, &HashSet::new())?;
+    for d in &list {
+        if live.contains(d) || rescued.contains(d) {
+            rep.kept += 1;
+            continue;
+        }
+        let k = chunk_key(d);
+        if let Some(e) = repo.backend.list(&k)?.first() {
+            rep.freed += e.size;
+        }
+        repo.backend.delete(&k)?;
+        rep.deleted += 1;
+    }
+    for e in &rescue_keys {
+        repo.backend.delete(&e.key)?;
+    }
+    repo.backend.delete(&format!("gc/condemned/{lid}"))?;
+    repo.backend.delete(&marker)?;
+    Ok(rep)
+}
+
+struct SweepRecord;
+
+impl SweepRecord {
+    #[allow(clippy::new_ret_no_self)]
+    fn new() -> Vec<u8> {
+        let r = SessionRecord {
+            id: "sweep".into(),
+            host: crate::session::hostname(),
+            pid: std::process::id(),
+            backup: String::new(),
+            acked: Vec::new(),
+        };
+        blob::seal(
+            Kind::Session,
+            &serde_json::to_vec(&r).unwrap_or_default(),
+            false,
+            None,
+            b"sweep",
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn l(id: &str) -> Listed {
+        Listed {
+            id: id.into(),
+            name: id.split('/').next().unwrap().into(),
+            modified_ms: 0,
+        }
+    }
+
+    #[test]
+    fn retention_rules() {
+        assert_eq!(started_of("vm/20000229T010203Z-ab"), Some(951_786_123));
+        let all: Vec<Listed> = [
+            "a/20261101T010000Z-1",
+            "a/20261101T020000Z-2",
+            "a/20261102T010000Z-3",
+            "a/20261110T010000Z-4",
+            "a/20261128T010000Z-5",
+            "b/20260101T000000Z-6",
+        ]
+        .iter()
+        .map(|s| l(s))
+        .collect();
+        let (k, f) = select(
+            &all,
+            &Retention {
+                keep_last: Some(1),
+                ..Default::default()
+            },
+        );
+        assert_eq!(k, vec!["a/20261128T010000Z-5", "b/20260101T000000Z-6"]);
+        assert_eq!(f.len(), 4);
+        let (k, _) = select(
+            &all,
+            &Retention {
+                keep_daily: Some(3),
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            k,
+            vec![
+                "a/20261102T010000Z-3",
+                "a/20261110T010000Z-4",
+                "a/20261128T010000Z-5",
+                "b/20260101T000000Z-6"
+            ]
+        );
+        let (k, _) = select(
+            &all,
+            &Retention {
+                keep_monthly: Some(1),
+                keep_daily: Some(1),
+                ..Default::default()
+            },
+        );
+        assert_eq!(k, vec!["a/20261128T010000Z-5", "b/20260101T000000Z-6"]);
+    }
+}

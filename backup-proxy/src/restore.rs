@@ -1,0 +1,126 @@
+//! Restoring a backup's disk: every chunk fetched, checked against its
+//! digest and written in place by several threads at once; zero chunks
+//! stay holes (a file, a thin virtual disk) or are written as zeros (a
+//! block device).
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use crate::error::{BackupError, Result};
+use crate::image::Dest;
+use crate::index::ZERO;
+use crate::manifest::{DiskEntry, Manifest};
+use crate::repo::Repo;
+
+#[derive(Debug, Default, Clone)]
+pub struct RestoreStats {
+    pub bytes: u64,
+    pub fetched: u64,
+    pub zero: u64,
+    pub millis: u64,
+}
+
+/// The disk of `m` named `disk`, or its only disk.
+pub fn pick<'a>(m: &'a Manifest, disk: Option<&str>) -> Result<&'a DiskEntry> {
+    match disk {
+        Some(n) => m.disks.iter().find(|d| d.name == n).ok_or_else(|| {
+            BackupError::NotFound(format!(
+                "backup {} has no disk {n} (it has {})",
+                m.id,
+                m.disks
+                    .iter()
+                    .map(|d| d.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        }),
+        None if m.disks.len() == 1 => Ok(&m.disks[0]),
+        None => Err(BackupError::Invalid(format!(
+            "backup {} has {} disks ({}): name one with --disk",
+            m.id,
+            m.disks.len(),
+            m.disks
+                .iter()
+                .map(|d| d.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+pub fn restore(
+    repo: &Repo,
+    d: &DiskEntry,
+    dest: Box<dyn Dest>,
+    workers: usize,
+    progress: bool,
+) -> Result<RestoreStats> {
+    let t0 = std::time::Instant::now();
+    let index = repo.index(d)?;
+    let zeros = dest.needs_zeros();
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let stats = Mutex::new(RestoreStats::default());
+    let pb = crate::backup::bar(d.size, progress, &d.name);
+    let errors: Vec<BackupError> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..workers.max(1))
+            .map(|_| {
+                s.spawn(|| -> Result<()> {
+                    let zero_buf = vec![0u8; if zeros { index.chunk_size as usize } else { 0 }];
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= index.digests.len() || stop.load(Ordering::Relaxed) {
+                            return Ok(());
+                        }
+                        let r = index.range(i);
+                        let len = (r.end - r.start) as usize;
+                        let dg = &index.digests[i];
+                        let res = if *dg == ZERO {
+                            stats.lock().unwrap_or_else(|p| p.into_inner()).zero += len as u64;
+                            if zeros {
+                                dest.write_at(&zero_buf[..len], r.start)
+                            } else {
+                                Ok(())
+                            }
+                        } else {
+                            repo.get_chunk(dg).and_then(|data| {
+                                if data.len() != len {
+                                    return Err(crate::error::corrupt(
+                                        crate::repo::chunk_key(dg),
+                                        format!(
+                                            "{} bytes where the index has a {len}-byte chunk",
+                                            data.len()
+                                        ),
+                                    ));
+                                }
+                                stats.lock().unwrap_or_else(|p| p.into_inner()).fetched +=
+                                    len as u64;
+                                dest.write_at(&data, r.start)
+                            })
+                        };
+                        if let Err(e) = res {
+                            stop.store(true, Ordering::Relaxed);
+                            return Err(e);
+                        }
+                        pb.inc(len as u64);
+                    }
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .filter_map(|h| match h.join() {
+                Ok(r) => r.err(),
+                Err(_) => Some(BackupError::Invalid("a restore thread panicked".into())),
+            })
+            .collect()
+    });
+    pb.finish_and_clear();
+    if let Some(e) = errors.into_iter().next() {
+        return Err(e);
+    }
+    dest.finish()?;
+    let mut s = stats.into_inner().unwrap_or_else(|p| p.into_inner());
+    s.bytes = d.size;
+    s.millis = t0.elapsed().as_millis() as u64;
+    Ok(s)
+}

@@ -1,0 +1,470 @@
+//! `vmfs backup ...`: the backup repository's commands, a thin layer over
+//! the `backup_proxy` library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use backup_proxy::backup::{DiskJob, Options};
+use backup_proxy::catalog::Catalog;
+use backup_proxy::gc::Retention;
+use backup_proxy::util::{human_bytes, human_time};
+use backup_proxy::{KeySource, Repo};
+use clap::{Args, Subcommand};
+
+#[derive(Args, Clone)]
+pub struct RepoArgs {
+    /// The repository: a directory or s3://BUCKET/PREFIX (endpoint, region
+    /// and keys from AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY).
+    #[arg(long, env = "VMFS_BACKUP_REPO")]
+    repo: String,
+    /// The key file of an encrypted repository (default: the copy kept in
+    /// it). The passphrase: VMFS_BACKUP_PASSPHRASE, VMFS_BACKUP_PASSPHRASE_FILE,
+    /// or asked on the terminal.
+    #[arg(long, value_name = "KEYFILE")]
+    key: Option<PathBuf>,
+    /// The catalog of runs [default: VMFS_BACKUP_CATALOG or
+    /// /var/lib/vmfs/backup/catalog.sqlite].
+    #[arg(long)]
+    catalog: Option<PathBuf>,
+}
+
+impl RepoArgs {
+    fn open(&self) -> Result<Arc<Repo>> {
+        let k = KeySource {
+            file: self.key.clone(),
+            passphrase: None,
+        };
+        Ok(Arc::new(Repo::open(&self.repo, &k)?))
+    }
+
+    fn catalog(&self) -> Option<Catalog> {
+        let p = self.catalog.clone().unwrap_or_else(Catalog::default_path);
+        match Catalog::open(&p) {
+            Ok(c) => {
+                if let Some(n) = &c.rebuilt {
+                    eprintln!("vmfs: {n}");
+                }
+                Some(c)
+            }
+            Err(e) => {
+                // The repository is the truth; a catalog we cannot keep
+                // does not stop a backup.
+                eprintln!("vmfs: warning: {e}; runs are not recorded");
+                None
+            }
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum BackupCmd {
+    /// Make a new repository. With --encrypt, a new key is written to
+    /// KEYFILE (keep it safe; a passphrase-wrapped copy stays in the
+    /// repository) and every chunk, index and manifest is encrypted.
+    Init {
+        #[command(flatten)]
+        r: RepoArgs,
+        #[arg(long, value_name = "KEYFILE")]
+        encrypt: Option<PathBuf>,
+        /// Chunk size (power of two, 64K to 16M).
+        #[arg(long, default_value = "4M")]
+        chunk_size: String,
+    },
+    /// Back up an image: a raw file, a block device, or a virtual disk
+    /// (NAME.vmdk, or a frozen layer of one). A full backup reads what may
+    /// hold data; --since reads only what changed since that change ID,
+    /// taking the rest from the backup that recorded it.
+    Image {
+        #[command(flatten)]
+        r: RepoArgs,
+        /// The backup's name (a VM's, say): backups of one name form its history.
+        #[arg(long)]
+        name: String,
+        /// The disk's name in the backup [default: from SOURCE].
+        #[arg(long)]
+        disk: Option<String>,
+        #[arg(long, value_name = "CHANGE-ID")]
+        since: Option<String>,
+        #[arg(long)]
+        json: bool,
+        source: PathBuf,
+    },
+    /// The backups in the repository (and this machine's failed runs).
+    List {
+        #[command(flatten)]
+        r: RepoArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a backup's disk back: to a new file, a block device, or a new
+    /// thin virtual disk (DEST ending in .vmdk). BACKUP is an ID, or a
+    /// name for its newest backup.
+    Restore {
+        #[command(flatten)]
+        r: RepoArgs,
+        #[arg(long)]
+        disk: Option<String>,
+        backup: String,
+        dest: PathBuf,
+    },
+    /// Show a backup's disks as read-only image files under MOUNTPOINT
+    /// until interrupted (or unmounted), fetching chunks as they are read.
+    Mount {
+        #[command(flatten)]
+        r: RepoArgs,
+        backup: String,
+        mountpoint: PathBuf,
+    },
+    /// Re-read and re-hash every chunk the backups use; name the backups
+    /// a damaged object breaks. Exit status 1 when any is damaged.
+    Verify {
+        #[command(flatten)]
+        r: RepoArgs,
+        backup: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget the backups the rules do not keep (per name), then collect
+    /// the chunks nothing references any more.
+    Prune {
+        #[command(flatten)]
+        r: RepoArgs,
+        #[arg(long)]
+        keep_last: Option<usize>,
+        #[arg(long)]
+        keep_daily: Option<usize>,
+        #[arg(long)]
+        keep_weekly: Option<usize>,
+        #[arg(long)]
+        keep_monthly: Option<usize>,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Garbage collection alone: chunks of killed backups, and sweeps that
+    /// waited for running backups.
+    Gc {
+        #[command(flatten)]
+        r: RepoArgs,
+    },
+}
+
+fn parse_size(s: &str) -> Result<u32> {
+    let (n, m) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        _ => (s, 1),
+    };
+    let v: u64 = n.parse().with_context(|| format!("{s:?} is not a size"))?;
+    u32::try_from(v * m).with_context(|| format!("{s} is too large"))
+}
+
+fn summary(m: &backup_proxy::manifest::Manifest) {
+    let t = m.totals();
+    let secs = t.millis as f64 / 1000.0;
+    println!("backup {} is whole", m.id);
+    for d in &m.disks {
+        println!(
+            "  disk {}: {} from {}{}{}",
+            d.name,
+            human_bytes(d.size),
+            d.source,
+            d.since
+                .as_ref()
+                .map(|s| format!(", changes since {s}"))
+                .unwrap_or_default(),
+            d.change_id
+                .as_ref()
+                .map(|c| format!(", at change ID {c}"))
+                .unwrap_or_default()
+        );
+    }
+    println!(
+        "  read {} in {secs:.1} s ({}/s); new {} ({} stored), reused {}, zero {}",
+        human_bytes(t.read),
+        human_bytes((t.read as f64 / secs.max(0.001)) as u64),
+        human_bytes(t.new),
+        human_bytes(t.stored),
+        human_bytes(t.reused),
+        human_bytes(t.zero)
+    );
+}
+
+pub fn run(cmd: BackupCmd) -> Result<ExitCode> {
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let opts = Options {
+        progress,
+        ..Default::default()
+    };
+    match cmd {
+        BackupCmd::Init {
+            r,
+            encrypt,
+            chunk_size,
+        } => {
+            let cs = parse_size(&chunk_size)?;
+            let repo = match &encrypt {
+                Some(k) => {
+                    let p = backup_proxy::keys::passphrase("new passphrase: ")?;
+                    if std::env::var_os("VMFS_BACKUP_PASSPHRASE").is_none()
+                        && std::env::var_os("VMFS_BACKUP_PASSPHRASE_FILE").is_none()
+                        && backup_proxy::keys::passphrase("again: ")? != p
+                    {
+                        bail!("the passphrases differ");
+                    }
+                    Repo::init(&r.repo, cs, Some((k, &p)))?
+                }
+                None => Repo::init(&r.repo, cs, None)?,
+            };
+            println!(
+                "repository {} made: {} chunks, BLAKE3, zstd, {}",
+                repo.describe(),
+                human_bytes(cs as u64),
+                match (&repo.config.encryption, &encrypt) {
+                    (Some(e), Some(k)) => format!(
+                        "AES-256-GCM with key {} in {} (keep a copy of it and its passphrase: without them the backups cannot be read)",
+                        e.key_id,
+                        k.display()
+                    ),
+                    _ => "not encrypted".into(),
+                }
+            );
+        }
+        BackupCmd::Image {
+            r,
+            name,
+            disk,
+            since,
+            json,
+            source,
+        } => {
+            let repo = r.open()?;
+            let src = backup_proxy::image::open_source(&source)?;
+            let cat = r.catalog();
+            let run = cat.as_ref().and_then(|c| c.begin(&repo, &name).ok());
+            let job = DiskJob {
+                name: disk.unwrap_or_else(|| src.disk_name()),
+                source: &*src,
+                since,
+            };
+            let res = backup_proxy::backup::backup(repo.clone(), &name, &[job], &opts);
+            if let (Some(c), Some(run)) = (&cat, run) {
+                let rec = match &res {
+                    Ok(m) => c.finish_ok(run, m),
+                    Err(e) => c.finish_failed(run, &e.to_string()),
+                };
+                if let Err(e) = rec {
+                    eprintln!("vmfs: warning: {e}");
+                }
+            }
+            let m = res?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&m)?);
+            } else {
+                summary(&m);
+            }
+        }
+        BackupCmd::List { r, json } => {
+            let repo = r.open()?;
+            let listed = repo.list()?;
+            let mut out = Vec::new();
+            for l in &listed {
+                match repo.manifest(&l.id) {
+                    Ok(m) => out.push(Ok(m)),
+                    Err(e) => out.push(Err((l.id.clone(), e.to_string()))),
+                }
+            }
+            let cat = r.catalog();
+            let mut failed = Vec::new();
+            if let Some(c) = &cat {
+                match c.sync(&repo) {
+                    Ok(w) => w.iter().for_each(|w| eprintln!("vmfs: warning: {w}")),
+                    Err(e) => eprintln!("vmfs: warning: {e}"),
+                }
+                if let Ok(runs) = c.runs(&repo) {
+                    failed = runs
+                        .into_iter()
+                        .filter(|x| x.state == "failed" || x.state == "interrupted")
+                        .collect();
+                }
+            }
+            if json {
+                let v = serde_json::json!({
+                    "repository": repo.describe(),
+                    "backups": out.iter().filter_map(|m| m.as_ref().ok()).collect::<Vec<_>>(),
+                    "damaged": out.iter().filter_map(|m| m.as_ref().err()).map(|(id, e)| serde_json::json!({"id": id, "error": e})).collect::<Vec<_>>(),
+                    "failed_runs": failed.iter().map(|f| serde_json::json!({"name": f.name, "started": f.started, "state": f.state, "reason": f.reason})).collect::<Vec<_>>(),
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:<40} {:<24} {:>10} {:>10} {:>10}  change ID",
+                    "BACKUP", "FINISHED", "SIZE", "NEW", "STORED"
+                );
+                for m in &out {
+                    match m {
+                        Ok(m) => {
+                            let t = m.totals();
+                            let size: u64 = m.disks.iter().map(|d| d.size).sum();
+                            let cid = m
+                                .disks
+                                .iter()
+                                .filter_map(|d| d.change_id.clone())
+                                .collect::<Vec<_>>()
+                                .join(",");
+                            println!(
+                                "{:<40} {:<24} {:>10} {:>10} {:>10}  {}",
+                                m.id,
+                                human_time(m.finished),
+                                human_bytes(size),
+                                human_bytes(t.new),
+                                human_bytes(t.stored),
+                                if cid.is_empty() { "-".into() } else { cid }
+                            );
+                        }
+                        Err((id, e)) => println!("{id:<40} DAMAGED: {e}"),
+                    }
+                }
+                for f in &failed {
+                    println!(
+                        "(run of {} at {}: {}: {})",
+                        f.name,
+                        human_time(f.started),
+                        f.state,
+                        f.reason.as_deref().unwrap_or("")
+                    );
+                }
+            }
+        }
+        BackupCmd::Restore {
+            r,
+            disk,
+            backup,
+            dest,
+        } => {
+            let repo = r.open()?;
+            let id = repo.resolve(&backup)?;
+            let m = repo.manifest(&id)?;
+            let d = backup_proxy::restore::pick(&m, disk.as_deref())?;
+            let target = backup_proxy::image::create_dest(&dest, d.size)?;
+            let workers = opts.workers.max(8);
+            let s = backup_proxy::restore::restore(&repo, d, target, workers, progress)?;
+            let secs = s.millis as f64 / 1000.0;
+            println!(
+                "restored disk {} of {id} to {}: {} ({} fetched, {} zero) in {secs:.1} s ({}/s)",
+                d.name,
+                dest.display(),
+                human_bytes(s.bytes),
+                human_bytes(s.fetched),
+                human_bytes(s.zero),
+                human_bytes((s.bytes as f64 / secs.max(0.001)) as u64)
+            );
+        }
+        BackupCmd::Mount {
+            r,
+            backup,
+            mountpoint,
+        } => {
+            let repo = r.open()?;
+            let id = repo.resolve(&backup)?;
+            let m = repo.manifest(&id)?;
+            let (tx, rx) = std::sync::mpsc::channel();
+            ctrlc::set_handler(move || {
+                let _ = tx.send(());
+            })
+            .context("installing the signal handler")?;
+            eprintln!(
+                "backup {id} on {}: {}; interrupt (or umount) to end",
+                mountpoint.display(),
+                m.disks
+                    .iter()
+                    .map(|d| format!("{}.img", d.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            backup_proxy::mount::serve(repo, &m, &mountpoint, rx)?;
+        }
+        BackupCmd::Verify { r, backup, json } => {
+            let repo = r.open()?;
+            let only = match &backup {
+                Some(b) => Some(vec![repo.resolve(b)?]),
+                None => None,
+            };
+            let rep = backup_proxy::verify::verify(&repo, only.as_deref(), opts.workers, progress)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "backups": rep.backups, "chunks": rep.chunks, "bytes": rep.bytes, "damaged": rep.damaged,
+                    }))?
+                );
+            } else {
+                println!(
+                    "verified {} backups: {} chunks, {}",
+                    rep.backups,
+                    rep.chunks,
+                    human_bytes(rep.bytes)
+                );
+                for (id, why) in &rep.damaged {
+                    println!("DAMAGED {id}:");
+                    for w in why {
+                        println!("  {w}");
+                    }
+                }
+            }
+            if !rep.ok() {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        BackupCmd::Prune {
+            r,
+            keep_last,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            dry_run,
+        } => {
+            let repo = r.open()?;
+            let rules = Retention {
+                keep_last,
+                keep_daily,
+                keep_weekly,
+                keep_monthly,
+            };
+            let rep = backup_proxy::gc::prune(&repo, &rules, dry_run)?;
+            for id in &rep.forgotten {
+                println!("{} {id}", if dry_run { "would forget" } else { "forgot" });
+            }
+            println!("kept {} backups", rep.kept.len());
+            print_gc(&rep);
+            if let Some(c) = r.catalog() {
+                let _ = c.sync(&repo);
+            }
+        }
+        BackupCmd::Gc { r } => {
+            let repo = r.open()?;
+            print_gc(&backup_proxy::gc::collect(&repo)?);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_gc(rep: &backup_proxy::gc::PruneReport) {
+    if rep.condemned > 0 {
+        println!("condemned {} chunks", rep.condemned);
+    }
+    for s in &rep.swept {
+        match &s.waiting_for {
+            Some(w) => println!("collection {} waits for {w}", s.list),
+            None => println!(
+                "collection {}: deleted {} chunks ({}), kept {} still in use",
+                s.list,
+                s.deleted,
+                human_bytes(s.freed),
+                s.kept
+            ),
+        }
+    }
+}
