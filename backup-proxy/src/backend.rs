@@ -36,6 +36,12 @@ pub trait Backend: Send + Sync {
     fn delete(&self, key: &str) -> Result<()>;
     /// Now, by the store's clock (milliseconds).
     fn now_ms(&self) -> Result<i64>;
+    /// Remove what writers that died left half-written in the folder of
+    /// `key` (a local directory's temporary files older than `age_ms`;
+    /// nothing on S3, whose writes are whole or absent).
+    fn clean_partial(&self, _key: &str, _age_ms: i64) -> Result<usize> {
+        Ok(0)
+    }
     /// The repository's location, for messages.
     fn describe(&self) -> String;
 }
@@ -241,6 +247,34 @@ impl Backend for LocalDir {
         Ok(t.duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0))
+    }
+
+    fn clean_partial(&self, key: &str, age_ms: i64) -> Result<usize> {
+        let path = self.path(key)?;
+        let Some(dir) = path.parent() else {
+            return Ok(0);
+        };
+        let rd = match std::fs::read_dir(dir) {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(backend_err(dir.display(), e)),
+        };
+        let mut n = 0;
+        for e in rd.flatten() {
+            if !e.file_name().to_string_lossy().starts_with(".tmp-") {
+                continue;
+            }
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|a| a.as_millis() as i64 > age_ms);
+            if old && std::fs::remove_file(e.path()).is_ok() {
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     fn describe(&self) -> String {

@@ -91,6 +91,11 @@ pub fn backup(repo: Arc<Repo>, name: &str, disks: &[DiskJob], opts: &Options) ->
     let r = run(&repo, &session, &id, name, started, disks, opts);
     if r.is_err() {
         session.failed();
+        // Its indexes, if any were written, mean nothing without the
+        // manifest; its new chunks are collected from its intent log.
+        if let Err(e) = crate::gc::discard_backup(&repo, &id) {
+            tracing::warn!("backup {id}: removing what it wrote: {e}");
+        }
     }
     session.end();
     r

@@ -188,7 +188,9 @@ fn live_among(
 }
 
 /// Sessions: (record, its key, whether its heartbeat is fresh).
-fn sessions(repo: &Repo) -> Result<(Vec<(SessionRecord, bool)>, Vec<String>, Vec<String>)> {
+type Stale = Vec<(String, Option<SessionRecord>)>;
+
+fn sessions(repo: &Repo) -> Result<(Vec<(SessionRecord, bool)>, Stale, Vec<String>)> {
     let now = repo.backend.now_ms()?;
     let lease = repo.lease_ms();
     let all = repo.backend.list("sessions/")?;
@@ -202,15 +204,25 @@ fn sessions(repo: &Repo) -> Result<(Vec<(SessionRecord, bool)>, Vec<String>, Vec
                 if fresh {
                     live_ids.insert(e.key.clone());
                 } else {
-                    stale_records.push(e.key.clone());
+                    stale_records.push((e.key.clone(), Some(r.clone())));
                 }
                 records.push((r, fresh));
             }
             Ok(None) => {}
             Err(err) => {
                 tracing::warn!("{err}");
-                if !fresh {
-                    stale_records.push(e.key.clone());
+                if fresh {
+                    // Unreadable but alive: it must hold up every sweep.
+                    live_ids.insert(e.key.clone());
+                    records.push((
+                        SessionRecord {
+                            id: e.key.clone(),
+                            ..Default::default()
+                        },
+                        true,
+                    ));
+                } else {
+                    stale_records.push((e.key.clone(), None));
                 }
             }
         }
@@ -302,17 +314,58 @@ fn condemn(repo: &Repo, gone: &HashSet<String>) -> Result<usize> {
             repo.backend.delete(&e.key)?;
         }
     }
-    for k in orphan_logs.iter().chain(&stale_records) {
+    // What dead writers left: the objects of a backup that never got its
+    // manifest, half-written files, their records and intent logs.
+    for (_, r) in &stale_records {
+        if let Some(r) = r.as_ref().filter(|r| !r.backup.is_empty()) {
+            discard_backup(repo, &r.backup)?;
+        }
+    }
+    for k in orphan_logs
+        .iter()
+        .chain(stale_records.iter().map(|(k, _)| k))
+    {
         repo.backend.delete(k)?;
     }
+    repo.backend.clean_partial("sessions/x", repo.lease_ms())?;
     Ok(list.len())
+}
+
+/// Remove the objects of backup `id` if it has no manifest.
+pub fn discard_backup(repo: &Repo, id: &str) -> Result<()> {
+    if repo.backend.exists(&crate::repo::manifest_key(id))? {
+        return Ok(());
+    }
+    let dir = format!("backups/{id}/");
+    for e in repo.backend.list(&dir)? {
+        repo.backend.delete(&e.key)?;
+    }
+    repo.backend
+        .clean_partial(&format!("{dir}x"), repo.lease_ms())?;
+    Ok(())
 }
 
 fn sweep_all(repo: &Repo) -> Result<Vec<SweepReport>> {
     let mut out = Vec::new();
-    for e in repo.backend.list("gc/condemned/")? {
-        let lid = e.key["gc/condemned/".len()..].to_string();
-        out.push(sweep(repo, &lid)?);
+    let lists: HashSet<String> = repo
+        .backend
+        .list("gc/condemned/")?
+        .into_iter()
+        .map(|e| e.key["gc/condemned/".len()..].to_string())
+        .collect();
+    for lid in &lists {
+        out.push(sweep(repo, lid)?);
+    }
+    // Rescues of lists already swept (a writer that rescued as the sweep
+    // ended, then died) are void.
+    for e in repo.backend.list("gc/rescue/")? {
+        let lid = e.key["gc/rescue/".len()..]
+            .split('/')
+            .next()
+            .unwrap_or_default();
+        if !lists.contains(lid) {
+            repo.backend.delete(&e.key)?;
+        }
     }
     Ok(out)
 }
@@ -374,6 +427,15 @@ pub fn sweep(repo: &Repo, lid: &str) -> Result<SweepReport> {
         }
         repo.backend.delete(&k)?;
         rep.deleted += 1;
+    }
+    // Half-written chunks of dead writers lie beside the chunks they were
+    // writing: look only in those folders.
+    let mut dirs = HashSet::new();
+    for d in &list {
+        let k = chunk_key(d);
+        if dirs.insert(k[..k.rfind('/').unwrap_or(0)].to_string()) {
+            repo.backend.clean_partial(&k, repo.lease_ms())?;
+        }
     }
     for e in &rescue_keys {
         repo.backend.delete(&e.key)?;

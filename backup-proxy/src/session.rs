@@ -208,11 +208,11 @@ impl Session {
         Ok(())
     }
 
-    fn rescue(&self, lid: &str, d: &[Digest]) -> Result<()> {
+    fn rescue(&self, lid: &str, d: &[Digest]) -> Result<String> {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         let key = format!("gc/rescue/{lid}/{}-{n}", self.id());
         put_list(&self.repo, &key, d)?;
-        Ok(())
+        Ok(key)
     }
 
     fn heartbeat(self: Arc<Self>, every: Duration) {
@@ -254,12 +254,13 @@ impl Session {
                 .collect()
         };
         for lid in lists {
-            self.rescue(&lid, &[*d])?;
+            let rescue = self.rescue(&lid, &[*d])?;
             let marker = format!("gc/sweeping/{lid}");
             let list = format!("gc/condemned/{lid}");
             // No marker and the list still there: the sweep has not begun,
             // so it will read our rescue. Otherwise it has begun or ended.
-            if self.repo.backend.exists(&marker)? || !self.repo.backend.exists(&list)? {
+            let gone = !self.repo.backend.exists(&list)?;
+            if gone || self.repo.backend.exists(&marker)? {
                 // The sweep may not have seen our rescue: wait for it to
                 // end (or to be abandoned), then make sure of the chunk.
                 let lease = self.repo.lease_ms();
@@ -273,6 +274,15 @@ impl Session {
                 }
                 if !self.repo.backend.exists(&chunk_key(d))? {
                     store()?;
+                }
+                if gone || !self.repo.backend.exists(&list)? {
+                    // Swept: the list is no more, nor need our rescues be.
+                    self.state
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .known
+                        .remove(&lid);
+                    self.repo.backend.delete(&rescue)?;
                 }
             }
         }

@@ -90,6 +90,10 @@ pub enum BackupCmd {
         since: Option<String>,
         #[arg(long)]
         json: bool,
+        /// Chunks read, hashed, compressed and stored at once [default:
+        /// twice the cores, at least 4]; fewer spare a busy source.
+        #[arg(long)]
+        workers: Option<usize>,
         source: PathBuf,
     },
     /// The backups in the repository (and this machine's failed runs).
@@ -238,8 +242,13 @@ pub fn run(cmd: BackupCmd) -> Result<ExitCode> {
             disk,
             since,
             json,
+            workers,
             source,
         } => {
+            let opts = Options {
+                workers: workers.unwrap_or(opts.workers).clamp(1, 256),
+                ..opts
+            };
             let repo = r.open()?;
             let src = backup_proxy::image::open_source(&source)?;
             let cat = r.catalog();
