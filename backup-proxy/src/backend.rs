@@ -49,7 +49,12 @@ pub trait Backend: Send + Sync {
 /// Open `REPO`: a directory, or `s3://BUCKET/PREFIX`.
 pub fn open(url: &str) -> Result<Arc<dyn Backend>> {
     if let Some(rest) = url.strip_prefix("s3://") {
-        Ok(Arc::new(S3::new(rest)?))
+        #[cfg(feature = "s3")]
+        return Ok(Arc::new(S3::new(rest)?));
+        #[cfg(not(feature = "s3"))]
+        return Err(BackupError::Invalid(format!(
+            "s3://{rest}: built without S3 support"
+        )));
     } else if url.contains("://") {
         Err(BackupError::Invalid(format!(
             "{url}: a repository is a directory or s3://BUCKET/PREFIX"
@@ -284,6 +289,7 @@ impl Backend for LocalDir {
 
 // ---------------------------------------------------------------- S3
 
+#[cfg(feature = "s3")]
 /// An S3-compatible bucket through `object_store`, driven from our
 /// threads by a small runtime of its own. Endpoint, region and keys come
 /// from the usual AWS environment variables (`AWS_ENDPOINT_URL`,
@@ -295,6 +301,7 @@ pub struct S3 {
     prefix: String,
 }
 
+#[cfg(feature = "s3")]
 impl S3 {
     fn new(rest: &str) -> Result<S3> {
         use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
@@ -348,6 +355,7 @@ impl S3 {
     }
 }
 
+#[cfg(feature = "s3")]
 impl Backend for S3 {
     fn put_new(&self, key: &str, data: &[u8]) -> Result<bool> {
         use object_store::{PutMode, PutOptions, PutPayload};

@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod backup;
 pub mod blob;
+#[cfg(feature = "catalog")]
 pub mod catalog;
 pub mod error;
 pub mod gc;
@@ -15,6 +16,7 @@ pub mod image;
 pub mod index;
 pub mod keys;
 pub mod manifest;
+#[cfg(feature = "mount")]
 pub mod mount;
 pub mod repo;
 pub mod restore;
