@@ -95,7 +95,17 @@ pub fn restore(
                                 }
                                 stats.lock().unwrap_or_else(|p| p.into_inner()).fetched +=
                                     len as u64;
-                                dest.write_at(&data, r.start)
+                                if zeros {
+                                    return dest.write_at(&data, r.start);
+                                }
+                                // A fresh file or thin disk reads zeros where
+                                // nothing is written: write only the runs of
+                                // 4 KiB blocks that hold data (less to write,
+                                // and the image comes back as sparse as it was).
+                                for run in data_runs(&data, 4096) {
+                                    dest.write_at(&data[run.clone()], r.start + run.start as u64)?;
+                                }
+                                Ok(())
                             })
                         };
                         if let Err(e) = res {
@@ -123,4 +133,36 @@ pub fn restore(
     s.bytes = d.size;
     s.millis = t0.elapsed().as_millis() as u64;
     Ok(s)
+}
+
+/// The runs of `block`-sized pieces of `b` that are not all zeros.
+fn data_runs(b: &[u8], block: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+    for (k, piece) in b.chunks(block).enumerate() {
+        if crate::backup::is_zero(piece) {
+            continue;
+        }
+        let (s, e) = (k * block, k * block + piece.len());
+        match out.last_mut() {
+            Some(last) if last.end == s => last.end = e,
+            _ => out.push(s..e),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn data_runs_skip_zero_blocks() {
+        let mut b = vec![0u8; 10 * 4096 + 100];
+        b[5] = 1;
+        b[4096 * 3] = 1;
+        b[4096 * 4 + 7] = 1;
+        b[10 * 4096 + 99] = 1;
+        assert_eq!(
+            super::data_runs(&b, 4096),
+            vec![0..4096, 3 * 4096..5 * 4096, 10 * 4096..10 * 4096 + 100]
+        );
+    }
 }

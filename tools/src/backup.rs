@@ -197,6 +197,14 @@ fn summary(m: &backup_proxy::manifest::Manifest) {
 }
 
 pub fn run(cmd: BackupCmd) -> Result<ExitCode> {
+    // Chunks are 4 MiB buffers made and dropped by the thousand: keep them
+    // in the heap rather than a fresh mmap each (whose page faults cost a
+    // restore a quarter of its system time).
+    // SAFETY: mallopt only sets allocator parameters.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+    }
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let opts = Options {
         progress,
