@@ -377,7 +377,7 @@ pub fn sweep(repo: &Repo, lid: &str) -> Result<SweepReport> {
         ..Default::default()
     };
     let marker = format!("gc/sweeping/{lid}");
-    let rec = SweepRecord::new();
+    let rec = sweep_marker();
     if !repo.backend.put_new(&marker, &rec)? {
         let m = repo.backend.list(&marker)?;
         let stale = m
@@ -445,26 +445,22 @@ pub fn sweep(repo: &Repo, lid: &str) -> Result<SweepReport> {
     Ok(rep)
 }
 
-struct SweepRecord;
-
-impl SweepRecord {
-    #[allow(clippy::new_ret_no_self)]
-    fn new() -> Vec<u8> {
-        let r = SessionRecord {
-            id: "sweep".into(),
-            host: crate::session::hostname(),
-            pid: std::process::id(),
-            backup: String::new(),
-            acked: Vec::new(),
-        };
-        blob::seal(
-            Kind::Session,
-            &serde_json::to_vec(&r).unwrap_or_default(),
-            false,
-            None,
-            b"sweep",
-        )
-    }
+/// A sweep's marker: who is sweeping.
+fn sweep_marker() -> Vec<u8> {
+    let r = SessionRecord {
+        id: "sweep".into(),
+        host: crate::session::hostname(),
+        pid: std::process::id(),
+        backup: String::new(),
+        acked: Vec::new(),
+    };
+    blob::seal(
+        Kind::Session,
+        &serde_json::to_vec(&r).unwrap_or_default(),
+        false,
+        None,
+        b"sweep",
+    )
 }
 
 #[cfg(test)]

@@ -296,19 +296,26 @@ impl Drop for Moto {
     }
 }
 
-/// A `moto_server` on a free port of 127.0.0.1, with bucket `bucket`.
+/// moto's S3 server on a free port of 127.0.0.1, with bucket `bucket`.
 fn moto(bucket: &str) -> Moto {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let child = Command::new("moto_server")
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+    let child = Command::new("python3")
+        .args([
+            "-m",
+            "moto.server",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("moto_server (PyPI moto[server]; scripts/setup.sh installs it)");
+        .expect("python3 -m moto.server (PyPI moto[server]; scripts/setup.sh installs it)");
     let url = format!("http://127.0.0.1:{port}");
     let t0 = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -598,4 +605,63 @@ fn an_ext4_image_is_browsed_through_backup_mount_and_a_read_only_loop_mount() {
     assert!(w.is_err());
     assert!(st.success(), "backup mount exited {st:?}");
     assert!(!mounted(&mnt));
+}
+
+#[test]
+fn a_restore_onto_a_block_device_writes_the_zeros_too_and_never_overwrites_a_file() {
+    let env = Env::new();
+    let repo = env.path("repo");
+    let r = repo.to_str().unwrap();
+    ok(bk(&env, &["init", "--repo", r]));
+    let img = env.path("a.img");
+    image(&img, 16, 5); // every fourth MiB a hole
+    ok(bk(
+        &env,
+        &["image", "--repo", r, "--name", "vm", img.to_str().unwrap()],
+    ));
+    // A device full of old data: the holes must come back as zeros.
+    let backing = env.path("dev.img");
+    std::fs::write(&backing, vec![0xFFu8; 16 * MIB]).unwrap();
+    let o = Command::new("losetup")
+        .args(["-f", "--show", backing.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let dev = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let res = bk(&env, &["restore", "--repo", r, "vm", &dev]);
+    let _ = Command::new("losetup").args(["-d", &dev]).status();
+    ok(res);
+    assert!(same(&backing, &img));
+    // An existing file is never written over.
+    let o = bk(&env, &["restore", "--repo", r, "vm", img.to_str().unwrap()]);
+    assert!(
+        !o.status.success() && text(&o).contains("already exists"),
+        "{}",
+        text(&o)
+    );
+    // A backup that is not there, a repository that is not one: clear errors.
+    let o = bk(
+        &env,
+        &[
+            "restore",
+            "--repo",
+            r,
+            "nosuch",
+            env.path("x").to_str().unwrap(),
+        ],
+    );
+    assert!(
+        !o.status.success() && text(&o).contains("no backup named nosuch"),
+        "{}",
+        text(&o)
+    );
+    let o = bk(
+        &env,
+        &["list", "--repo", env.path("empty").to_str().unwrap()],
+    );
+    assert!(
+        !o.status.success() && text(&o).contains("not a repository"),
+        "{}",
+        text(&o)
+    );
 }
