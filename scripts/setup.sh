@@ -18,6 +18,10 @@ command -v iscsi-perf  >/dev/null || need_apt+=(libiscsi-bin)
 command -v mkfs.ext4   >/dev/null || need_apt+=(e2fsprogs)
 command -v mkfs.xfs    >/dev/null || need_apt+=(xfsprogs)
 command -v sfdisk      >/dev/null || need_apt+=(fdisk)
+# The backup tests loop-mount an image read-only; the backup bench's yardsticks.
+command -v losetup     >/dev/null || need_apt+=(mount)
+command -v restic      >/dev/null || need_apt+=(restic)
+command -v borg        >/dev/null || need_apt+=(borgbackup)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"
   $SUDO apt-get update -qq
@@ -29,6 +33,9 @@ command -v pjdfstest >/dev/null || cargo install --locked pjdfstest --version 0.
 command -v fsx       >/dev/null || cargo install --locked fsx --version 0.3.2
 # The parsers' fuzzers (scripts/fuzz.sh runs each briefly).
 cargo fuzz --version >/dev/null 2>&1 || cargo install --locked cargo-fuzz --version 0.13.2
+
+# The S3 server the backup tests run against (PyPI), pinned.
+python3 -c 'import moto.server, flask' 2>/dev/null || python3 -m pip install --quiet 'moto[server]==5.2.1'
 
 # pjdfstest switches to these identities (tests/conf/pjdfstest.toml).
 getent group tests  >/dev/null || $SUDO groupadd tests
