@@ -29,7 +29,11 @@ pub trait Backend: Send + Sync {
     fn put(&self, key: &str, data: &[u8]) -> Result<()>;
     /// The object, or `None` if it is not there.
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
-    fn exists(&self, key: &str) -> Result<bool>;
+    fn exists(&self, key: &str) -> Result<bool> {
+        Ok(self.size(key)?.is_some())
+    }
+    /// The object's size, or `None` if it is not there.
+    fn size(&self, key: &str) -> Result<Option<u64>>;
     /// Every object whose key starts with `prefix` (a folder: ends in `/`).
     fn list(&self, prefix: &str) -> Result<Vec<Entry>>;
     /// Remove `key`; no error if it is not there.
@@ -162,11 +166,11 @@ impl Backend for LocalDir {
         }
     }
 
-    fn exists(&self, key: &str) -> Result<bool> {
+    fn size(&self, key: &str) -> Result<Option<u64>> {
         let path = self.path(key)?;
         match std::fs::symlink_metadata(&path) {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(backend_err(path.display(), e)),
         }
     }
@@ -395,10 +399,10 @@ impl Backend for S3 {
         }
     }
 
-    fn exists(&self, key: &str) -> Result<bool> {
+    fn size(&self, key: &str) -> Result<Option<u64>> {
         match self.rt.block_on(self.store.head(&self.path(key))) {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Ok(m) => Ok(Some(m.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(backend_err(self.what(key), e)),
         }
     }

@@ -85,6 +85,18 @@ pub fn backup(repo: Arc<Repo>, name: &str, disks: &[DiskJob], opts: &Options) ->
             )));
         }
     }
+    let cs = repo.config.chunk_size;
+    for d in disks {
+        let n = crate::index::chunks(d.source.size(), cs);
+        if n.saturating_mul(32).saturating_add(56) > crate::blob::MAX_PLAIN as u64 {
+            return Err(BackupError::Invalid(format!(
+                "{}: {} bytes is more than an index of {}-byte chunks holds; use a repository with larger chunks",
+                d.source.describe(),
+                d.source.size(),
+                cs
+            )));
+        }
+    }
     let started = unix_now();
     let id = format!("{name}/{}-{}", stamp(started), hex(&random_bytes::<4>()));
     let session = Session::start(repo.clone(), &id)?;
@@ -240,8 +252,24 @@ fn backup_disk(
             p.push(r.start.max(c.start)..end.min(c.end));
         }
     }
+    // Chunks verify set aside as damaged: never taken from the parent, so
+    // this backup stores them again.
+    let damaged: HashSet<Digest> = if parent.is_some() {
+        repo.backend
+            .list("damaged/")?
+            .iter()
+            .filter_map(|e| {
+                let h = e.key.strip_prefix("damaged/")?.get(..64)?;
+                crate::util::unhex(h)?.try_into().ok()
+            })
+            .collect()
+    } else {
+        HashSet::new()
+    };
     let usable = |i: usize| match &parent {
-        Some((_, p)) => i < p.digests.len() && p.range(i) == index.range(i),
+        Some((_, p)) => {
+            i < p.digests.len() && p.range(i) == index.range(i) && !damaged.contains(&p.digests[i])
+        }
         None => false,
     };
     let mut work: Vec<Work> = Vec::with_capacity(n);

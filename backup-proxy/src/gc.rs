@@ -174,9 +174,17 @@ fn live_among(
         if skip.contains(&l.id) {
             continue;
         }
-        let m = repo.manifest(&l.id).map_err(|e| {
-            BackupError::Invalid(format!("garbage collection stopped: backup {} cannot be read ({e}); `vmfs backup verify` names it", l.id))
-        })?;
+        let m = match repo.manifest(&l.id) {
+            Ok(m) => m,
+            // Forgotten by another prune since we listed it.
+            Err(BackupError::NotFound(_)) if !repo.backend.exists(&crate::repo::manifest_key(&l.id))? => continue,
+            Err(e) => {
+                return Err(BackupError::Invalid(format!(
+                    "garbage collection stopped: backup {} cannot be read ({e}); `vmfs backup verify` names it",
+                    l.id
+                )))
+            }
+        };
         for d in &m.disks {
             let i = repo.index(d).map_err(|e| {
                 BackupError::Invalid(format!("garbage collection stopped: backup {} cannot be read ({e}); `vmfs backup verify` names it", l.id))
@@ -271,20 +279,77 @@ pub fn collect(repo: &Repo) -> Result<PruneReport> {
     Ok(rep)
 }
 
+/// A full collection: every chunk in the repository that no backup, no
+/// running writer and no pending list accounts for is condemned. It lists
+/// every chunk, so its cost follows the repository's size: for what the
+/// incremental collection cannot see (chunks of a backup whose index was
+/// damaged when it was forgotten, of a damaged intent log, or left by a
+/// version without intent logs).
+pub fn collect_full(repo: &Repo) -> Result<PruneReport> {
+    let mut candidates: HashSet<Digest> = repo
+        .backend
+        .list("chunks/")?
+        .iter()
+        .filter_map(|e| crate::repo::digest_of_key(&e.key))
+        .collect();
+    // What live writers are storing now is theirs.
+    let (records, _, _) = sessions(repo)?;
+    for (r, fresh) in &records {
+        if !fresh {
+            continue;
+        }
+        for e in repo
+            .backend
+            .list(&format!("{}.chunks-", crate::session::session_key(&r.id)))?
+        {
+            if let Ok(d) = read_list(repo, &e.key) {
+                for x in d {
+                    candidates.remove(&x);
+                }
+            }
+        }
+    }
+    let mut rep = PruneReport {
+        condemned: condemn_with(repo, &HashSet::new(), candidates)?,
+        ..Default::default()
+    };
+    rep.swept = sweep_all(repo)?;
+    Ok(rep)
+}
+
 /// Forget `gone` (manifests first, so each disappears whole), and
 /// condemn what only they and dead writers referenced.
 fn condemn(repo: &Repo, gone: &HashSet<String>) -> Result<usize> {
-    let mut candidates = HashSet::new();
+    condemn_with(repo, gone, HashSet::new())
+}
+
+fn condemn_with(
+    repo: &Repo,
+    gone: &HashSet<String>,
+    mut candidates: HashSet<Digest>,
+) -> Result<usize> {
     for id in gone {
         match referenced(repo, id) {
             Ok(s) => candidates.extend(s),
-            Err(e) => tracing::warn!("backup {id}: its chunks cannot all be found ({e}); they stay until a full collection"),
+            Err(e) => tracing::warn!(
+                "backup {id}: its chunks cannot all be found ({e}); `vmfs backup gc --full` collects them"
+            ),
         }
     }
-    let (_, stale_records, orphan_logs) = sessions(repo)?;
-    for k in &orphan_logs {
-        match read_list(repo, k) {
-            Ok(d) => candidates.extend(d),
+    let (_, stale_records, logs) = sessions(repo)?;
+    // Logs that could not be read stay for the next run (a damaged one
+    // goes: `gc --full` finds its chunks).
+    let mut orphan_logs = Vec::new();
+    for k in logs {
+        match read_list(repo, &k) {
+            Ok(d) => {
+                candidates.extend(d);
+                orphan_logs.push(k);
+            }
+            Err(e @ BackupError::Corrupt { .. }) => {
+                tracing::warn!("{e}; `vmfs backup gc --full` collects its chunks");
+                orphan_logs.push(k);
+            }
             Err(e) => tracing::warn!("{e}"),
         }
     }
@@ -370,60 +435,123 @@ fn sweep_all(repo: &Repo) -> Result<Vec<SweepReport>> {
     Ok(out)
 }
 
+/// Removes a sweep's marker when the sweep ends, however it ends.
+struct Marker<'a> {
+    repo: &'a Repo,
+    key: String,
+    /// When its last renewal that succeeded began ([`crate::util::boot_ms`]).
+    renewed: i64,
+}
+
+impl Marker<'_> {
+    /// Rewrite the marker every lease/8 so that no one takes the sweep for
+    /// abandoned; a sweep that could not for half a lease stops deleting.
+    fn keep_alive(&mut self) -> Result<()> {
+        let lease = self.repo.lease_ms();
+        let now = crate::util::boot_ms();
+        if now - self.renewed < lease / 8 {
+            return Ok(());
+        }
+        self.repo.backend.put(&self.key, &sweep_marker())?;
+        if crate::util::boot_ms() - self.renewed > lease / 2 {
+            return Err(BackupError::Invalid(format!(
+                "{}: the sweep could not renew its marker for half a lease; stopped",
+                self.key
+            )));
+        }
+        self.renewed = now;
+        Ok(())
+    }
+}
+
+impl Drop for Marker<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.repo.backend.delete(&self.key) {
+            tracing::warn!("{}: removing the sweep marker: {e}", self.key);
+        }
+    }
+}
+
 /// Sweep one condemned list (see [`crate::session`] for why this order).
 pub fn sweep(repo: &Repo, lid: &str) -> Result<SweepReport> {
     let mut rep = SweepReport {
         list: lid.to_string(),
         ..Default::default()
     };
-    let marker = format!("gc/sweeping/{lid}");
-    let rec = sweep_marker();
-    if !repo.backend.put_new(&marker, &rec)? {
-        let m = repo.backend.list(&marker)?;
-        let stale = m
-            .first()
-            .map(|e| {
-                repo.backend
-                    .now_ms()
-                    .map(|n| n - e.modified_ms > repo.lease_ms())
-            })
-            .transpose()?
-            .unwrap_or(true);
+    let key = format!("gc/sweeping/{lid}");
+    let began = crate::util::boot_ms();
+    if !repo.backend.put_new(&key, &sweep_marker())? {
+        let m = repo.backend.list(&key)?;
+        let stale = match m.iter().find(|e| e.key == key) {
+            Some(e) => repo.backend.now_ms()? - e.modified_ms > repo.lease_ms(),
+            None => true,
+        };
         if !stale {
             rep.waiting_for = Some("another sweep of this list".into());
             return Ok(rep);
         }
-        repo.backend.put(&marker, &rec)?;
+        repo.backend.put(&key, &sweep_marker())?;
     }
+    let mut marker = Marker {
+        repo,
+        key,
+        renewed: began,
+    };
     let (records, _, _) = sessions(repo)?;
     if let Some((r, _)) = records
         .iter()
         .find(|(r, fresh)| *fresh && !r.acked.iter().any(|a| a == lid))
     {
-        repo.backend.delete(&marker)?;
         rep.waiting_for = Some(format!(
             "session {} (backup {} on {})",
             r.id, r.backup, r.host
         ));
         return Ok(rep);
     }
+    let lkey = format!("gc/condemned/{lid}");
+    let list: HashSet<Digest> = match read_list(repo, &lkey) {
+        Ok(l) => l.into_iter().collect(),
+        Err(BackupError::NotFound(_)) => return Ok(rep), // swept by another
+        Err(e @ BackupError::Corrupt { .. }) => {
+            // Its chunks cannot be known: set it aside; they stay.
+            tracing::warn!("{e}; set aside under damaged/");
+            if let Some(raw) = repo.backend.get(&lkey)? {
+                repo.backend.put(&format!("damaged/gc-{lid}"), &raw)?;
+            }
+            repo.backend.delete(&lkey)?;
+            return Ok(rep);
+        }
+        Err(e) => return Err(e),
+    };
     let mut rescued = HashSet::new();
     let rescue_keys = repo.backend.list(&format!("gc/rescue/{lid}/"))?;
     for e in &rescue_keys {
-        rescued.extend(read_list(repo, &e.key)?);
+        match read_list(repo, &e.key) {
+            Ok(d) => rescued.extend(d),
+            // A damaged rescue could have named any chunk: keep them all.
+            Err(BackupError::Corrupt { .. }) => rescued.extend(list.iter().copied()),
+            Err(e) => return Err(e),
+        }
     }
-    let list: HashSet<Digest> = read_list(repo, &format!("gc/condemned/{lid}"))?
-        .into_iter()
-        .collect();
+    marker.keep_alive()?;
     let live = live_among(repo, &list, &HashSet::new())?;
+    let mut carried = Vec::new();
     for d in &list {
-        if live.contains(d) || rescued.contains(d) {
+        marker.keep_alive()?;
+        if live.contains(d) {
+            rep.kept += 1;
+            continue;
+        }
+        if rescued.contains(d) {
+            // A writer needs it, but it may never write its manifest:
+            // condemned again, to be decided in a later sweep.
+            carried.push(*d);
             rep.kept += 1;
             continue;
         }
         let k = chunk_key(d);
-        if let Some(e) = repo.backend.list(&k)?.first() {
-            rep.freed += e.size;
+        if let Some(n) = repo.backend.size(&k)? {
+            rep.freed += n;
         }
         repo.backend.delete(&k)?;
         rep.deleted += 1;
@@ -434,14 +562,26 @@ pub fn sweep(repo: &Repo, lid: &str) -> Result<SweepReport> {
     for d in &list {
         let k = chunk_key(d);
         if dirs.insert(k[..k.rfind('/').unwrap_or(0)].to_string()) {
+            marker.keep_alive()?;
             repo.backend.clean_partial(&k, repo.lease_ms())?;
         }
+    }
+    if !carried.is_empty() {
+        put_list(
+            repo,
+            &format!(
+                "gc/condemned/{}-{}",
+                stamp(unix_now()),
+                hex(&random_bytes::<6>())
+            ),
+            &carried,
+        )?;
     }
     for e in &rescue_keys {
         repo.backend.delete(&e.key)?;
     }
-    repo.backend.delete(&format!("gc/condemned/{lid}"))?;
-    repo.backend.delete(&marker)?;
+    repo.backend.delete(&lkey)?;
+    drop(marker);
     Ok(rep)
 }
 

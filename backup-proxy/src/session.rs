@@ -5,7 +5,7 @@
 //! Garbage collection first *condemns* chunks (a list under
 //! `gc/condemned/`), and deletes them only in a later *sweep*. A writer:
 //! - registers `sessions/ID` before it reads the condemned lists, and
-//!   rewrites it every lease/5 (its modification time, by the store's
+//!   rewrites it every lease/8 (its modification time, by the store's
 //!   clock, is its heartbeat), naming every list it has *acknowledged*;
 //! - acknowledges a list only after writing a rescue record
 //!   (`gc/rescue/L/...`) for every chunk of that list it references;
@@ -21,9 +21,9 @@
 //! that was killed are found without listing the whole store.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -100,8 +100,12 @@ pub struct Session {
     key: String,
     state: Mutex<State>,
     seq: AtomicU64,
-    /// When the record was last written (this machine's monotonic clock).
-    last_beat: Mutex<Instant>,
+    /// When the last write of the record that succeeded began
+    /// ([`crate::util::boot_ms`]).
+    last_beat: AtomicI64,
+    /// Set for good once two successful heartbeats were more than half a
+    /// lease apart: a collector may have taken us for dead meanwhile.
+    lapsed: AtomicBool,
     stop: (Mutex<bool>, Condvar),
     failed: AtomicBool,
 }
@@ -129,14 +133,22 @@ impl Session {
                 },
             }),
             seq: AtomicU64::new(0),
-            last_beat: Mutex::new(Instant::now()),
+            last_beat: AtomicI64::new(crate::util::boot_ms()),
+            lapsed: AtomicBool::new(false),
             stop: (Mutex::new(false), Condvar::new()),
             failed: AtomicBool::new(false),
         });
         s.write_record()?;
         s.learn()?;
         let hb = s.clone();
-        let every = Duration::from_millis((s.repo.lease_ms() / 5).max(200) as u64);
+        // Every lease/8 (VMFS_BACKUP_HEARTBEAT_MS: oftener, so that
+        // collections need not wait as long for acknowledgements).
+        let every = std::env::var("VMFS_BACKUP_HEARTBEAT_MS")
+            .ok()
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(s.repo.lease_ms() / 8)
+            .clamp(50, s.repo.lease_ms() / 8) as u64;
+        let every = Duration::from_millis(every);
         std::thread::spawn(move || hb.heartbeat(every));
         Ok(s)
     }
@@ -155,11 +167,15 @@ impl Session {
             let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
             serde_json::to_vec(&st.record).unwrap_or_default()
         };
+        let began = crate::util::boot_ms();
         self.repo.backend.put(
             &self.key,
             &blob::seal(Kind::Session, &body, false, None, self.key.as_bytes()),
         )?;
-        *self.last_beat.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        let prev = self.last_beat.swap(began, Ordering::SeqCst);
+        if crate::util::boot_ms() - prev > self.repo.lease_ms() / 2 {
+            self.lapsed.store(true, Ordering::SeqCst);
+        }
         Ok(())
     }
 
@@ -182,17 +198,33 @@ impl Session {
             let digests = match read_list(&self.repo, &e.key) {
                 Ok(d) => d,
                 Err(BackupError::NotFound(_)) => continue, // swept meanwhile
+                Err(e @ BackupError::Corrupt { .. }) => {
+                    // Not acknowledged: no sweep of it can run; the next
+                    // collection sets it aside.
+                    tracing::warn!("{e}");
+                    continue;
+                }
                 Err(e) => return Err(e),
             };
             let set: HashSet<Digest> = digests.into_iter().collect();
             let mine: Vec<Digest> = {
                 let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
                 let mine = st.referenced.intersection(&set).copied().collect();
+                // Known from now on: a chunk referenced from here is
+                // rescued by `reference` itself.
                 st.known.insert(lid.clone(), set);
                 mine
             };
             if !mine.is_empty() {
-                self.rescue(&lid, &mine)?;
+                if let Err(e) = self.rescue(&lid, &mine) {
+                    // Not acknowledged; learnt afresh at the next beat.
+                    self.state
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .known
+                        .remove(&lid);
+                    return Err(e);
+                }
             }
             self.state
                 .lock()
@@ -225,8 +257,12 @@ impl Session {
                     return;
                 }
             }
-            if let Err(e) = self.learn().and_then(|_| self.write_record()) {
+            // The record first: renewing it must not hang on the lists.
+            if let Err(e) = self.write_record() {
                 tracing::warn!("backup session {}: heartbeat: {e}", self.key);
+            }
+            if let Err(e) = self.learn() {
+                tracing::warn!("backup session {}: reading condemned lists: {e}", self.key);
             }
         }
     }
@@ -257,25 +293,30 @@ impl Session {
             let rescue = self.rescue(&lid, &[*d])?;
             let marker = format!("gc/sweeping/{lid}");
             let list = format!("gc/condemned/{lid}");
-            // No marker and the list still there: the sweep has not begun,
-            // so it will read our rescue. Otherwise it has begun or ended.
-            let gone = !self.repo.backend.exists(&list)?;
-            if gone || self.repo.backend.exists(&marker)? {
-                // The sweep may not have seen our rescue: wait for it to
-                // end (or to be abandoned), then make sure of the chunk.
+            // The marker first, then the list (a sweep removes the list,
+            // then its marker): no marker, then the list still there, means
+            // the sweep has not begun and will read our rescue.
+            let sweeping = self.repo.backend.exists(&marker)?;
+            if sweeping || !self.repo.backend.exists(&list)? {
+                // It has begun, or ended, maybe without our rescue: wait
+                // for it to end (or to be abandoned), then make sure of the
+                // chunk.
                 let lease = self.repo.lease_ms();
                 loop {
                     let m = self.repo.backend.list(&marker)?;
-                    let Some(e) = m.first() else { break };
+                    let Some(e) = m.iter().find(|e| e.key == marker) else {
+                        break;
+                    };
                     if self.repo.backend.now_ms()? - e.modified_ms > lease {
                         break;
                     }
                     std::thread::sleep(Duration::from_millis(200));
                 }
                 if !self.repo.backend.exists(&chunk_key(d))? {
+                    self.intend(&[*d])?;
                     store()?;
                 }
-                if gone || !self.repo.backend.exists(&list)? {
+                if !self.repo.backend.exists(&list)? {
                     // Swept: the list is no more, nor need our rescues be.
                     self.state
                         .lock()
@@ -289,35 +330,22 @@ impl Session {
         Ok(())
     }
 
-    /// Before the manifest: if our heartbeat has not been renewed within
-    /// half a lease (a stalled or cut-off writer), a collection may have
-    /// taken us for dead; check that every chunk we reference is there.
+    /// Before the manifest: a writer whose heartbeat lapsed for half a
+    /// lease (stalled, cut off from the store, suspended) may have been
+    /// taken for dead by a collector, which then collects what it stored
+    /// and its index objects: it fails rather than write a manifest that
+    /// may name missing objects.
     pub fn check_before_commit(&self) -> Result<()> {
-        let age = self
-            .last_beat
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .elapsed();
-        if (age.as_millis() as i64) < self.repo.lease_ms() / 2 {
-            return Ok(());
+        if crate::util::boot_ms() - self.last_beat.load(Ordering::SeqCst) > self.repo.lease_ms() / 4
+        {
+            self.write_record()?;
         }
-        self.write_record()?;
-        let refs: Vec<Digest> = self
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .referenced
-            .iter()
-            .copied()
-            .collect();
-        for d in refs {
-            if !self.repo.backend.exists(&chunk_key(&d))? {
-                return Err(BackupError::Invalid(format!(
-                    "backup session {}: its heartbeat lapsed and chunk {} was collected meanwhile; run the backup again",
-                    self.key,
-                    crate::util::hex(&d)
-                )));
-            }
+        if self.lapsed.load(Ordering::SeqCst) {
+            return Err(BackupError::Invalid(format!(
+                "backup session {}: its heartbeat lapsed for more than half the {} s lease, so a collection may have taken it for dead; run the backup again",
+                self.key,
+                self.repo.lease_ms() / 1000
+            )));
         }
         Ok(())
     }

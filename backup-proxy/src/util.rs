@@ -43,6 +43,18 @@ pub fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
+/// Milliseconds on this machine's boot clock: monotonic, and running
+/// through a suspend (a writer's lapsed heartbeat must count it).
+pub fn boot_ms() -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as i64 * 1000 + ts.tv_nsec as i64 / 1_000_000
+}
+
 /// Civil date (year, month, day) of a day count since 1970-01-01
 /// (Howard Hinnant's algorithm).
 pub fn civil(days: i64) -> (i64, u32, u32) {

@@ -152,6 +152,10 @@ pub enum BackupCmd {
     Gc {
         #[command(flatten)]
         r: RepoArgs,
+        /// Also list every chunk and collect what nothing accounts for
+        /// (its cost follows the repository's size).
+        #[arg(long)]
+        full: bool,
     },
 }
 
@@ -460,9 +464,13 @@ pub fn run(cmd: BackupCmd) -> Result<ExitCode> {
                 let _ = c.sync(&repo);
             }
         }
-        BackupCmd::Gc { r } => {
+        BackupCmd::Gc { r, full } => {
             let repo = r.open()?;
-            print_gc(&backup_proxy::gc::collect(&repo)?);
+            print_gc(&if full {
+                backup_proxy::gc::collect_full(&repo)?
+            } else {
+                backup_proxy::gc::collect(&repo)?
+            });
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -30,8 +30,9 @@ impl Env {
                 dir.path().join("catalog.sqlite").display().to_string(),
             ),
             ("VMFS_LOG".into(), "warn".into()),
-            // Short leases, so collection after a killed writer waits little.
-            ("VMFS_BACKUP_LEASE_SECS".into(), "2".into()),
+            // Short leases, so collection after a killed writer waits little
+            // (a writer fails if its heartbeat lapses for half of it).
+            ("VMFS_BACKUP_LEASE_SECS".into(), "4".into()),
         ];
         Env { dir, vars }
     }
@@ -199,7 +200,7 @@ fn a_backup_killed_half_way_is_never_listed_and_its_chunks_are_collected() {
     assert_eq!(ids(&env, r).len(), 2);
     // Once the killed writer's lease is over, its chunks are collected,
     // found from its intent log, not by listing every chunk.
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(5));
     let o = ok(bk(&env, &["prune", "--repo", r, "--keep-last", "5"]));
     assert!(o.contains("condemned") && o.contains("deleted"), "{o}");
     assert_eq!(files_under(&repo.join("chunks")), referenced(r).len());
@@ -339,6 +340,15 @@ fn moto(bucket: &str) -> Moto {
 
 fn s3_env(m: &Moto) -> Env {
     let mut env = Env::new();
+    // moto is one Python process: a longer lease, so a slow answer under
+    // load does not make a writer lapse.
+    for (k, v) in env.vars.iter_mut() {
+        if k == "VMFS_BACKUP_LEASE_SECS" {
+            *v = "8".into();
+        }
+    }
+    // Heartbeats (and so acknowledgements of condemned lists) oftener.
+    env.vars.push(("VMFS_BACKUP_HEARTBEAT_MS".into(), "200".into()));
     for (k, v) in [
         ("AWS_ENDPOINT_URL", m.url.as_str()),
         ("AWS_ACCESS_KEY_ID", "test"),
