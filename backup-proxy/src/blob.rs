@@ -112,8 +112,7 @@ pub fn seal(
         Some(c) => {
             flags |= F_AES;
             let nonce: [u8; 12] = crate::util::random_bytes();
-            let mut ad = header(kind, flags, 0, plain.len() as u32)[..8].to_vec();
-            ad.extend_from_slice(aad);
+            let ad = assoc(&header(kind, flags, 0, plain.len() as u32), aad);
             let ct = c
                 .aead
                 .encrypt(
@@ -135,6 +134,16 @@ pub fn seal(
     let crc = crc(&out);
     out[16..20].copy_from_slice(&crc.to_le_bytes());
     out
+}
+
+/// The associated data of a sealed object: the magic, version and flags,
+/// the content length (so a header cannot be made to claim more), then
+/// the object's name.
+fn assoc(header: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut ad = header[..8].to_vec();
+    ad.extend_from_slice(&header[12..16]);
+    ad.extend_from_slice(name);
+    ad
 }
 
 /// Whether compressing `b` is worth trying: for a large buffer, three
@@ -243,9 +252,7 @@ pub fn open(
         if payload.len() < 12 + 16 {
             return Err(corrupt(what, "too short for its nonce and tag"));
         }
-        // Bound: the magic, version and flags, then the object's name.
-        let mut ad = obj[..8].to_vec();
-        ad.extend_from_slice(aad);
+        let ad = assoc(obj, aad);
         decrypted = c
             .aead
             .decrypt(Nonce::from_slice(&payload[..12]), Payload { msg: &payload[12..], aad: &ad })

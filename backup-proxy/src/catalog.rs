@@ -19,7 +19,7 @@ CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS repos(
   id INTEGER PRIMARY KEY, url TEXT NOT NULL UNIQUE, repo_id TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs(
-  id INTEGER PRIMARY KEY,
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
   repo INTEGER NOT NULL REFERENCES repos(id),
   backup TEXT, name TEXT NOT NULL,
   started INTEGER NOT NULL, finished INTEGER,
@@ -49,6 +49,34 @@ pub struct Run {
     pub millis: u64,
 }
 
+/// Why a catalog did not open: damage (set it aside) or anything else.
+enum Open {
+    Damaged(String),
+    Other(String),
+}
+
+impl From<rusqlite::Error> for Open {
+    fn from(e: rusqlite::Error) -> Open {
+        use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
+        match &e {
+            rusqlite::Error::SqliteFailure(f, _)
+                if matches!(f.code, DatabaseCorrupt | NotADatabase) =>
+            {
+                Open::Damaged(e.to_string())
+            }
+            _ => Open::Other(e.to_string()),
+        }
+    }
+}
+
+impl std::fmt::Display for Open {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Open::Damaged(s) | Open::Other(s) => f.write_str(s),
+        }
+    }
+}
+
 pub struct Catalog {
     conn: Connection,
     path: PathBuf,
@@ -76,12 +104,22 @@ impl Catalog {
         }
         match Self::try_open(path) {
             Ok(c) => Ok(c),
-            Err(why) if path.exists() => {
+            // Only damage sets a catalog aside: a busy or full disk, a
+            // permission, is an error to report, not a reason to lose the
+            // failed runs it alone records.
+            Err(Open::Damaged(why)) if path.exists() => {
                 let aside = path.with_extension(format!(
                     "damaged-{}",
                     crate::util::stamp(crate::util::unix_now())
                 ));
                 std::fs::rename(path, &aside).map_err(|e| err(path, e))?;
+                for ext in ["-wal", "-shm"] {
+                    let mut from = path.as_os_str().to_owned();
+                    from.push(ext);
+                    let mut to = aside.as_os_str().to_owned();
+                    to.push(ext);
+                    let _ = std::fs::rename(&from, &to);
+                }
                 let mut c = Self::try_open(path).map_err(|e| err(path, e))?;
                 c.rebuilt = Some(format!(
                     "catalog {} was damaged ({why}); set aside as {} and rebuilt from the repository",
@@ -94,32 +132,30 @@ impl Catalog {
         }
     }
 
-    fn try_open(path: &Path) -> std::result::Result<Catalog, String> {
-        let conn = Connection::open(path).map_err(|e| e.to_string())?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(|e| e.to_string())?;
-        let ok: String = conn
-            .query_row("PRAGMA quick_check", [], |r| r.get(0))
-            .map_err(|e| e.to_string())?;
+    fn try_open(path: &Path) -> std::result::Result<Catalog, Open> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        let ok: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
         if ok != "ok" {
-            return Err(ok);
+            return Err(Open::Damaged(ok));
         }
-        conn.execute_batch("PRAGMA journal_mode=WAL;")
-            .map_err(|e| e.to_string())?;
-        conn.execute_batch(SCHEMA).map_err(|e| e.to_string())?;
+        conn.execute_batch("PRAGMA journal_mode=WAL;")?;
+        conn.execute_batch(SCHEMA)?;
         let v: Option<String> = conn
             .query_row("SELECT value FROM meta WHERE key='schema'", [], |r| {
                 r.get(0)
             })
-            .optional()
-            .map_err(|e| e.to_string())?;
+            .optional()?;
         match v.as_deref() {
             None => {
-                conn.execute("INSERT INTO meta(key, value) VALUES('schema', '1')", [])
-                    .map_err(|e| e.to_string())?;
+                conn.execute("INSERT INTO meta(key, value) VALUES('schema', '1')", [])?;
             }
             Some("1") => {}
-            Some(v) => return Err(format!("schema version {v} (this program knows 1)")),
+            Some(v) => {
+                return Err(Open::Other(format!(
+                    "schema version {v} (this program knows 1)"
+                )))
+            }
         }
         Ok(Catalog {
             conn,

@@ -41,6 +41,21 @@ pub struct Config {
     /// before garbage collection takes it for dead.
     #[serde(default = "default_lease")]
     pub lease_secs: u64,
+    /// In an encrypted repository: a MAC of the rest of the config under
+    /// the master key, so no one who can write the store can turn
+    /// encryption off or change the lease unnoticed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+impl Config {
+    fn mac_with(&self, c: &Cipher) -> String {
+        let mut plain = self.clone();
+        plain.mac = None;
+        let body = serde_json::to_vec(&plain).unwrap_or_default();
+        let k = blake3::derive_key("vmfs-backup 2026-11 config mac", &c.id_key);
+        hex(blake3::keyed_hash(&k, &body).as_bytes())
+    }
 }
 
 fn default_lease() -> u64 {
@@ -157,7 +172,12 @@ impl Repo {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(default_lease()),
+            mac: None,
         };
+        let mut config = config;
+        if let Some(c) = &cipher {
+            config.mac = Some(config.mac_with(c));
+        }
         let body = serde_json::to_vec_pretty(&config).unwrap_or_default();
         if !backend.put_new(
             "config",
@@ -203,6 +223,11 @@ impl Repo {
         }
         let cipher = match &config.encryption {
             None => {
+                if !backend.list("keys/")?.is_empty() {
+                    return Err(BackupError::Key(format!(
+                        "{what}: says the repository is not encrypted, but it holds keys: refused (has the config been tampered with?)"
+                    )));
+                }
                 if key.file.is_some() {
                     return Err(BackupError::Key(format!(
                         "{}: the repository is not encrypted; no key is needed",
@@ -239,7 +264,13 @@ impl Repo {
                     )));
                 }
                 let pass = key.passphrase(&format!("passphrase for {kwhat}: "))?;
-                Some(kf.unlock(&pass, &kwhat)?)
+                let c = kf.unlock(&pass, &kwhat)?;
+                if config.mac.as_deref() != Some(config.mac_with(&c).as_str()) {
+                    return Err(BackupError::Key(format!(
+                        "{what}: does not match its MAC under the key: refused (has it been tampered with?)"
+                    )));
+                }
+                Some(c)
             }
         };
         Ok(Repo {

@@ -326,6 +326,50 @@ fn encryption_refuses_wrong_keys_and_leaves_no_plaintext() {
         .unwrap()
         .to_string();
     assert!(e.contains("is not this repository's key"), "{e}");
+    // Whoever can write the store cannot turn encryption off unnoticed.
+    {
+        use backup_proxy::blob::{self, Kind};
+        let raw = std::fs::read(url.join("config")).unwrap();
+        let plain = blob::open(Kind::Config, &raw, None, b"config", "config").unwrap();
+        let mut v: serde_json::Value = serde_json::from_slice(&plain).unwrap();
+        let saved = raw.clone();
+        v["lease_secs"] = serde_json::json!(1);
+        std::fs::write(
+            url.join("config"),
+            blob::seal(
+                Kind::Config,
+                &serde_json::to_vec(&v).unwrap(),
+                false,
+                None,
+                b"config",
+            ),
+        )
+        .unwrap();
+        let e = Repo::open(u, &ks(None, b"correct horse"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("tampered"), "{e}");
+        v["encryption"] = serde_json::Value::Null;
+        v["mac"] = serde_json::Value::Null;
+        std::fs::write(
+            url.join("config"),
+            blob::seal(
+                Kind::Config,
+                &serde_json::to_vec(&v).unwrap(),
+                false,
+                None,
+                b"config",
+            ),
+        )
+        .unwrap();
+        let e = Repo::open(u, &ks(None, b"correct horse"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("tampered"), "{e}");
+        std::fs::write(url.join("config"), saved).unwrap();
+    }
     // Chunk names are keyed: the plain BLAKE3 of a chunk is not among them.
     let plain = blake3::hash(&data[..(MIB as usize)]).to_hex().to_string();
     assert!(!repo_files(&url)
