@@ -148,20 +148,31 @@ impl Drop for Mounted {
 
 /// Busy loops that keep every core busy beside the hosts (a host shares its
 /// CPUs with virtual machines: a busy host is the normal case); killed when
-/// dropped.
-pub struct Hog(Vec<std::process::Child>);
+/// dropped. One set at a time in a test binary: tests that run in parallel
+/// each with its own would load the cores two or three times over, and
+/// hosts with sub-second test leases then fence themselves at mount.
+pub struct Hog(
+    Vec<std::process::Child>,
+    #[allow(dead_code)] std::sync::MutexGuard<'static, ()>,
+);
+
+static HOGS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Hog {
     pub fn start() -> Hog {
+        let turn = HOGS.lock().unwrap_or_else(|p| p.into_inner());
         let n = std::thread::available_parallelism().map_or(2, |n| n.get());
-        Hog((0..n)
-            .map(|_| {
-                std::process::Command::new("sh")
-                    .args(["-c", "while :; do :; done"])
-                    .spawn()
-                    .expect("start a busy loop")
-            })
-            .collect())
+        Hog(
+            (0..n)
+                .map(|_| {
+                    std::process::Command::new("sh")
+                        .args(["-c", "while :; do :; done"])
+                        .spawn()
+                        .expect("start a busy loop")
+                })
+                .collect(),
+            turn,
+        )
     }
 }
 

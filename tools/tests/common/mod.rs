@@ -54,8 +54,15 @@ pub fn mount_foreground_lease(args: &[&str], mnt: &Path, lease_ms: u32) -> std::
         )
         .spawn()
         .unwrap();
+    let mut child = child;
     let t = std::time::Instant::now();
     while !mounted(mnt) {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!(
+                "vmfs mount of {} exited before mounting: {st}",
+                mnt.display()
+            );
+        }
         assert!(
             t.elapsed() < std::time::Duration::from_secs(20),
             "mount did not appear"
