@@ -349,29 +349,9 @@ fn backup_disk(
         pb: bar(total, opts.progress, &job.name),
         stop: AtomicBool::new(false),
     };
-    let errors: Vec<BackupError> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..opts.workers.max(1))
-            .map(|_| {
-                s.spawn(|| {
-                    let r = worker(&sh);
-                    if r.is_err() {
-                        sh.stop.store(true, Ordering::Relaxed);
-                    }
-                    r
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .filter_map(|h| match h.join() {
-                Ok(r) => r.err(),
-                Err(_) => Some(BackupError::Invalid("a backup thread panicked".into())),
-            })
-            .collect()
-    });
+    let run = crate::util::in_parallel(opts.workers, &sh.stop, "backup", || worker(&sh));
     sh.pb.finish_and_clear();
-    if let Some(e) = errors.into_iter().next() {
-        return Err(e);
-    }
+    run?;
     let digests = sh.digests.into_inner().unwrap_or_else(|p| p.into_inner());
     let mut stats = sh.stats.into_inner().unwrap_or_else(|p| p.into_inner());
     index.digests = digests;

@@ -62,72 +62,54 @@ pub fn restore(
     let stop = AtomicBool::new(false);
     let stats = Mutex::new(RestoreStats::default());
     let pb = crate::backup::bar(d.size, progress, &d.name);
-    let errors: Vec<BackupError> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..workers.max(1))
-            .map(|_| {
-                s.spawn(|| -> Result<()> {
-                    let zero_buf = vec![0u8; if zeros { index.chunk_size as usize } else { 0 }];
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= index.digests.len() || stop.load(Ordering::Relaxed) {
-                            return Ok(());
-                        }
-                        let r = index.range(i);
-                        let len = (r.end - r.start) as usize;
-                        let dg = &index.digests[i];
-                        let res = if *dg == ZERO {
-                            stats.lock().unwrap_or_else(|p| p.into_inner()).zero += len as u64;
-                            if zeros {
-                                dest.write_at(&zero_buf[..len], r.start)
-                            } else {
-                                Ok(())
-                            }
-                        } else {
-                            repo.get_chunk(dg).and_then(|data| {
-                                if data.len() != len {
-                                    return Err(crate::error::corrupt(
-                                        crate::repo::chunk_key(dg),
-                                        format!(
-                                            "{} bytes where the index has a {len}-byte chunk",
-                                            data.len()
-                                        ),
-                                    ));
-                                }
-                                stats.lock().unwrap_or_else(|p| p.into_inner()).fetched +=
-                                    len as u64;
-                                if zeros {
-                                    return dest.write_at(&data, r.start);
-                                }
-                                // A fresh file or thin disk reads zeros where
-                                // nothing is written: write only the runs of
-                                // 4 KiB blocks that hold data (less to write,
-                                // and the image comes back as sparse as it was).
-                                for run in data_runs(&data, 4096) {
-                                    dest.write_at(&data[run.clone()], r.start + run.start as u64)?;
-                                }
-                                Ok(())
-                            })
-                        };
-                        if let Err(e) = res {
-                            stop.store(true, Ordering::Relaxed);
-                            return Err(e);
-                        }
-                        pb.inc(len as u64);
+    let run = crate::util::in_parallel(workers, &stop, "restore", || -> Result<()> {
+        let zero_buf = vec![0u8; if zeros { index.chunk_size as usize } else { 0 }];
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= index.digests.len() || stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let r = index.range(i);
+            let len = (r.end - r.start) as usize;
+            let dg = &index.digests[i];
+            let res = if *dg == ZERO {
+                stats.lock().unwrap_or_else(|p| p.into_inner()).zero += len as u64;
+                if zeros {
+                    dest.write_at(&zero_buf[..len], r.start)
+                } else {
+                    Ok(())
+                }
+            } else {
+                repo.get_chunk(dg).and_then(|data| {
+                    if data.len() != len {
+                        return Err(crate::error::corrupt(
+                            crate::repo::chunk_key(dg),
+                            format!(
+                                "{} bytes where the index has a {len}-byte chunk",
+                                data.len()
+                            ),
+                        ));
                     }
+                    stats.lock().unwrap_or_else(|p| p.into_inner()).fetched += len as u64;
+                    if zeros {
+                        return dest.write_at(&data, r.start);
+                    }
+                    // A fresh file or thin disk reads zeros where
+                    // nothing is written: write only the runs of
+                    // 4 KiB blocks that hold data (less to write,
+                    // and the image comes back as sparse as it was).
+                    for run in data_runs(&data, 4096) {
+                        dest.write_at(&data[run.clone()], r.start + run.start as u64)?;
+                    }
+                    Ok(())
                 })
-            })
-            .collect();
-        hs.into_iter()
-            .filter_map(|h| match h.join() {
-                Ok(r) => r.err(),
-                Err(_) => Some(BackupError::Invalid("a restore thread panicked".into())),
-            })
-            .collect()
+            };
+            res?;
+            pb.inc(len as u64);
+        }
     });
     pb.finish_and_clear();
-    if let Some(e) = errors.into_iter().next() {
-        return Err(e);
-    }
+    run?;
     dest.finish()?;
     let mut s = stats.into_inner().unwrap_or_else(|p| p.into_inner());
     s.bytes = d.size;

@@ -55,42 +55,71 @@ pub fn boot_ms() -> i64 {
     ts.tv_sec as i64 * 1000 + ts.tv_nsec as i64 / 1_000_000
 }
 
-/// Civil date (year, month, day) of a day count since 1970-01-01
-/// (Howard Hinnant's algorithm).
-pub fn civil(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + (m <= 2) as i64, m, d)
+pub use snapshot::disk::civil;
+
+/// A time as `(year, month, day, hour, minute, second)` in UTC.
+fn fields(t: i64) -> (i64, u32, u32, i64, i64, i64) {
+    let (y, m, d) = civil(t.div_euclid(86400));
+    let s = t.rem_euclid(86400);
+    (y, m, d, s / 3600, s / 60 % 60, s % 60)
 }
 
 /// `YYYYMMDDTHHMMSSZ`, the time part of a backup's ID.
 pub fn stamp(t: i64) -> String {
-    let (y, m, d) = civil(t.div_euclid(86400));
-    let s = t.rem_euclid(86400);
-    format!(
-        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
-        s / 3600,
-        s / 60 % 60,
-        s % 60
-    )
+    let (y, m, d, h, mi, s) = fields(t);
+    format!("{y:04}{m:02}{d:02}T{h:02}{mi:02}{s:02}Z")
 }
 
 /// `YYYY-MM-DD HH:MM:SS UTC`, for people.
 pub fn human_time(t: i64) -> String {
-    let (y, m, d) = civil(t.div_euclid(86400));
-    let s = t.rem_euclid(86400);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
-        s / 3600,
-        s / 60 % 60,
-        s % 60
-    )
+    let (y, m, d, h, mi, s) = fields(t);
+    format!("{y:04}-{m:02}-{d:02} {h:02}:{mi:02}:{s:02} UTC")
+}
+
+/// Run `f` on `n` threads at once; the first error wins and sets `stop`
+/// (which `f` watches), and a thread that panicked is an error too.
+pub fn in_parallel(
+    n: usize,
+    stop: &std::sync::atomic::AtomicBool,
+    what: &str,
+    f: impl Fn() -> Result<()> + Sync,
+) -> Result<()> {
+    let errors: Vec<BackupError> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..n.max(1))
+            .map(|_| {
+                s.spawn(|| {
+                    let r = f();
+                    if r.is_err() {
+                        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    r
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .filter_map(|h| match h.join() {
+                Ok(r) => r.err(),
+                Err(_) => Some(BackupError::Invalid(format!("a {what} thread panicked"))),
+            })
+            .collect()
+    });
+    match errors.into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Fill `buf` with a fast deterministic pseudo-random pattern of `seed`
+/// (xorshift): test and bench images whose runs compare.
+pub fn pseudo_random(buf: &mut [u8], seed: u64) {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    for c in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        c.copy_from_slice(&b[..c.len()]);
+    }
 }
 
 /// A backup or disk name: letters, digits, `.`, `_`, `-`, not starting

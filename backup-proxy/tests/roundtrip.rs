@@ -8,17 +8,7 @@ use backup_proxy::backup::{backup, DiskJob, Options};
 use backup_proxy::image::{create_dest, open_source};
 use backup_proxy::{KeySource, Repo};
 
-/// A deterministic pseudo-random fill (xorshift), so runs compare.
-fn fill(buf: &mut [u8], seed: u64) {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    for c in buf.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let b = x.to_le_bytes();
-        c.copy_from_slice(&b[..c.len()]);
-    }
-}
+use backup_proxy::util::pseudo_random as fill;
 
 const MIB: u64 = 1 << 20;
 
@@ -42,6 +32,23 @@ fn mixed_image(path: &Path) {
     f.write_all_at(&text, 40 * MIB + 12345).unwrap(); // compressible, unaligned
     fill(&mut r[..(MIB as usize)], 2);
     f.write_all_at(&r[..(MIB as usize)], 63 * MIB).unwrap(); // the last chunk
+}
+
+/// A thin disk `vm.vmdk` of `size` bytes in a new directory `dir`, with
+/// change tracking on.
+fn tracked_disk(dir: &Path, size: u64) -> Arc<dyn snapshot::Store> {
+    std::fs::create_dir(dir).unwrap();
+    let store: Arc<dyn snapshot::Store> = Arc::new(snapshot::LocalStore::new(dir));
+    snapshot::ops::create(
+        &*store,
+        "vm.vmdk",
+        size,
+        snapshot::Provisioning::Thin,
+        "lsilogic",
+    )
+    .unwrap();
+    snapshot::ops::set_tracking(store.clone(), "vm.vmdk", true).unwrap();
+    store
 }
 
 fn digest(path: &Path) -> blake3::Hash {
@@ -138,21 +145,10 @@ fn a_mixed_image_round_trips_and_is_stored_once() {
 /// A virtual disk with change tracking: a 1% change read back alone.
 #[test]
 fn an_incremental_backup_reads_only_what_changed() {
-    use snapshot::Store;
     let t = tempfile::tempdir().unwrap();
     let dir = t.path().join("ds");
-    std::fs::create_dir(&dir).unwrap();
-    let store: Arc<dyn Store> = Arc::new(snapshot::LocalStore::new(&dir));
     let size = 256 * MIB;
-    snapshot::ops::create(
-        &*store,
-        "vm.vmdk",
-        size,
-        snapshot::Provisioning::Thin,
-        "lsilogic",
-    )
-    .unwrap();
-    snapshot::ops::set_tracking(store.clone(), "vm.vmdk", true).unwrap();
+    let store = tracked_disk(&dir, size);
     {
         let d = snapshot::Disk::open(store.clone(), "vm.vmdk", true).unwrap();
         let mut b = vec![0u8; (96 * MIB) as usize];
@@ -220,21 +216,10 @@ fn an_incremental_backup_reads_only_what_changed() {
 fn the_1_percent_incremental_reads_at_most_2_percent() {
     // The figure, on 64 KiB-granular changes clustered as a guest
     // writes them (a file's worth at a time): 1% changed, ≤ 2% read.
-    use snapshot::Store;
     let t = tempfile::tempdir().unwrap();
     let dir = t.path().join("ds");
-    std::fs::create_dir(&dir).unwrap();
-    let store: Arc<dyn Store> = Arc::new(snapshot::LocalStore::new(&dir));
     let size = 1024 * MIB;
-    snapshot::ops::create(
-        &*store,
-        "vm.vmdk",
-        size,
-        snapshot::Provisioning::Thin,
-        "lsilogic",
-    )
-    .unwrap();
-    snapshot::ops::set_tracking(store.clone(), "vm.vmdk", true).unwrap();
+    let store = tracked_disk(&dir, size);
     let s1 = snapshot::ops::snapshot(store.clone(), "vm.vmdk").unwrap();
     let repo =
         Arc::new(Repo::init(t.path().join("repo").to_str().unwrap(), 4 << 20, None).unwrap());

@@ -49,21 +49,17 @@ impl Env {
     }
 }
 
+/// `vmfs backup image --repo R --name NAME PATH`, which must succeed.
+fn backup_of(env: &Env, r: &str, name: &str, path: &str) -> String {
+    ok(bk(env, &["image", "--repo", r, "--name", name, path]))
+}
+
 fn ok(o: Output) -> String {
     assert!(o.status.success(), "{}", text(&o));
     text(&o)
 }
 
-fn fill(buf: &mut [u8], seed: u64) {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    for c in buf.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let b = x.to_le_bytes();
-        c.copy_from_slice(&b[..c.len()]);
-    }
-}
+use backup_proxy::util::pseudo_random as fill;
 
 const MIB: usize = 1 << 20;
 
@@ -142,17 +138,7 @@ fn a_backup_killed_half_way_is_never_listed_and_its_chunks_are_collected() {
     ok(bk(&env, &["init", "--repo", r]));
     let small = env.path("small.img");
     image(&small, 16, 1);
-    ok(bk(
-        &env,
-        &[
-            "image",
-            "--repo",
-            r,
-            "--name",
-            "vm",
-            &small.display().to_string(),
-        ],
-    ));
+    backup_of(&env, r, "vm", &small.display().to_string());
     let big = env.path("big.img");
     image(&big, 768, 2);
     let mut c: Child = env
@@ -186,17 +172,7 @@ fn a_backup_killed_half_way_is_never_listed_and_its_chunks_are_collected() {
         "the catalog keeps the killed run: {o}"
     );
     // The next backup and a prune are fine.
-    ok(bk(
-        &env,
-        &[
-            "image",
-            "--repo",
-            r,
-            "--name",
-            "vm",
-            &small.display().to_string(),
-        ],
-    ));
+    backup_of(&env, r, "vm", &small.display().to_string());
     assert_eq!(ids(&env, r).len(), 2);
     // Once the killed writer's lease is over, its chunks are collected,
     // found from its intent log, not by listing every chunk.
@@ -237,17 +213,7 @@ fn a_damaged_catalog_is_rebuilt_from_the_repository_and_encryption_needs_the_pas
     let img = env.path("a.img");
     image(&img, 8, 3);
     for _ in 0..2 {
-        ok(bk(
-            &env,
-            &[
-                "image",
-                "--repo",
-                r,
-                "--name",
-                "vm",
-                &img.display().to_string(),
-            ],
-        ));
+        backup_of(&env, r, "vm", &img.display().to_string());
     }
     let cat = env.path("catalog.sqlite");
     assert!(cat.exists());
@@ -348,7 +314,8 @@ fn s3_env(m: &Moto) -> Env {
         }
     }
     // Heartbeats (and so acknowledgements of condemned lists) oftener.
-    env.vars.push(("VMFS_BACKUP_HEARTBEAT_MS".into(), "200".into()));
+    env.vars
+        .push(("VMFS_BACKUP_HEARTBEAT_MS".into(), "200".into()));
     for (k, v) in [
         ("AWS_ENDPOINT_URL", m.url.as_str()),
         ("AWS_ACCESS_KEY_ID", "test"),
@@ -417,30 +384,10 @@ fn on_s3_backups_round_trip_with_two_writers_at_once_and_a_prune_during_a_backup
     // while a new backup of the same image runs and reuses its chunks.
     let c = env.path("c.img");
     image(&c, 512, 11);
-    ok(bk(
-        &env,
-        &[
-            "image",
-            "--repo",
-            r,
-            "--name",
-            "vm-c",
-            &c.display().to_string(),
-        ],
-    ));
+    backup_of(&env, r, "vm-c", &c.display().to_string());
     let d = env.path("d.img");
     image(&d, 4, 12);
-    ok(bk(
-        &env,
-        &[
-            "image",
-            "--repo",
-            r,
-            "--name",
-            "vm-c",
-            &d.display().to_string(),
-        ],
-    ));
+    backup_of(&env, r, "vm-c", &d.display().to_string());
     let mut running = env
         .cmd(&[
             "image",

@@ -104,16 +104,7 @@ fn timed(what: &str, cmd: &mut Command) -> Result<(f64, String)> {
     Ok((secs, out))
 }
 
-fn fill(buf: &mut [u8], seed: u64) {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    for c in buf.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let b = x.to_le_bytes();
-        c.copy_from_slice(&b[..c.len()]);
-    }
-}
+use backup_proxy::util::pseudo_random as fill;
 
 fn b3(p: &Path) -> Result<String> {
     use std::io::Read;
