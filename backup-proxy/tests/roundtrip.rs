@@ -318,41 +318,26 @@ fn encryption_refuses_wrong_keys_and_leaves_no_plaintext() {
         let plain = blob::open(Kind::Config, &raw, None, b"config", "config").unwrap();
         let mut v: serde_json::Value = serde_json::from_slice(&plain).unwrap();
         let saved = raw.clone();
-        v["lease_secs"] = serde_json::json!(1);
-        std::fs::write(
-            url.join("config"),
-            blob::seal(
+        let refused = |v: &serde_json::Value| {
+            let obj = blob::seal(
                 Kind::Config,
-                &serde_json::to_vec(&v).unwrap(),
+                &serde_json::to_vec(v).unwrap(),
                 false,
                 None,
                 b"config",
-            ),
-        )
-        .unwrap();
-        let e = Repo::open(u, &ks(None, b"correct horse"))
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(e.contains("tampered"), "{e}");
+            );
+            std::fs::write(url.join("config"), obj).unwrap();
+            let e = Repo::open(u, &ks(None, b"correct horse"))
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains("tampered"), "{e}");
+        };
+        v["lease_secs"] = serde_json::json!(1);
+        refused(&v);
         v["encryption"] = serde_json::Value::Null;
         v["mac"] = serde_json::Value::Null;
-        std::fs::write(
-            url.join("config"),
-            blob::seal(
-                Kind::Config,
-                &serde_json::to_vec(&v).unwrap(),
-                false,
-                None,
-                b"config",
-            ),
-        )
-        .unwrap();
-        let e = Repo::open(u, &ks(None, b"correct horse"))
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(e.contains("tampered"), "{e}");
+        refused(&v);
         std::fs::write(url.join("config"), saved).unwrap();
     }
     // Chunk names are keyed: the plain BLAKE3 of a chunk is not among them.
