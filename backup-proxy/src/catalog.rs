@@ -237,9 +237,21 @@ impl Catalog {
     /// is recorded (its manifest read once), those gone are marked pruned,
     /// runs of this host whose process is gone are marked interrupted.
     pub fn sync(&self, repo: &Repo) -> Result<Vec<String>> {
+        let ids: Vec<String> = repo.list()?.into_iter().map(|l| l.id).collect();
+        self.sync_with(repo, &ids, &mut |id| repo.manifest(id))
+    }
+
+    /// [`Catalog::sync`] with the repository's backups `ids` already
+    /// listed, reading the manifests not yet recorded through `manifest`
+    /// (a caller that has read them already passes them on).
+    pub fn sync_with(
+        &self,
+        repo: &Repo,
+        ids: &[String],
+        manifest: &mut dyn FnMut(&str) -> Result<Manifest>,
+    ) -> Result<Vec<String>> {
         let r = self.repo_row(repo)?;
         let mut warnings = Vec::new();
-        let listed = repo.list()?;
         let have: std::collections::HashSet<String> = {
             let mut st = self
                 .conn
@@ -252,12 +264,12 @@ impl Catalog {
                 .map_err(|e| err(&self.path, e))?;
             rows.filter_map(|x| x.ok()).collect()
         };
-        let there: std::collections::HashSet<&str> = listed.iter().map(|l| l.id.as_str()).collect();
-        for l in &listed {
-            if have.contains(&l.id) {
+        let there: std::collections::HashSet<&str> = ids.iter().map(|id| id.as_str()).collect();
+        for id in ids {
+            if have.contains(id) {
                 continue;
             }
-            match repo.manifest(&l.id) {
+            match manifest(id) {
                 Ok(m) => {
                     self.conn
                         .execute(
@@ -276,7 +288,7 @@ impl Catalog {
                         .map_err(|e| err(&self.path, e))?;
                     self.record(run, &m, "ok")?;
                 }
-                Err(e) => warnings.push(format!("backup {}: {e}", l.id)),
+                Err(e) => warnings.push(format!("backup {id}: {e}")),
             }
         }
         for b in have.iter().filter(|b| !there.contains(b.as_str())) {

@@ -137,17 +137,7 @@ fn referenced(repo: &Repo, id: &str) -> Result<HashSet<Digest>> {
             continue;
         }
         let what = format!("{}/{}", repo.describe(), e.key);
-        let raw = repo
-            .backend
-            .get(&e.key)?
-            .ok_or_else(|| BackupError::NotFound(what.clone()))?;
-        let plain = blob::open(
-            Kind::Index,
-            &raw,
-            repo.cipher.as_ref(),
-            e.key.as_bytes(),
-            &what,
-        )?;
+        let plain = repo.get_object(Kind::Index, &e.key)?;
         out.extend(
             Index::decode(&plain, &what)?
                 .digests

@@ -48,15 +48,8 @@ pub fn session_key(id: &str) -> String {
 }
 
 pub fn read_list(repo: &Repo, key: &str) -> Result<Vec<Digest>> {
-    let what = format!("{}/{key}", repo.describe());
-    let raw = repo
-        .backend
-        .get(key)?
-        .ok_or_else(|| BackupError::NotFound(what.clone()))?;
-    decode_list(
-        &blob::open(Kind::ChunkList, &raw, None, key.as_bytes(), &what)?,
-        &what,
-    )
+    let obj = repo.get_object(Kind::ChunkList, key)?;
+    decode_list(&obj, &format!("{}/{key}", repo.describe()))
 }
 
 pub fn put_list(repo: &Repo, key: &str, d: &[Digest]) -> Result<bool> {
@@ -73,14 +66,14 @@ pub fn put_list(repo: &Repo, key: &str, d: &[Digest]) -> Result<bool> {
 }
 
 pub fn read_record(repo: &Repo, key: &str) -> Result<Option<SessionRecord>> {
-    let what = format!("{}/{key}", repo.describe());
-    let Some(raw) = repo.backend.get(key)? else {
-        return Ok(None);
+    let b = match repo.get_object(Kind::Session, key) {
+        Ok(b) => b,
+        Err(BackupError::NotFound(_)) => return Ok(None),
+        Err(e) => return Err(e),
     };
-    let b = blob::open(Kind::Session, &raw, None, key.as_bytes(), &what)?;
     serde_json::from_slice(&b)
         .map(Some)
-        .map_err(|e| crate::error::corrupt(what, e.to_string()))
+        .map_err(|e| crate::error::corrupt(format!("{}/{key}", repo.describe()), e.to_string()))
 }
 
 pub fn hostname() -> String {
@@ -301,14 +294,22 @@ impl Session {
                 // It has begun, or ended, maybe without our rescue: wait
                 // for it to end (or to be abandoned), then make sure of the
                 // chunk.
+                // Abandoned when its marker has not been renewed (its
+                // modification time unchanged) for a lease of our own time.
                 let lease = self.repo.lease_ms();
+                let mut seen: Option<(i64, i64)> = None;
                 loop {
                     let m = self.repo.backend.list(&marker)?;
                     let Some(e) = m.iter().find(|e| e.key == marker) else {
                         break;
                     };
-                    if self.repo.backend.now_ms()? - e.modified_ms > lease {
-                        break;
+                    match seen {
+                        Some((t, since)) if t == e.modified_ms => {
+                            if crate::util::boot_ms() - since > lease {
+                                break;
+                            }
+                        }
+                        _ => seen = Some((e.modified_ms, crate::util::boot_ms())),
                     }
                     std::thread::sleep(Duration::from_millis(200));
                 }

@@ -289,18 +289,27 @@ pub fn run(cmd: BackupCmd) -> Result<ExitCode> {
         }
         BackupCmd::List { r, json } => {
             let repo = r.open()?;
-            let listed = repo.list()?;
-            let mut out = Vec::new();
-            for l in &listed {
-                match repo.manifest(&l.id) {
-                    Ok(m) => out.push(Ok(m)),
-                    Err(e) => out.push(Err((l.id.clone(), e.to_string()))),
-                }
-            }
+            let ids: Vec<String> = repo.list()?.into_iter().map(|l| l.id).collect();
+            let out: Vec<std::result::Result<_, (String, String)>> = ids
+                .iter()
+                .map(|id| repo.manifest(id).map_err(|e| (id.clone(), e.to_string())))
+                .collect();
             let cat = r.catalog();
             let mut failed = Vec::new();
             if let Some(c) = &cat {
-                match c.sync(&repo) {
+                // The manifests just read, not read again.
+                let mut read = |id: &str| {
+                    let known = out.iter().find(|m| match m {
+                        Ok(m) => m.id == id,
+                        Err((i, _)) => i == id,
+                    });
+                    match known {
+                        Some(Ok(m)) => Ok(m.clone()),
+                        Some(Err((_, e))) => Err(backup_proxy::BackupError::Invalid(e.clone())),
+                        None => repo.manifest(id),
+                    }
+                };
+                match c.sync_with(&repo, &ids, &mut read) {
                     Ok(w) => w.iter().for_each(|w| eprintln!("vmfs: warning: {w}")),
                     Err(e) => eprintln!("vmfs: warning: {e}"),
                 }
