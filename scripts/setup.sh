@@ -42,3 +42,11 @@ getent group tests  >/dev/null || $SUDO groupadd tests
 getent passwd tests >/dev/null || $SUDO useradd -g tests -M -s /usr/sbin/nologin tests
 
 [ -e /dev/fuse ] || { echo "setup: /dev/fuse is missing: this machine cannot mount FUSE filesystems" >&2; exit 1; }
+
+# QEMU for the guest tests, from bookworm-backports so that it matches the
+# image's qemu-utils 10.x (plain bookworm's 7.2 would remove it), and the
+# small test guest (a Debian kernel and an initramfs, cached under
+# /var/tmp/vmfs-guest; tests find it through VMFS_GUEST_DIR or that path).
+command -v qemu-system-x86_64 >/dev/null || $SUDO ./tests/guest/install-qemu.sh
+GUEST_DIR=${VMFS_GUEST_DIR:-/var/tmp/vmfs-guest}
+./tests/guest/build-guest.sh "$GUEST_DIR" >/dev/null
