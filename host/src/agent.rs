@@ -47,6 +47,9 @@ pub const COMMANDS: &[&str] = &[
     "disk-changed",
     "disk-delete",
     "disk-tracking",
+    "scsi-add",
+    "scsi-remove",
+    "scsi-list",
 ];
 
 /// What the agent serves.
@@ -64,6 +67,8 @@ struct Shared {
     clients: AtomicUsize,
     /// Requests being carried out now (the agent stops only after them).
     active: AtomicUsize,
+    /// The paravirtual SCSI controllers this host serves.
+    scsi: crate::scsi::Scsi,
 }
 
 /// A running agent; dropping it stops it and removes its socket.
@@ -93,7 +98,9 @@ impl Agent {
             slot,
             pid: std::process::id(),
         };
+        let scsi = crate::scsi::Scsi::new(cfg.fs.clone(), greeting.host.clone());
         let shared = Arc::new(Shared {
+            scsi,
             cfg,
             greeting,
             socket: socket.clone(),
@@ -150,6 +157,8 @@ impl Drop for Agent {
                 DRAIN.as_secs()
             );
         }
+        // The guests' disks close before the datastore is unmounted.
+        self.shared.scsi.stop_all();
     }
 }
 
@@ -400,6 +409,12 @@ struct ExtendArgs {
     force: bool,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SocketArgs {
+    socket: String,
+}
+
 fn to_value<T: serde::Serialize>(v: T) -> Result<Value> {
     serde_json::to_value(v).map_err(|e| HostError::Agent(format!("encoding the reply: {e}")))
 }
@@ -450,7 +465,26 @@ fn handle(s: &Shared, req: &Request) -> Result<Value> {
             let checked = ops::check_new_extent(&new, a.force, &t)?;
             to_value(ops::extend(fs, new, checked)?)
         }
-        c if c.starts_with("disk-") => disk_command(fs, c, args),
+        "scsi-add" => {
+            let a: crate::scsi::AddArgs = proto::arguments(c, args)?;
+            to_value(s.scsi.add(&a)?)
+        }
+        "scsi-remove" => {
+            let a: SocketArgs = proto::arguments(c, args)?;
+            to_value(s.scsi.remove(&a.socket)?)
+        }
+        "scsi-list" => {
+            proto::arguments::<NoArgs>(c, args)?;
+            to_value(s.scsi.list())
+        }
+        c if c.starts_with("disk-") => {
+            // A disk attached to a controller here goes through it.
+            let path = args.get("path").and_then(|p| p.as_str()).unwrap_or("");
+            match s.scsi.disk_command(c, path, args) {
+                Some(r) => r,
+                None => disk_command(fs, c, args),
+            }
+        }
         _ => Err(HostError::UnknownCommand(
             req.command.chars().take(100).collect(),
             COMMANDS.join(", "),

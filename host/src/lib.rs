@@ -11,6 +11,7 @@ pub mod client;
 pub mod error;
 pub mod ops;
 pub mod proto;
+pub mod scsi;
 pub mod socket;
 
 pub use agent::{Agent, Config};

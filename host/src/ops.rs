@@ -430,7 +430,7 @@ fn split_disk_path(path: &str) -> Result<(String, String)> {
     Ok((dir, name))
 }
 
-fn store_for(fs: &Arc<Fs>, path: &str) -> Result<(Arc<dyn snapshot::Store>, String)> {
+pub(crate) fn store_for(fs: &Arc<Fs>, path: &str) -> Result<(Arc<dyn snapshot::Store>, String)> {
     let (dir, name) = split_disk_path(path)?;
     Ok((Arc::new(snapshot::VmfsStore::new(fs.clone(), &dir)), name))
 }
@@ -583,7 +583,7 @@ pub struct DiskDone {
     pub change_id: Option<String>,
 }
 
-fn disk_err(e: snapshot::DiskError) -> HostError {
+pub(crate) fn disk_err(e: snapshot::DiskError) -> HostError {
     HostError::Disk(e)
 }
 

@@ -12,3 +12,7 @@
 
 pub mod backend;
 pub mod scsi;
+#[cfg(feature = "vhost")]
+pub mod vdisk;
+#[cfg(feature = "vhost")]
+pub mod virtio;

@@ -721,6 +721,87 @@ impl Disk {
         Ok(())
     }
 
+    /// Whether blocks of the current layer are allocated on first write
+    /// (a sparse delta or extent, or a flat extent of a thin disk), so a
+    /// discard can give space back.
+    pub fn thin(&self) -> bool {
+        let top = &self.layers[0];
+        top.desc.ddb("ddb.thinProvisioned") == Some("1")
+            || top.pieces.iter().any(|p| matches!(p.io, Io::Sparse(_)))
+    }
+
+    /// The guest no longer needs `[off, off+len)`: it reads as zeros
+    /// afterwards, and what the current layer held there goes back to the
+    /// datastore. A flat extent's range is punched out; a sparse extent's
+    /// whole grains are punched out of its file where they are (their
+    /// entries stay and read the hole's zeros, so a grain over a snapshot
+    /// hides the parent's data without an entry QEMU would not know);
+    /// part grains are written with zeros. Recorded by change tracking
+    /// like a write.
+    pub fn discard(&self, off: u64, len: u64) -> Result<()> {
+        if !self.writable {
+            return Err(DiskError::Invalid("the disk is open read-only".into()));
+        }
+        let n = usize::try_from(len)
+            .map_err(|_| DiskError::Invalid(format!("a discard of {len} bytes")))?;
+        self.check_range("discard", n, off)?;
+        if let Some(t) = self.tracker() {
+            t.record(off, len)?;
+        }
+        let layer = &self.layers[0];
+        let mut done = 0u64;
+        while done < len {
+            let pos = off + done;
+            let p = layer.piece(pos).expect("inside the capacity");
+            let n = (p.start + p.len - pos).min(len - done);
+            let rel = pos - p.start;
+            match &p.io {
+                Io::Zero => {}
+                Io::Flat { file, name, offset } => {
+                    file.punch_hole(offset + rel, n).map_err(at(name))?
+                }
+                Io::Sparse(s) => self.discard_sparse(s, pos - rel, rel, n)?,
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn discard_sparse(&self, s: &SparseExtent, base: u64, rel: u64, len: u64) -> Result<()> {
+        let gb = s.grain_bytes();
+        let zeros = vec![0u8; gb as usize];
+        let mut k = 0u64;
+        while k < len {
+            let r = rel + k;
+            let (g, in_g) = (r / gb, r % gb);
+            let m = (gb - in_g).min(len - k);
+            if m < gb {
+                self.write_sparse(s, base, r, &zeros[..m as usize])?;
+            } else {
+                let place = match s.lookup(g)? {
+                    Grain::At(a) => Some(a),
+                    Grain::Zero => None,
+                    // Nothing here and nothing below: already zeros.
+                    Grain::Absent if self.layers.len() == 1 => None,
+                    // The parent's data shows through: cover it with a
+                    // grain of zeros, then give that grain's space back.
+                    Grain::Absent => match s.allocate(g, &zeros)? {
+                        Some(a) => Some(a),
+                        None => match s.lookup(g)? {
+                            Grain::At(a) => Some(a),
+                            _ => None,
+                        },
+                    },
+                };
+                if let Some(a) = place {
+                    s.file.punch_hole(a, gb).map_err(at(&s.name))?;
+                }
+            }
+            k += m;
+        }
+        Ok(())
+    }
+
     /// The ranges of the disk the current layer holds itself (its grains;
     /// all of a flat layer), in order.
     pub fn top_ranges(&self) -> Result<Vec<std::ops::Range<u64>>> {

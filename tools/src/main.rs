@@ -11,6 +11,7 @@ use vmfs::{Fs, MkfsOptions};
 
 mod backup;
 mod hosted;
+mod scsi;
 
 #[derive(Parser)]
 #[command(name = "vmfs", version, about = "Clustered datastores on shared LUNs", long_about = None)]
@@ -132,6 +133,10 @@ enum Cmd {
     /// a path inside that datastore.
     #[command(subcommand)]
     Disk(DiskCmd),
+    /// Paravirtual SCSI controllers (vhost-user-scsi) that serve virtual
+    /// disks to QEMU/KVM guests from this machine's host agent.
+    #[command(subcommand)]
+    Scsi(scsi::ScsiCmd),
     /// Backups: a deduplicating, compressed, optionally encrypted
     /// repository on a directory or S3; back up, restore, mount, verify,
     /// prune.
@@ -653,6 +658,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Crashtest(a) => return crashtest(a),
         Cmd::Rdm(c) => return rdm_cmd(c),
         Cmd::Disk(c) => return hosted::disk(c),
+        Cmd::Scsi(c) => return scsi::run(c),
         Cmd::Backup(c) => return backup::run(c),
         Cmd::Extend {
             luns,

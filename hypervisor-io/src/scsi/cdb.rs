@@ -98,7 +98,11 @@ pub const SUPPORTED: &[(u8, Option<u16>, u16)] = &[
     (op::SERVICE_ACTION_IN_16, Some(op::SA_READ_CAPACITY_16), 16),
     (op::SERVICE_ACTION_IN_16, Some(op::SA_GET_LBA_STATUS), 16),
     (op::REPORT_LUNS, None, 12),
-    (op::MAINTENANCE_IN, Some(op::SA_REPORT_SUPPORTED_OPCODES), 12),
+    (
+        op::MAINTENANCE_IN,
+        Some(op::SA_REPORT_SUPPORTED_OPCODES),
+        12,
+    ),
     (op::READ_12, None, 12),
     (op::WRITE_12, None, 12),
     (op::VERIFY_12, None, 12),

@@ -242,7 +242,11 @@ impl DiskUnit {
                     Err(s) => s.into(),
                 }
             }
-            Command::Read { lba, blocks, fua: _ } => {
+            Command::Read {
+                lba,
+                blocks,
+                fua: _,
+            } => {
                 if let Err(s) = self.check_transfer(lba, blocks) {
                     return s.into();
                 }
@@ -602,7 +606,9 @@ impl DiskUnit {
             }
             let plen = usize::from(p[i + 1]) + 2;
             let page = p.get(i..i + plen).ok_or(Sense::PARAMETER_LIST_LENGTH)?;
-            let cur = self.mode_page(code, 0).ok_or(Sense::param_field(i as u16))?;
+            let cur = self
+                .mode_page(code, 0)
+                .ok_or(Sense::param_field(i as u16))?;
             let can = self.mode_page(code, 1).unwrap_or_default();
             if page.len() != cur.len() {
                 return Err(Sense::param_field(i as u16 + 1));
@@ -626,7 +632,11 @@ impl DiskUnit {
                     .map_err(|e| backend_sense(&e, &self.name))?;
             }
             self.write_cache.store(w, Ordering::Relaxed);
-            tracing::info!("{}: write cache {}", self.name, if w { "on" } else { "off" });
+            tracing::info!(
+                "{}: write cache {}",
+                self.name,
+                if w { "on" } else { "off" }
+            );
         }
         Ok(())
     }
@@ -650,7 +660,11 @@ impl DiskUnit {
         let want = data.get(..want_len).ok_or(Sense::INVALID_TRANSFER)?;
         for (k, got) in have.chunks(want_len).enumerate() {
             if got != want {
-                tracing::info!("{}: VERIFY miscompare at block {}", self.name, lba.0 + k as u64);
+                tracing::info!(
+                    "{}: VERIFY miscompare at block {}",
+                    self.name,
+                    lba.0 + k as u64
+                );
                 return Err(Sense::MISCOMPARE_DURING_VERIFY);
             }
         }
@@ -790,7 +804,9 @@ fn report_opcodes(options: u8, rctd: bool, opcode: u8, sa: u16) -> Result<Vec<u8
         d[0..4].copy_from_slice(&n.to_be_bytes());
         return Ok(d);
     }
-    let has_sa = cdb::SUPPORTED.iter().any(|e| e.0 == opcode && e.1.is_some());
+    let has_sa = cdb::SUPPORTED
+        .iter()
+        .any(|e| e.0 == opcode && e.1.is_some());
     let found = cdb::SUPPORTED.iter().find(|e| {
         e.0 == opcode
             && match options {

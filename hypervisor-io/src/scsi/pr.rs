@@ -461,7 +461,10 @@ mod tests {
         assert!(!s.allows("a", Access::Write));
         assert_eq!(s.take_pending("a"), Some(Sense::REGISTRATIONS_PREEMPTED));
         assert_eq!(s.take_pending("a"), None);
-        assert_eq!(s.out("a", 1, 0, 5, &param(0xA, 0)), Err(PrFailure::Conflict));
+        assert_eq!(
+            s.out("a", 1, 0, 5, &param(0xA, 0)),
+            Err(PrFailure::Conflict)
+        );
         let keys = s.input(0);
         assert_eq!(&keys[4..8], &8u32.to_be_bytes());
         assert_eq!(&keys[8..16], &0xBu64.to_be_bytes());
@@ -474,7 +477,8 @@ mod tests {
     fn exclusive_access_blocks_reads_of_others() {
         let mut s = PrState::default();
         s.out("a", 0, 0, 0, &param(0, 1)).unwrap();
-        s.out("a", 1, 0, kind::EXCLUSIVE_ACCESS, &param(1, 0)).unwrap();
+        s.out("a", 1, 0, kind::EXCLUSIVE_ACCESS, &param(1, 0))
+            .unwrap();
         assert!(!s.allows("b", Access::Read));
         assert!(s.allows("b", Access::None));
         assert!(s.allows("a", Access::Write));
@@ -486,7 +490,8 @@ mod tests {
                 ..Sense::INVALID_FIELD_IN_PARAMETERS
             }))
         );
-        s.out("a", 2, 0, kind::EXCLUSIVE_ACCESS, &param(1, 0)).unwrap();
+        s.out("a", 2, 0, kind::EXCLUSIVE_ACCESS, &param(1, 0))
+            .unwrap();
         assert!(s.allows("b", Access::Read));
     }
 }

@@ -217,7 +217,10 @@ mod tests {
     fn power_on_attention_then_io_round_trips() {
         let (t, b) = target();
         let tur = [op::TEST_UNIT_READY, 0, 0, 0, 0, 0];
-        assert_eq!(run(&t, 0, &tur, &[]).0, Outcome::Check(Sense::POWER_ON_RESET));
+        assert_eq!(
+            run(&t, 0, &tur, &[]).0,
+            Outcome::Check(Sense::POWER_ON_RESET)
+        );
         assert_eq!(run(&t, 0, &tur, &[]).0, Outcome::Good(0));
         let data: Vec<u8> = (0..4096).map(|i| (i % 251) as u8).collect();
         let w = [op::WRITE_10, 0, 0, 0, 0, 8, 0, 0, 8, 0];
@@ -231,7 +234,10 @@ mod tests {
         assert_eq!(direct, data);
         // Past the end.
         let far = [op::READ_10, 0, 0, 0xFF, 0xFF, 0, 0, 0, 8, 0];
-        assert_eq!(run(&t, 0, &far, &[]).0, Outcome::Check(Sense::LBA_OUT_OF_RANGE));
+        assert_eq!(
+            run(&t, 0, &far, &[]).0,
+            Outcome::Check(Sense::LBA_OUT_OF_RANGE)
+        );
         // Unmap gives zeros back.
         let mut p = vec![0u8; 24];
         p[1] = 22;
@@ -251,7 +257,10 @@ mod tests {
         assert_eq!(o, Outcome::Good(36));
         assert_eq!(d[0], 0x7F);
         let tur = [op::TEST_UNIT_READY, 0, 0, 0, 0, 0];
-        assert_eq!(run(&t, 3, &tur, &[]).0, Outcome::Check(Sense::LUN_NOT_SUPPORTED));
+        assert_eq!(
+            run(&t, 3, &tur, &[]).0,
+            Outcome::Check(Sense::LUN_NOT_SUPPORTED)
+        );
         let rl = [op::REPORT_LUNS, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0];
         let (o, d) = run(&t, 3, &rl, &[]);
         assert_eq!(o, Outcome::Good(16));
@@ -275,7 +284,10 @@ mod tests {
         rc16[1] = 0x10;
         rc16[13] = 32;
         let (_, d) = run(&t, 0, &rc16, &[]);
-        assert_eq!(u64::from_be_bytes(d[0..8].try_into().unwrap()), (8 << 20) / 512 - 1);
+        assert_eq!(
+            u64::from_be_bytes(d[0..8].try_into().unwrap()),
+            (8 << 20) / 512 - 1
+        );
         assert_eq!(d[14] & 0xC0, 0xC0);
         let (o, d) = run(&t, 0, &[op::MODE_SENSE_6, 0, 0x3F, 0, 255, 0], &[]);
         assert!(matches!(o, Outcome::Good(_)));

@@ -36,7 +36,20 @@ impl Fs {
     /// error. In cluster mode, under the volume lock; when `f` must change a
     /// file-block cluster another host holds, nothing is written, this host
     /// asks for the cluster, waits until it is given back, and runs `f` again.
+    /// Nothing is written once the datastore is unmounted (or abandoned):
+    /// its journal was checkpointed and its slot given up, so a late
+    /// change would sit in a journal nobody replays.
+    fn check_mounted(&self) -> Result<()> {
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(FsError::ReadOnly(
+                "the datastore is unmounted on this host: nothing more is written".into(),
+            ));
+        }
+        Ok(())
+    }
+
     pub(crate) fn op<R>(&self, mut f: impl FnMut(&mut State, &Volume) -> Result<R>) -> Result<R> {
+        self.check_mounted()?;
         loop {
             let mut st = self.lock_with_volume_lock()?;
             match self.op_locked(&mut st, &mut f) {
@@ -118,6 +131,7 @@ impl Fs {
         ino: u64,
         mut f: impl FnMut(&mut State, &Volume) -> Result<R>,
     ) -> Result<R> {
+        self.check_mounted()?;
         if let (Some(_), Some(m)) = (self.shared.get(), self.member.get()) {
             let mut st = self.lock();
             if st.vl_held.is_none() && Self::holds_alone(&st, ino) {

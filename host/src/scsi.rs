@@ -1,0 +1,384 @@
+//! The host's paravirtual SCSI controllers: `vmfs scsi add/remove/list`,
+//! and the disk operations that must go through a controller while its
+//! guest runs (snapshot, consolidate and resize pause the disk's I/O;
+//! revert and delete are refused). One registry per host agent; a disk is
+//! attached to at most one controller of this host, and opened for writing
+//! with this host's identity, so a disk in use on another host is refused
+//! naming that host.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use hypervisor_io::backend::Backend;
+use hypervisor_io::scsi::disk::DiskUnit;
+use hypervisor_io::scsi::pr::MemPrStore;
+use hypervisor_io::scsi::target::Target;
+use hypervisor_io::vdisk::VirtualDisk;
+use hypervisor_io::virtio::{Config, Controller};
+use serde::{Deserialize, Serialize};
+use vmfs::Fs;
+
+use crate::error::{HostError, Result};
+use crate::ops::{self, DiskDone};
+
+struct Lun {
+    lun: u16,
+    path: String,
+    disk: Arc<VirtualDisk>,
+    unit: Arc<DiskUnit>,
+}
+
+struct Attached {
+    ctl: Controller,
+    luns: Vec<Lun>,
+}
+
+/// This host's controllers, by socket path.
+pub struct Scsi {
+    fs: Arc<Fs>,
+    host: String,
+    ctls: Mutex<BTreeMap<PathBuf, Attached>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LunInfo {
+    pub lun: u16,
+    pub disk: String,
+    pub size: u64,
+    pub thin: bool,
+    pub reads: u64,
+    pub writes: u64,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub discards: u64,
+    pub errors: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ControllerInfo {
+    pub socket: String,
+    pub queues: usize,
+    pub connected: bool,
+    pub connections: u64,
+    pub inflight: usize,
+    pub luns: Vec<LunInfo>,
+}
+
+/// Options of `scsi add`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AddArgs {
+    pub socket: String,
+    #[serde(default = "one")]
+    pub queues: usize,
+    pub disks: Vec<String>,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl Scsi {
+    pub fn new(fs: Arc<Fs>, host: String) -> Scsi {
+        Scsi {
+            fs,
+            host,
+            ctls: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<PathBuf, Attached>> {
+        self.ctls.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn open_unit(&self, path: &str) -> Result<(Arc<VirtualDisk>, Arc<DiskUnit>)> {
+        let (store, name) = ops::store_for(&self.fs, path)?;
+        let disk = Arc::new(VirtualDisk::open(store, &name, path).map_err(ops::disk_err)?);
+        let unit = Arc::new(DiskUnit::new(
+            path.to_string(),
+            disk.clone() as Arc<dyn Backend>,
+            Arc::new(MemPrStore::default()),
+        ));
+        Ok((disk, unit))
+    }
+
+    /// Where `path` is attached: controller socket and LUN.
+    fn find(map: &BTreeMap<PathBuf, Attached>, path: &str) -> Option<(PathBuf, u16)> {
+        let norm = |p: &str| p.trim_matches('/').to_string();
+        map.iter().find_map(|(s, a)| {
+            a.luns
+                .iter()
+                .find(|l| norm(&l.path) == norm(path))
+                .map(|l| (s.clone(), l.lun))
+        })
+    }
+
+    /// `scsi add`: a new controller with `disks` as LUNs 0..; or, on a
+    /// controller that exists, the disks as new LUNs (hot-plugged into a
+    /// running guest).
+    pub fn add(&self, a: &AddArgs) -> Result<ControllerInfo> {
+        let socket = PathBuf::from(&a.socket);
+        if !socket.is_absolute() {
+            return Err(HostError::BadRequest(format!(
+                "the controller socket {} must be an absolute path",
+                a.socket
+            )));
+        }
+        if a.disks.is_empty() {
+            return Err(HostError::BadRequest("scsi add: no disk given".into()));
+        }
+        let mut map = self.lock();
+        for d in &a.disks {
+            if let Some((s, lun)) = Self::find(&map, d) {
+                return Err(HostError::Busy(format!(
+                    "{d} is already attached to the controller {} as LUN {lun}",
+                    s.display()
+                )));
+            }
+        }
+        let mut opened = Vec::new();
+        for d in &a.disks {
+            let (disk, unit) = self.open_unit(d)?;
+            opened.push((d.clone(), disk, unit));
+        }
+        if let Some(att) = map.get_mut(&socket) {
+            for (path, disk, unit) in opened {
+                let lun = (0..hypervisor_io::scsi::target::MAX_LUNS)
+                    .find(|l| att.luns.iter().all(|x| x.lun != *l))
+                    .ok_or_else(|| HostError::Busy("the controller has no free LUN".into()))?;
+                att.ctl.add_lun(lun, unit.clone());
+                tracing::info!("{}: {path} added as LUN {lun}", socket.display());
+                att.luns.push(Lun {
+                    lun,
+                    path,
+                    disk,
+                    unit,
+                });
+            }
+            return Ok(info(&socket, att));
+        }
+        if socket.exists() {
+            // Ours are in the map; anything else there is not to be taken over.
+            let live = std::os::unix::net::UnixStream::connect(&socket).is_ok();
+            if live {
+                return Err(HostError::Busy(format!(
+                    "{} is a socket something else listens on",
+                    socket.display()
+                )));
+            }
+        }
+        let target = Arc::new(Target::new());
+        let mut luns = Vec::new();
+        for (i, (path, disk, unit)) in opened.into_iter().enumerate() {
+            target.add(i as u16, unit.clone());
+            luns.push(Lun {
+                lun: i as u16,
+                path,
+                disk,
+                unit,
+            });
+        }
+        let name = socket
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let ctl = Controller::start(
+            Config {
+                socket: socket.clone(),
+                request_queues: a.queues.clamp(1, 16),
+                io_threads: (a.queues * 4).clamp(4, 16),
+                nexus: format!("{}/{name}", self.host),
+            },
+            target,
+        )
+        .map_err(|e| {
+            HostError::io(
+                format!("starting the controller on {}", socket.display()),
+                e,
+            )
+        })?;
+        let att = Attached { ctl, luns };
+        let i = info(&socket, &att);
+        map.insert(socket, att);
+        Ok(i)
+    }
+
+    /// `scsi remove`: refused while a guest is connected.
+    pub fn remove(&self, socket: &str) -> Result<ControllerInfo> {
+        let socket = PathBuf::from(socket);
+        let mut map = self.lock();
+        let Some(att) = map.get(&socket) else {
+            return Err(HostError::NotFound(format!(
+                "no controller of this host listens on {}",
+                socket.display()
+            )));
+        };
+        if att.ctl.connected() {
+            return Err(HostError::Busy(format!(
+                "a guest is connected to {}: stop it first",
+                socket.display()
+            )));
+        }
+        let att = map.remove(&socket).expect("just found");
+        let i = info(&socket, &att);
+        att.ctl.stop();
+        close_all(&att.luns)?;
+        Ok(i)
+    }
+
+    pub fn list(&self) -> Vec<ControllerInfo> {
+        self.lock().iter().map(|(s, a)| info(s, a)).collect()
+    }
+
+    /// Stop every controller (the host is stopping).
+    pub fn stop_all(&self) {
+        let map = std::mem::take(&mut *self.lock());
+        for (s, a) in map {
+            tracing::info!("stopping the controller on {}", s.display());
+            a.ctl.stop();
+            if let Err(e) = close_all(&a.luns) {
+                tracing::error!("{e}");
+            }
+        }
+    }
+
+    /// A disk command on a disk attached here, carried out through its
+    /// controller; `None` when the disk is not attached.
+    pub fn disk_command(
+        &self,
+        c: &str,
+        path: &str,
+        args: &serde_json::Value,
+    ) -> Option<Result<serde_json::Value>> {
+        let map = self.lock();
+        let (socket, lun) = Self::find(&map, path)?;
+        let att = map.get(&socket)?;
+        let l = att.luns.iter().find(|l| l.lun == lun)?;
+        let busy = || {
+            Some(Err(HostError::Busy(format!(
+                "{path} is attached to the running controller {} as LUN {lun}: {c} is refused while it is attached",
+                socket.display()
+            ))))
+        };
+        let r = match c {
+            "disk-snapshot" => self.paused(l, "snapshot", |store, name| {
+                let s = snapshot::ops::snapshot(store, name)?;
+                Ok((
+                    format!(
+                        "snapshot taken: the state until now is frozen as {}{}",
+                        s.frozen,
+                        s.change_id
+                            .map(|i| format!(", change ID {i}"))
+                            .unwrap_or_default()
+                    ),
+                    s.change_id.map(|i| i.to_string()),
+                ))
+            }),
+            "disk-consolidate" => {
+                let all = args.get("all").and_then(|v| v.as_bool()).unwrap_or(false);
+                self.paused(l, "consolidate", |store, name| {
+                    let mut n = 0;
+                    loop {
+                        snapshot::ops::consolidate(store.clone(), name)?;
+                        n += 1;
+                        let d = snapshot::Disk::open(store.clone(), name, false)?;
+                        if !all || d.depth() == 0 {
+                            break;
+                        }
+                    }
+                    Ok((format!("{n} snapshot(s) consolidated"), None))
+                })
+            }
+            "disk-resize" => {
+                let Some(size) = args.get("size").and_then(|v| v.as_u64()) else {
+                    return Some(Err(HostError::BadRequest("disk-resize: size".into())));
+                };
+                let r = self.paused(l, "resize", |store, name| {
+                    snapshot::ops::resize(store, name, size)?;
+                    Ok((format!("grown to {size} bytes"), None))
+                });
+                if r.is_ok() {
+                    att.ctl.capacity_changed(lun);
+                }
+                r
+            }
+            "disk-revert" | "disk-delete" | "disk-import" | "disk-tracking" => return busy(),
+            _ => return None,
+        };
+        Some(r.and_then(|d| {
+            serde_json::to_value(d)
+                .map_err(|e| HostError::Agent(format!("encoding the reply: {e}")))
+        }))
+    }
+
+    /// Run `op` on an attached disk with its I/O held; the pause is logged.
+    fn paused(
+        &self,
+        l: &Lun,
+        what: &str,
+        op: impl FnOnce(Arc<dyn snapshot::Store>, &str) -> snapshot::Result<(String, Option<String>)>,
+    ) -> Result<DiskDone> {
+        let store = l.disk.store().clone();
+        let name = l.disk.name().to_string();
+        let (r, held) = l.disk.with_closed(|| op(store.clone(), &name));
+        tracing::info!(
+            "{}: {what} with the guest's I/O held for {:.1} ms",
+            l.path,
+            held.as_secs_f64() * 1000.0
+        );
+        let (said, change_id) = r.map_err(ops::disk_err)?;
+        Ok(DiskDone {
+            path: l.path.clone(),
+            said: format!(
+                "{said} (guest I/O held {:.1} ms)",
+                held.as_secs_f64() * 1000.0
+            ),
+            depth: l.disk.depth(),
+            change_id,
+        })
+    }
+}
+
+/// Close every disk of a stopped controller (each is tried; the first
+/// failure is returned).
+fn close_all(luns: &[Lun]) -> Result<()> {
+    let mut first = None;
+    for l in luns {
+        if let Err(e) = l.disk.close() {
+            tracing::error!("{}: closing: {e}", l.path);
+            first.get_or_insert(ops::disk_err(e));
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
+fn info(socket: &Path, a: &Attached) -> ControllerInfo {
+    let s = a.ctl.shared();
+    ControllerInfo {
+        socket: socket.display().to_string(),
+        queues: s.request_queues,
+        connected: a.ctl.connected(),
+        connections: s.connections.load(Ordering::Relaxed),
+        inflight: s.inflight.count(),
+        luns: a
+            .luns
+            .iter()
+            .map(|l| {
+                let c = &l.unit.counters;
+                LunInfo {
+                    lun: l.lun,
+                    disk: l.path.clone(),
+                    size: l.disk.capacity(),
+                    thin: l.disk.thin(),
+                    reads: c.reads.load(Ordering::Relaxed),
+                    writes: c.writes.load(Ordering::Relaxed),
+                    read_bytes: c.read_bytes.load(Ordering::Relaxed),
+                    write_bytes: c.write_bytes.load(Ordering::Relaxed),
+                    discards: c.discards.load(Ordering::Relaxed),
+                    errors: c.errors.load(Ordering::Relaxed),
+                }
+            })
+            .collect(),
+    }
+}
