@@ -1,0 +1,250 @@
+//! Paravirtual SCSI with a real guest: a Linux kernel under QEMU (TCG)
+//! talks to the host's vhost-user-scsi controller (`vmfs scsi add`), its
+//! `sd` driver and sg3_utils on one side, virtual disks on the datastore on
+//! the other. Slow (seconds per boot): few tests, each proving several
+//! things.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{text, vmfs, Host};
+
+const MIB: usize = 1 << 20;
+
+fn guest_dir() -> PathBuf {
+    let d = PathBuf::from(
+        std::env::var("VMFS_GUEST_DIR").unwrap_or_else(|_| "/var/tmp/vmfs-guest".into()),
+    );
+    assert!(
+        d.join("vmlinux").exists(),
+        "no test guest in {}: run scripts/setup.sh (it builds it with tests/guest/build-guest.sh)",
+        d.display()
+    );
+    d
+}
+
+fn kit(f: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/guest").join(f)
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = vmfs(args);
+    assert!(o.status.success(), "vmfs {args:?}: {}", text(&o));
+    text(&o)
+}
+
+/// A guest booted by run-guest.sh; stopped (with its QEMU) when dropped.
+struct Guest {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Guest {
+    /// Boot with `script` as the test, `files` copied in, and one
+    /// vhost-user-scsi controller on `sock` (plus `extra` QEMU arguments).
+    fn start(dir: &Path, name: &str, script: &str, files: &[(&Path, &str)], sock: &Path, extra: &[&str]) -> Guest {
+        let t = dir.join(format!("{name}.sh"));
+        std::fs::write(&t, script).unwrap();
+        let log = dir.join(format!("{name}.log"));
+        let mut c = Command::new(kit("run-guest.sh"));
+        c.arg("-k").arg(guest_dir()).arg("-t").arg(&t).arg("-l").arg(&log);
+        c.args(["-T", "400", "-m", "512M"]);
+        for (src, dst) in files {
+            c.arg("-f").arg(format!("{}:{dst}", src.display()));
+        }
+        c.arg("--")
+            .args(["-chardev", &format!("socket,id=vus,path={}", sock.display())])
+            .args(["-device", "vhost-user-scsi-pci,chardev=vus,num_queues=2"])
+            .args(extra);
+        c.stdout(Stdio::null()).stderr(Stdio::null());
+        Guest {
+            child: Some(c.spawn().expect("run-guest.sh")),
+            log,
+        }
+    }
+
+    fn console(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
+    }
+
+    /// Wait until the console shows `line`.
+    fn wait_for(&mut self, line: &str, within: Duration) {
+        let t = Instant::now();
+        while !self.console().contains(line) {
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("the guest ended ({st}) before printing {line}:\n{}", self.console());
+            }
+            assert!(t.elapsed() < within, "no {line} from the guest:\n{}", self.console());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Wait for the guest to power off: its test's exit code and console.
+    fn finish(mut self) -> (i32, String) {
+        let st = self.child.take().unwrap().wait().unwrap();
+        (st.code().unwrap_or(-1), self.console())
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // run-guest.sh stops its QEMU on TERM.
+            common::signal(&c, libc::SIGTERM);
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A mounted datastore of one LUN file.
+struct Ds {
+    dir: tempfile::TempDir,
+    lun: String,
+    st: String,
+    host: Host,
+}
+
+impl Ds {
+    fn new(size: u64) -> Ds {
+        let dir = tempfile::Builder::new().prefix("scsi").tempdir_in("/tmp").unwrap();
+        let lun = vmfs_tests::file_lun(dir.path(), "ds.img", size);
+        ok(&["mkfs", &lun]);
+        let st = dir.path().join("a").to_str().unwrap().to_string();
+        let mnt = dir.path().join("m");
+        std::fs::create_dir(&mnt).unwrap();
+        let host = Host::mount(&["--state-dir", &st, &lun], &mnt);
+        std::fs::create_dir(mnt.join("vm")).unwrap();
+        Ds { dir, lun, st, host }
+    }
+    fn p(&self, f: &str) -> PathBuf {
+        self.dir.path().join(f)
+    }
+    fn disk(&self, name: &str) -> String {
+        self.host.mnt.join("vm").join(name).to_str().unwrap().to_string()
+    }
+}
+
+fn pattern(n: usize, seed: u64) -> Vec<u8> {
+    vmfs_tests::pattern(seed, n)
+}
+
+/// Bytes of a file the datastore holds (st_blocks through the mount).
+fn allocated(p: &str) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).unwrap().blocks() * 512
+}
+
+/// Probe, data both ways, ext4, discard, hostile bytes on the socket.
+#[test]
+fn a_guest_probes_reads_writes_and_trims_its_virtual_disks() {
+    let ds = Ds::new(1 << 30);
+    // LUN 0: made by the host from a raw image (a pattern at 32 MiB).
+    let hostpat = pattern(8 * MIB, 7);
+    let mut raw = vec![0u8; 64 * MIB];
+    raw[32 * MIB..40 * MIB].copy_from_slice(&hostpat);
+    std::fs::write(ds.p("in.raw"), &raw).unwrap();
+    std::fs::write(ds.p("hostpat"), &hostpat).unwrap();
+    let d0 = ds.disk("d0.vmdk");
+    ok(&["disk", "import", "--state-dir", &ds.st, ds.p("in.raw").to_str().unwrap(), &d0]);
+    // LUN 1: a thin disk for ext4.
+    let d1 = ds.disk("d1.vmdk");
+    ok(&["disk", "create", "--state-dir", &ds.st, "--size", "256M", &d1]);
+    let guestpat = pattern(8 * MIB, 9);
+    std::fs::write(ds.p("guestpat"), &guestpat).unwrap();
+
+    let sock = ds.p("vus.sock");
+    let s = sock.to_str().unwrap();
+    let out = ok(&["scsi", "add", "--state-dir", &ds.st, "--socket", s, "--queues", "2", &d0, &d1]);
+    assert!(out.contains("LUN 0") && out.contains("LUN 1"), "{out}");
+    // A second controller may not take a disk that is attached.
+    let o = vmfs(&["scsi", "add", "--state-dir", &ds.st, "--socket", ds.p("x.sock").to_str().unwrap(), &d1]);
+    assert!(!o.status.success() && text(&o).contains("already attached"), "{}", text(&o));
+
+    // Garbage on the socket, then a message with a wild size: the
+    // connection is dropped, the controller serves the next one.
+    for junk in [b"\x00\x01garbage that is no vhost-user message".to_vec(), {
+        let mut m = vec![1u8, 0, 0, 0, 1, 0, 0, 0];
+        m.extend_from_slice(&u32::MAX.to_le_bytes());
+        m
+    }] {
+        use std::io::Write;
+        let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        let _ = c.write_all(&junk);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let script = r#"#!/bin/sh
+set -eux
+fail() { echo "FAIL: $*"; exit 1; }
+for d in sda sdb; do [ -b /dev/$d ] || fail "no /dev/$d"; done
+sg_inq /dev/sda | grep -q "Vendor identification: VMFS" || fail inquiry
+echo "NAA0=$(sg_vpd -p 0x83 /dev/sda | sed -n '/NAA/{n;p}' | tr -d ' ')"
+echo "NAA1=$(sg_vpd -p 0x83 /dev/sdb | sed -n '/NAA/{n;p}' | tr -d ' ')"
+sg_vpd -p 0xb0 /dev/sdb | grep -q "Maximum unmap LBA count: [1-9]" || fail "block limits"
+sg_vpd -p 0xb2 /dev/sdb | grep -q "(LBPU): 1" || fail provisioning
+sg_readcap -l /dev/sdb | grep -q "lbpme=1, lbprz=1" || fail readcap
+sg_readcap -l /dev/sdb | grep -q "Number of logical blocks=524288" || fail size
+sg_opcodes /dev/sdb | grep -q "Unmap" || fail opcodes
+sg_opcodes /dev/sdb | grep -q "Persistent reserve out" || fail opcodes-pr
+sg_modes -p 8 /dev/sdb | grep -q Caching || fail "caching page"
+sg_modes -p 0x3f /dev/sdb | grep -q Control || fail "control page"
+test "$(cat /sys/block/sdb/queue/discard_max_bytes)" -gt 0 || fail "no discard"
+# A bad CDB is refused with sense, nothing else happens.
+sg_raw -r 16 /dev/sdb c0 00 00 00 00 00 2>&1 | grep -qi "illegal request" || fail "bad opcode accepted"
+sg_raw -r 8 /dev/sdb 25 00 ff ff ff ff 00 00 00 00 >/dev/null 2>&1 || true
+# The host's pattern, and ours with O_DIRECT.
+dd if=/dev/sda of=/tmp/h bs=1M skip=32 count=8 iflag=direct
+cmp /tmp/h /hostpat || fail "host pattern differs"
+dd if=/guestpat of=/dev/sda bs=1M count=8 oflag=direct conv=fsync
+# ext4 with files, fsync; 96 MiB written then deleted and trimmed.
+mkfs.ext4 -q /dev/sdb
+mount /dev/sdb /mnt
+echo "kept by the guest" > /mnt/kept
+dd if=/dev/urandom of=/mnt/big bs=1M count=96 conv=fsync
+rm /mnt/big
+sync
+fstrim -v /mnt
+umount /mnt
+echo GUEST-OK
+"#;
+    let g = Guest::start(ds.dir.path(), "probe", script, &[(&ds.p("hostpat"), "/hostpat"), (&ds.p("guestpat"), "/guestpat")], &sock, &[]);
+    let (rc, console) = g.finish();
+    assert_eq!(rc, 0, "{console}");
+    assert!(console.contains("GUEST-OK"), "{console}");
+    let naa = |k: &str| {
+        console
+            .lines()
+            .find_map(|l| l.strip_prefix(k).map(|v| v.trim().to_string()))
+            .unwrap_or_default()
+    };
+    assert!(naa("NAA0=").starts_with("0x3"), "{console}");
+    assert_ne!(naa("NAA0="), naa("NAA1="));
+
+    let list = ok(&["scsi", "list", "--state-dir", &ds.st, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let lun1 = &v[0]["luns"][1];
+    assert!(lun1["discards"].as_u64().unwrap() > 0, "{list}");
+    assert!(lun1["write_bytes"].as_u64().unwrap() >= 96 * MIB as u64, "{list}");
+    // The trim gave the deleted file's blocks back to the datastore.
+    let flat = ds.disk("d1-flat.vmdk");
+    assert!(allocated(&flat) < 48 * MIB as u64, "{} bytes still allocated", allocated(&flat));
+
+    // QEMU is gone: the controller can be removed, and the disks read back.
+    ok(&["scsi", "remove", "--state-dir", &ds.st, "--socket", s]);
+    assert!(!sock.exists());
+    ok(&["disk", "export", "--state-dir", &ds.st, &d0, ds.p("d0.raw").to_str().unwrap()]);
+    let back = std::fs::read(ds.p("d0.raw")).unwrap();
+    assert!(back[..8 * MIB] == guestpat[..], "the guest's O_DIRECT pattern");
+    assert!(back[32 * MIB..40 * MIB] == hostpat[..], "the host's pattern");
+    ok(&["disk", "export", "--state-dir", &ds.st, &d1, ds.p("d1.raw").to_str().unwrap()]);
+    let fsck = Command::new("e2fsck").args(["-fn"]).arg(ds.p("d1.raw")).output().unwrap();
+    assert!(fsck.status.success(), "e2fsck: {}", text(&fsck));
+    let cat = Command::new("debugfs")
+        .args(["-R", "cat /kept"])
+        .arg(ds.p("d1.raw"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&cat.stdout), "kept by the guest\n");
+}
