@@ -19,7 +19,8 @@ pub(crate) enum ScsiCmd {
         /// The vhost-user socket QEMU connects to.
         #[arg(long)]
         socket: PathBuf,
-        /// Request queues (QEMU's num_queues must not exceed it).
+        /// The request queues QEMU is given (its num_queues; any up to 16 is
+        /// served): sizes the I/O threads.
         #[arg(long, default_value_t = 1)]
         queues: usize,
         #[arg(required = true)]

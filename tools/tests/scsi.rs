@@ -26,7 +26,9 @@ fn guest_dir() -> PathBuf {
 }
 
 fn kit(f: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/guest").join(f)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/guest")
+        .join(f)
 }
 
 fn ok(args: &[&str]) -> String {
@@ -44,18 +46,49 @@ struct Guest {
 impl Guest {
     /// Boot with `script` as the test, `files` copied in, and one
     /// vhost-user-scsi controller on `sock` (plus `extra` QEMU arguments).
-    fn start(dir: &Path, name: &str, script: &str, files: &[(&Path, &str)], sock: &Path, extra: &[&str]) -> Guest {
+    fn start(
+        dir: &Path,
+        name: &str,
+        script: &str,
+        files: &[(&Path, &str)],
+        sock: &Path,
+        extra: &[&str],
+    ) -> Guest {
+        Self::start_with(dir, name, script, files, sock, None, extra)
+    }
+
+    /// [`Guest::start`] with a qemu-guest-agent channel on `qga`.
+    fn start_with(
+        dir: &Path,
+        name: &str,
+        script: &str,
+        files: &[(&Path, &str)],
+        sock: &Path,
+        qga: Option<&Path>,
+        extra: &[&str],
+    ) -> Guest {
         let t = dir.join(format!("{name}.sh"));
         std::fs::write(&t, script).unwrap();
         let log = dir.join(format!("{name}.log"));
         let mut c = Command::new(kit("run-guest.sh"));
-        c.arg("-k").arg(guest_dir()).arg("-t").arg(&t).arg("-l").arg(&log);
+        c.arg("-k")
+            .arg(guest_dir())
+            .arg("-t")
+            .arg(&t)
+            .arg("-l")
+            .arg(&log);
         c.args(["-T", "400", "-m", "512M"]);
         for (src, dst) in files {
             c.arg("-f").arg(format!("{}:{dst}", src.display()));
         }
+        if let Some(q) = qga {
+            c.arg("-g").arg(q);
+        }
         c.arg("--")
-            .args(["-chardev", &format!("socket,id=vus,path={}", sock.display())])
+            .args([
+                "-chardev",
+                &format!("socket,id=vus,path={}", sock.display()),
+            ])
             .args(["-device", "vhost-user-scsi-pci,chardev=vus,num_queues=2"])
             .args(extra);
         c.stdout(Stdio::null()).stderr(Stdio::null());
@@ -74,9 +107,16 @@ impl Guest {
         let t = Instant::now();
         while !self.console().contains(line) {
             if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("the guest ended ({st}) before printing {line}:\n{}", self.console());
+                panic!(
+                    "the guest ended ({st}) before printing {line}:\n{}",
+                    self.console()
+                );
             }
-            assert!(t.elapsed() < within, "no {line} from the guest:\n{}", self.console());
+            assert!(
+                t.elapsed() < within,
+                "no {line} from the guest:\n{}",
+                self.console()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -101,6 +141,7 @@ impl Drop for Guest {
 /// A mounted datastore of one LUN file.
 struct Ds {
     dir: tempfile::TempDir,
+    #[allow(dead_code)]
     lun: String,
     st: String,
     host: Host,
@@ -108,7 +149,10 @@ struct Ds {
 
 impl Ds {
     fn new(size: u64) -> Ds {
-        let dir = tempfile::Builder::new().prefix("scsi").tempdir_in("/tmp").unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("scsi")
+            .tempdir_in("/tmp")
+            .unwrap();
         let lun = vmfs_tests::file_lun(dir.path(), "ds.img", size);
         ok(&["mkfs", &lun]);
         let st = dir.path().join("a").to_str().unwrap().to_string();
@@ -122,7 +166,13 @@ impl Ds {
         self.dir.path().join(f)
     }
     fn disk(&self, name: &str) -> String {
-        self.host.mnt.join("vm").join(name).to_str().unwrap().to_string()
+        self.host
+            .mnt
+            .join("vm")
+            .join(name)
+            .to_str()
+            .unwrap()
+            .to_string()
     }
 }
 
@@ -147,20 +197,58 @@ fn a_guest_probes_reads_writes_and_trims_its_virtual_disks() {
     std::fs::write(ds.p("in.raw"), &raw).unwrap();
     std::fs::write(ds.p("hostpat"), &hostpat).unwrap();
     let d0 = ds.disk("d0.vmdk");
-    ok(&["disk", "import", "--state-dir", &ds.st, ds.p("in.raw").to_str().unwrap(), &d0]);
+    ok(&[
+        "disk",
+        "import",
+        "--state-dir",
+        &ds.st,
+        ds.p("in.raw").to_str().unwrap(),
+        &d0,
+    ]);
     // LUN 1: a thin disk for ext4.
     let d1 = ds.disk("d1.vmdk");
-    ok(&["disk", "create", "--state-dir", &ds.st, "--size", "256M", &d1]);
+    ok(&[
+        "disk",
+        "create",
+        "--state-dir",
+        &ds.st,
+        "--size",
+        "256M",
+        &d1,
+    ]);
     let guestpat = pattern(8 * MIB, 9);
     std::fs::write(ds.p("guestpat"), &guestpat).unwrap();
 
     let sock = ds.p("vus.sock");
     let s = sock.to_str().unwrap();
-    let out = ok(&["scsi", "add", "--state-dir", &ds.st, "--socket", s, "--queues", "2", &d0, &d1]);
+    let out = ok(&[
+        "scsi",
+        "add",
+        "--state-dir",
+        &ds.st,
+        "--socket",
+        s,
+        "--queues",
+        "2",
+        &d0,
+        &d1,
+    ]);
     assert!(out.contains("LUN 0") && out.contains("LUN 1"), "{out}");
     // A second controller may not take a disk that is attached.
-    let o = vmfs(&["scsi", "add", "--state-dir", &ds.st, "--socket", ds.p("x.sock").to_str().unwrap(), &d1]);
-    assert!(!o.status.success() && text(&o).contains("already attached"), "{}", text(&o));
+    let o = vmfs(&[
+        "scsi",
+        "add",
+        "--state-dir",
+        &ds.st,
+        "--socket",
+        ds.p("x.sock").to_str().unwrap(),
+        &d1,
+    ]);
+    assert!(
+        !o.status.success() && text(&o).contains("already attached"),
+        "{}",
+        text(&o)
+    );
 
     // Garbage on the socket, then a message with a wild size: the
     // connection is dropped, the controller serves the next one.
@@ -209,7 +297,17 @@ fstrim -v /mnt
 umount /mnt
 echo GUEST-OK
 "#;
-    let g = Guest::start(ds.dir.path(), "probe", script, &[(&ds.p("hostpat"), "/hostpat"), (&ds.p("guestpat"), "/guestpat")], &sock, &[]);
+    let g = Guest::start(
+        ds.dir.path(),
+        "probe",
+        script,
+        &[
+            (&ds.p("hostpat"), "/hostpat"),
+            (&ds.p("guestpat"), "/guestpat"),
+        ],
+        &sock,
+        &[],
+    );
     let (rc, console) = g.finish();
     assert_eq!(rc, 0, "{console}");
     assert!(console.contains("GUEST-OK"), "{console}");
@@ -226,20 +324,51 @@ echo GUEST-OK
     let v: serde_json::Value = serde_json::from_str(&list).unwrap();
     let lun1 = &v[0]["luns"][1];
     assert!(lun1["discards"].as_u64().unwrap() > 0, "{list}");
-    assert!(lun1["write_bytes"].as_u64().unwrap() >= 96 * MIB as u64, "{list}");
+    assert!(
+        lun1["write_bytes"].as_u64().unwrap() >= 96 * MIB as u64,
+        "{list}"
+    );
     // The trim gave the deleted file's blocks back to the datastore.
     let flat = ds.disk("d1-flat.vmdk");
-    assert!(allocated(&flat) < 48 * MIB as u64, "{} bytes still allocated", allocated(&flat));
+    assert!(
+        allocated(&flat) < 48 * MIB as u64,
+        "{} bytes still allocated",
+        allocated(&flat)
+    );
 
     // QEMU is gone: the controller can be removed, and the disks read back.
     ok(&["scsi", "remove", "--state-dir", &ds.st, "--socket", s]);
     assert!(!sock.exists());
-    ok(&["disk", "export", "--state-dir", &ds.st, &d0, ds.p("d0.raw").to_str().unwrap()]);
+    ok(&[
+        "disk",
+        "export",
+        "--state-dir",
+        &ds.st,
+        &d0,
+        ds.p("d0.raw").to_str().unwrap(),
+    ]);
     let back = std::fs::read(ds.p("d0.raw")).unwrap();
-    assert!(back[..8 * MIB] == guestpat[..], "the guest's O_DIRECT pattern");
-    assert!(back[32 * MIB..40 * MIB] == hostpat[..], "the host's pattern");
-    ok(&["disk", "export", "--state-dir", &ds.st, &d1, ds.p("d1.raw").to_str().unwrap()]);
-    let fsck = Command::new("e2fsck").args(["-fn"]).arg(ds.p("d1.raw")).output().unwrap();
+    assert!(
+        back[..8 * MIB] == guestpat[..],
+        "the guest's O_DIRECT pattern"
+    );
+    assert!(
+        back[32 * MIB..40 * MIB] == hostpat[..],
+        "the host's pattern"
+    );
+    ok(&[
+        "disk",
+        "export",
+        "--state-dir",
+        &ds.st,
+        &d1,
+        ds.p("d1.raw").to_str().unwrap(),
+    ]);
+    let fsck = Command::new("e2fsck")
+        .args(["-fn"])
+        .arg(ds.p("d1.raw"))
+        .output()
+        .unwrap();
     assert!(fsck.status.success(), "e2fsck: {}", text(&fsck));
     let cat = Command::new("debugfs")
         .args(["-R", "cat /kept"])
@@ -247,4 +376,265 @@ echo GUEST-OK
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&cat.stdout), "kept by the guest\n");
+}
+
+/// A qemu-guest-agent command; its result as JSON text.
+fn qga(sock: &Path, cmd: &str) -> String {
+    let o = Command::new(kit("qga.py"))
+        .arg(sock)
+        .arg(cmd)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "qga {cmd}: {}", text(&o));
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+fn disk_info(ds: &Ds, disk: &str) -> serde_json::Value {
+    serde_json::from_str(&ok(&[
+        "disk",
+        "info",
+        "--state-dir",
+        &ds.st,
+        "--json",
+        disk,
+    ]))
+    .unwrap()
+}
+
+/// Snapshots and a consolidation while the guest runs fio with verify: the
+/// guest sees pauses, never an error; the layer frozen while the guest's
+/// filesystem was frozen through its agent holds a clean filesystem with
+/// the marker its freeze hook wrote.
+#[test]
+fn snapshots_of_a_running_guest_pause_it_and_freeze_a_consistent_filesystem() {
+    let ds = Ds::new(1 << 30);
+    let d = ds.disk("d.vmdk");
+    ok(&[
+        "disk",
+        "create",
+        "--state-dir",
+        &ds.st,
+        "--size",
+        "128M",
+        &d,
+    ]);
+    let sock = ds.p("vus.sock");
+    ok(&[
+        "scsi",
+        "add",
+        "--state-dir",
+        &ds.st,
+        "--socket",
+        sock.to_str().unwrap(),
+        &d,
+    ]);
+    let hook = ds.p("hook");
+    std::fs::write(
+        &hook,
+        "#!/bin/sh\nif [ \"$1\" = freeze ]; then echo \"frozen at $(cat /proc/uptime)\" > /mnt/frozen-marker; sync; fi\nexit 0\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = r#"#!/bin/sh
+set -eux
+mkfs.ext4 -q /dev/sda
+mount /dev/sda /mnt
+echo written-before > /mnt/before
+sync
+echo FIO-START
+fio --name=v --filename=/mnt/fio.dat --size=16M --rw=randwrite --bs=4k \
+    --ioengine=libaio --iodepth=16 --direct=1 --verify=crc32c --verify_fatal=1 \
+    --verify_backlog=64 --time_based --runtime=25 --output=/tmp/fio.out || { cat /tmp/fio.out; echo FIO-FAILED; exit 1; }
+grep -q "err= 0" /tmp/fio.out || { cat /tmp/fio.out; exit 1; }
+umount /mnt
+echo FIO-OK
+"#;
+    let q = ds.p("qga.sock");
+    let mut g = Guest::start_with(
+        ds.dir.path(),
+        "snap",
+        script,
+        &[(&hook, "/etc/qemu/fsfreeze-hook")],
+        &sock,
+        Some(&q),
+        &[],
+    );
+    g.wait_for("FIO-START", Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(3));
+    // 1: frozen by the guest's agent.
+    assert_eq!(qga(&q, "guest-fsfreeze-freeze"), "1");
+    let t = Instant::now();
+    let out = ok(&["disk", "snapshot", "--state-dir", &ds.st, &d]);
+    assert_eq!(qga(&q, "guest-fsfreeze-thaw"), "1");
+    eprintln!("freeze to thaw {:?}: {out}", t.elapsed());
+    assert!(out.contains("guest I/O held"), "{out}");
+    let frozen = disk_info(&ds, &d)["layers"][1]["descriptor"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Read the frozen layer (through the mount, as QEMU's tools do) while
+    // the guest goes on writing above it.
+    let raw = ds.p("frozen.raw");
+    let o = Command::new("qemu-img")
+        .args(["convert", "-f", "vmdk", "-O", "raw"])
+        .arg(ds.host.mnt.join("vm").join(&frozen))
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "qemu-img convert: {}", text(&o));
+    std::thread::sleep(Duration::from_secs(2));
+    // 2: crash-consistent, then 3: the newest snapshot merged back while
+    // the guest writes.
+    ok(&["disk", "snapshot", "--state-dir", &ds.st, &d]);
+    std::thread::sleep(Duration::from_secs(2));
+    let out = ok(&["disk", "consolidate", "--state-dir", &ds.st, &d]);
+    assert!(out.contains("guest I/O held"), "{out}");
+    let (rc, console) = g.finish();
+    assert_eq!(rc, 0, "{console}");
+    assert!(console.contains("FIO-OK"), "{console}");
+    assert!(!console.contains("I/O error"), "{console}");
+    assert_eq!(disk_info(&ds, &d)["layers"].as_array().unwrap().len(), 2);
+
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "the frozen layer's ext4: {}",
+        text(&fsck)
+    );
+    let cat = |f: &str| {
+        let o = Command::new("debugfs")
+            .args(["-R", &format!("cat {f}")])
+            .arg(&raw)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert_eq!(cat("/before"), "written-before\n");
+    assert!(
+        cat("/frozen-marker").starts_with("frozen at"),
+        "no marker of the freeze hook"
+    );
+    let list = ok(&["scsi", "list", "--state-dir", &ds.st, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(v[0]["luns"][0]["errors"].as_u64(), Some(0), "{list}");
+}
+
+/// A second host cannot attach a disk the first serves (it names the
+/// holder), gets it after the first dies and its lease runs out, and a new
+/// guest there finds the first guest's data; the disk's designator is the
+/// same on both hosts.
+#[test]
+fn a_disk_follows_its_guest_to_a_survivor_after_its_host_dies() {
+    let mut ds = Ds::new(1 << 30);
+    let d = ds.disk("ha.vmdk");
+    ok(&["disk", "create", "--state-dir", &ds.st, "--size", "64M", &d]);
+    let sock = ds.p("a.sock");
+    ok(&[
+        "scsi",
+        "add",
+        "--state-dir",
+        &ds.st,
+        "--socket",
+        sock.to_str().unwrap(),
+        &d,
+    ]);
+    // Host B: the same datastore, another state directory.
+    let stb = ds.p("b").to_str().unwrap().to_string();
+    let mntb = ds.p("mb");
+    std::fs::create_dir(&mntb).unwrap();
+    let _b = Host::mount(&["--state-dir", &stb, &ds.lun], &mntb);
+    let db = mntb.join("vm/ha.vmdk").to_str().unwrap().to_string();
+    let sockb = ds.p("b.sock");
+    let o = vmfs(&[
+        "scsi",
+        "add",
+        "--state-dir",
+        &stb,
+        "--socket",
+        sockb.to_str().unwrap(),
+        &db,
+    ]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).to_lowercase().contains("host"),
+        "the refusal names the holder: {}",
+        text(&o)
+    );
+
+    let pat = pattern(4 * MIB, 3);
+    std::fs::write(ds.p("pat"), &pat).unwrap();
+    let first = r#"#!/bin/sh
+set -eux
+echo "NAA=$(sg_vpd -p 0x83 /dev/sda | sed -n '/NAA/{n;p}' | tr -d ' ')"
+dd if=/pat of=/dev/sda bs=1M seek=8 oflag=direct conv=fsync
+echo WRITTEN
+sleep 600
+"#;
+    let mut g = Guest::start(
+        ds.dir.path(),
+        "first",
+        first,
+        &[(&ds.p("pat"), "/pat")],
+        &sock,
+        &[],
+    );
+    g.wait_for("WRITTEN", Duration::from_secs(120));
+    let naa_a = g
+        .console()
+        .lines()
+        .find_map(|l| l.strip_prefix("NAA=").map(str::to_string))
+        .unwrap();
+    // Host A dies under its running guest.
+    ds.host.kill();
+    drop(g);
+    // B gets the disk once A's lease ran out and B recovered A's locks.
+    let t = Instant::now();
+    loop {
+        let o = vmfs(&[
+            "scsi",
+            "add",
+            "--state-dir",
+            &stb,
+            "--socket",
+            sockb.to_str().unwrap(),
+            &db,
+        ]);
+        if o.status.success() {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "B never got the disk: {}",
+            text(&o)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let second = r#"#!/bin/sh
+set -eux
+echo "NAA=$(sg_vpd -p 0x83 /dev/sda | sed -n '/NAA/{n;p}' | tr -d ' ')"
+dd if=/dev/sda of=/tmp/back bs=1M skip=8 count=4 iflag=direct
+cmp /tmp/back /pat
+echo DATA-OK
+"#;
+    let g = Guest::start(
+        ds.dir.path(),
+        "second",
+        second,
+        &[(&ds.p("pat"), "/pat")],
+        &sockb,
+        &[],
+    );
+    let (rc, console) = g.finish();
+    assert_eq!(rc, 0, "{console}");
+    assert!(console.contains("DATA-OK"), "{console}");
+    let naa_b = console
+        .lines()
+        .find_map(|l| l.strip_prefix("NAA=").map(str::to_string))
+        .unwrap();
+    assert_eq!(naa_a, naa_b, "the designator differs between hosts");
 }

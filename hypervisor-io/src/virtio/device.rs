@@ -417,8 +417,12 @@ impl VhostUserBackend for Device {
     type Bitmap = ();
     type Vring = Vring;
 
+    /// Always room for [`MAX_REQUEST_QUEUES`]: QEMU checks its
+    /// `num_queues` (request queues) against this count of all queues, so
+    /// a smaller count would let it set up a queue we do not have and drop
+    /// the connection. Queues QEMU does not use are never enabled.
     fn num_queues(&self) -> usize {
-        2 + self.shared.request_queues
+        2 + super::MAX_REQUEST_QUEUES
     }
 
     fn max_queue_size(&self) -> usize {

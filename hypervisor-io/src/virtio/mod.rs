@@ -23,6 +23,9 @@ use crate::scsi::target::Target;
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// The most request queues a controller serves (QEMU's `num_queues`).
+pub const MAX_REQUEST_QUEUES: usize = 16;
+
 /// The controller's I/O threads: requests from every queue run here, so a
 /// queue has as many in flight as there are threads.
 pub struct Pool {
@@ -110,6 +113,8 @@ pub struct Shared {
     /// The initiator's name for persistent reservations.
     pub nexus: String,
     pub target: Arc<Target>,
+    /// The request queues the guest is expected to use (sizes the I/O
+    /// threads; any up to [`MAX_REQUEST_QUEUES`] is served).
     pub request_queues: usize,
     pub pool: Pool,
     pub inflight: Inflight,
@@ -151,7 +156,7 @@ impl Controller {
     /// Bind `socket` (replacing a stale socket file) and serve `target`.
     pub fn start(cfg: Config, target: Arc<Target>) -> std::io::Result<Controller> {
         let name = cfg.socket.display().to_string();
-        let queues = cfg.request_queues.clamp(1, 16);
+        let queues = cfg.request_queues.clamp(1, MAX_REQUEST_QUEUES);
         let mut listener = Listener::new(&cfg.socket, true)
             .map_err(|e| std::io::Error::other(format!("listening on {name}: {e}")))?;
         let shared = Arc::new(Shared {
@@ -165,7 +170,7 @@ impl Controller {
             events: Mutex::new(device::Events::default()),
             connected: AtomicBool::new(false),
             connections: AtomicU64::new(0),
-            per_queue: (0..queues).map(|_| AtomicU64::new(0)).collect(),
+            per_queue: (0..MAX_REQUEST_QUEUES).map(|_| AtomicU64::new(0)).collect(),
             stop: AtomicBool::new(false),
             shutdown: Mutex::new(None),
         });
