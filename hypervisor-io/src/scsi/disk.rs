@@ -657,16 +657,18 @@ impl DiskUnit {
             1 => n,
             _ => bs,
         };
+        if n == 0 {
+            return Ok(());
+        }
         let want = data.get(..want_len).ok_or(Sense::INVALID_TRANSFER)?;
-        for (k, got) in have.chunks(want_len).enumerate() {
-            if got != want {
-                tracing::info!(
-                    "{}: VERIFY miscompare at block {}",
-                    self.name,
-                    lba.0 + k as u64
-                );
-                return Err(Sense::MISCOMPARE_DURING_VERIFY);
-            }
+        let differs = |k: usize| have[k] != want[k % want_len];
+        if let Some(k) = (0..n).find(|&k| differs(k)) {
+            tracing::info!(
+                "{}: VERIFY miscompare at block {}",
+                self.name,
+                lba.0 + (k / bs) as u64
+            );
+            return Err(Sense::MISCOMPARE_DURING_VERIFY);
         }
         Ok(())
     }
