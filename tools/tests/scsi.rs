@@ -638,3 +638,64 @@ echo DATA-OK
         .unwrap();
     assert_eq!(naa_a, naa_b, "the designator differs between hosts");
 }
+
+/// `scsi add` to a running controller hot-plugs the disk into the guest;
+/// growing an attached disk reaches the guest as a capacity change.
+#[test]
+fn hotplug_and_resize_reach_a_running_guest() {
+    let ds = Ds::new(1 << 30);
+    let (d0, d1) = (ds.disk("h0.vmdk"), ds.disk("h1.vmdk"));
+    ok(&[
+        "disk",
+        "create",
+        "--state-dir",
+        &ds.st,
+        "--size",
+        "32M",
+        &d0,
+    ]);
+    ok(&[
+        "disk",
+        "create",
+        "--state-dir",
+        &ds.st,
+        "--size",
+        "16M",
+        &d1,
+    ]);
+    let sock = ds.p("vus.sock");
+    let s = sock.to_str().unwrap();
+    ok(&["scsi", "add", "--state-dir", &ds.st, "--socket", s, &d0]);
+    let script = r#"#!/bin/sh
+set -eu
+wait_for() { i=0; while ! eval "$1"; do i=$((i+1)); [ $i -lt 900 ] || { echo "FAIL: $1"; exit 1; }; sleep 0.1; done; }
+[ ! -b /dev/sdb ]
+echo "SIZE0=$(cat /sys/block/sda/size)"
+echo READY-PLUG
+wait_for '[ -b /dev/sdb ]'
+echo "PLUGGED=$(cat /sys/block/sdb/size)"
+echo READY-GROW
+wait_for '[ "$(cat /sys/block/sda/size)" != 65536 ]'
+echo "GROWN=$(cat /sys/block/sda/size)"
+dd if=/dev/zero of=/dev/sda bs=1M seek=40 count=1 oflag=direct
+"#;
+    let mut g = Guest::start(ds.dir.path(), "hotplug", script, &[], &sock, &[]);
+    g.wait_for("READY-PLUG", Duration::from_secs(120));
+    let out = ok(&["scsi", "add", "--state-dir", &ds.st, "--socket", s, &d1]);
+    assert!(out.contains("LUN 1"), "{out}");
+    g.wait_for("PLUGGED=", Duration::from_secs(120));
+    ok(&[
+        "disk",
+        "resize",
+        "--state-dir",
+        &ds.st,
+        "--size",
+        "64M",
+        &d0,
+    ]);
+    let (rc, console) = g.finish();
+    assert_eq!(rc, 0, "{console}");
+    assert!(console.contains("SIZE0=65536"), "{console}");
+    assert!(console.contains("PLUGGED=32768"), "{console}");
+    assert!(console.contains("GROWN=131072"), "{console}");
+}

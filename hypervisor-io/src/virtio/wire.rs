@@ -97,11 +97,14 @@ pub fn cmd_response(status: u8, response: u8, resid: u32, sense: &[u8]) -> [u8; 
     b
 }
 
-/// An event.
+/// An event. Its LUN is encoded as REPORT LUNS lists it (peripheral
+/// addressing below 256): Linux reads the two bytes as the LUN number
+/// without taking the addressing method off, as QEMU's events do too.
 pub fn event(kind: u32, lun: u16, reason: u32) -> [u8; EVENT_LEN] {
     let mut b = [0u8; EVENT_LEN];
     b[0..4].copy_from_slice(&kind.to_le_bytes());
-    b[4..12].copy_from_slice(&lun_field(lun));
+    let l = crate::scsi::target::encode_lun(lun);
+    b[4..12].copy_from_slice(&[1, 0, l[0], l[1], 0, 0, 0, 0]);
     b[12..16].copy_from_slice(&reason.to_le_bytes());
     b
 }
