@@ -47,6 +47,7 @@ pub const COMMANDS: &[&str] = &[
     "disk-changed",
     "disk-delete",
     "disk-tracking",
+    "disk-share",
     "scsi-add",
     "scsi-remove",
     "scsi-list",
@@ -519,6 +520,10 @@ pub fn disk_command(fs: &Arc<vmfs::Fs>, c: &str, args: &Value) -> Result<Value> 
         "disk-tracking" => {
             let a: TrackingArgs = proto::arguments(c, args)?;
             to_value(ops::disk_tracking(fs, &a.path, a.on)?)
+        }
+        "disk-share" => {
+            let a: TrackingArgs = proto::arguments(c, args)?;
+            to_value(ops::disk_share(fs, &a.path, a.on)?)
         }
         "disk-info" => {
             let a: PathArgs = proto::arguments(c, args)?;

@@ -598,6 +598,20 @@ fn done(fs: &Arc<Fs>, path: &str, said: String) -> Result<DiskDone> {
     })
 }
 
+pub fn disk_share(fs: &Arc<Fs>, path: &str, on: bool) -> Result<DiskDone> {
+    let (store, name) = store_for(fs, path)?;
+    snapshot::ops::set_shared(store, &name, on).map_err(disk_err)?;
+    done(
+        fs,
+        path,
+        if on {
+            "shared: every host may attach it at once (multi-writer); change tracking is off".into()
+        } else {
+            "no longer shared: one host at a time".into()
+        },
+    )
+}
+
 pub fn disk_create(
     fs: &Arc<Fs>,
     path: &str,

@@ -12,8 +12,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use hypervisor_io::backend::Backend;
+use hypervisor_io::prstore::FilePrStore;
 use hypervisor_io::scsi::disk::DiskUnit;
-use hypervisor_io::scsi::pr::MemPrStore;
+use hypervisor_io::scsi::pr::{MemPrStore, PrStore};
 use hypervisor_io::scsi::target::Target;
 use hypervisor_io::vdisk::VirtualDisk;
 use hypervisor_io::virtio::{Config, Controller};
@@ -94,11 +95,19 @@ impl Scsi {
 
     fn open_unit(&self, path: &str) -> Result<(Arc<VirtualDisk>, Arc<DiskUnit>)> {
         let (store, name) = ops::store_for(&self.fs, path)?;
-        let disk = Arc::new(VirtualDisk::open(store, &name, path).map_err(ops::disk_err)?);
+        let disk = Arc::new(VirtualDisk::open(store.clone(), &name, path).map_err(ops::disk_err)?);
+        // A shared disk's reservations are seen by every host that serves
+        // it; a disk only this host can open keeps them in memory.
+        let pr: Arc<dyn PrStore> = if disk.shared() {
+            let stem = snapshot::ops::stem(&name).map_err(ops::disk_err)?;
+            Arc::new(FilePrStore::open(store, stem).map_err(ops::disk_err)?)
+        } else {
+            Arc::new(MemPrStore::default())
+        };
         let unit = Arc::new(DiskUnit::new(
             path.to_string(),
             disk.clone() as Arc<dyn Backend>,
-            Arc::new(MemPrStore::default()),
+            pr,
         ));
         Ok((disk, unit))
     }
@@ -303,7 +312,9 @@ impl Scsi {
                 }
                 r
             }
-            "disk-revert" | "disk-delete" | "disk-import" | "disk-tracking" => return busy(),
+            "disk-revert" | "disk-delete" | "disk-import" | "disk-tracking" | "disk-share" => {
+                return busy()
+            }
             _ => return None,
         };
         Some(r.and_then(|d| {

@@ -11,6 +11,8 @@
 //!   `snapshot/` and the file API, memory, null).
 
 pub mod backend;
+#[cfg(feature = "vhost")]
+pub mod prstore;
 pub mod scsi;
 #[cfg(feature = "vhost")]
 pub mod vdisk;

@@ -24,6 +24,7 @@ pub struct VirtualDisk {
     /// `None` only inside [`VirtualDisk::with_closed`] when reopening failed.
     disk: RwLock<Option<Disk>>,
     id: Identity,
+    shared: bool,
     thin: AtomicBool,
     capacity: AtomicU64,
 }
@@ -76,7 +77,9 @@ impl VirtualDisk {
                 b[4..8].copy_from_slice(&cid.to_be_bytes());
                 b
             });
+        let shared = snapshot::ops::is_shared(&*store, &disk)?;
         Ok(VirtualDisk {
+            shared,
             thin: AtomicBool::new(disk.thin()),
             capacity: AtomicU64::new(disk.capacity()),
             store,
@@ -92,6 +95,12 @@ impl VirtualDisk {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Shared by several hosts (multi-writer extents): its reservations
+    /// live on the datastore, and chain operations are refused.
+    pub fn shared(&self) -> bool {
+        self.shared
     }
 
     /// Snapshots below the current layer.

@@ -340,6 +340,7 @@ pub fn snapshot(store: Arc<dyn Store>, name: &str) -> Result<Snapshot> {
     // Opened for writing: its extents locked (EBUSY if written elsewhere),
     // and everything written so far made durable.
     let disk = Disk::open(store.clone(), name, true)?;
+    refuse_shared(&*store, &disk, "a snapshot")?;
     if disk.depth() >= MAX_DEPTH {
         return Err(DiskError::Chain(format!(
             "{} already has {MAX_DEPTH} snapshots: consolidate before taking another",
@@ -377,6 +378,7 @@ pub fn revert(store: Arc<dyn Store>, name: &str) -> Result<()> {
         )));
     }
     let disk = Disk::open(store.clone(), name, true)?;
+    refuse_shared(&*store, &disk, "a revert")?;
     if disk.depth() == 0 {
         return Err(DiskError::Invalid(format!(
             "{} has no snapshot to revert to",
@@ -422,6 +424,7 @@ pub fn revert(store: Arc<dyn Store>, name: &str) -> Result<()> {
 pub fn consolidate(store: Arc<dyn Store>, name: &str) -> Result<u64> {
     stem(name)?;
     let top = Disk::open_with(store.clone(), name, true, true)?;
+    refuse_shared(&*store, &top, "a consolidation")?;
     if top.depth() == 0 {
         return Err(DiskError::Invalid(format!(
             "{} has no snapshot to consolidate",
@@ -698,6 +701,7 @@ pub fn resize(store: Arc<dyn Store>, name: &str, size: u64) -> Result<u64> {
     stem(name)?;
     finish_consolidation(store.clone(), name)?;
     let disk = Disk::open(store.clone(), name, true)?;
+    refuse_shared(&*store, &disk, "growing it")?;
     if disk.depth() > 0 {
         return Err(DiskError::Invalid(format!(
             "{} has {} snapshot(s): consolidate before growing it",
@@ -768,6 +772,7 @@ pub fn set_tracking(store: Arc<dyn Store>, name: &str, on: bool) -> Result<bool>
     match (&was, on) {
         (Some(_), true) | (None, false) => return Ok(was.is_some()),
         (None, true) => {
+            refuse_shared(&*store, &disk, "change tracking")?;
             let f = ctk_file(&st);
             ctk::create(
                 &*store,
@@ -937,4 +942,99 @@ pub fn chain_files(store: &dyn Store, name: &str) -> Result<Vec<String>> {
         next = d.parent_hint.clone();
     }
     Ok(out)
+}
+
+/// The file that keeps a shared disk's SCSI persistent reservations.
+pub fn reservations_file(stem: &str) -> String {
+    format!("{stem}.pr")
+}
+
+/// The file held exclusively while a host changes those reservations.
+pub fn reservations_lock(stem: &str) -> String {
+    format!("{stem}.pr.lock")
+}
+
+/// Whether disk `name` is shared by several hosts (its extents marked
+/// multi-writer).
+pub fn is_shared(store: &dyn Store, disk: &Disk) -> Result<bool> {
+    for e in &disk.layers[0].desc.extents {
+        if let Some(f) = &e.file {
+            if store.multi_writer(f).map_err(at(f))? {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// Refuse `what` on a shared disk: several hosts write its extents, and a
+/// chain operation would change the disk under the others.
+pub(crate) fn refuse_shared(store: &dyn Store, disk: &Disk, what: &str) -> Result<()> {
+    if is_shared(store, disk)? {
+        return Err(DiskError::Invalid(format!(
+            "{} is shared by several hosts (multi-writer): {what} is refused; `vmfs disk share DISK off` first, with no host using it",
+            store.describe(&disk.layers[0].name)
+        )));
+    }
+    Ok(())
+}
+
+/// Share disk `name` between hosts (or stop): its flat extents are marked
+/// multi-writer, so every host opens them for writing at once (guest
+/// clusters); change tracking is turned off (one history cannot follow
+/// writers on several hosts); the files for persistent reservations are
+/// made (removed when unsharing). Only a disk with no snapshot whose
+/// extents are all flat (thick or thin) can be shared, and nobody may have
+/// it open.
+pub fn set_shared(store: Arc<dyn Store>, name: &str, on: bool) -> Result<()> {
+    let st = stem(name)?.to_string();
+    let disk = Disk::open(store.clone(), name, false)?;
+    if on {
+        if disk.depth() > 0 {
+            return Err(DiskError::Invalid(format!(
+                "{} has {} snapshot(s): consolidate before sharing it",
+                store.describe(name),
+                disk.depth()
+            )));
+        }
+        if disk.layers[0]
+            .desc
+            .extents
+            .iter()
+            .any(|e| e.kind == Kind::Sparse)
+        {
+            return Err(DiskError::Invalid(format!(
+                "{}: only a disk of flat extents can be shared (a sparse extent's grain tables cannot have writers on several hosts)",
+                store.describe(name)
+            )));
+        }
+    }
+    let files: Vec<String> = disk.layers[0]
+        .desc
+        .extents
+        .iter()
+        .filter_map(|e| e.file.clone())
+        .collect();
+    drop(disk);
+    if on {
+        set_tracking(store.clone(), name, false)?;
+        for f in [reservations_file(&st), reservations_lock(&st)] {
+            if !store.exists(&f).map_err(at(&f))? {
+                store.create(&f).map_err(at(&f))?;
+            }
+        }
+        store
+            .set_multi_writer(&reservations_file(&st), true)
+            .map_err(at(&reservations_file(&st)))?;
+    }
+    for f in &files {
+        store.set_multi_writer(f, on).map_err(at(f))?;
+    }
+    if !on {
+        for f in [reservations_file(&st), reservations_lock(&st)] {
+            let _ = store.set_multi_writer(&f, false);
+            store.remove_if_there(&f).map_err(at(&f))?;
+        }
+    }
+    Ok(())
 }

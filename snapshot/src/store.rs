@@ -63,6 +63,21 @@ pub trait Store: Send + Sync {
     }
     /// Where the files are, for messages.
     fn describe(&self, name: &str) -> String;
+    /// Whether `name` is marked for writing by several hosts at once (a
+    /// shared disk's extents); opens for writing then take that lock mode.
+    fn multi_writer(&self, _name: &str) -> StoreResult<bool> {
+        Ok(false)
+    }
+    /// Mark (or unmark) `name` multi-writer; not open for writing here.
+    fn set_multi_writer(&self, name: &str, _on: bool) -> StoreResult<()> {
+        Err(StoreError::Io(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            format!(
+                "{}: only a datastore has multi-writer files",
+                self.describe(name)
+            ),
+        )))
+    }
 }
 
 // ---------------------------------------------------------------- local
@@ -256,10 +271,10 @@ impl DiskFile for VmfsFile {
 
 impl Store for VmfsStore {
     fn open(&self, name: &str, write: bool) -> StoreResult<Arc<dyn DiskFile>> {
-        let mode = if write {
-            vmfs::LockMode::Exclusive
-        } else {
-            vmfs::LockMode::ReadOnly
+        let mode = match write {
+            false => vmfs::LockMode::ReadOnly,
+            true if self.multi_writer(name)? => vmfs::LockMode::MultiWriter,
+            true => vmfs::LockMode::Exclusive,
         };
         Ok(Arc::new(VmfsFile(
             self.fs.open_path(&self.path(name), mode)?,
@@ -290,5 +305,13 @@ impl Store for VmfsStore {
     }
     fn describe(&self, name: &str) -> String {
         format!("datastore:/{}", self.path(name))
+    }
+    fn multi_writer(&self, name: &str) -> StoreResult<bool> {
+        let ino = self.fs.resolve(&self.path(name))?;
+        Ok(self.fs.getattr(ino)?.flags & vmfs::format::FD_FLAG_MULTI_WRITER != 0)
+    }
+    fn set_multi_writer(&self, name: &str, on: bool) -> StoreResult<()> {
+        let ino = self.fs.resolve(&self.path(name))?;
+        Ok(self.fs.set_multi_writer(ino, on)?)
     }
 }

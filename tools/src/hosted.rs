@@ -488,6 +488,7 @@ pub fn disk(c: DiskCmd) -> Result<std::process::ExitCode> {
         DiskCmd::Tracking { state, at } => {
             ("disk-tracking", json!({"on": state == "on"}), at, true)
         }
+        DiskCmd::Share { state, at } => ("disk-share", json!({"on": state == "on"}), at, true),
         DiskCmd::Info { at, .. } => ("disk-info", json!({}), at, false),
         DiskCmd::Snapshot { at } => ("disk-snapshot", json!({}), at, true),
         DiskCmd::Revert { at } => ("disk-revert", json!({}), at, true),

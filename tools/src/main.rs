@@ -295,6 +295,17 @@ pub(crate) enum DiskCmd {
         #[arg(value_parser = ["on", "off"])]
         state: String,
     },
+    /// Share the disk between hosts (multi-writer, for guest clusters) or
+    /// stop: every host may then attach it at once, SCSI persistent
+    /// reservations are kept on the datastore for all of them, change
+    /// tracking is off and snapshots are refused. Flat extents only, no
+    /// snapshot, nobody using it.
+    Share {
+        #[command(flatten)]
+        at: DiskAt,
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
 }
 
 #[derive(Subcommand)]

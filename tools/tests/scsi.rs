@@ -138,13 +138,13 @@ impl Drop for Guest {
     }
 }
 
-/// A mounted datastore of one LUN file.
+/// A mounted datastore of one LUN file (the host goes first when dropped:
+/// nothing is deleted through a live mount).
 struct Ds {
+    host: Host,
     dir: tempfile::TempDir,
-    #[allow(dead_code)]
     lun: String,
     st: String,
-    host: Host,
 }
 
 impl Ds {
@@ -698,4 +698,107 @@ dd if=/dev/zero of=/dev/sda bs=1M seek=40 count=1 oflag=direct
     assert!(console.contains("SIZE0=65536"), "{console}");
     assert!(console.contains("PLUGGED=32768"), "{console}");
     assert!(console.contains("GROWN=131072"), "{console}");
+}
+
+/// A shared disk attached on two hosts at once: persistent reservations
+/// made by a guest on one host hold for a guest on the other (register,
+/// reserve, conflict, preempt), as pacemaker's fence_scsi uses them.
+#[test]
+fn persistent_reservations_of_a_shared_disk_hold_across_hosts() {
+    let ds = Ds::new(1 << 30);
+    let d = ds.disk("quorum.vmdk");
+    ok(&[
+        "disk",
+        "create",
+        "--state-dir",
+        &ds.st,
+        "--size",
+        "16M",
+        "--provisioning",
+        "eager",
+        &d,
+    ]);
+    // Not shareable with a snapshot, sharing refuses snapshots.
+    ok(&["disk", "share", "--state-dir", &ds.st, &d, "on"]);
+    let o = vmfs(&["disk", "snapshot", "--state-dir", &ds.st, &d]);
+    assert!(
+        !o.status.success() && text(&o).contains("shared"),
+        "{}",
+        text(&o)
+    );
+    let stb = ds.p("b").to_str().unwrap().to_string();
+    let mntb = ds.p("mb");
+    std::fs::create_dir(&mntb).unwrap();
+    let _b = Host::mount(&["--state-dir", &stb, &ds.lun], &mntb);
+    let db = mntb.join("vm/quorum.vmdk").to_str().unwrap().to_string();
+    let (sa, sb) = (ds.p("a.sock"), ds.p("b.sock"));
+    ok(&[
+        "scsi",
+        "add",
+        "--state-dir",
+        &ds.st,
+        "--socket",
+        sa.to_str().unwrap(),
+        &d,
+    ]);
+    ok(&[
+        "scsi",
+        "add",
+        "--state-dir",
+        &stb,
+        "--socket",
+        sb.to_str().unwrap(),
+        &db,
+    ]);
+
+    let common = r#"#!/bin/sh
+set -ux
+fail() { echo "FAIL: $*"; exit 1; }
+dd if=/dev/zero of=/tmp/z bs=512 count=1 2>/dev/null
+# WRITE(10) of one block; prints the SCSI status on failure.
+w() { sg_raw -s 512 -i /tmp/z /dev/sda 2a 00 00 00 00 10 00 00 01 00 2>&1; }
+keys() { sg_persist --in --read-keys /dev/sda 2>&1; }
+res() { sg_persist --in --read-reservation /dev/sda 2>&1; }
+"#;
+    // Host A's guest registers 0xaa and reserves write-exclusive,
+    // registrants only.
+    let a1 = format!(
+        "{common}{}",
+        r#"sg_persist --out --register --param-sark=0xaa /dev/sda || fail register
+sg_persist --out --reserve --param-rk=0xaa --prout-type=5 /dev/sda || fail reserve
+w | grep -qi "conflict" && fail "the holder was refused"
+res | grep -qi "0xaa" || fail "no reservation"
+echo A1-OK
+"#
+    );
+    let g = Guest::start(ds.dir.path(), "pra1", &a1, &[], &sa, &[]);
+    let (rc, console) = g.finish();
+    assert!(rc == 0 && console.contains("A1-OK"), "{console}");
+    // Host B's guest: refused until registered, then fences A off.
+    let b1 = format!(
+        "{common}{}",
+        r#"keys | grep -qi "0xaa" || fail "B does not see A's key"
+w | grep -qi "reservation conflict" || fail "an unregistered write went through"
+sg_persist --out --register --param-sark=0xbb /dev/sda || fail register
+w | grep -qi "conflict" && fail "a registrant was refused"
+sg_persist --out --preempt --param-rk=0xbb --param-sark=0xaa --prout-type=5 /dev/sda || fail preempt
+keys | grep -qi "0xaa" && fail "A's key survived the preempt"
+res | grep -qi "0xbb" || fail "B does not hold the reservation"
+echo B1-OK
+"#
+    );
+    let g = Guest::start(ds.dir.path(), "prb1", &b1, &[], &sb, &[]);
+    let (rc, console) = g.finish();
+    assert!(rc == 0 && console.contains("B1-OK"), "{console}");
+    // Host A's guest again: fenced.
+    let a2 = format!(
+        "{common}{}",
+        r#"w | grep -qi "reservation conflict" || fail "the fenced host still writes"
+keys | grep -qi "0xbb" || fail "A does not see B's key"
+echo A2-OK
+"#
+    );
+    let g = Guest::start(ds.dir.path(), "pra2", &a2, &[], &sa, &[]);
+    let (rc, console) = g.finish();
+    assert!(rc == 0 && console.contains("A2-OK"), "{console}");
 }

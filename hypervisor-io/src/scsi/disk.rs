@@ -134,6 +134,11 @@ impl DiskUnit {
         if !self.pr.maybe_active() {
             return None;
         }
+        // Look first (cheap on a shared disk), change only when there is one.
+        match self.pr.current() {
+            Ok(s) if s.pending.iter().any(|p| p.0 == nexus) => {}
+            _ => return None,
+        }
         let mut got = None;
         let _ = self.pr.transact(&mut |s: &mut PrState| {
             got = s.take_pending(nexus);

@@ -495,3 +495,131 @@ mod tests {
         assert!(s.allows("b", Access::Read));
     }
 }
+
+/// The on-datastore form of a shared unit's state (`NAME.pr`, written up
+/// in docs/FORMAT.md): a 32-byte header, then the state as JSON.
+///
+/// | offset | field |
+/// |---|---|
+/// | 0 | magic `VMFSPR\r\n` |
+/// | 8 | format version u32 (1) |
+/// | 12 | payload length u32 |
+/// | 16 | change counter u64: +1 at every change (readers re-read the payload only when it moved) |
+/// | 24 | CRC32 of the header (this field zero) and the payload |
+/// | 28 | reserved, zero |
+pub mod file {
+    use super::{PrFailure, PrState};
+    use crate::scsi::sense::Sense;
+
+    pub const MAGIC: &[u8; 8] = b"VMFSPR\r\n";
+    pub const VERSION: u32 = 1;
+    pub const HEADER: usize = 32;
+    /// A payload longer than this is damage, not state.
+    pub const MAX_PAYLOAD: usize = 1 << 20;
+
+    /// Why the state file cannot be read.
+    #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+    #[error("reservation state {file}: {reason}")]
+    pub struct BadState {
+        pub file: String,
+        pub reason: String,
+    }
+
+    impl From<BadState> for PrFailure {
+        fn from(e: BadState) -> Self {
+            tracing::error!("{e}");
+            PrFailure::Check(Sense::INTERNAL_TARGET_FAILURE)
+        }
+    }
+
+    pub fn encode(s: &PrState, counter: u64) -> Vec<u8> {
+        let payload = serde_json::to_vec(s).unwrap_or_default();
+        let mut b = vec![0u8; HEADER];
+        b[0..8].copy_from_slice(MAGIC);
+        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        b[12..16].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        b[16..24].copy_from_slice(&counter.to_le_bytes());
+        b.extend_from_slice(&payload);
+        let crc = crc32fast::hash(&b);
+        b[24..28].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// The header: (payload length, change counter). An empty file (just
+    /// made) is state 0 with nothing in it.
+    pub fn header(b: &[u8], file: &str) -> Result<(usize, u64), BadState> {
+        let bad = |reason: String| BadState {
+            file: file.to_string(),
+            reason,
+        };
+        if b.iter().all(|&x| x == 0) {
+            return Ok((0, 0));
+        }
+        if b.len() < HEADER || &b[0..8] != MAGIC {
+            return Err(bad("no reservation-state header (bad magic)".into()));
+        }
+        let v = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
+        if v != VERSION {
+            return Err(bad(format!(
+                "format version {v}; this host reads {VERSION}"
+            )));
+        }
+        let len = u32::from_le_bytes([b[12], b[13], b[14], b[15]]) as usize;
+        if len > MAX_PAYLOAD {
+            return Err(bad(format!("a payload of {len} bytes")));
+        }
+        let counter = u64::from_le_bytes(b[16..24].try_into().expect("8 bytes"));
+        Ok((len, counter))
+    }
+
+    /// The whole file (header and payload) as state.
+    pub fn decode(b: &[u8], file: &str) -> Result<(PrState, u64), BadState> {
+        let (len, counter) = header(b, file)?;
+        if counter == 0 && len == 0 {
+            return Ok((PrState::default(), 0));
+        }
+        let bad = |reason: String| BadState {
+            file: file.to_string(),
+            reason,
+        };
+        let Some(whole) = b.get(..HEADER + len) else {
+            return Err(bad(format!(
+                "{} bytes, the header says {}",
+                b.len(),
+                HEADER + len
+            )));
+        };
+        let mut c = whole.to_vec();
+        c[24..28].fill(0);
+        let want = u32::from_le_bytes([b[24], b[25], b[26], b[27]]);
+        if crc32fast::hash(&c) != want {
+            return Err(bad("checksum mismatch".into()));
+        }
+        let s: PrState =
+            serde_json::from_slice(&whole[HEADER..]).map_err(|e| bad(format!("payload: {e}")))?;
+        Ok((s, counter))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn state_round_trips_and_damage_is_named() {
+            let mut s = PrState::default();
+            s.out("h/c", 0, 0, 0, &{
+                let mut p = vec![0u8; 24];
+                p[8..16].copy_from_slice(&5u64.to_be_bytes());
+                p
+            })
+            .unwrap();
+            let b = encode(&s, 9);
+            assert_eq!(decode(&b, "x").unwrap(), (s, 9));
+            assert_eq!(decode(&[0u8; 64], "x").unwrap().1, 0);
+            let mut bad = b.clone();
+            *bad.last_mut().unwrap() ^= 1;
+            assert!(decode(&bad, "x").unwrap_err().reason.contains("checksum"));
+            assert!(decode(&b[..20], "x").is_err());
+        }
+    }
+}

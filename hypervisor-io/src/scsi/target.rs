@@ -18,6 +18,9 @@ pub struct Target {
     luns: RwLock<BTreeMap<u16, Arc<DiskUnit>>>,
     /// Unit attentions waiting, per LUN (one initiator per target).
     attentions: Mutex<BTreeMap<u16, VecDeque<Sense>>>,
+    /// Whether any may be waiting: every command asks, and most find none
+    /// without taking the lock.
+    pending: std::sync::atomic::AtomicBool,
 }
 
 impl Target {
@@ -35,6 +38,7 @@ impl Target {
         }
         luns.insert(lun, unit);
         ua.insert(lun, VecDeque::from([Sense::POWER_ON_RESET]));
+        self.flag();
     }
 
     pub fn remove(&self, lun: u16) -> Option<Arc<DiskUnit>> {
@@ -45,6 +49,7 @@ impl Target {
         for l in luns.keys() {
             push(ua.entry(*l).or_default(), Sense::REPORTED_LUNS_CHANGED);
         }
+        self.flag();
         u
     }
 
@@ -69,17 +74,32 @@ impl Target {
     pub fn attention(&self, lun: u16, s: Sense) {
         let mut ua = self.attentions.lock().unwrap_or_else(|p| p.into_inner());
         push(ua.entry(lun).or_default(), s);
+        self.flag();
     }
 
     /// A LUN reset: what was pending is dropped, POWER ON, RESET remains.
     pub fn reset(&self, lun: u16) {
         let mut ua = self.attentions.lock().unwrap_or_else(|p| p.into_inner());
         ua.insert(lun, VecDeque::from([Sense::POWER_ON_RESET]));
+        self.flag();
     }
 
     fn take_attention(&self, lun: u16) -> Option<Sense> {
+        use std::sync::atomic::Ordering;
+        if !self.pending.load(Ordering::Acquire) {
+            return None;
+        }
         let mut ua = self.attentions.lock().unwrap_or_else(|p| p.into_inner());
-        ua.get_mut(&lun).and_then(|q| q.pop_front())
+        let s = ua.get_mut(&lun).and_then(|q| q.pop_front());
+        if ua.values().all(|q| q.is_empty()) {
+            self.pending.store(false, Ordering::Release);
+        }
+        s
+    }
+
+    fn flag(&self) {
+        self.pending
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// Carry out one command from initiator `nexus` to `lun`.
