@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use hypervisor_io::backend::Backend;
 use hypervisor_io::prstore::FilePrStore;
+use hypervisor_io::rdmlun::RdmUnit;
 use hypervisor_io::scsi::disk::DiskUnit;
 use hypervisor_io::scsi::pr::{MemPrStore, PrStore};
 use hypervisor_io::scsi::target::Target;
@@ -27,8 +28,32 @@ use crate::ops::{self, DiskDone};
 struct Lun {
     lun: u16,
     path: String,
-    disk: Arc<VirtualDisk>,
+    storage: Storage,
     unit: Arc<DiskUnit>,
+}
+
+/// What a LUN is.
+enum Storage {
+    /// A virtual disk (a chain).
+    Disk(Arc<VirtualDisk>),
+    /// A virtual-mode raw device mapping, emulated over the mapped LUN.
+    Rdm(Arc<RdmUnit>),
+}
+
+impl Storage {
+    fn backend(&self) -> &dyn Backend {
+        match self {
+            Storage::Disk(d) => &**d,
+            Storage::Rdm(r) => &**r,
+        }
+    }
+
+    fn close(&self) -> Result<()> {
+        match self {
+            Storage::Disk(d) => d.close().map_err(ops::disk_err),
+            Storage::Rdm(r) => Ok(r.close()?),
+        }
+    }
 }
 
 struct Attached {
@@ -93,7 +118,24 @@ impl Scsi {
         self.ctls.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn open_unit(&self, path: &str) -> Result<(Arc<VirtualDisk>, Arc<DiskUnit>)> {
+    fn open_unit(&self, path: &str) -> Result<(Storage, Arc<DiskUnit>)> {
+        let ino = self.fs.resolve(path.trim_start_matches('/'))?;
+        let inode = self.fs.getattr(ino)?;
+        if inode.flags & vmfs::format::FD_FLAG_RDM != 0 {
+            let m = self.fs.mapping_of(&inode)?;
+            if m.mode == rdm::Mode::Physical {
+                return Err(HostError::BadRequest(format!(
+                    "{path} is a physical-mode raw device mapping: passing the guest's commands through to the LUN is not served yet; map it in virtual mode"
+                )));
+            }
+            let r = Arc::new(RdmUnit::open(&self.fs, path.trim_start_matches('/'), &m)?);
+            let unit = Arc::new(DiskUnit::new(
+                path.to_string(),
+                r.clone() as Arc<dyn Backend>,
+                Arc::new(MemPrStore::default()),
+            ));
+            return Ok((Storage::Rdm(r), unit));
+        }
         let (store, name) = ops::store_for(&self.fs, path)?;
         let disk = Arc::new(VirtualDisk::open(store.clone(), &name, path).map_err(ops::disk_err)?);
         // A shared disk's reservations are seen by every host that serves
@@ -109,7 +151,7 @@ impl Scsi {
             disk.clone() as Arc<dyn Backend>,
             pr,
         ));
-        Ok((disk, unit))
+        Ok((Storage::Disk(disk), unit))
     }
 
     /// Where `path` is attached: controller socket and LUN.
@@ -148,11 +190,20 @@ impl Scsi {
         }
         let mut opened = Vec::new();
         for d in &a.disks {
-            let (disk, unit) = self.open_unit(d)?;
-            opened.push((d.clone(), disk, unit));
+            match self.open_unit(d) {
+                Ok((storage, unit)) => opened.push((d.clone(), storage, unit)),
+                Err(e) => {
+                    for (p, s, _) in &opened {
+                        if let Err(e) = s.close() {
+                            tracing::error!("{p}: closing: {e}");
+                        }
+                    }
+                    return Err(e);
+                }
+            }
         }
         if let Some(att) = map.get_mut(&socket) {
-            for (path, disk, unit) in opened {
+            for (path, storage, unit) in opened {
                 let lun = (0..hypervisor_io::scsi::target::MAX_LUNS)
                     .find(|l| att.luns.iter().all(|x| x.lun != *l))
                     .ok_or_else(|| HostError::Busy("the controller has no free LUN".into()))?;
@@ -161,7 +212,7 @@ impl Scsi {
                 att.luns.push(Lun {
                     lun,
                     path,
-                    disk,
+                    storage,
                     unit,
                 });
             }
@@ -179,12 +230,12 @@ impl Scsi {
         }
         let target = Arc::new(Target::new());
         let mut luns = Vec::new();
-        for (i, (path, disk, unit)) in opened.into_iter().enumerate() {
+        for (i, (path, storage, unit)) in opened.into_iter().enumerate() {
             target.add(i as u16, unit.clone());
             luns.push(Lun {
                 lun: i as u16,
                 path,
-                disk,
+                storage,
                 unit,
             });
         }
@@ -264,6 +315,12 @@ impl Scsi {
         let (socket, lun) = Self::find(&map, path)?;
         let att = map.get(&socket)?;
         let l = att.luns.iter().find(|l| l.lun == lun)?;
+        let Storage::Disk(disk) = &l.storage else {
+            return Some(Err(HostError::Busy(format!(
+                "{path} is a raw device mapping attached to {} as LUN {lun}: {c} is refused while it is attached",
+                socket.display()
+            ))));
+        };
         let busy = || {
             Some(Err(HostError::Busy(format!(
                 "{path} is attached to the running controller {} as LUN {lun}: {c} is refused while it is attached",
@@ -271,7 +328,7 @@ impl Scsi {
             ))))
         };
         let r = match c {
-            "disk-snapshot" => self.paused(l, "snapshot", |store, name| {
+            "disk-snapshot" => self.paused(l, disk, "snapshot", |store, name| {
                 let s = snapshot::ops::snapshot(store, name)?;
                 Ok((
                     format!(
@@ -286,7 +343,7 @@ impl Scsi {
             }),
             "disk-consolidate" => {
                 let all = args.get("all").and_then(|v| v.as_bool()).unwrap_or(false);
-                self.paused(l, "consolidate", |store, name| {
+                self.paused(l, disk, "consolidate", |store, name| {
                     let mut n = 0;
                     loop {
                         snapshot::ops::consolidate(store.clone(), name)?;
@@ -303,7 +360,7 @@ impl Scsi {
                 let Some(size) = args.get("size").and_then(|v| v.as_u64()) else {
                     return Some(Err(HostError::BadRequest("disk-resize: size".into())));
                 };
-                let r = self.paused(l, "resize", |store, name| {
+                let r = self.paused(l, disk, "resize", |store, name| {
                     snapshot::ops::resize(store, name, size)?;
                     Ok((format!("grown to {size} bytes"), None))
                 });
@@ -327,12 +384,13 @@ impl Scsi {
     fn paused(
         &self,
         l: &Lun,
+        disk: &VirtualDisk,
         what: &str,
         op: impl FnOnce(Arc<dyn snapshot::Store>, &str) -> snapshot::Result<(String, Option<String>)>,
     ) -> Result<DiskDone> {
-        let store = l.disk.store().clone();
-        let name = l.disk.name().to_string();
-        let (r, held) = l.disk.with_closed(|| op(store.clone(), &name));
+        let store = disk.store().clone();
+        let name = disk.name().to_string();
+        let (r, held) = disk.with_closed(|| op(store.clone(), &name));
         tracing::info!(
             "{}: {what} with the guest's I/O held for {:.1} ms",
             l.path,
@@ -345,7 +403,7 @@ impl Scsi {
                 "{said} (guest I/O held {:.1} ms)",
                 held.as_secs_f64() * 1000.0
             ),
-            depth: l.disk.depth(),
+            depth: disk.depth(),
             change_id,
         })
     }
@@ -356,9 +414,9 @@ impl Scsi {
 fn close_all(luns: &[Lun]) -> Result<()> {
     let mut first = None;
     for l in luns {
-        if let Err(e) = l.disk.close() {
+        if let Err(e) = l.storage.close() {
             tracing::error!("{}: closing: {e}", l.path);
-            first.get_or_insert(ops::disk_err(e));
+            first.get_or_insert(e);
         }
     }
     first.map_or(Ok(()), Err)
@@ -380,8 +438,8 @@ fn info(socket: &Path, a: &Attached) -> ControllerInfo {
                 LunInfo {
                     lun: l.lun,
                     disk: l.path.clone(),
-                    size: l.disk.capacity(),
-                    thin: l.disk.thin(),
+                    size: l.storage.backend().capacity(),
+                    thin: l.storage.backend().thin(),
                     reads: c.reads.load(Ordering::Relaxed),
                     writes: c.writes.load(Ordering::Relaxed),
                     read_bytes: c.read_bytes.load(Ordering::Relaxed),

@@ -13,6 +13,8 @@
 pub mod backend;
 #[cfg(feature = "vhost")]
 pub mod prstore;
+#[cfg(feature = "vhost")]
+pub mod rdmlun;
 pub mod scsi;
 #[cfg(feature = "vhost")]
 pub mod vdisk;

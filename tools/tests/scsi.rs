@@ -802,3 +802,70 @@ echo A2-OK
     let (rc, console) = g.finish();
     assert!(rc == 0 && console.contains("A2-OK"), "{console}");
 }
+
+/// A virtual-mode raw device mapping of an iSCSI LUN (tgt) is a LUN of the
+/// guest: what the guest writes is on the mapped LUN. A physical-mode
+/// mapping is refused with the reason (pass-through is not served yet).
+#[test]
+fn a_raw_device_mapping_is_a_lun_of_the_guest() {
+    let ds = Ds::new(512 << 20);
+    let mut tgt = vmfs_tests::Tgt::start(ds.dir.path());
+    let raw = tgt.add_lun("pvraw", 32 << 20);
+    let map = ds.disk("raw.vmdk");
+    ok(&[
+        "rdm",
+        "create",
+        "--mode",
+        "virtual",
+        "--state-dir",
+        &ds.st,
+        &raw,
+        &map,
+    ]);
+    let pmap = ds.disk("rawp.vmdk");
+    ok(&[
+        "rdm",
+        "create",
+        "--mode",
+        "physical",
+        "--state-dir",
+        &ds.st,
+        &raw,
+        &pmap,
+    ]);
+    let sock = ds.p("vus.sock");
+    let s = sock.to_str().unwrap();
+    let o = vmfs(&["scsi", "add", "--state-dir", &ds.st, "--socket", s, &pmap]);
+    assert!(
+        !o.status.success() && text(&o).contains("physical-mode"),
+        "{}",
+        text(&o)
+    );
+    ok(&["scsi", "add", "--state-dir", &ds.st, "--socket", s, &map]);
+    let pat = pattern(2 * MIB, 11);
+    std::fs::write(ds.p("pat"), &pat).unwrap();
+    let script = r#"#!/bin/sh
+set -eux
+sg_inq /dev/sda | grep -q "Raw mapping"
+test "$(cat /sys/block/sda/size)" = 65536
+dd if=/pat of=/dev/sda bs=1M seek=1 oflag=direct conv=fsync
+dd if=/dev/sda of=/tmp/back bs=1M skip=1 count=2 iflag=direct
+cmp /tmp/back /pat
+echo RDM-OK
+"#;
+    let g = Guest::start(
+        ds.dir.path(),
+        "rdm",
+        script,
+        &[(&ds.p("pat"), "/pat")],
+        &sock,
+        &[],
+    );
+    let (rc, console) = g.finish();
+    assert!(rc == 0 && console.contains("RDM-OK"), "{console}");
+    ok(&["scsi", "remove", "--state-dir", &ds.st, "--socket", s]);
+    let direct = lun::open(&raw).unwrap();
+    let mut on_lun = vec![0u8; pat.len()];
+    direct.read_at(&mut on_lun, MIB as u64).unwrap();
+    assert!(on_lun == pat, "the guest's bytes are not on the mapped LUN");
+}
