@@ -13,10 +13,12 @@ use std::sync::{Arc, Mutex};
 
 use hypervisor_io::backend::Backend;
 use hypervisor_io::prstore::FilePrStore;
-use hypervisor_io::rdmlun::RdmUnit;
+use hypervisor_io::rdmlun::{RdmPassthrough, RdmUnit};
+use hypervisor_io::scsi::disk::Counters;
 use hypervisor_io::scsi::disk::DiskUnit;
 use hypervisor_io::scsi::pr::{MemPrStore, PrStore};
 use hypervisor_io::scsi::target::Target;
+use hypervisor_io::scsi::target::Unit;
 use hypervisor_io::vdisk::VirtualDisk;
 use hypervisor_io::virtio::{Config, Controller};
 use serde::{Deserialize, Serialize};
@@ -29,7 +31,7 @@ struct Lun {
     lun: u16,
     path: String,
     storage: Storage,
-    unit: Arc<DiskUnit>,
+    unit: Unit,
 }
 
 /// What a LUN is.
@@ -38,13 +40,17 @@ enum Storage {
     Disk(Arc<VirtualDisk>),
     /// A virtual-mode raw device mapping, emulated over the mapped LUN.
     Rdm(Arc<RdmUnit>),
+    /// A physical-mode raw device mapping: commands pass through.
+    Pass(Arc<RdmPassthrough>),
 }
 
 impl Storage {
-    fn backend(&self) -> &dyn Backend {
+    /// (size, thin)
+    fn shape(&self) -> (u64, bool) {
         match self {
-            Storage::Disk(d) => &**d,
-            Storage::Rdm(r) => &**r,
+            Storage::Disk(d) => (d.capacity(), d.thin()),
+            Storage::Rdm(r) => (r.capacity(), false),
+            Storage::Pass(p) => (p.size(), false),
         }
     }
 
@@ -52,6 +58,7 @@ impl Storage {
         match self {
             Storage::Disk(d) => d.close().map_err(ops::disk_err),
             Storage::Rdm(r) => Ok(r.close()?),
+            Storage::Pass(p) => Ok(p.close()?),
         }
     }
 }
@@ -118,15 +125,37 @@ impl Scsi {
         self.ctls.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn open_unit(&self, path: &str) -> Result<(Storage, Arc<DiskUnit>)> {
+    fn open_unit(&self, path: &str) -> Result<(Storage, Unit)> {
         let ino = self.fs.resolve(path.trim_start_matches('/'))?;
         let inode = self.fs.getattr(ino)?;
         if inode.flags & vmfs::format::FD_FLAG_RDM != 0 {
             let m = self.fs.mapping_of(&inode)?;
             if m.mode == rdm::Mode::Physical {
-                return Err(HostError::BadRequest(format!(
-                    "{path} is a physical-mode raw device mapping: passing the guest's commands through to the LUN is not served yet; map it in virtual mode"
-                )));
+                let p = Arc::new(RdmPassthrough::open(
+                    &self.fs,
+                    path.trim_start_matches('/'),
+                )?);
+                // Only a LUN that speaks SCSI can take the guest's commands.
+                let probe = [0u8; 6];
+                let mut v = Vec::new();
+                use hypervisor_io::scsi::target::RawUnit;
+                let o = p.execute(
+                    &probe,
+                    hypervisor_io::scsi::disk::Buffers {
+                        data_out: &[],
+                        data_in: &mut v,
+                        data_in_max: 0,
+                    },
+                );
+                if o == hypervisor_io::scsi::disk::Outcome::Check(
+                    hypervisor_io::scsi::sense::Sense::INTERNAL_TARGET_FAILURE,
+                ) {
+                    let _ = p.close();
+                    return Err(HostError::BadRequest(format!(
+                        "{path} is a physical-mode raw device mapping whose LUN does not take SCSI commands (a file or NBD LUN): map it in virtual mode"
+                    )));
+                }
+                return Ok((Storage::Pass(p.clone()), Unit::Raw(p)));
             }
             let r = Arc::new(RdmUnit::open(&self.fs, path.trim_start_matches('/'), &m)?);
             let unit = Arc::new(DiskUnit::new(
@@ -134,7 +163,7 @@ impl Scsi {
                 r.clone() as Arc<dyn Backend>,
                 Arc::new(MemPrStore::default()),
             ));
-            return Ok((Storage::Rdm(r), unit));
+            return Ok((Storage::Rdm(r), Unit::Emulated(unit)));
         }
         let (store, name) = ops::store_for(&self.fs, path)?;
         let disk = Arc::new(VirtualDisk::open(store.clone(), &name, path).map_err(ops::disk_err)?);
@@ -151,7 +180,7 @@ impl Scsi {
             disk.clone() as Arc<dyn Backend>,
             pr,
         ));
-        Ok((Storage::Disk(disk), unit))
+        Ok((Storage::Disk(disk), Unit::Emulated(unit)))
     }
 
     /// Where `path` is attached: controller socket and LUN.
@@ -231,7 +260,10 @@ impl Scsi {
         let target = Arc::new(Target::new());
         let mut luns = Vec::new();
         for (i, (path, storage, unit)) in opened.into_iter().enumerate() {
-            target.add(i as u16, unit.clone());
+            match &unit {
+                Unit::Emulated(u) => target.add(i as u16, u.clone()),
+                Unit::Raw(r) => target.add_raw(i as u16, r.clone()),
+            }
             luns.push(Lun {
                 lun: i as u16,
                 path,
@@ -422,6 +454,8 @@ fn close_all(luns: &[Lun]) -> Result<()> {
     first.map_or(Ok(()), Err)
 }
 
+static NO_COUNTERS: std::sync::LazyLock<Counters> = std::sync::LazyLock::new(Counters::default);
+
 fn info(socket: &Path, a: &Attached) -> ControllerInfo {
     let s = a.ctl.shared();
     ControllerInfo {
@@ -434,12 +468,17 @@ fn info(socket: &Path, a: &Attached) -> ControllerInfo {
             .luns
             .iter()
             .map(|l| {
-                let c = &l.unit.counters;
+                let c = match (&l.unit, &l.storage) {
+                    (Unit::Emulated(u), _) => &u.counters,
+                    (_, Storage::Pass(p)) => &p.counters,
+                    _ => &NO_COUNTERS,
+                };
+                let (size, thin) = l.storage.shape();
                 LunInfo {
                     lun: l.lun,
                     disk: l.path.clone(),
-                    size: l.storage.backend().capacity(),
-                    thin: l.storage.backend().thin(),
+                    size,
+                    thin,
                     reads: c.reads.load(Ordering::Relaxed),
                     writes: c.writes.load(Ordering::Relaxed),
                     read_bytes: c.read_bytes.load(Ordering::Relaxed),

@@ -115,3 +115,101 @@ impl Backend for RdmUnit {
         Ok(())
     }
 }
+
+/// A physical-mode raw device mapping: the guest's commands go to the
+/// mapped LUN as they are (libiscsi), but REPORT LUNS, which is the
+/// controller's. The guest sees the LUN's own identity, reservations and
+/// sense data.
+pub struct RdmPassthrough {
+    file: RwLock<Option<vmfs::File>>,
+    path: String,
+    pub counters: crate::scsi::disk::Counters,
+}
+
+impl RdmPassthrough {
+    pub fn open(fs: &Arc<vmfs::Fs>, path: &str) -> vmfs::Result<RdmPassthrough> {
+        let file = fs.open_path(path, vmfs::LockMode::Exclusive)?;
+        Ok(RdmPassthrough {
+            file: RwLock::new(Some(file)),
+            path: path.to_string(),
+            counters: Default::default(),
+        })
+    }
+
+    pub fn close(&self) -> vmfs::Result<()> {
+        match self.file.write().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(f) => f.close(),
+            None => Ok(()),
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.file
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(|f| f.len().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl crate::scsi::target::RawUnit for RdmPassthrough {
+    fn execute(
+        &self,
+        cdb: &[u8],
+        io: crate::scsi::disk::Buffers<'_>,
+    ) -> crate::scsi::disk::Outcome {
+        use crate::scsi::disk::Outcome;
+        use crate::scsi::sense::Sense;
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(n) = cdb.first().and_then(|&op| crate::scsi::cdb::cdb_len(op)) else {
+            return Outcome::Check(Sense::INVALID_OPCODE);
+        };
+        let Some(cdb) = cdb.get(..n.min(16)) else {
+            return Outcome::Check(Sense::INVALID_OPCODE);
+        };
+        let g = self.file.read().unwrap_or_else(|p| p.into_inner());
+        let Some(f) = g.as_ref() else {
+            return Outcome::Check(Sense::INTERNAL_TARGET_FAILURE);
+        };
+        let want_in = if io.data_out.is_empty() {
+            io.data_in_max
+        } else {
+            0
+        };
+        match f.scsi_passthrough(cdb, io.data_out, want_in) {
+            Ok(r) => {
+                let len = r.data_in.len().min(io.data_in_max);
+                io.data_in.extend_from_slice(&r.data_in[..len]);
+                if io.data_out.is_empty() {
+                    self.counters.reads.fetch_add(1, Relaxed);
+                    self.counters.read_bytes.fetch_add(len as u64, Relaxed);
+                } else {
+                    self.counters.writes.fetch_add(1, Relaxed);
+                    self.counters
+                        .write_bytes
+                        .fetch_add(io.data_out.len() as u64, Relaxed);
+                }
+                let sense = (r.status == 2).then_some(Sense {
+                    key: r.sense_key,
+                    asc: (r.ascq >> 8) as u8,
+                    ascq: r.ascq as u8,
+                    field: None,
+                });
+                if r.status != 0 {
+                    self.counters.errors.fetch_add(1, Relaxed);
+                }
+                Outcome::Raw {
+                    status: r.status,
+                    sense,
+                    len,
+                }
+            }
+            Err(e) => {
+                tracing::warn!("{}: {e}", self.path);
+                self.counters.errors.fetch_add(1, Relaxed);
+                Outcome::Check(Sense::INTERNAL_TARGET_FAILURE)
+            }
+        }
+    }
+}

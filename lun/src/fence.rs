@@ -132,6 +132,19 @@ impl Lun for FencedLun {
         self.guard()?;
         self.inner.compare_and_write(offset, expect, new)
     }
+    /// Refused once fenced, whatever the command: which CDBs write is the
+    /// device's business, and a fenced host must not write.
+    fn passthrough(
+        &self,
+        cdb: &[u8],
+        data_out: &[u8],
+        data_in: usize,
+    ) -> Option<Result<crate::ScsiReply>> {
+        if let Err(e) = self.guard() {
+            return Some(Err(e));
+        }
+        self.inner.passthrough(cdb, data_out, data_in)
+    }
 }
 
 #[cfg(test)]

@@ -83,6 +83,19 @@ pub trait Lun: Send + Sync {
     fn compare_and_write_note(&self) -> Option<String> {
         None
     }
+    /// Send one SCSI command as it is, for a physical-mode raw device
+    /// mapping's pass-through: no retry, no interpretation. `data_out`
+    /// non-empty: a write of those bytes; else `data_in` bytes are read.
+    /// `None`: this LUN is no SCSI device (a file, NBD).
+    fn passthrough(
+        &self,
+        cdb: &[u8],
+        data_out: &[u8],
+        data_in: usize,
+    ) -> Option<Result<ScsiReply>> {
+        let _ = (cdb, data_out, data_in);
+        None
+    }
     /// Atomically: if the `expect.len()` bytes at `offset` equal `expect`,
     /// replace them with `new`. `expect` and `new` must be one logical block.
     fn compare_and_write(&self, offset: u64, expect: &[u8], new: &[u8]) -> Result<CompareAndWrite> {
@@ -92,6 +105,16 @@ pub trait Lun: Send + Sync {
             what: "compare-and-write",
         })
     }
+}
+
+/// How a passed-through SCSI command ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScsiReply {
+    pub status: u8,
+    pub sense_key: u8,
+    /// Additional sense code (high byte) and qualifier (low byte).
+    pub ascq: u16,
+    pub data_in: Vec<u8>,
 }
 
 /// Check that `[offset, offset+len)` lies inside a LUN of `size` bytes.

@@ -77,6 +77,16 @@ impl Lun for FlushTracked {
     fn compare_and_write(&self, offset: u64, expect: &[u8], new: &[u8]) -> Result<CompareAndWrite> {
         self.wrote(self.inner.compare_and_write(offset, expect, new))
     }
+    fn passthrough(
+        &self,
+        cdb: &[u8],
+        data_out: &[u8],
+        data_in: usize,
+    ) -> Option<Result<crate::ScsiReply>> {
+        // Whatever it did, the next flush must reach the device.
+        let r = self.inner.passthrough(cdb, data_out, data_in)?;
+        Some(self.wrote(r))
+    }
 }
 
 #[cfg(test)]

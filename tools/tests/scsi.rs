@@ -803,14 +803,16 @@ echo A2-OK
     assert!(rc == 0 && console.contains("A2-OK"), "{console}");
 }
 
-/// A virtual-mode raw device mapping of an iSCSI LUN (tgt) is a LUN of the
-/// guest: what the guest writes is on the mapped LUN. A physical-mode
-/// mapping is refused with the reason (pass-through is not served yet).
+/// Raw device mappings of iSCSI LUNs (tgt) are LUNs of the guest: a
+/// virtual-mode one emulated (what the guest writes is on the mapped LUN),
+/// a physical-mode one passing the guest's commands to the LUN (the guest
+/// sees tgt's own identity and reservations).
 #[test]
-fn a_raw_device_mapping_is_a_lun_of_the_guest() {
+fn raw_device_mappings_are_luns_of_the_guest() {
     let ds = Ds::new(512 << 20);
     let mut tgt = vmfs_tests::Tgt::start(ds.dir.path());
     let raw = tgt.add_lun("pvraw", 32 << 20);
+    let rawp = tgt.add_lun("pvrawp", 16 << 20);
     let map = ds.disk("raw.vmdk");
     ok(&[
         "rdm",
@@ -830,18 +832,21 @@ fn a_raw_device_mapping_is_a_lun_of_the_guest() {
         "physical",
         "--state-dir",
         &ds.st,
-        &raw,
+        &rawp,
         &pmap,
     ]);
     let sock = ds.p("vus.sock");
     let s = sock.to_str().unwrap();
-    let o = vmfs(&["scsi", "add", "--state-dir", &ds.st, "--socket", s, &pmap]);
-    assert!(
-        !o.status.success() && text(&o).contains("physical-mode"),
-        "{}",
-        text(&o)
-    );
-    ok(&["scsi", "add", "--state-dir", &ds.st, "--socket", s, &map]);
+    ok(&[
+        "scsi",
+        "add",
+        "--state-dir",
+        &ds.st,
+        "--socket",
+        s,
+        &map,
+        &pmap,
+    ]);
     let pat = pattern(2 * MIB, 11);
     std::fs::write(ds.p("pat"), &pat).unwrap();
     let script = r#"#!/bin/sh
@@ -851,6 +856,15 @@ test "$(cat /sys/block/sda/size)" = 65536
 dd if=/pat of=/dev/sda bs=1M seek=1 oflag=direct conv=fsync
 dd if=/dev/sda of=/tmp/back bs=1M skip=1 count=2 iflag=direct
 cmp /tmp/back /pat
+# The physical-mode LUN is tgt's own.
+sg_inq /dev/sdb | grep -q "Vendor identification: IET"
+test "$(cat /sys/block/sdb/size)" = 32768
+dd if=/pat of=/dev/sdb bs=1M seek=2 oflag=direct conv=fsync
+dd if=/dev/sdb of=/tmp/back2 bs=1M skip=2 count=2 iflag=direct
+cmp /tmp/back2 /pat
+sg_persist --out --register --param-sark=0x77 /dev/sdb
+sg_persist --in --read-keys /dev/sdb | grep -qi 0x77
+sg_persist --out --register --param-rk=0x77 --param-sark=0 /dev/sdb
 echo RDM-OK
 "#;
     let g = Guest::start(
@@ -864,8 +878,10 @@ echo RDM-OK
     let (rc, console) = g.finish();
     assert!(rc == 0 && console.contains("RDM-OK"), "{console}");
     ok(&["scsi", "remove", "--state-dir", &ds.st, "--socket", s]);
-    let direct = lun::open(&raw).unwrap();
-    let mut on_lun = vec![0u8; pat.len()];
-    direct.read_at(&mut on_lun, MIB as u64).unwrap();
-    assert!(on_lun == pat, "the guest's bytes are not on the mapped LUN");
+    for (url, at) in [(&raw, MIB as u64), (&rawp, 2 * MIB as u64)] {
+        let direct = lun::open(url).unwrap();
+        let mut on_lun = vec![0u8; pat.len()];
+        direct.read_at(&mut on_lun, at).unwrap();
+        assert!(on_lun == pat, "the guest's bytes are not on {url}");
+    }
 }

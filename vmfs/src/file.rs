@@ -201,6 +201,39 @@ impl File {
         Ok(())
     }
 
+    /// A raw device mapping opened for writing: send one SCSI command to
+    /// its LUN as it is (a physical-mode mapping's pass-through), through
+    /// this host's fence. Refused on a file that is no mapping, or whose
+    /// LUN speaks no SCSI (a file or NBD LUN).
+    pub fn scsi_passthrough(
+        &self,
+        cdb: &[u8],
+        data_out: &[u8],
+        data_in: usize,
+    ) -> Result<lun::ScsiReply> {
+        self.check_writable("pass a SCSI command to")?;
+        let Some((l, _)) = self.fs.mapped_lun(self.ino) else {
+            return Err(FsError::File(
+                crate::error::Fault::NotSupported,
+                format!(
+                    "{}: not a raw device mapping: no SCSI pass-through",
+                    self.name
+                ),
+            ));
+        };
+        match l.passthrough(cdb, data_out, data_in) {
+            Some(r) => Ok(r?),
+            None => Err(FsError::File(
+                crate::error::Fault::NotSupported,
+                format!(
+                    "{}: its LUN {} is no SCSI device: no pass-through",
+                    self.name,
+                    l.name()
+                ),
+            )),
+        }
+    }
+
     /// Deallocate `[off, off+len)`: whole blocks are freed, partial ones
     /// zeroed; the length does not change.
     pub fn punch_hole(&self, off: u64, len: u64) -> Result<()> {

@@ -27,14 +27,40 @@ pub enum Outcome {
     Good(usize),
     Check(Sense),
     Conflict,
+    /// What a LUN passed through answered: any status, its sense, and
+    /// this many bytes of data-in.
+    Raw {
+        status: u8,
+        sense: Option<Sense>,
+        len: usize,
+    },
 }
 
 impl Outcome {
-    pub fn status(&self) -> Status {
+    /// The status byte.
+    pub fn status(&self) -> u8 {
         match self {
-            Outcome::Good(_) => Status::Good,
-            Outcome::Check(_) => Status::CheckCondition,
-            Outcome::Conflict => Status::ReservationConflict,
+            Outcome::Good(_) => Status::Good as u8,
+            Outcome::Check(_) => Status::CheckCondition as u8,
+            Outcome::Conflict => Status::ReservationConflict as u8,
+            Outcome::Raw { status, .. } => *status,
+        }
+    }
+
+    /// Bytes of data-in.
+    pub fn data_len(&self) -> usize {
+        match self {
+            Outcome::Good(n) | Outcome::Raw { len: n, .. } => *n,
+            _ => 0,
+        }
+    }
+
+    /// The sense data, when there is one.
+    pub fn sense(&self) -> Option<Sense> {
+        match self {
+            Outcome::Check(s) => Some(*s),
+            Outcome::Raw { sense, .. } => *sense,
+            _ => None,
         }
     }
 }
@@ -169,7 +195,7 @@ impl DiskUnit {
             }
         }
         let r = self.run(nexus, cmd, io);
-        if !matches!(r, Outcome::Good(_)) {
+        if r.status() != Status::Good as u8 {
             self.counters.errors.fetch_add(1, Ordering::Relaxed);
         }
         r

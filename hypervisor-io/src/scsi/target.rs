@@ -13,9 +13,22 @@ use super::sense::Sense;
 /// The most LUNs a target has (virtio-scsi's flat LUN space).
 pub const MAX_LUNS: u16 = 16384;
 
+/// A unit the target passes commands to as they are (a physical-mode raw
+/// device mapping); only REPORT LUNS is the target's.
+pub trait RawUnit: Send + Sync {
+    fn execute(&self, cdb: &[u8], io: Buffers<'_>) -> Outcome;
+}
+
+/// What a LUN is.
+#[derive(Clone)]
+pub enum Unit {
+    Emulated(Arc<DiskUnit>),
+    Raw(Arc<dyn RawUnit>),
+}
+
 #[derive(Default)]
 pub struct Target {
-    luns: RwLock<BTreeMap<u16, Arc<DiskUnit>>>,
+    luns: RwLock<BTreeMap<u16, Unit>>,
     /// Unit attentions waiting, per LUN (one initiator per target).
     attentions: Mutex<BTreeMap<u16, VecDeque<Sense>>>,
     /// Whether any may be waiting: every command asks, and most find none
@@ -31,6 +44,15 @@ impl Target {
     /// Add a unit at `lun`; it starts with POWER ON OCCURRED, and every
     /// other unit learns that the LUN inventory changed.
     pub fn add(&self, lun: u16, unit: Arc<DiskUnit>) {
+        self.add_unit(lun, Unit::Emulated(unit))
+    }
+
+    /// Add a unit that commands pass through to.
+    pub fn add_raw(&self, lun: u16, unit: Arc<dyn RawUnit>) {
+        self.add_unit(lun, Unit::Raw(unit))
+    }
+
+    fn add_unit(&self, lun: u16, unit: Unit) {
         let mut luns = self.luns.write().unwrap_or_else(|p| p.into_inner());
         let mut ua = self.attentions.lock().unwrap_or_else(|p| p.into_inner());
         for l in luns.keys() {
@@ -41,7 +63,7 @@ impl Target {
         self.flag();
     }
 
-    pub fn remove(&self, lun: u16) -> Option<Arc<DiskUnit>> {
+    pub fn remove(&self, lun: u16) -> Option<Unit> {
         let mut luns = self.luns.write().unwrap_or_else(|p| p.into_inner());
         let u = luns.remove(&lun);
         let mut ua = self.attentions.lock().unwrap_or_else(|p| p.into_inner());
@@ -53,21 +75,12 @@ impl Target {
         u
     }
 
-    pub fn unit(&self, lun: u16) -> Option<Arc<DiskUnit>> {
+    pub fn unit(&self, lun: u16) -> Option<Unit> {
         self.luns
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&lun)
             .cloned()
-    }
-
-    pub fn units(&self) -> Vec<(u16, Arc<DiskUnit>)> {
-        self.luns
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(l, u)| (*l, u.clone()))
-            .collect()
     }
 
     /// Queue a unit attention for `lun` (the capacity changed...).
@@ -105,6 +118,16 @@ impl Target {
     /// Carry out one command from initiator `nexus` to `lun`.
     pub fn execute(&self, nexus: &str, lun: u16, cdb: &[u8], io: Buffers<'_>) -> Outcome {
         io.data_in.clear();
+        let unit = self.unit(lun);
+        if let (Some(Unit::Raw(r)), false) = (&unit, cdb.first() == Some(&cdb::op::REPORT_LUNS)) {
+            let inquiry = cdb.first() == Some(&cdb::op::INQUIRY);
+            if !inquiry {
+                if let Some(s) = self.take_attention(lun) {
+                    return Outcome::Check(s);
+                }
+            }
+            return r.execute(cdb, io);
+        }
         let cmd = match cdb::parse(cdb) {
             Ok(c) => c,
             Err(s) => {
@@ -130,7 +153,7 @@ impl Target {
             io.data_in.extend_from_slice(&d[..n]);
             return Outcome::Good(n);
         }
-        let Some(unit) = self.unit(lun) else {
+        let Some(Unit::Emulated(unit)) = unit else {
             return match cmd {
                 Command::Inquiry {
                     evpd: false, alloc, ..

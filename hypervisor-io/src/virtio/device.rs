@@ -24,7 +24,7 @@ use vmm_sys_util::event::{
 
 use super::wire::{self, Address};
 use super::Shared;
-use crate::scsi::disk::{Buffers, Outcome};
+use crate::scsi::disk::Buffers;
 
 pub type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 pub type Chain = DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap<()>>>;
@@ -254,12 +254,9 @@ fn command(s: &Shared, chain: Chain) -> u32 {
                 data_in_max: in_max,
             },
         );
-        let status = o.status() as u8;
-        let (n, sense) = match &o {
-            Outcome::Good(n) => (*n, Vec::new()),
-            Outcome::Check(sn) => (0, sn.fixed().to_vec()),
-            Outcome::Conflict => (0, Vec::new()),
-        };
+        let status = o.status();
+        let n = o.data_len().min(inb.len());
+        let sense = o.sense().map(|s| s.fixed().to_vec()).unwrap_or_default();
         if n > 0 && body.write_all(&inb[..n]).is_err() {
             return respond(
                 &mut writer,

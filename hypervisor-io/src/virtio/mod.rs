@@ -18,7 +18,6 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::scsi::disk::DiskUnit;
 use crate::scsi::target::Target;
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -209,8 +208,11 @@ impl Controller {
     }
 
     /// Add a LUN to the running controller and tell the guest (hotplug).
-    pub fn add_lun(&self, lun: u16, unit: Arc<DiskUnit>) {
-        self.shared.target.add(lun, unit);
+    pub fn add_lun(&self, lun: u16, unit: crate::scsi::target::Unit) {
+        match unit {
+            crate::scsi::target::Unit::Emulated(u) => self.shared.target.add(lun, u),
+            crate::scsi::target::Unit::Raw(r) => self.shared.target.add_raw(lun, r),
+        }
         self.event(wire::event(
             wire::event::TRANSPORT_RESET,
             lun,
@@ -219,7 +221,7 @@ impl Controller {
     }
 
     /// Remove a LUN and tell the guest.
-    pub fn remove_lun(&self, lun: u16) -> Option<Arc<DiskUnit>> {
+    pub fn remove_lun(&self, lun: u16) -> Option<crate::scsi::target::Unit> {
         let u = self.shared.target.remove(lun);
         self.event(wire::event(
             wire::event::TRANSPORT_RESET,

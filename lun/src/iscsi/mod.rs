@@ -1095,6 +1095,44 @@ impl Lun for IscsiLun {
     fn name(&self) -> &str {
         &self.name
     }
+    fn passthrough(
+        &self,
+        cdb: &[u8],
+        data_out: &[u8],
+        data_in: usize,
+    ) -> Option<Result<crate::ScsiReply>> {
+        if cdb.is_empty() || cdb.len() > 16 {
+            return Some(Err(LunError::InvalidArgument {
+                lun: self.name.clone(),
+                what: format!("a CDB of {} bytes", cdb.len()),
+            }));
+        }
+        let dir = if !data_out.is_empty() {
+            Dir::Write
+        } else if data_in > 0 {
+            Dir::Read(data_in)
+        } else {
+            Dir::None
+        };
+        let c = self.wait(self.submit(cdb.to_vec(), dir, data_out.to_vec()));
+        if let Some(m) = c.message {
+            return Some(Err(LunError::Io {
+                lun: self.name.clone(),
+                offset: 0,
+                len: 0,
+                cause: std::io::Error::other(format!(
+                    "passing through opcode {:#04x}: {m}",
+                    cdb[0]
+                )),
+            }));
+        }
+        Some(Ok(crate::ScsiReply {
+            status: c.status as u8,
+            sense_key: c.sense_key,
+            ascq: c.ascq,
+            data_in: c.data_in,
+        }))
+    }
     fn size(&self) -> u64 {
         self.info.blocks * u64::from(self.info.block_len)
     }
