@@ -2,7 +2,8 @@
 # A short run of every cargo-fuzz target (the on-disk and wire parsers:
 # volume header, descriptors, lock sectors, journal replay, directory
 # buckets, RDM and VMDK descriptors, sparse extents, change tracking, the
-# control protocol, SCSI data, the SCSI target, LUN URLs, backup
+# control protocol, SCSI data, the SCSI target, virtio-scsi descriptor
+# chains, LUN URLs, backup
 # repository objects). SECONDS per target (default 10).
 # cargo-fuzz needs nightly's -Z flags: the machine's one (stable) toolchain
 # accepts them with RUSTC_BOOTSTRAP=1. Any crash fails the run; its input

@@ -282,6 +282,9 @@ test "$(cat /sys/block/sdb/queue/discard_max_bytes)" -gt 0 || fail "no discard"
 # A bad CDB is refused with sense, nothing else happens.
 sg_raw -r 16 /dev/sdb c0 00 00 00 00 00 2>&1 | grep -qi "illegal request" || fail "bad opcode accepted"
 sg_raw -r 8 /dev/sdb 25 00 ff ff ff ff 00 00 00 00 >/dev/null 2>&1 || true
+# Task management: a LUN reset completes, and the LUN works after it.
+sg_reset -d /dev/sdb || fail "LUN reset"
+dd if=/dev/sdb of=/dev/null bs=4k count=1 iflag=direct || fail "read after the reset"
 # The host's pattern, and ours with O_DIRECT.
 dd if=/dev/sda of=/tmp/h bs=1M skip=32 count=8 iflag=direct
 cmp /tmp/h /hostpat || fail "host pattern differs"

@@ -25,6 +25,7 @@ use vmm_sys_util::event::{
 use super::wire::{self, Address};
 use super::Shared;
 use crate::scsi::disk::Buffers;
+use crate::scsi::target::Target;
 
 pub type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 pub type Chain = DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap<()>>>;
@@ -120,7 +121,7 @@ impl Device {
                 let head = chain.head_index();
                 let used = {
                     let _gate = s.gate.read().unwrap_or_else(|p| p.into_inner());
-                    command(&s, chain)
+                    command(&s.target, &s.nexus, chain)
                 };
                 complete(&v, head, used);
                 s.counters_queue(queue);
@@ -172,10 +173,14 @@ thread_local! {
     static BUFFERS: std::cell::RefCell<(Vec<u8>, Vec<u8>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// Carry out one command request; returns the bytes written to the guest.
-/// A chain too malformed to answer (no room for a response, memory outside
-/// the guest's) is completed with nothing written.
-fn command(s: &Shared, chain: Chain) -> u32 {
+/// Carry out one command request from initiator `nexus`; returns the
+/// bytes written to the guest. A chain too malformed to answer (no room for
+/// a response, memory outside the guest's) is completed with nothing
+/// written. Public for the fuzzer, which feeds it chains of any shape.
+pub fn command<T>(target: &Target, nexus: &str, chain: DescriptorChain<T>) -> u32
+where
+    T: std::ops::Deref<Target = GuestMemoryMmap<()>> + Clone,
+{
     let mem = chain.memory();
     let mut reader = match Reader::<()>::new(mem, chain.clone()) {
         Ok(r) => r,
@@ -244,8 +249,8 @@ fn command(s: &Shared, chain: Chain) -> u32 {
                 0,
             );
         }
-        let o = s.target.execute(
-            &s.nexus,
+        let o = target.execute(
+            nexus,
             lun,
             cdb,
             Buffers {
