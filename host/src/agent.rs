@@ -604,5 +604,25 @@ fn status(s: &Shared) -> ops::Status {
         open_files: fs.open_files(),
         lease_ms: lease,
         socket: s.socket.display().to_string(),
+        attached: s
+            .scsi
+            .list()
+            .iter()
+            .flat_map(|c| {
+                c.luns.iter().map(move |l| {
+                    format!(
+                        "{} LUN {}: {}{}",
+                        c.socket,
+                        l.lun,
+                        l.disk,
+                        if c.connected {
+                            ""
+                        } else {
+                            " (no guest connected)"
+                        }
+                    )
+                })
+            })
+            .collect(),
     }
 }

@@ -411,6 +411,9 @@ pub struct Status {
     pub open_files: usize,
     pub lease_ms: u64,
     pub socket: String,
+    /// The disks this host serves to guests: `SOCKET LUN N: PATH`.
+    #[serde(default)]
+    pub attached: Vec<String>,
 }
 
 // ---------------------------------------------------------------- virtual disks

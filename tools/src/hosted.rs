@@ -303,6 +303,9 @@ pub fn status(state_dir: &Path, as_json: bool) -> Result<()> {
                 println!("  open files  {}", s.open_files);
                 println!("  lease       {} ms", s.lease_ms);
                 println!("  socket      {}", s.socket);
+                for a in &s.attached {
+                    println!("  serves      {a}");
+                }
             }
             Err(e) => println!("a host agent that did not answer: {e}"),
         }

@@ -686,6 +686,8 @@ dd if=/dev/zero of=/dev/sda bs=1M seek=40 count=1 oflag=direct
     g.wait_for("READY-PLUG", Duration::from_secs(120));
     let out = ok(&["scsi", "add", "--state-dir", &ds.st, "--socket", s, &d1]);
     assert!(out.contains("LUN 1"), "{out}");
+    let st = ok(&["status", "--state-dir", &ds.st]);
+    assert!(st.contains("LUN 1: vm/h1.vmdk"), "{st}");
     g.wait_for("PLUGGED=", Duration::from_secs(120));
     ok(&[
         "disk",

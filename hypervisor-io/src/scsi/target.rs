@@ -329,14 +329,22 @@ mod tests {
         );
         run(&t, 0, &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0], &[]);
         // READ CAPACITY(10) says "too big for me": 0xFFFFFFFF.
-        let (_, d) = run(&t, 0, &[op::READ_CAPACITY_10, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]);
+        let (_, d) = run(
+            &t,
+            0,
+            &[op::READ_CAPACITY_10, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            &[],
+        );
         assert_eq!(&d[0..4], &[0xFF; 4]);
         let mut rc16 = [0u8; 16];
         rc16[0] = op::SERVICE_ACTION_IN_16;
         rc16[1] = 0x10;
         rc16[13] = 32;
         let (_, d) = run(&t, 0, &rc16, &[]);
-        assert_eq!(u64::from_be_bytes(d[0..8].try_into().unwrap()), cap / 512 - 1);
+        assert_eq!(
+            u64::from_be_bytes(d[0..8].try_into().unwrap()),
+            cap / 512 - 1
+        );
         // A READ(16) near the end, far past 2 TiB; one past the end is refused.
         let mut r16 = [0u8; 16];
         r16[0] = op::READ_16;
@@ -344,7 +352,10 @@ mod tests {
         r16[10..14].copy_from_slice(&8u32.to_be_bytes());
         assert_eq!(run(&t, 0, &r16, &[]).0, Outcome::Good(4096));
         r16[2..10].copy_from_slice(&(cap / 512 - 7).to_be_bytes());
-        assert_eq!(run(&t, 0, &r16, &[]).0, Outcome::Check(Sense::LBA_OUT_OF_RANGE));
+        assert_eq!(
+            run(&t, 0, &r16, &[]).0,
+            Outcome::Check(Sense::LBA_OUT_OF_RANGE)
+        );
     }
 
     #[test]
