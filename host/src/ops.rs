@@ -641,17 +641,7 @@ pub fn disk_create(
 pub fn disk_snapshot(fs: &Arc<Fs>, path: &str) -> Result<DiskDone> {
     let (store, name) = store_for(fs, path)?;
     let s = snapshot::ops::snapshot(store, &name).map_err(disk_err)?;
-    let mut d = done(
-        fs,
-        path,
-        format!(
-            "snapshot taken: the state until now is frozen as {}{}",
-            s.frozen,
-            s.change_id
-                .map(|i| format!(", change ID {i}"))
-                .unwrap_or_default()
-        ),
-    )?;
+    let mut d = done(fs, path, s.said())?;
     d.change_id = s.change_id.map(|i| i.to_string());
     Ok(d)
 }

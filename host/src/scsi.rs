@@ -362,16 +362,7 @@ impl Scsi {
         let r = match c {
             "disk-snapshot" => self.paused(l, disk, "snapshot", |store, name| {
                 let s = snapshot::ops::snapshot(store, name)?;
-                Ok((
-                    format!(
-                        "snapshot taken: the state until now is frozen as {}{}",
-                        s.frozen,
-                        s.change_id
-                            .map(|i| format!(", change ID {i}"))
-                            .unwrap_or_default()
-                    ),
-                    s.change_id.map(|i| i.to_string()),
-                ))
+                Ok((s.said(), s.change_id.map(|i| i.to_string())))
             }),
             "disk-consolidate" => {
                 let all = args.get("all").and_then(|v| v.as_bool()).unwrap_or(false);

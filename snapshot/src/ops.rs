@@ -331,6 +331,19 @@ pub struct Snapshot {
     pub change_id: Option<ChangeId>,
 }
 
+impl Snapshot {
+    /// What a snapshot did, for a person.
+    pub fn said(&self) -> String {
+        format!(
+            "snapshot taken: the state until now is frozen as {}{}",
+            self.frozen,
+            self.change_id
+                .map(|i| format!(", change ID {i}"))
+                .unwrap_or_default()
+        )
+    }
+}
+
 /// Take a snapshot of disk `name`: freeze its current state. Returns the
 /// frozen layer's descriptor name. Refused on a chain already
 /// [`MAX_DEPTH`] deep, and while the disk is open for writing elsewhere.

@@ -128,6 +128,21 @@ impl Guest {
     }
 }
 
+/// Boot a guest with `script` to the end: it must exit 0 having printed
+/// `want`. Its console.
+fn boot(
+    ds: &Ds,
+    name: &str,
+    script: &str,
+    files: &[(&Path, &str)],
+    sock: &Path,
+    want: &str,
+) -> String {
+    let (rc, console) = Guest::start(ds.dir.path(), name, script, files, sock, &[]).finish();
+    assert!(rc == 0 && console.contains(want), "{console}");
+    console
+}
+
 impl Drop for Guest {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -161,6 +176,13 @@ impl Ds {
         let host = Host::mount(&["--state-dir", &st, &lun], &mnt);
         std::fs::create_dir(mnt.join("vm")).unwrap();
         Ds { dir, lun, st, host }
+    }
+    /// `vmfs A B --state-dir (this host's) REST...`, which must succeed.
+    fn run(&self, args: &[&str]) -> String {
+        let mut a = args[..2].to_vec();
+        a.extend(["--state-dir", &self.st]);
+        a.extend(&args[2..]);
+        ok(&a)
     }
     fn p(&self, f: &str) -> PathBuf {
         self.dir.path().join(f)
@@ -197,42 +219,16 @@ fn a_guest_probes_reads_writes_and_trims_its_virtual_disks() {
     std::fs::write(ds.p("in.raw"), &raw).unwrap();
     std::fs::write(ds.p("hostpat"), &hostpat).unwrap();
     let d0 = ds.disk("d0.vmdk");
-    ok(&[
-        "disk",
-        "import",
-        "--state-dir",
-        &ds.st,
-        ds.p("in.raw").to_str().unwrap(),
-        &d0,
-    ]);
+    ds.run(&["disk", "import", ds.p("in.raw").to_str().unwrap(), &d0]);
     // LUN 1: a thin disk for ext4.
     let d1 = ds.disk("d1.vmdk");
-    ok(&[
-        "disk",
-        "create",
-        "--state-dir",
-        &ds.st,
-        "--size",
-        "256M",
-        &d1,
-    ]);
+    ds.run(&["disk", "create", "--size", "256M", &d1]);
     let guestpat = pattern(8 * MIB, 9);
     std::fs::write(ds.p("guestpat"), &guestpat).unwrap();
 
     let sock = ds.p("vus.sock");
     let s = sock.to_str().unwrap();
-    let out = ok(&[
-        "scsi",
-        "add",
-        "--state-dir",
-        &ds.st,
-        "--socket",
-        s,
-        "--queues",
-        "2",
-        &d0,
-        &d1,
-    ]);
+    let out = ds.run(&["scsi", "add", "--socket", s, "--queues", "2", &d0, &d1]);
     assert!(out.contains("LUN 0") && out.contains("LUN 1"), "{out}");
     // A second controller may not take a disk that is attached.
     let o = vmfs(&[
@@ -300,20 +296,11 @@ fstrim -v /mnt
 umount /mnt
 echo GUEST-OK
 "#;
-    let g = Guest::start(
-        ds.dir.path(),
-        "probe",
-        script,
-        &[
-            (&ds.p("hostpat"), "/hostpat"),
-            (&ds.p("guestpat"), "/guestpat"),
-        ],
-        &sock,
-        &[],
-    );
-    let (rc, console) = g.finish();
-    assert_eq!(rc, 0, "{console}");
-    assert!(console.contains("GUEST-OK"), "{console}");
+    let files = [
+        (&*ds.p("hostpat"), "/hostpat"),
+        (&*ds.p("guestpat"), "/guestpat"),
+    ];
+    let console = boot(&ds, "probe", script, &files, &sock, "GUEST-OK");
     let naa = |k: &str| {
         console
             .lines()
@@ -323,7 +310,7 @@ echo GUEST-OK
     assert!(naa("NAA0=").starts_with("0x3"), "{console}");
     assert_ne!(naa("NAA0="), naa("NAA1="));
 
-    let list = ok(&["scsi", "list", "--state-dir", &ds.st, "--json"]);
+    let list = ds.run(&["scsi", "list", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&list).unwrap();
     let lun1 = &v[0]["luns"][1];
     assert!(lun1["discards"].as_u64().unwrap() > 0, "{list}");
@@ -340,16 +327,9 @@ echo GUEST-OK
     );
 
     // QEMU is gone: the controller can be removed, and the disks read back.
-    ok(&["scsi", "remove", "--state-dir", &ds.st, "--socket", s]);
+    ds.run(&["scsi", "remove", "--socket", s]);
     assert!(!sock.exists());
-    ok(&[
-        "disk",
-        "export",
-        "--state-dir",
-        &ds.st,
-        &d0,
-        ds.p("d0.raw").to_str().unwrap(),
-    ]);
+    ds.run(&["disk", "export", &d0, ds.p("d0.raw").to_str().unwrap()]);
     let back = std::fs::read(ds.p("d0.raw")).unwrap();
     assert!(
         back[..8 * MIB] == guestpat[..],
@@ -359,14 +339,7 @@ echo GUEST-OK
         back[32 * MIB..40 * MIB] == hostpat[..],
         "the host's pattern"
     );
-    ok(&[
-        "disk",
-        "export",
-        "--state-dir",
-        &ds.st,
-        &d1,
-        ds.p("d1.raw").to_str().unwrap(),
-    ]);
+    ds.run(&["disk", "export", &d1, ds.p("d1.raw").to_str().unwrap()]);
     let fsck = Command::new("e2fsck")
         .args(["-fn"])
         .arg(ds.p("d1.raw"))
@@ -393,15 +366,7 @@ fn qga(sock: &Path, cmd: &str) -> String {
 }
 
 fn disk_info(ds: &Ds, disk: &str) -> serde_json::Value {
-    serde_json::from_str(&ok(&[
-        "disk",
-        "info",
-        "--state-dir",
-        &ds.st,
-        "--json",
-        disk,
-    ]))
-    .unwrap()
+    serde_json::from_str(&ds.run(&["disk", "info", "--json", disk])).unwrap()
 }
 
 /// Snapshots and a consolidation while the guest runs fio with verify: the
@@ -412,25 +377,9 @@ fn disk_info(ds: &Ds, disk: &str) -> serde_json::Value {
 fn snapshots_of_a_running_guest_pause_it_and_freeze_a_consistent_filesystem() {
     let ds = Ds::new(1 << 30);
     let d = ds.disk("d.vmdk");
-    ok(&[
-        "disk",
-        "create",
-        "--state-dir",
-        &ds.st,
-        "--size",
-        "128M",
-        &d,
-    ]);
+    ds.run(&["disk", "create", "--size", "128M", &d]);
     let sock = ds.p("vus.sock");
-    ok(&[
-        "scsi",
-        "add",
-        "--state-dir",
-        &ds.st,
-        "--socket",
-        sock.to_str().unwrap(),
-        &d,
-    ]);
+    ds.run(&["scsi", "add", "--socket", sock.to_str().unwrap(), &d]);
     let hook = ds.p("hook");
     std::fs::write(
         &hook,
@@ -468,7 +417,7 @@ echo FIO-OK
     // 1: frozen by the guest's agent.
     assert_eq!(qga(&q, "guest-fsfreeze-freeze"), "1");
     let t = Instant::now();
-    let out = ok(&["disk", "snapshot", "--state-dir", &ds.st, &d]);
+    let out = ds.run(&["disk", "snapshot", &d]);
     assert_eq!(qga(&q, "guest-fsfreeze-thaw"), "1");
     eprintln!("freeze to thaw {:?}: {out}", t.elapsed());
     assert!(out.contains("guest I/O held"), "{out}");
@@ -489,9 +438,9 @@ echo FIO-OK
     std::thread::sleep(Duration::from_secs(2));
     // 2: crash-consistent, then 3: the newest snapshot merged back while
     // the guest writes.
-    ok(&["disk", "snapshot", "--state-dir", &ds.st, &d]);
+    ds.run(&["disk", "snapshot", &d]);
     std::thread::sleep(Duration::from_secs(2));
-    let out = ok(&["disk", "consolidate", "--state-dir", &ds.st, &d]);
+    let out = ds.run(&["disk", "consolidate", &d]);
     assert!(out.contains("guest I/O held"), "{out}");
     let (rc, console) = g.finish();
     assert_eq!(rc, 0, "{console}");
@@ -522,7 +471,7 @@ echo FIO-OK
         cat("/frozen-marker").starts_with("frozen at"),
         "no marker of the freeze hook"
     );
-    let list = ok(&["scsi", "list", "--state-dir", &ds.st, "--json"]);
+    let list = ds.run(&["scsi", "list", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&list).unwrap();
     assert_eq!(v[0]["luns"][0]["errors"].as_u64(), Some(0), "{list}");
 }
@@ -535,17 +484,9 @@ echo FIO-OK
 fn a_disk_follows_its_guest_to_a_survivor_after_its_host_dies() {
     let mut ds = Ds::new(1 << 30);
     let d = ds.disk("ha.vmdk");
-    ok(&["disk", "create", "--state-dir", &ds.st, "--size", "64M", &d]);
+    ds.run(&["disk", "create", "--size", "64M", &d]);
     let sock = ds.p("a.sock");
-    ok(&[
-        "scsi",
-        "add",
-        "--state-dir",
-        &ds.st,
-        "--socket",
-        sock.to_str().unwrap(),
-        &d,
-    ]);
+    ds.run(&["scsi", "add", "--socket", sock.to_str().unwrap(), &d]);
     // Host B: the same datastore, another state directory.
     let stb = ds.p("b").to_str().unwrap().to_string();
     let mntb = ds.p("mb");
@@ -624,17 +565,14 @@ dd if=/dev/sda of=/tmp/back bs=1M skip=8 count=4 iflag=direct
 cmp /tmp/back /pat
 echo DATA-OK
 "#;
-    let g = Guest::start(
-        ds.dir.path(),
+    let console = boot(
+        &ds,
         "second",
         second,
         &[(&ds.p("pat"), "/pat")],
         &sockb,
-        &[],
+        "DATA-OK",
     );
-    let (rc, console) = g.finish();
-    assert_eq!(rc, 0, "{console}");
-    assert!(console.contains("DATA-OK"), "{console}");
     let naa_b = console
         .lines()
         .find_map(|l| l.strip_prefix("NAA=").map(str::to_string))
@@ -648,27 +586,11 @@ echo DATA-OK
 fn hotplug_and_resize_reach_a_running_guest() {
     let ds = Ds::new(1 << 30);
     let (d0, d1) = (ds.disk("h0.vmdk"), ds.disk("h1.vmdk"));
-    ok(&[
-        "disk",
-        "create",
-        "--state-dir",
-        &ds.st,
-        "--size",
-        "32M",
-        &d0,
-    ]);
-    ok(&[
-        "disk",
-        "create",
-        "--state-dir",
-        &ds.st,
-        "--size",
-        "16M",
-        &d1,
-    ]);
+    ds.run(&["disk", "create", "--size", "32M", &d0]);
+    ds.run(&["disk", "create", "--size", "16M", &d1]);
     let sock = ds.p("vus.sock");
     let s = sock.to_str().unwrap();
-    ok(&["scsi", "add", "--state-dir", &ds.st, "--socket", s, &d0]);
+    ds.run(&["scsi", "add", "--socket", s, &d0]);
     let script = r#"#!/bin/sh
 set -eu
 wait_for() { i=0; while ! eval "$1"; do i=$((i+1)); [ $i -lt 900 ] || { echo "FAIL: $1"; exit 1; }; sleep 0.1; done; }
@@ -684,20 +606,12 @@ dd if=/dev/zero of=/dev/sda bs=1M seek=40 count=1 oflag=direct
 "#;
     let mut g = Guest::start(ds.dir.path(), "hotplug", script, &[], &sock, &[]);
     g.wait_for("READY-PLUG", Duration::from_secs(120));
-    let out = ok(&["scsi", "add", "--state-dir", &ds.st, "--socket", s, &d1]);
+    let out = ds.run(&["scsi", "add", "--socket", s, &d1]);
     assert!(out.contains("LUN 1"), "{out}");
     let st = ok(&["status", "--state-dir", &ds.st]);
     assert!(st.contains("LUN 1: vm/h1.vmdk"), "{st}");
     g.wait_for("PLUGGED=", Duration::from_secs(120));
-    ok(&[
-        "disk",
-        "resize",
-        "--state-dir",
-        &ds.st,
-        "--size",
-        "64M",
-        &d0,
-    ]);
+    ds.run(&["disk", "resize", "--size", "64M", &d0]);
     let (rc, console) = g.finish();
     assert_eq!(rc, 0, "{console}");
     assert!(console.contains("SIZE0=65536"), "{console}");
@@ -712,11 +626,9 @@ dd if=/dev/zero of=/dev/sda bs=1M seek=40 count=1 oflag=direct
 fn persistent_reservations_of_a_shared_disk_hold_across_hosts() {
     let ds = Ds::new(1 << 30);
     let d = ds.disk("quorum.vmdk");
-    ok(&[
+    ds.run(&[
         "disk",
         "create",
-        "--state-dir",
-        &ds.st,
         "--size",
         "16M",
         "--provisioning",
@@ -724,7 +636,7 @@ fn persistent_reservations_of_a_shared_disk_hold_across_hosts() {
         &d,
     ]);
     // Not shareable with a snapshot, sharing refuses snapshots.
-    ok(&["disk", "share", "--state-dir", &ds.st, &d, "on"]);
+    ds.run(&["disk", "share", &d, "on"]);
     let o = vmfs(&["disk", "snapshot", "--state-dir", &ds.st, &d]);
     assert!(
         !o.status.success() && text(&o).contains("shared"),
@@ -737,15 +649,7 @@ fn persistent_reservations_of_a_shared_disk_hold_across_hosts() {
     let _b = Host::mount(&["--state-dir", &stb, &ds.lun], &mntb);
     let db = mntb.join("vm/quorum.vmdk").to_str().unwrap().to_string();
     let (sa, sb) = (ds.p("a.sock"), ds.p("b.sock"));
-    ok(&[
-        "scsi",
-        "add",
-        "--state-dir",
-        &ds.st,
-        "--socket",
-        sa.to_str().unwrap(),
-        &d,
-    ]);
+    ds.run(&["scsi", "add", "--socket", sa.to_str().unwrap(), &d]);
     ok(&[
         "scsi",
         "add",
@@ -776,9 +680,7 @@ res | grep -qi "0xaa" || fail "no reservation"
 echo A1-OK
 "#
     );
-    let g = Guest::start(ds.dir.path(), "pra1", &a1, &[], &sa, &[]);
-    let (rc, console) = g.finish();
-    assert!(rc == 0 && console.contains("A1-OK"), "{console}");
+    boot(&ds, "pra1", &a1, &[], &sa, "A1-OK");
     // Host B's guest: refused until registered, then fences A off.
     let b1 = format!(
         "{common}{}",
@@ -792,9 +694,7 @@ res | grep -qi "0xbb" || fail "B does not hold the reservation"
 echo B1-OK
 "#
     );
-    let g = Guest::start(ds.dir.path(), "prb1", &b1, &[], &sb, &[]);
-    let (rc, console) = g.finish();
-    assert!(rc == 0 && console.contains("B1-OK"), "{console}");
+    boot(&ds, "prb1", &b1, &[], &sb, "B1-OK");
     // Host A's guest again: fenced.
     let a2 = format!(
         "{common}{}",
@@ -803,9 +703,7 @@ keys | grep -qi "0xbb" || fail "A does not see B's key"
 echo A2-OK
 "#
     );
-    let g = Guest::start(ds.dir.path(), "pra2", &a2, &[], &sa, &[]);
-    let (rc, console) = g.finish();
-    assert!(rc == 0 && console.contains("A2-OK"), "{console}");
+    boot(&ds, "pra2", &a2, &[], &sa, "A2-OK");
 }
 
 /// Raw device mappings of iSCSI LUNs (tgt) are LUNs of the guest: a
@@ -819,39 +717,12 @@ fn raw_device_mappings_are_luns_of_the_guest() {
     let raw = tgt.add_lun("pvraw", 32 << 20);
     let rawp = tgt.add_lun("pvrawp", 16 << 20);
     let map = ds.disk("raw.vmdk");
-    ok(&[
-        "rdm",
-        "create",
-        "--mode",
-        "virtual",
-        "--state-dir",
-        &ds.st,
-        &raw,
-        &map,
-    ]);
+    ds.run(&["rdm", "create", "--mode", "virtual", &raw, &map]);
     let pmap = ds.disk("rawp.vmdk");
-    ok(&[
-        "rdm",
-        "create",
-        "--mode",
-        "physical",
-        "--state-dir",
-        &ds.st,
-        &rawp,
-        &pmap,
-    ]);
+    ds.run(&["rdm", "create", "--mode", "physical", &rawp, &pmap]);
     let sock = ds.p("vus.sock");
     let s = sock.to_str().unwrap();
-    ok(&[
-        "scsi",
-        "add",
-        "--state-dir",
-        &ds.st,
-        "--socket",
-        s,
-        &map,
-        &pmap,
-    ]);
+    ds.run(&["scsi", "add", "--socket", s, &map, &pmap]);
     let pat = pattern(2 * MIB, 11);
     std::fs::write(ds.p("pat"), &pat).unwrap();
     let script = r#"#!/bin/sh
@@ -872,17 +743,15 @@ sg_persist --in --read-keys /dev/sdb | grep -qi 0x77
 sg_persist --out --register --param-rk=0x77 --param-sark=0 /dev/sdb
 echo RDM-OK
 "#;
-    let g = Guest::start(
-        ds.dir.path(),
+    boot(
+        &ds,
         "rdm",
         script,
         &[(&ds.p("pat"), "/pat")],
         &sock,
-        &[],
+        "RDM-OK",
     );
-    let (rc, console) = g.finish();
-    assert!(rc == 0 && console.contains("RDM-OK"), "{console}");
-    ok(&["scsi", "remove", "--state-dir", &ds.st, "--socket", s]);
+    ds.run(&["scsi", "remove", "--socket", s]);
     for (url, at) in [(&raw, MIB as u64), (&rawp, 2 * MIB as u64)] {
         let direct = lun::open(url).unwrap();
         let mut on_lun = vec![0u8; pat.len()];

@@ -241,6 +241,26 @@ mod tests {
         (t, b)
     }
 
+    /// READ CAPACITY(16), 32 bytes.
+    const RC16: [u8; 16] = [
+        op::SERVICE_ACTION_IN_16,
+        0x10,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        32,
+        0,
+        0,
+    ];
+
     fn run(t: &Target, lun: u16, cdb: &[u8], out: &[u8]) -> (Outcome, Vec<u8>) {
         let mut data = Vec::new();
         let o = t.execute(
@@ -336,11 +356,7 @@ mod tests {
             &[],
         );
         assert_eq!(&d[0..4], &[0xFF; 4]);
-        let mut rc16 = [0u8; 16];
-        rc16[0] = op::SERVICE_ACTION_IN_16;
-        rc16[1] = 0x10;
-        rc16[13] = 32;
-        let (_, d) = run(&t, 0, &rc16, &[]);
+        let (_, d) = run(&t, 0, &RC16, &[]);
         assert_eq!(
             u64::from_be_bytes(d[0..8].try_into().unwrap()),
             cap / 512 - 1
@@ -366,11 +382,7 @@ mod tests {
         assert_eq!(d[1], 0x83);
         assert_eq!(d[4..8], [0x01, 0x03, 0x00, 8]);
         assert_eq!(d[8] >> 4, 3);
-        let mut rc16 = [0u8; 16];
-        rc16[0] = op::SERVICE_ACTION_IN_16;
-        rc16[1] = 0x10;
-        rc16[13] = 32;
-        let (_, d) = run(&t, 0, &rc16, &[]);
+        let (_, d) = run(&t, 0, &RC16, &[]);
         assert_eq!(
             u64::from_be_bytes(d[0..8].try_into().unwrap()),
             (8 << 20) / 512 - 1
