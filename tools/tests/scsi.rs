@@ -442,6 +442,7 @@ echo FIO-OK
     std::thread::sleep(Duration::from_secs(2));
     let out = ds.run(&["disk", "consolidate", &d]);
     assert!(out.contains("guest I/O held"), "{out}");
+    eprintln!("consolidate under fio: {out}");
     let (rc, console) = g.finish();
     assert_eq!(rc, 0, "{console}");
     assert!(console.contains("FIO-OK"), "{console}");
