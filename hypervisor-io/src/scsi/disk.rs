@@ -155,15 +155,20 @@ impl DiskUnit {
         }
     }
 
-    /// A unit attention waiting for `nexus` from the reservation state.
+    /// A unit attention waiting for `nexus` from the reservation state
+    /// (REQUEST SENSE asks; other commands find it in [`DiskUnit::execute`]).
     pub fn pending_attention(&self, nexus: &str) -> Option<Sense> {
         if !self.pr.maybe_active() {
             return None;
         }
-        // Look first (cheap on a shared disk), change only when there is one.
-        match self.pr.current() {
-            Ok(s) if s.pending.iter().any(|p| p.0 == nexus) => {}
-            _ => return None,
+        self.take_pending(nexus, &self.pr.current().ok()?)
+    }
+
+    /// Take `nexus`'s first unit attention, when `state` (just read) says
+    /// it has one: the state is changed only then.
+    fn take_pending(&self, nexus: &str, state: &PrState) -> Option<Sense> {
+        if !state.pending.iter().any(|p| p.0 == nexus) {
+            return None;
         }
         let mut got = None;
         let _ = self.pr.transact(&mut |s: &mut PrState| {
@@ -173,7 +178,9 @@ impl DiskUnit {
         got
     }
 
-    /// Carry out `cmd` for initiator `nexus`.
+    /// Carry out `cmd` for initiator `nexus`: first a unit attention the
+    /// reservation state holds for it (but for INQUIRY and REQUEST SENSE),
+    /// then the reservation's access check, from one read of the state.
     pub fn execute(&self, nexus: &str, cmd: &Command, io: Buffers<'_>) -> Outcome {
         io.data_in.clear();
         let access = match cmd {
@@ -187,11 +194,21 @@ impl DiskUnit {
             | Command::ModeSelect { .. } => Access::Write,
             _ => Access::None,
         };
-        if access != Access::None && self.pr.maybe_active() {
+        if self.pr.maybe_active() {
             match self.pr.current() {
-                Ok(s) if !s.allows(nexus, access) => return Outcome::Conflict,
-                Ok(_) => {}
-                Err(f) => return f.into(),
+                Ok(s) => {
+                    if !matches!(cmd, Command::Inquiry { .. } | Command::RequestSense { .. }) {
+                        if let Some(ua) = self.take_pending(nexus, &s) {
+                            return Outcome::Check(ua);
+                        }
+                    }
+                    if !s.allows(nexus, access) {
+                        return Outcome::Conflict;
+                    }
+                }
+                // A state that cannot be read stops only what it guards.
+                Err(f) if access != Access::None => return f.into(),
+                Err(_) => {}
             }
         }
         let r = self.run(nexus, cmd, io);

@@ -195,10 +195,7 @@ impl Target {
                 }
             }
             _ => {
-                if let Some(s) = self
-                    .take_attention(lun)
-                    .or_else(|| unit.pending_attention(nexus))
-                {
+                if let Some(s) = self.take_attention(lun) {
                     return Outcome::Check(s);
                 }
             }
