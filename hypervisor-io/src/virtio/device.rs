@@ -111,7 +111,7 @@ impl Device {
         }
     }
 
-    fn request_queue(&self, vring: &Vring, queue: usize) -> std::io::Result<()> {
+    fn request_queue(&self, vring: &Vring) -> std::io::Result<()> {
         let shared = &self.shared;
         self.drain(vring, |chain| {
             let s = shared.clone();
@@ -119,12 +119,8 @@ impl Device {
             shared.inflight.begin();
             shared.pool.submit(Box::new(move || {
                 let head = chain.head_index();
-                let used = {
-                    let _gate = s.gate.read().unwrap_or_else(|p| p.into_inner());
-                    command(&s.target, &s.nexus, chain)
-                };
+                let used = command(&s.target, &s.nexus, chain);
                 complete(&v, head, used);
-                s.counters_queue(queue);
                 s.inflight.end();
             }));
         })
@@ -493,7 +489,7 @@ impl VhostUserBackend for Device {
         match queue {
             0 => self.control_queue(vring),
             1 => self.event_queue(vring),
-            q => self.request_queue(vring, q - 2),
+            _ => self.request_queue(vring),
         }
     }
 }

@@ -11,7 +11,7 @@ pub mod wire;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockWriteGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::Listener;
@@ -117,23 +117,11 @@ pub struct Shared {
     pub request_queues: usize,
     pub pool: Pool,
     pub inflight: Inflight,
-    /// Held shared by every request being carried out; [`Controller::pause`]
-    /// takes it exclusively.
-    pub gate: RwLock<()>,
     pub events: Mutex<device::Events>,
     pub connected: AtomicBool,
     pub connections: AtomicU64,
-    pub per_queue: Vec<AtomicU64>,
     stop: AtomicBool,
     shutdown: Mutex<Option<vhost_user_backend::ShutdownHandle>>,
-}
-
-impl Shared {
-    pub fn counters_queue(&self, q: usize) {
-        if let Some(c) = self.per_queue.get(q) {
-            c.fetch_add(1, Ordering::Relaxed);
-        }
-    }
 }
 
 /// One guest controller: a vhost-user-scsi socket and its target.
@@ -165,11 +153,9 @@ impl Controller {
             request_queues: queues,
             pool: Pool::new(&name, cfg.io_threads)?,
             inflight: Inflight::default(),
-            gate: RwLock::new(()),
             events: Mutex::new(device::Events::default()),
             connected: AtomicBool::new(false),
             connections: AtomicU64::new(0),
-            per_queue: (0..MAX_REQUEST_QUEUES).map(|_| AtomicU64::new(0)).collect(),
             stop: AtomicBool::new(false),
             shutdown: Mutex::new(None),
         });
@@ -199,12 +185,6 @@ impl Controller {
 
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
-    }
-
-    /// Hold every request: returns once those in flight completed; none
-    /// starts until the guard is dropped. The time is logged by the caller.
-    pub fn pause(&self) -> RwLockWriteGuard<'_, ()> {
-        self.shared.gate.write().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Add a LUN to the running controller and tell the guest (hotplug).
