@@ -474,19 +474,28 @@ pub fn join(vol: &Volume, host: [u8; 16], t: Timeouts) -> Result<Joined> {
         }
         read_slots(vol)
     };
+    // The slot whose journal this host may reuse once a live host has freed
+    // it: a dead host's, or one a live host is recovering right now (its
+    // slot changed while this host watched, so `watch` did not call it dead).
+    let replaying = |now: &Slots| {
+        (0..n)
+            .find(|&s| now[s as usize].0.state == SLOT_REPLAYING && now[s as usize].0.journal != 0)
+    };
     if !has_journal(&now, pick_slot(&now, host)) {
-        if let Some(&s) = dead.iter().find(|&&s| first[s as usize].0.journal != 0) {
-            if live == 0 {
-                now = recover_here(s, &mut replays)?;
-            } else {
-                tracing::info!(
-                    "no free heartbeat slot has a journal: waiting for a live host to recover slot {s} (a host that stopped), whose journal this host can reuse"
-                );
-                let start = Instant::now();
-                while start.elapsed() < t.lease * 3 && !has_journal(&now, pick_slot(&now, host)) {
-                    std::thread::sleep(t.heartbeat);
-                    now = read_slots(vol)?;
-                }
+        let dead_with_journal = dead
+            .iter()
+            .copied()
+            .find(|&s| first[s as usize].0.journal != 0);
+        if let (Some(s), 0) = (dead_with_journal, live) {
+            now = recover_here(s, &mut replays)?;
+        } else if let Some(s) = dead_with_journal.or_else(|| replaying(&now)) {
+            tracing::info!(
+                "no free heartbeat slot has a journal: waiting for a live host to recover slot {s} (a host that stopped), whose journal this host can reuse"
+            );
+            let start = Instant::now();
+            while start.elapsed() < t.lease * 3 && !has_journal(&now, pick_slot(&now, host)) {
+                std::thread::sleep(t.heartbeat);
+                now = read_slots(vol)?;
             }
         }
     }
