@@ -11,6 +11,7 @@ pub mod disk;
 pub mod error;
 pub mod extent;
 pub mod ids;
+pub mod merge;
 pub mod ops;
 pub mod sparse;
 pub mod store;

@@ -72,7 +72,7 @@ pub fn stem(name: &str) -> Result<&str> {
         .ok_or_else(|| DiskError::Invalid(format!("a disk's name ends in .vmdk: {name:?}")))
 }
 
-fn write_new(store: &dyn Store, name: &str, text: &str) -> Result<()> {
+pub(crate) fn write_new(store: &dyn Store, name: &str, text: &str) -> Result<()> {
     store.remove_if_there(name).map_err(at(name))?;
     let f = store.create(name).map_err(at(name))?;
     f.write_at(text.as_bytes(), 0).map_err(at(name))?;
@@ -82,7 +82,7 @@ fn write_new(store: &dyn Store, name: &str, text: &str) -> Result<()> {
 
 /// Commit `desc` as the current descriptor `name`: written beside it, then
 /// renamed over it.
-fn commit(store: &dyn Store, name: &str, desc: &Descriptor) -> Result<()> {
+pub(crate) fn commit(store: &dyn Store, name: &str, desc: &Descriptor) -> Result<()> {
     let tmp = format!("{name}.new");
     write_new(store, &tmp, &desc.to_text())?;
     store.rename(&tmp, name).map_err(at(name))
@@ -348,6 +348,13 @@ impl Snapshot {
 /// frozen layer's descriptor name. Refused on a chain already
 /// [`MAX_DEPTH`] deep, and while the disk is open for writing elsewhere.
 pub fn snapshot(store: Arc<dyn Store>, name: &str) -> Result<Snapshot> {
+    take_snapshot(store, name, true)
+}
+
+/// [`snapshot`]; `epoch`: end the change-tracking epoch (a snapshot a
+/// person or a backup asked for), else only tell tracking the new CID
+/// (the first step of a consolidation: see [`crate::merge`]).
+pub(crate) fn take_snapshot(store: Arc<dyn Store>, name: &str, epoch: bool) -> Result<Snapshot> {
     let st = stem(name)?.to_string();
     finish_consolidation(store.clone(), name)?;
     // Opened for writing: its extents locked (EBUSY if written elsewhere),
@@ -371,7 +378,12 @@ pub fn snapshot(store: Arc<dyn Store>, name: &str) -> Result<Snapshot> {
     fz.set_change_track_path(None);
     write_new(&*store, &frozen, &fz.to_text())?;
     let next = layer_over(&*store, &st, disk.depth() + 1, (&frozen, &top), &top)?;
-    let change_id = disk.end_epoch(next.cid)?;
+    let change_id = if epoch {
+        disk.end_epoch(next.cid)?
+    } else {
+        disk.expect_cid(next.cid)?;
+        None
+    };
     // Committed while the disk is still open here (its locks held): no
     // writer can open the old layer in between and write into what is now
     // frozen.
@@ -384,6 +396,8 @@ pub fn snapshot(store: Arc<dyn Store>, name: &str) -> Result<Snapshot> {
 /// dropped. Refused on a disk with no snapshot.
 pub fn revert(store: Arc<dyn Store>, name: &str) -> Result<()> {
     let st = stem(name)?.to_string();
+    // An interrupted merge of an older snapshot keeps the one reverted to.
+    crate::merge::finish(store.clone(), name)?;
     if finish_consolidation(store.clone(), name)?.is_some() {
         return Err(DiskError::Invalid(format!(
             "{}: an interrupted consolidation was found and finished first: the snapshot it deleted is gone, so there is nothing to revert to",
@@ -436,6 +450,9 @@ pub fn revert(store: Arc<dyn Store>, name: &str) -> Result<()> {
 /// Returns the bytes merged.
 pub fn consolidate(store: Arc<dyn Store>, name: &str) -> Result<u64> {
     stem(name)?;
+    // A merge of an older snapshot that was interrupted: finished first
+    // (the layer below the current one may be the one it was merging into).
+    crate::merge::finish(store.clone(), name)?;
     let top = Disk::open_with(store.clone(), name, true, true)?;
     refuse_shared(&*store, &top, "a consolidation")?;
     if top.depth() == 0 {
@@ -480,7 +497,7 @@ pub fn consolidate(store: Arc<dyn Store>, name: &str) -> Result<u64> {
             ),
         )?;
     }
-    let merged = merge(&top, &parent)?;
+    let merged = merge(&top, &parent, None)?;
     parent.flush()?;
     let mut next = parent.layers[0].desc.clone();
     next.cid = new_cid();
@@ -512,7 +529,11 @@ pub fn consolidate(store: Arc<dyn Store>, name: &str) -> Result<u64> {
 /// while the chunks already read are written, in order (a thin parent
 /// allocates sequentially, and a run is the same every time). Returns the
 /// bytes copied.
-fn merge(top: &Disk, parent: &Disk) -> Result<u64> {
+pub(crate) fn merge(
+    top: &Disk,
+    parent: &Disk,
+    cancel: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<u64> {
     const CHUNK: u64 = 8 << 20;
     const READERS: usize = 3;
     let mut work = Vec::new();
@@ -536,6 +557,12 @@ fn merge(top: &Disk, parent: &Disk) -> Result<u64> {
             readers.push(sc.spawn(move || -> Result<()> {
                 use std::sync::atomic::Ordering::Relaxed;
                 while !stop.load(Relaxed) {
+                    if cancel.is_some_and(|c| c.load(Relaxed)) {
+                        stop.store(true, Relaxed);
+                        return Err(DiskError::Invalid(
+                            "the merge was stopped (the disk is being closed); the next consolidation finishes it".into(),
+                        ));
+                    }
                     let k = next.fetch_add(1, Relaxed);
                     let Some(&(o, n)) = work.get(k) else {
                         break;
@@ -584,13 +611,14 @@ fn merge(top: &Disk, parent: &Disk) -> Result<u64> {
 /// kill, an I/O error), if its marker is there: the merge is copied again
 /// and committed. Returns the bytes merged, `None` if there was none.
 pub fn finish_consolidation(store: Arc<dyn Store>, name: &str) -> Result<Option<u64>> {
+    let merged = crate::merge::finish(store.clone(), name)?;
     let d = read_descriptor(&*store, name)?;
     let Some(parent) = &d.parent_hint else {
         return Ok(None);
     };
     let marker = consolidating_marker(parent);
     if !store.exists(&marker).map_err(at(&marker))? {
-        return Ok(None);
+        return Ok(merged);
     }
     tracing::warn!(
         "{}: finishing a consolidation into {parent} that was interrupted",
@@ -853,6 +881,7 @@ pub fn check(store: Arc<dyn Store>, name: &str, repair: bool) -> Result<CheckRep
             t.invalid.is_none()
         });
     let mut merging = None;
+    let mut unfinished_merge = false;
     let mut next = Some((name.to_string(), None::<u32>));
     let mut seen = std::collections::HashSet::new();
     while let Some((n, want_cid)) = next.take() {
@@ -912,7 +941,13 @@ pub fn check(store: Arc<dyn Store>, name: &str, repair: bool) -> Result<CheckRep
                 }
             }
         }
-        if r.layers == 2 && store.exists(&consolidating_marker(&n)).map_err(at(&n))? {
+        let merging_from = crate::merge::merging_into(&*store, &n)?;
+        if let Some(f) = &merging_from {
+            r.problems.push(format!(
+                "a merge of {f} into {n} was interrupted (reads are right; {n} is not the snapshot it was)"
+            ));
+            unfinished_merge = true;
+        } else if r.layers == 2 && store.exists(&consolidating_marker(&n)).map_err(at(&n))? {
             r.problems.push(format!(
                 "a consolidation of {name} into {n} was interrupted (reads are right; {n} is not the snapshot it was)"
             ));
@@ -921,6 +956,12 @@ pub fn check(store: Arc<dyn Store>, name: &str, repair: bool) -> Result<CheckRep
         next = d.parent_hint.clone().map(|h| (h, Some(d.parent_cid)));
     }
     if repair && r.unrepairable == 0 {
+        if unfinished_merge {
+            let bytes = crate::merge::finish(store.clone(), name)?.unwrap_or(0);
+            r.repaired.push(format!(
+                "finished the interrupted merge: {bytes} bytes merged, the snapshot deleted"
+            ));
+        }
         if let Some(n) = merging {
             let bytes = consolidate(store.clone(), name)?;
             r.repaired.push(format!(

@@ -483,3 +483,100 @@ fn a_chain_is_at_most_31_snapshots_deep() {
     }
     m.expect("vm.vmdk");
 }
+
+/// A running disk's consolidation (`snapshot::merge`): freeze, merge the
+/// frozen layer into the one below while another thread keeps writing the
+/// disk, relink; then the small rest with the disk closed. The content is
+/// the last write everywhere, QEMU reads the chain at every step, the older
+/// snapshot is refused while it holds part of a merge, and an interrupted
+/// merge is finished by the next chain operation.
+#[test]
+fn a_snapshot_is_merged_down_while_the_disk_is_written() {
+    use snapshot::merge;
+    let mut m = Model::new(40 * MIB, Provisioning::Thin);
+    m.write(&[(0, 3 * MIB as usize, 1)]);
+    ops::snapshot(m.store.clone(), "vm.vmdk").unwrap();
+    m.write(&[(100, 10, 2), (10 * MIB, 2 * MIB as usize, 3)]);
+    let frozen = merge::freeze(m.store.clone(), "vm.vmdk").unwrap();
+    assert_eq!(frozen, "vm-000001.vmdk");
+    // The guest goes on writing (its own thread) while the merge copies.
+    let d = Disk::open(m.store.clone(), "vm.vmdk", true).unwrap();
+    let writes: Vec<(u64, usize, u64)> = (0..64)
+        .map(|i| {
+            (
+                (i * 613 * 1024) % (38 * MIB),
+                4096 + (i as usize % 7) * 1000,
+                10 + i,
+            )
+        })
+        .collect();
+    let n = std::thread::scope(|s| {
+        let h = s.spawn(|| merge::merge_frozen(&d, &frozen, None).unwrap());
+        for &(off, len, seed) in &writes {
+            d.write_at(&pattern(seed, len), off).unwrap();
+        }
+        h.join().unwrap()
+    });
+    for &(off, len, seed) in &writes {
+        m.want[off as usize..off as usize + len].copy_from_slice(&pattern(seed, len));
+    }
+    assert!(n >= 2 * MIB, "{n} bytes merged");
+    d.flush().unwrap();
+    // The layer below holds part of a merge: not a snapshot to read, but
+    // the disk reads right.
+    let e = Disk::open(m.store.clone(), "vm-000000.vmdk", false)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("interrupted"), "{e}");
+    d.close().unwrap();
+    m.expect("vm.vmdk");
+    merge::relink(m.store.clone(), "vm.vmdk", &frozen).unwrap();
+    assert!(!m.store.exists(&frozen).unwrap());
+    assert!(!m.store.exists("vm-000000.vmdk.consolidating").unwrap());
+    m.expect("vm.vmdk");
+    m.check();
+    assert_eq!(
+        Disk::open(m.store.clone(), "vm.vmdk", false)
+            .unwrap()
+            .depth(),
+        1
+    );
+    // Merged down, and the rest in one closed step: back on the base.
+    ops::consolidate(m.store.clone(), "vm.vmdk").unwrap();
+    m.expect("vm.vmdk");
+    assert_eq!(
+        Disk::open(m.store.clone(), "vm.vmdk", false)
+            .unwrap()
+            .depth(),
+        0
+    );
+
+    // Interrupted after the copy (a crash before the relink): a snapshot
+    // finishes it first, and reverting to it gives the disk as it was.
+    ops::snapshot(m.store.clone(), "vm.vmdk").unwrap();
+    m.write(&[(5 * MIB, 70_000, 40)]);
+    let frozen = merge::freeze(m.store.clone(), "vm.vmdk").unwrap();
+    let d = Disk::open(m.store.clone(), "vm.vmdk", true).unwrap();
+    merge::merge_frozen(&d, &frozen, None).unwrap();
+    d.close().unwrap();
+    m.write(&[(6 * MIB, 4096, 41)]);
+    let before_revert = m.want.clone();
+    let r = ops::check(m.store.clone(), "vm.vmdk", false).unwrap();
+    assert!(
+        r.problems.iter().any(|p| p.contains("merge")),
+        "{:?}",
+        r.problems
+    );
+    // A revert keeps the layer it reverts to (the merged one).
+    ops::revert(m.store.clone(), "vm.vmdk").unwrap();
+    let mut want = before_revert;
+    want[6 * MIB as usize..6 * MIB as usize + 4096].copy_from_slice(&vec![0u8; 4096]);
+    m.want = want;
+    m.expect("vm.vmdk");
+    assert!(!m.store.exists(&frozen).unwrap());
+    assert!(ops::check(m.store.clone(), "vm.vmdk", false)
+        .unwrap()
+        .problems
+        .is_empty());
+    m.check();
+}
