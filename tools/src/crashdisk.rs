@@ -1,7 +1,7 @@
 //! Crash states of virtual-disk workloads (`vmfs crashtest --workload
 //! 'disk:…'`, and a share of every default run): writes into a disk's chain
-//! through `snapshot`, flushes, snapshot, revert, consolidate, grow and
-//! clone, on the recording LUN of [`crate::crashtest`], with an oracle on
+//! through `snapshot`, flushes, snapshot, revert, consolidate, grow,
+//! clone, and the steps of a running disk's consolidation (freeze, merge), on the recording LUN of [`crate::crashtest`], with an oracle on
 //! the disk's content and on its change tracking.
 //!
 //! For every crash state the recovered datastore must mount and fsck
@@ -48,6 +48,12 @@ pub enum DiskOp {
     Grow(u64),
     /// A clone of the current content as `copy.vmdk`.
     Clone,
+    /// The first step of consolidating a running disk: a snapshot that
+    /// ends no change epoch ([`snapshot::merge::freeze`]).
+    Freeze,
+    /// The newest snapshot merged into the one below it and dropped
+    /// ([`snapshot::merge::merge_down`]).
+    Merge,
 }
 
 impl DiskOp {
@@ -67,6 +73,8 @@ impl fmt::Display for DiskOp {
             DiskOp::Consolidate => write!(f, "consolidate"),
             DiskOp::Grow(n) => write!(f, "grow({n})"),
             DiskOp::Clone => write!(f, "clone"),
+            DiskOp::Freeze => write!(f, "freeze"),
+            DiskOp::Merge => write!(f, "merge"),
         }
     }
 }
@@ -89,6 +97,8 @@ impl std::str::FromStr for DiskOp {
             "snapshot" => DiskOp::Snapshot,
             "revert" => DiskOp::Revert,
             "consolidate" => DiskOp::Consolidate,
+            "freeze" => DiskOp::Freeze,
+            "merge" => DiskOp::Merge,
             "clone" => DiskOp::Clone,
             _ => {
                 let (name, rest) = s
@@ -129,7 +139,7 @@ pub fn random_disk_workload(rng: &mut Rng, len: usize) -> Vec<DiskOp> {
     let mut size = SIZE;
     let mut w = Vec::new();
     while w.len() < len {
-        let op = match rng.below(12) {
+        let op = match rng.below(14) {
             0..=4 => {
                 let most = if rng.below(2) == 0 { 4096 } else { 200_000 };
                 let l = 1 + rng.below(most);
@@ -153,6 +163,14 @@ pub fn random_disk_workload(rng: &mut Rng, len: usize) -> Vec<DiskOp> {
                 DiskOp::Grow(n)
             }
             11 => DiskOp::Clone,
+            12 if depth < 4 => {
+                depth += 1;
+                DiskOp::Freeze
+            }
+            13 if depth >= 2 => {
+                depth -= 1;
+                DiskOp::Merge
+            }
             _ => continue,
         };
         w.push(op);
@@ -314,6 +332,25 @@ impl DiskHarness {
                 DiskOp::Consolidate => {
                     ops::consolidate(st.clone(), DISK).map_err(|e| fail(&e))?;
                     frozen.pop();
+                }
+                DiskOp::Freeze => {
+                    snapshot::merge::freeze(st.clone(), DISK).map_err(|e| fail(&e))?;
+                    frozen.push(content.clone());
+                }
+                DiskOp::Merge => {
+                    let f = Disk::open(st.clone(), DISK, false)
+                        .map_err(|e| fail(&e))?
+                        .layers
+                        .get(1)
+                        .map(|l| l.name.clone())
+                        .ok_or_else(|| fail(&"no snapshot"))?;
+                    snapshot::merge::merge_down(st.clone(), DISK, &f).map_err(|e| fail(&e))?;
+                    // The layer below now holds the merged one's state.
+                    let k = frozen
+                        .len()
+                        .checked_sub(2)
+                        .ok_or_else(|| fail(&"one snapshot"))?;
+                    frozen.remove(k);
                 }
                 DiskOp::Grow(n) => {
                     let size = content.len() as u64 + n;
@@ -548,6 +585,11 @@ mod tests {
         }
         let w =
             parse_disk_ops("disk:w(0,70000,5);snapshot;w(65536,4096,6);flush;consolidate").unwrap();
+        h.run_workload(&w, 60, None, &mut rng, &mut sum);
+        let w = parse_disk_ops(
+            "disk:snapshot;w(0,200000,7);freeze;w(4096,70000,8);flush;merge;w(0,4096,9);consolidate",
+        )
+        .unwrap();
         h.run_workload(&w, 60, None, &mut rng, &mut sum);
         assert!(sum.failures.is_empty(), "{:#?}", sum.failures);
         assert!(sum.states >= 40, "{}", sum.states);
