@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use hypervisor_io::backend::Backend;
 use hypervisor_io::prstore::FilePrStore;
@@ -312,6 +313,16 @@ impl Scsi {
                 socket.display()
             )));
         }
+        if let Some(l) = att
+            .luns
+            .iter()
+            .find(|l| matches!(&l.storage, Storage::Disk(d) if d.busy()))
+        {
+            return Err(HostError::Busy(format!(
+                "{} (LUN {}) is being snapshotted, consolidated or resized: try again when that ends",
+                l.path, l.lun
+            )));
+        }
         let att = map.remove(&socket).expect("just found");
         let i = info(&socket, &att);
         att.ctl.stop();
@@ -359,31 +370,38 @@ impl Scsi {
                 socket.display()
             ))))
         };
+        if matches!(
+            c,
+            "disk-revert" | "disk-delete" | "disk-import" | "disk-tracking" | "disk-share"
+        ) {
+            return busy();
+        }
+        if !matches!(c, "disk-snapshot" | "disk-consolidate" | "disk-resize") {
+            return None;
+        }
+        let Some(op) = disk.begin_op() else {
+            return Some(Err(HostError::Busy(format!(
+                "{path}: another snapshot, consolidation or resize of it is running; try again when it ends"
+            ))));
+        };
         let r = match c {
-            "disk-snapshot" => self.paused(l, disk, "snapshot", |store, name| {
+            "disk-snapshot" => self.paused(l, &op, "snapshot", |store, name| {
                 let s = snapshot::ops::snapshot(store, name)?;
                 Ok((s.said(), s.change_id.map(|i| i.to_string())))
             }),
             "disk-consolidate" => {
                 let all = args.get("all").and_then(|v| v.as_bool()).unwrap_or(false);
-                self.paused(l, disk, "consolidate", |store, name| {
-                    let mut n = 0;
-                    loop {
-                        snapshot::ops::consolidate(store.clone(), name)?;
-                        n += 1;
-                        let d = snapshot::Disk::open(store.clone(), name, false)?;
-                        if !all || d.depth() == 0 {
-                            break;
-                        }
-                    }
-                    Ok((format!("{n} snapshot(s) consolidated"), None))
-                })
+                // Merging can take minutes: the registry is not held (the
+                // operation keeps the controller from being removed).
+                let path = l.path.clone();
+                drop(map);
+                consolidate_online(&path, &op, all)
             }
-            "disk-resize" => {
+            _ => {
                 let Some(size) = args.get("size").and_then(|v| v.as_u64()) else {
                     return Some(Err(HostError::BadRequest("disk-resize: size".into())));
                 };
-                let r = self.paused(l, disk, "resize", |store, name| {
+                let r = self.paused(l, &op, "resize", |store, name| {
                     snapshot::ops::resize(store, name, size)?;
                     Ok((format!("grown to {size} bytes"), None))
                 });
@@ -392,10 +410,6 @@ impl Scsi {
                 }
                 r
             }
-            "disk-revert" | "disk-delete" | "disk-import" | "disk-tracking" | "disk-share" => {
-                return busy()
-            }
-            _ => return None,
         };
         Some(r.and_then(|d| {
             serde_json::to_value(d)
@@ -430,6 +444,151 @@ impl Scsi {
             change_id,
         })
     }
+}
+
+/// A consolidation whose last merge copies at most this much goes on with
+/// the guest's I/O held (tens of milliseconds); more is merged while the
+/// guest runs.
+const MERGE_HELD_MAX: u64 = 16 << 20;
+/// Rounds of merging with the guest running before the rest is merged
+/// held, however much the guest wrote meanwhile (a guest that writes
+/// faster than the datastore merges).
+const MERGE_ROUNDS: usize = 4;
+
+/// Consolidate an attached disk while its guest runs (one snapshot, or
+/// `all`), in rounds (see [`snapshot::merge`]): freeze the current layer
+/// (a pause of milliseconds), merge it into the snapshot below with the
+/// guest running, relink (milliseconds); once the current layer holds
+/// little, merge it with I/O held. Every pause is logged and reported.
+fn consolidate_online(path: &str, disk: &VirtualDisk, all: bool) -> Result<DiskDone> {
+    use snapshot::merge;
+    let store = disk.store().clone();
+    let name = disk.name().to_string();
+    let mut pauses: Vec<Duration> = Vec::new();
+    let mut held = |what: &str, d: Duration| {
+        tracing::info!(
+            "{path}: consolidate: {what} with the guest's I/O held for {:.1} ms",
+            d.as_secs_f64() * 1000.0
+        );
+        pauses.push(d);
+    };
+    let (mut online, mut closed, mut levels) = (0u64, 0u64, 0usize);
+    // Merged into the layer below with the guest running, then relinked.
+    let merge_down = |frozen: &str, held: &mut dyn FnMut(&str, Duration)| -> Result<u64> {
+        let t = std::time::Instant::now();
+        let n = disk
+            .with_open(|d| merge::merge_frozen(d, frozen, Some(disk.closing())))
+            .map_err(ops::disk_err)?;
+        tracing::info!(
+            "{path}: consolidate: {} of {frozen} merged with the guest running, in {:.1} s",
+            mib(n),
+            t.elapsed().as_secs_f64()
+        );
+        let (r, d) = disk.with_closed(|| merge::relink(store.clone(), &name, frozen));
+        held("relink", d);
+        r.map_err(ops::disk_err)?;
+        Ok(n)
+    };
+    // A merge its host did not finish (it died): continued here, running.
+    let unfinished = disk
+        .with_open(|d| {
+            for w in d.layers.windows(2).skip(1) {
+                if merge::merging_into(&*store, &w[1].name)?.as_deref() == Some(&w[0].name) {
+                    return Ok(Some(w[0].name.clone()));
+                }
+            }
+            Ok(None)
+        })
+        .map_err(ops::disk_err)?;
+    if let Some(f) = unfinished {
+        tracing::warn!("{path}: finishing an interrupted merge of {f}");
+        online += merge_down(&f, &mut held)?;
+    }
+    if disk.depth() == 0 {
+        return Err(ops::disk_err(snapshot::DiskError::Invalid(format!(
+            "{path} has no snapshot to consolidate"
+        ))));
+    }
+    loop {
+        let mut round = 0;
+        loop {
+            let left = disk.top_bytes().map_err(ops::disk_err)?;
+            if left <= MERGE_HELD_MAX
+                || round == MERGE_ROUNDS
+                || disk.depth() >= snapshot::disk::MAX_DEPTH
+            {
+                if round == MERGE_ROUNDS {
+                    tracing::warn!(
+                        "{path}: the guest writes about as fast as the datastore merges: merging the last {left} bytes with its I/O held"
+                    );
+                }
+                let (r, d) = disk.with_closed(|| snapshot::ops::consolidate(store.clone(), &name));
+                held("the last merge", d);
+                closed += r.map_err(ops::disk_err)?;
+                break;
+            }
+            let (r, d) = disk.with_closed(|| merge::freeze(store.clone(), &name));
+            held("freeze", d);
+            let frozen = r.map_err(ops::disk_err)?;
+            match merge_down(&frozen, &mut held) {
+                Ok(n) => online += n,
+                Err(e) => {
+                    // Refused before anything was copied (the layer below
+                    // is read elsewhere): the frozen layer takes back what
+                    // was written since, and the chain is as it was.
+                    let below_marked = disk
+                        .with_open(|d| {
+                            let k = d.layers.iter().position(|l| l.name == frozen);
+                            Ok(match k.and_then(|k| d.layers.get(k + 1)) {
+                                Some(b) => merge::merging_into(&*store, &b.name)?.is_some(),
+                                None => false,
+                            })
+                        })
+                        .unwrap_or(true);
+                    if !below_marked {
+                        let (r, d) =
+                            disk.with_closed(|| snapshot::ops::consolidate(store.clone(), &name));
+                        held("undoing the freeze", d);
+                        if let Err(u) = r {
+                            tracing::error!("{path}: undoing the freeze: {u}");
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+            round += 1;
+        }
+        levels += 1;
+        if !all || disk.depth() == 0 {
+            break;
+        }
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let longest = pauses.iter().max().copied().unwrap_or_default();
+    let total: Duration = pauses.iter().sum();
+    tracing::info!(
+        "{path}: {levels} snapshot(s) consolidated: {online} bytes merged with the guest running, {closed} with its I/O held; {} pauses, the longest {:.1} ms, {:.1} ms in all",
+        pauses.len(),
+        ms(longest),
+        ms(total)
+    );
+    Ok(DiskDone {
+        path: path.to_string(),
+        said: format!(
+            "{levels} snapshot(s) consolidated: {} merged with the guest running, {} with its I/O held (guest I/O held {} times, the longest {:.1} ms, {:.1} ms in all)",
+            mib(online),
+            mib(closed),
+            pauses.len(),
+            ms(longest),
+            ms(total)
+        ),
+        depth: disk.depth(),
+        change_id: None,
+    })
+}
+
+fn mib(n: u64) -> String {
+    format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64)
 }
 
 /// Close every disk of a stopped controller (each is tried; the first

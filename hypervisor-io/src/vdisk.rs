@@ -27,6 +27,27 @@ pub struct VirtualDisk {
     shared: bool,
     thin: AtomicBool,
     capacity: AtomicU64,
+    /// A chain operation (snapshot, consolidate, resize) is running: one
+    /// at a time, and the controller is not removed under it.
+    busy: AtomicBool,
+    /// Set when the disk is being closed: a merge running on it stops.
+    closing: AtomicBool,
+}
+
+/// A chain operation on a [`VirtualDisk`]; dropping it ends it.
+pub struct ChainOp(Arc<VirtualDisk>);
+
+impl Drop for ChainOp {
+    fn drop(&mut self) {
+        self.0.busy.store(false, Ordering::Release);
+    }
+}
+
+impl std::ops::Deref for ChainOp {
+    type Target = VirtualDisk;
+    fn deref(&self) -> &VirtualDisk {
+        &self.0
+    }
 }
 
 /// Parse a `ddb.uuid` ("60 00 c2 ... - ... ") into 16 bytes.
@@ -62,7 +83,18 @@ fn classify(e: DiskError, what: &str) -> BackendError {
 impl VirtualDisk {
     /// Open disk `name` of `store` for writing as this host.
     pub fn open(store: Arc<dyn Store>, name: &str, path: &str) -> snapshot::Result<VirtualDisk> {
-        let disk = Disk::open(store.clone(), name, true)?;
+        let disk = match Disk::open(store.clone(), name, true) {
+            Ok(d) => d,
+            // A consolidation interrupted where the disk cannot be written
+            // (its host died): this host owns the disk now and finishes it.
+            Err(e @ DiskError::Chain(_)) => {
+                if snapshot::ops::finish_consolidation(store.clone(), name)?.is_none() {
+                    return Err(e);
+                }
+                Disk::open(store.clone(), name, true)?
+            }
+            Err(e) => return Err(e),
+        };
         let uuid = disk.layers[0]
             .desc
             .ddb("ddb.uuid")
@@ -86,6 +118,8 @@ impl VirtualDisk {
             name: name.to_string(),
             path: path.to_string(),
             disk: RwLock::new(Some(disk)),
+            busy: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             id: Identity {
                 uuid,
                 product: "Virtual disk".into(),
@@ -114,6 +148,43 @@ impl VirtualDisk {
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// Start a chain operation; `None` while another runs.
+    pub fn begin_op(self: &Arc<Self>) -> Option<ChainOp> {
+        self.busy
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .ok()
+            .map(|_| ChainOp(self.clone()))
+    }
+
+    /// Whether a chain operation is running.
+    pub fn busy(&self) -> bool {
+        self.busy.load(Ordering::Acquire)
+    }
+
+    /// Run `f` on the open disk while the guest's I/O goes on (a merge of
+    /// an older snapshot: [`snapshot::merge::merge_frozen`]).
+    /// Set once the disk is being closed (for `cancel` of a merge).
+    pub fn closing(&self) -> &AtomicBool {
+        &self.closing
+    }
+
+    pub fn with_open<T>(
+        &self,
+        f: impl FnOnce(&Disk) -> snapshot::Result<T>,
+    ) -> snapshot::Result<T> {
+        let g = self.disk.read().unwrap_or_else(|p| p.into_inner());
+        let d = g.as_ref().ok_or_else(|| {
+            DiskError::Invalid(format!("{}: the disk could not be opened again", self.path))
+        })?;
+        f(d)
+    }
+
+    /// The bytes the current layer holds (what merging it into the layer
+    /// below would copy).
+    pub fn top_bytes(&self) -> snapshot::Result<u64> {
+        self.with_open(|d| Ok(d.top_ranges()?.iter().map(|r| r.end - r.start).sum()))
     }
 
     fn with<T>(
@@ -145,6 +216,9 @@ impl VirtualDisk {
             }
         }
         let r = op();
+        if self.closing.load(Ordering::Acquire) {
+            return (r, t.elapsed());
+        }
         match Disk::open(self.store.clone(), &self.name, true) {
             Ok(d) => {
                 self.thin.store(d.thin(), Ordering::Relaxed);
@@ -208,6 +282,7 @@ impl VirtualDisk {
     /// left to the last reference, which a thread of the vhost-user library
     /// may drop after the datastore is unmounted.
     pub fn close(&self) -> snapshot::Result<()> {
+        self.closing.store(true, Ordering::Release);
         let d = self.disk.write().unwrap_or_else(|p| p.into_inner()).take();
         match d {
             Some(d) => d.close(),
