@@ -780,7 +780,8 @@ struct CrashArgs {
     #[arg(long, requires = "workload")]
     crash: Option<String>,
     /// Crash states of virtual-disk workloads (writes into a chain,
-    /// snapshot, revert, consolidate, grow, clone), beside --states.
+    /// snapshot, revert, consolidate, grow, clone, and the freeze and
+    /// merge of a running disk's consolidation), beside --states.
     #[arg(long, default_value_t = 4000)]
     disk_states: u64,
 }
