@@ -178,7 +178,7 @@ pub(crate) struct DiskAt {
 pub(crate) enum DiskCmd {
     /// A new base disk: NAME.vmdk and NAME-flat.vmdk.
     Create {
-        /// Its size (512-byte multiples; K, M, G suffixes).
+        /// Its size (512-byte multiples; K, M, G, T suffixes).
         #[arg(long, value_parser = parse_size)]
         size: u64,
         /// thin (allocated as written), lazy (allocated, reads zeros), eager (allocated and zeroed).
@@ -252,7 +252,7 @@ pub(crate) enum DiskCmd {
     },
     /// Grow the disk (not while it has snapshots).
     Resize {
-        /// The new size (K, M, G suffixes).
+        /// The new size (K, M, G, T suffixes).
         #[arg(long, value_parser = parse_size)]
         size: u64,
         #[command(flatten)]
@@ -352,11 +352,13 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
         Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
         Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
         Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        Some('T' | 't') => (&s[..s.len() - 1], 1 << 40),
         _ => (s, 1),
     };
     num.parse::<u64>()
-        .map(|n| n * mul)
-        .map_err(|_| format!("{s:?} is not a size like 1M or 65536"))
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .ok_or_else(|| format!("{s:?} is not a size like 1M, 3T or 65536"))
 }
 
 pub(crate) fn open_luns(specs: &[String]) -> Result<Vec<Arc<dyn lun::Lun>>> {

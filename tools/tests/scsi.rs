@@ -225,11 +225,15 @@ fn a_guest_probes_reads_writes_and_trims_its_virtual_disks() {
     ds.run(&["disk", "create", "--size", "256M", &d1]);
     let guestpat = pattern(8 * MIB, 9);
     std::fs::write(ds.p("guestpat"), &guestpat).unwrap();
+    // LUN 2: 3 TiB, thin (a few MiB of it ever written): the guest must
+    // address it with the 16-byte commands past 2 TiB.
+    let d2 = ds.disk("d2.vmdk");
+    ds.run(&["disk", "create", "--size", "3T", &d2]);
 
     let sock = ds.p("vus.sock");
     let s = sock.to_str().unwrap();
-    let out = ds.run(&["scsi", "add", "--socket", s, "--queues", "2", &d0, &d1]);
-    assert!(out.contains("LUN 0") && out.contains("LUN 1"), "{out}");
+    let out = ds.run(&["scsi", "add", "--socket", s, "--queues", "2", &d0, &d1, &d2]);
+    assert!(out.contains("LUN 0") && out.contains("LUN 2"), "{out}");
     // A second controller may not take a disk that is attached.
     let o = vmfs(&[
         "scsi",
@@ -262,7 +266,7 @@ fn a_guest_probes_reads_writes_and_trims_its_virtual_disks() {
     let script = r#"#!/bin/sh
 set -eux
 fail() { echo "FAIL: $*"; exit 1; }
-for d in sda sdb; do [ -b /dev/$d ] || fail "no /dev/$d"; done
+for d in sda sdb sdc; do [ -b /dev/$d ] || fail "no /dev/$d"; done
 sg_inq /dev/sda | grep -q "Vendor identification: VMFS" || fail inquiry
 echo "NAA0=$(sg_vpd -p 0x83 /dev/sda | sed -n '/NAA/{n;p}' | tr -d ' ')"
 echo "NAA1=$(sg_vpd -p 0x83 /dev/sdb | sed -n '/NAA/{n;p}' | tr -d ' ')"
@@ -281,6 +285,12 @@ sg_raw -r 8 /dev/sdb 25 00 ff ff ff ff 00 00 00 00 >/dev/null 2>&1 || true
 # Task management: a LUN reset completes, and the LUN works after it.
 sg_reset -d /dev/sdb || fail "LUN reset"
 dd if=/dev/sdb of=/dev/null bs=4k count=1 iflag=direct || fail "read after the reset"
+# 3 TiB: READ CAPACITY(16), and a pattern 2.5 TiB in (WRITE/READ(16)).
+sg_readcap -l /dev/sdc | grep -q "Number of logical blocks=6442450944" || fail "3 TiB size"
+test "$(blockdev --getsize64 /dev/sdc)" = 3298534883328 || fail "3 TiB block device"
+dd if=/guestpat of=/dev/sdc bs=1M seek=2621440 count=8 oflag=direct conv=fsync
+dd if=/dev/sdc of=/tmp/far bs=1M skip=2621440 count=8 iflag=direct
+cmp /tmp/far /guestpat || fail "pattern past 2 TiB differs"
 # The host's pattern, and ours with O_DIRECT.
 dd if=/dev/sda of=/tmp/h bs=1M skip=32 count=8 iflag=direct
 cmp /tmp/h /hostpat || fail "host pattern differs"
@@ -328,6 +338,13 @@ echo GUEST-OK
 
     // QEMU is gone: the controller can be removed, and the disks read back.
     ds.run(&["scsi", "remove", "--socket", s]);
+    let mut far = vec![0u8; 8 * MIB];
+    use std::os::unix::fs::FileExt;
+    std::fs::File::open(ds.disk("d2-flat.vmdk"))
+        .unwrap()
+        .read_exact_at(&mut far, 2560 << 30)
+        .unwrap();
+    assert!(far == guestpat, "the guest's pattern 2.5 TiB into LUN 2");
     assert!(!sock.exists());
     ds.run(&["disk", "export", &d0, ds.p("d0.raw").to_str().unwrap()]);
     let back = std::fs::read(ds.p("d0.raw")).unwrap();
