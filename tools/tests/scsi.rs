@@ -371,6 +371,25 @@ echo GUEST-OK
     assert_eq!(String::from_utf8_lossy(&cat.stdout), "kept by the guest\n");
 }
 
+/// Copy `vmdk` (through the mount, as QEMU's tools read it) to `raw` and
+/// check that the ext4 in it is clean.
+fn ext4_clean(vmdk: &Path, raw: &Path) {
+    let o = Command::new("qemu-img")
+        .args(["convert", "-f", "vmdk", "-O", "raw"])
+        .arg(vmdk)
+        .arg(raw)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "qemu-img convert: {}", text(&o));
+    let fsck = Command::new("e2fsck").arg("-fn").arg(raw).output().unwrap();
+    assert!(
+        fsck.status.success(),
+        "the ext4 of {}: {}",
+        vmdk.display(),
+        text(&fsck)
+    );
+}
+
 /// A qemu-guest-agent command; its result as JSON text.
 fn qga(sock: &Path, cmd: &str) -> String {
     let o = Command::new(kit("qga.py"))
@@ -450,13 +469,7 @@ echo FIO-OK
     // Read the frozen layer (through the mount, as QEMU's tools do) while
     // the guest goes on writing above it.
     let raw = ds.p("frozen.raw");
-    let o = Command::new("qemu-img")
-        .args(["convert", "-f", "vmdk", "-O", "raw"])
-        .arg(ds.host.mnt.join("vm").join(&frozen))
-        .arg(&raw)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "qemu-img convert: {}", text(&o));
+    ext4_clean(&ds.host.mnt.join("vm").join(&frozen), &raw);
     std::thread::sleep(Duration::from_secs(2));
     // 2: crash-consistent, then 3: the newest snapshot merged back while
     // the guest writes.
@@ -479,35 +492,7 @@ echo FIO-OK
     assert!(console.contains("FIO-OK"), "{console}");
     assert!(!console.contains("I/O error"), "{console}");
     assert_eq!(disk_info(&ds, &d)["layers"].as_array().unwrap().len(), 1);
-    let now = ds.p("now.raw");
-    let o = Command::new("qemu-img")
-        .args(["convert", "-f", "vmdk", "-O", "raw"])
-        .arg(ds.host.mnt.join("vm").join("d.vmdk"))
-        .arg(&now)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "qemu-img convert: {}", text(&o));
-    let fsck = Command::new("e2fsck")
-        .arg("-fn")
-        .arg(&now)
-        .output()
-        .unwrap();
-    assert!(
-        fsck.status.success(),
-        "the consolidated disk's ext4: {}",
-        text(&fsck)
-    );
-
-    let fsck = Command::new("e2fsck")
-        .arg("-fn")
-        .arg(&raw)
-        .output()
-        .unwrap();
-    assert!(
-        fsck.status.success(),
-        "the frozen layer's ext4: {}",
-        text(&fsck)
-    );
+    ext4_clean(&ds.host.mnt.join("vm").join("d.vmdk"), &ds.p("now.raw"));
     let cat = |f: &str| {
         let o = Command::new("debugfs")
             .args(["-R", &format!("cat {f}")])
