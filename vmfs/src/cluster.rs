@@ -183,10 +183,10 @@ pub struct Joined {
     pub dead: Vec<Dead>,
 }
 
-type Slots = Vec<(HostSlot, Vec<u8>)>;
+pub(crate) type Slots = Vec<(HostSlot, Vec<u8>)>;
 
 /// Every heartbeat slot, decoded, with its raw sector.
-fn read_slots(vol: &Volume) -> Result<Slots> {
+pub(crate) fn read_slots(vol: &Volume) -> Result<Slots> {
     vol.read_slots()?
         .into_iter()
         .map(|(hs, sec)| Ok((hs?, sec)))
@@ -363,6 +363,8 @@ pub fn slot_table(vol: &Volume) -> Result<Vec<HostSlot>> {
 #[derive(Default)]
 pub struct Monitor {
     seen: HashMap<u32, (Vec<u8>, Instant)>,
+    /// Every slot as the last [`Monitor::observe`] read it.
+    pub last: Vec<HostSlot>,
 }
 
 /// A dead host found by [`Monitor::observe`].
@@ -381,6 +383,7 @@ impl Monitor {
         let mut others = false;
         let mut dead = Vec::new();
         let slots = read_slots(vol)?;
+        self.last = slots.iter().map(|(h, _)| h.clone()).collect();
         let states: Vec<u32> = slots.iter().map(|(h, _)| h.state).collect();
         for (s, (hs, sec)) in slots.into_iter().enumerate() {
             let s = s as u32;
@@ -521,6 +524,8 @@ pub fn join(vol: &Volume, host: [u8; 16], t: Timeouts) -> Result<Joined> {
         hs.host = host;
         hs.generation += 1;
         hs.heartbeat = 0;
+        // Requests and answers of the slot's last host are not this one's.
+        hs.mail = Mail::default();
         let sector = hs.encode(region(vol), slot);
         if swap_sector(
             &*lun,
@@ -679,6 +684,12 @@ impl Member {
         o.hs = next;
         o.sector = enc;
         Ok(())
+    }
+
+    /// Change the mailbox fields of this host's sector (not flushed:
+    /// other hosts read the LUN; a request does not outlive a crash).
+    pub fn update_mail(&self, f: impl FnOnce(&mut Mail)) -> Result<()> {
+        self.change(|hs| f(&mut hs.mail), false)
     }
 
     /// Err (fenced, EIO) once this host may no longer write.

@@ -385,6 +385,16 @@ impl Fs {
         self.changed(crate::fs::Change::Inode { ino: dir });
     }
 
+    /// The hosts holding the file at `path` (its on-disk lock: slot and the
+    /// slot's generation when taken; a holder whose slot has moved on
+    /// since is stale) and the lock's mode.
+    pub fn holders_of(&self, path: &str) -> Result<(locking::Mode, Vec<locking::Holder>)> {
+        let ino = self.resolve(path)?;
+        let (lun, off) = self.vol().lock_sector(ino)?;
+        let rec = locking::read_lock(&*lun, off)?;
+        Ok((rec.mode, rec.holders))
+    }
+
     /// Make a directory at `path`.
     pub fn mkdir_path(&self, path: &str, perm: u32) -> Result<()> {
         let (dir, name) = self.parent_path(path)?;

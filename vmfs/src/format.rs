@@ -840,7 +840,36 @@ pub struct HostSlot {
     /// its holder gives it back at its next chance (a hint for speed; the
     /// cluster's lock sector decides).
     pub want_cluster: u64,
+    /// A request of this host to another, and this host's answer to one
+    /// ([`crate::mailbox`]); zero in volumes written before them.
+    pub mail: Mail,
 }
+
+/// The mailbox fields of a heartbeat sector (offsets 132..184).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Mail {
+    /// Slot + 1 this host asks (0: no request).
+    pub req_to: u32,
+    /// That slot's generation when asked (a new host there ignores it).
+    pub req_gen: u64,
+    /// The request's number (per slot generation of this host, from 1).
+    pub req_id: u64,
+    pub req_kind: u32,
+    /// Slot + 1 of the host whose request this host last took (0: none).
+    pub rep_to: u32,
+    /// That host's generation.
+    pub rep_gen: u64,
+    pub rep_id: u64,
+    /// 1: taken, being handled; 2: answered (the answer is a file).
+    pub rep_state: u32,
+}
+
+/// Offset of the mailbox fields in a heartbeat sector, and their version
+/// (a u32 before them).
+pub const SLOT_MAIL_OFF: usize = 132;
+pub const MAIL_VERSION: u32 = 1;
+pub const MAIL_TAKEN: u32 = 1;
+pub const MAIL_ANSWERED: u32 = 2;
 
 /// Offset of the ballot block in a heartbeat sector.
 pub const SLOT_BALLOT_OFF: usize = 96;
@@ -861,6 +890,19 @@ impl HostSlot {
         put64(&mut b, 88, self.want_cluster);
         b[SLOT_BALLOT_OFF..SLOT_BALLOT_OFF + locking::DBLOCK_LEN]
             .copy_from_slice(&self.ballot.encode());
+        if self.mail != Mail::default() {
+            let m = &self.mail;
+            let o = SLOT_MAIL_OFF;
+            put32(&mut b, o, MAIL_VERSION);
+            put32(&mut b, o + 4, m.req_to);
+            put64(&mut b, o + 8, m.req_gen);
+            put64(&mut b, o + 16, m.req_id);
+            put32(&mut b, o + 24, m.req_kind);
+            put32(&mut b, o + 28, m.rep_to);
+            put64(&mut b, o + 32, m.rep_gen);
+            put64(&mut b, o + 40, m.rep_id);
+            put32(&mut b, o + 48, m.rep_state);
+        }
         seal(&mut b);
         b
     }
@@ -886,7 +928,28 @@ impl HostSlot {
             ),
             wants: get32(b, 84),
             want_cluster: get64(b, 88),
+            mail: Mail::default(),
         };
+        let o = SLOT_MAIL_OFF;
+        let mut s = s;
+        match get32(b, o) {
+            0 => {}
+            MAIL_VERSION => {
+                s.mail = Mail {
+                    req_to: get32(b, o + 4),
+                    req_gen: get64(b, o + 8),
+                    req_id: get64(b, o + 16),
+                    req_kind: get32(b, o + 24),
+                    rep_to: get32(b, o + 28),
+                    rep_gen: get64(b, o + 32),
+                    rep_id: get64(b, o + 40),
+                    rep_state: get32(b, o + 48),
+                }
+            }
+            // A newer host's mail: not for this one to read, the rest of
+            // the slot still is.
+            _ => {}
+        }
         if s.state > SLOT_REPLAYING {
             return Err(format!("unknown slot state {}", s.state));
         }

@@ -133,6 +133,8 @@ pub struct Fs {
     /// Told of namespace and size changes made through the file API (the
     /// FUSE mount drops the kernel's cached entries and attributes).
     observer: std::sync::OnceLock<Box<dyn Fn(Change) + Send + Sync>>,
+    /// Requests to and from other hosts ([`crate::mailbox`]).
+    pub(crate) mailbox: crate::mailbox::Mailbox,
 }
 
 /// A change made without FUSE that a FUSE mount's kernel caches must learn.

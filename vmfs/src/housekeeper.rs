@@ -41,6 +41,9 @@ impl Housekeeper {
                             if let Err(e) = fs.housekeep() {
                                 tracing::error!("cluster housekeeping: {e}");
                             }
+                            // Requests of other hosts, in the sectors just read.
+                            let slots = fs.last_slots();
+                            fs.deliver_mail(&slots);
                         }
                         // Between heartbeats: give the volume lock to a host
                         // that waits for it, if this one sits on it idle.

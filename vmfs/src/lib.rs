@@ -15,6 +15,7 @@ pub mod guard;
 mod housekeeper;
 pub mod journals;
 pub mod leafmap;
+pub mod mailbox;
 pub mod txn;
 pub mod volume;
 pub mod writebehind;

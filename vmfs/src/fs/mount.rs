@@ -247,6 +247,7 @@ impl Fs {
             member: std::sync::OnceLock::new(),
             shared: std::sync::OnceLock::new(),
             unopened_gen: std::sync::atomic::AtomicU64::new(0),
+            mailbox: Default::default(),
             mapped: Mutex::new(HashMap::new()),
             mapped_count: std::sync::atomic::AtomicUsize::new(0),
             rdm_luns: RwLock::new(Vec::new()),
@@ -462,6 +463,19 @@ impl Fs {
     /// back when another host has arrived; recover hosts that died (journal
     /// replay, slot freed, their locks with it), then free the files they
     /// had unlinked while open.
+    /// Every slot as housekeeping last read it.
+    pub(crate) fn last_slots(&self) -> Vec<crate::format::HostSlot> {
+        match self.shared.get() {
+            Some(sh) => sh
+                .monitor
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .last
+                .clone(),
+            None => Vec::new(),
+        }
+    }
+
     pub fn housekeep(&self) -> Result<()> {
         let (Some(sh), Some(m)) = (self.shared.get(), self.member.get()) else {
             return Ok(());
