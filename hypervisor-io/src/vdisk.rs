@@ -163,13 +163,13 @@ impl VirtualDisk {
         self.busy.load(Ordering::Acquire)
     }
 
-    /// Run `f` on the open disk while the guest's I/O goes on (a merge of
-    /// an older snapshot: [`snapshot::merge::merge_frozen`]).
     /// Set once the disk is being closed (for `cancel` of a merge).
     pub fn closing(&self) -> &AtomicBool {
         &self.closing
     }
 
+    /// Run `f` on the open disk while the guest's I/O goes on (a merge of
+    /// an older snapshot: [`snapshot::merge::merge_frozen`]).
     pub fn with_open<T>(
         &self,
         f: impl FnOnce(&Disk) -> snapshot::Result<T>,
@@ -206,33 +206,60 @@ impl VirtualDisk {
         op: impl FnOnce() -> snapshot::Result<T>,
     ) -> (snapshot::Result<T>, Duration) {
         let t = Instant::now();
+        let h = match self.hold() {
+            Ok(h) => h,
+            Err(e) => return (Err(e), t.elapsed()),
+        };
+        let r = op();
+        h.reopen();
+        (r, t.elapsed())
+    }
+
+    /// Hold the guest's I/O and close the disk (new I/O waits, the I/O in
+    /// flight completes, every layer is flushed, change tracking settled)
+    /// until [`Held::reopen`]. Several disks are held together (a VM's
+    /// disks snapshotted at one moment) by holding each in turn.
+    pub fn hold(&self) -> snapshot::Result<Held<'_>> {
         let mut g = self.disk.write().unwrap_or_else(|p| p.into_inner());
         if let Some(d) = g.take() {
-            // Close flushes every layer and settles change tracking.
             if let Err(e) = d.close() {
                 // Not closed cleanly: open it again as it was, and refuse.
                 *g = Disk::open(self.store.clone(), &self.name, true).ok();
-                return (Err(e), t.elapsed());
+                return Err(e);
             }
         }
-        let r = op();
-        if self.closing.load(Ordering::Acquire) {
-            return (r, t.elapsed());
+        Ok(Held { vd: self, g })
+    }
+}
+
+/// A [`VirtualDisk`] closed with its I/O held ([`VirtualDisk::hold`]).
+pub struct Held<'a> {
+    vd: &'a VirtualDisk,
+    g: std::sync::RwLockWriteGuard<'a, Option<Disk>>,
+}
+
+impl Held<'_> {
+    /// Open the disk again (its chain as the operation left it) and let
+    /// I/O resume. A failure to open is logged: I/O then fails until the
+    /// controller is removed.
+    pub fn reopen(mut self) {
+        let vd = self.vd;
+        if vd.closing.load(Ordering::Acquire) {
+            return;
         }
-        match Disk::open(self.store.clone(), &self.name, true) {
+        match Disk::open(vd.store.clone(), &vd.name, true) {
             Ok(d) => {
-                self.thin.store(d.thin(), Ordering::Relaxed);
-                self.capacity.store(d.capacity(), Ordering::Relaxed);
-                *g = Some(d);
+                vd.thin.store(d.thin(), Ordering::Relaxed);
+                vd.capacity.store(d.capacity(), Ordering::Relaxed);
+                *self.g = Some(d);
             }
             Err(e) => {
                 tracing::error!(
                     "{}: opening the disk again after an operation: {e}",
-                    self.path
+                    vd.path
                 );
             }
         }
-        (r, t.elapsed())
     }
 }
 
