@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use vmfs::Fs;
 
@@ -51,6 +51,8 @@ pub const COMMANDS: &[&str] = &[
     "scsi-add",
     "scsi-remove",
     "scsi-list",
+    "vm-snapshot",
+    "vm-consolidate",
 ];
 
 /// What the agent serves.
@@ -109,6 +111,19 @@ impl Agent {
             clients: AtomicUsize::new(0),
             active: AtomicUsize::new(0),
         });
+        // Requests of other hosts through the datastore (a backup proxy on
+        // a machine with no network to this one): the commands a proxy
+        // needs, carried out as this host.
+        let weak = Arc::downgrade(&shared);
+        shared
+            .cfg
+            .fs
+            .set_mail_handler(Arc::new(move |r: vmfs::mailbox::Request| {
+                let s = weak
+                    .upgrade()
+                    .ok_or_else(|| "the host agent is stopping".to_string())?;
+                mail_command(&s, &r)
+            }));
         let listener_fd = listener.as_raw_fd();
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -420,6 +435,63 @@ fn to_value<T: serde::Serialize>(v: T) -> Result<Value> {
     serde_json::to_value(v).map_err(|e| HostError::Agent(format!("encoding the reply: {e}")))
 }
 
+/// The request kind of a control command sent through the datastore
+/// (`vmfs::mailbox`): body `{"command", "arguments"}`, answer the result.
+pub const MAIL_COMMAND: u32 = 1;
+
+/// The commands another host may ask this one through the datastore.
+pub const MAIL_COMMANDS: &[&str] = &[
+    "status",
+    "disk-info",
+    "disk-changed",
+    "vm-snapshot",
+    "vm-consolidate",
+];
+
+#[derive(Serialize, Deserialize)]
+pub struct MailCommand {
+    pub command: String,
+    #[serde(default)]
+    pub arguments: Value,
+}
+
+fn mail_command(s: &Shared, r: &vmfs::mailbox::Request) -> std::result::Result<Vec<u8>, String> {
+    if r.kind != MAIL_COMMAND {
+        return Err(format!("unknown request kind {}", r.kind));
+    }
+    let c: MailCommand = serde_json::from_slice(&r.body)
+        .map_err(|e| format!("a request that is not understood: {e}"))?;
+    if !MAIL_COMMANDS.contains(&c.command.as_str()) {
+        return Err(format!(
+            "{} is not a command other hosts may ask (only {})",
+            c.command.chars().take(100).collect::<String>(),
+            MAIL_COMMANDS.join(", ")
+        ));
+    }
+    if s.stop.load(Ordering::SeqCst) {
+        return Err("the host agent is stopping".into());
+    }
+    tracing::info!(
+        "{} asked by host {} (slot {}) through the datastore",
+        c.command,
+        vmfs::volume::uuid_str(&r.from_host),
+        r.from_slot
+    );
+    let req = Request {
+        protocol: proto::VERSION,
+        command: c.command,
+        arguments: c.arguments,
+        id: None,
+    };
+    s.active.fetch_add(1, Ordering::SeqCst);
+    let out = handle(s, &req);
+    s.active.fetch_sub(1, Ordering::SeqCst);
+    match out {
+        Ok(v) => serde_json::to_vec(&v).map_err(|e| e.to_string()),
+        Err(e) => Err(format!("{} ({})", e, e.class())),
+    }
+}
+
 /// Run one request as this host.
 fn handle(s: &Shared, req: &Request) -> Result<Value> {
     let fs = &s.cfg.fs;
@@ -477,6 +549,14 @@ fn handle(s: &Shared, req: &Request) -> Result<Value> {
         "scsi-list" => {
             proto::arguments::<NoArgs>(c, args)?;
             to_value(s.scsi.list())
+        }
+        "vm-snapshot" => {
+            let a: crate::vm::SnapshotArgs = proto::arguments(c, args)?;
+            to_value(s.scsi.vm_snapshot(&a)?)
+        }
+        "vm-consolidate" => {
+            let a: crate::vm::ConsolidateArgs = proto::arguments(c, args)?;
+            to_value(s.scsi.vm_consolidate(&a)?)
         }
         c if c.starts_with("disk-") => {
             // A disk attached to a controller here goes through it.

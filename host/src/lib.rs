@@ -9,10 +9,13 @@
 pub mod agent;
 pub mod client;
 pub mod error;
+pub mod online;
 pub mod ops;
 pub mod proto;
+pub mod qga;
 pub mod scsi;
 pub mod socket;
+pub mod vm;
 
 pub use agent::{Agent, Config};
 pub use client::Client;

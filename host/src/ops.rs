@@ -433,7 +433,7 @@ fn split_disk_path(path: &str) -> Result<(String, String)> {
     Ok((dir, name))
 }
 
-pub(crate) fn store_for(fs: &Arc<Fs>, path: &str) -> Result<(Arc<dyn snapshot::Store>, String)> {
+pub fn store_for(fs: &Arc<Fs>, path: &str) -> Result<(Arc<dyn snapshot::Store>, String)> {
     let (dir, name) = split_disk_path(path)?;
     Ok((Arc::new(snapshot::VmfsStore::new(fs.clone(), &dir)), name))
 }
@@ -586,7 +586,7 @@ pub struct DiskDone {
     pub change_id: Option<String>,
 }
 
-pub(crate) fn disk_err(e: snapshot::DiskError) -> HostError {
+pub fn disk_err(e: snapshot::DiskError) -> HostError {
     HostError::Disk(e)
 }
 
@@ -755,4 +755,32 @@ pub fn disk_consolidate(fs: &Arc<Fs>, path: &str, all: bool) -> Result<DiskDone>
         path,
         format!("{n} snapshot(s) deleted, {merged} bytes merged"),
     )
+}
+
+/// Delete the snapshot whose frozen descriptor is `frozen` (beside disk
+/// `path`) from a disk nobody is writing: the layer above it merged into
+/// it. Nothing to do when it is no longer in the chain (said so).
+pub fn disk_delete_snapshot(fs: &Arc<Fs>, path: &str, frozen: &str) -> Result<DiskDone> {
+    let (store, name) = store_for(fs, path)?;
+    snapshot::ops::finish_consolidation(store.clone(), &name).map_err(disk_err)?;
+    let at = {
+        let d = snapshot::Disk::open(store.clone(), &name, false).map_err(disk_err)?;
+        d.layers
+            .iter()
+            .position(|l| l.name == frozen)
+            .filter(|&k| k >= 1)
+            .map(|k| (k, d.layers[k - 1].name.clone()))
+    };
+    let said = match at {
+        None => format!("{frozen} was gone already"),
+        Some((1, _)) => {
+            let n = snapshot::ops::consolidate(store, &name).map_err(disk_err)?;
+            format!("snapshot {frozen} deleted, {n} bytes merged")
+        }
+        Some((_, above)) => {
+            let n = snapshot::merge::merge_down(store, &name, &above).map_err(disk_err)?;
+            format!("snapshot {frozen} deleted, {n} bytes merged")
+        }
+    };
+    done(fs, path, said)
 }

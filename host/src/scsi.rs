@@ -10,7 +10,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use hypervisor_io::backend::Backend;
 use hypervisor_io::prstore::FilePrStore;
@@ -67,6 +66,8 @@ impl Storage {
 struct Attached {
     ctl: Controller,
     luns: Vec<Lun>,
+    /// The guest's qemu-guest-agent socket (`scsi add --guest-agent`).
+    agent: Option<PathBuf>,
 }
 
 /// This host's controllers, by socket path.
@@ -98,6 +99,8 @@ pub struct ControllerInfo {
     pub connections: u64,
     pub inflight: usize,
     pub luns: Vec<LunInfo>,
+    #[serde(default)]
+    pub guest_agent: Option<String>,
 }
 
 /// Options of `scsi add`.
@@ -107,6 +110,9 @@ pub struct AddArgs {
     #[serde(default = "one")]
     pub queues: usize,
     pub disks: Vec<String>,
+    /// The guest's qemu-guest-agent socket, for quiesced snapshots.
+    #[serde(default)]
+    pub guest_agent: Option<String>,
 }
 
 fn one() -> usize {
@@ -119,6 +125,36 @@ impl Scsi {
             fs,
             host,
             ctls: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub(crate) fn fs(&self) -> &Arc<Fs> {
+        &self.fs
+    }
+
+    /// The virtual disk `path` as attached here (its path as attached,
+    /// the disk, its controller's guest agent), `None` when not attached;
+    /// an error for a raw device mapping (which has no snapshots).
+    pub(crate) fn attached_disk(
+        &self,
+        path: &str,
+    ) -> Result<Option<(String, Arc<VirtualDisk>, Option<PathBuf>)>> {
+        let map = self.lock();
+        let Some((socket, lun)) = Self::find(&map, path) else {
+            return Ok(None);
+        };
+        let Some(att) = map.get(&socket) else {
+            return Ok(None);
+        };
+        let Some(l) = att.luns.iter().find(|l| l.lun == lun) else {
+            return Ok(None);
+        };
+        match &l.storage {
+            Storage::Disk(d) => Ok(Some((l.path.clone(), d.clone(), att.agent.clone()))),
+            _ => Err(HostError::BadRequest(format!(
+                "{path} is a raw device mapping (LUN {lun} of {}): it has no snapshots; leave it out",
+                socket.display()
+            ))),
         }
     }
 
@@ -209,6 +245,15 @@ impl Scsi {
         if a.disks.is_empty() {
             return Err(HostError::BadRequest("scsi add: no disk given".into()));
         }
+        if let Some(g) = a
+            .guest_agent
+            .as_ref()
+            .filter(|g| !Path::new(g).is_absolute())
+        {
+            return Err(HostError::BadRequest(format!(
+                "the guest agent's socket {g} must be an absolute path"
+            )));
+        }
         let mut map = self.lock();
         for d in &a.disks {
             if let Some((s, lun)) = Self::find(&map, d) {
@@ -233,6 +278,9 @@ impl Scsi {
             }
         }
         if let Some(att) = map.get_mut(&socket) {
+            if let Some(g) = &a.guest_agent {
+                att.agent = Some(PathBuf::from(g));
+            }
             for (path, storage, unit) in opened {
                 let lun = (0..hypervisor_io::scsi::target::MAX_LUNS)
                     .find(|l| att.luns.iter().all(|x| x.lun != *l))
@@ -291,7 +339,11 @@ impl Scsi {
                 e,
             )
         })?;
-        let att = Attached { ctl, luns };
+        let att = Attached {
+            ctl,
+            luns,
+            agent: a.guest_agent.as_ref().map(PathBuf::from),
+        };
         let i = info(&socket, &att);
         map.insert(socket, att);
         Ok(i)
@@ -395,7 +447,7 @@ impl Scsi {
                 // operation keeps the controller from being removed).
                 let path = l.path.clone();
                 drop(map);
-                consolidate_online(&path, &op, all)
+                crate::online::consolidate(&path, &op, all)
             }
             _ => {
                 let Some(size) = args.get("size").and_then(|v| v.as_u64()) else {
@@ -446,151 +498,6 @@ impl Scsi {
     }
 }
 
-/// A consolidation whose last merge copies at most this much goes on with
-/// the guest's I/O held (tens of milliseconds); more is merged while the
-/// guest runs.
-const MERGE_HELD_MAX: u64 = 16 << 20;
-/// Rounds of merging with the guest running before the rest is merged
-/// held, however much the guest wrote meanwhile (a guest that writes
-/// faster than the datastore merges).
-const MERGE_ROUNDS: usize = 4;
-
-/// Consolidate an attached disk while its guest runs (one snapshot, or
-/// `all`), in rounds (see [`snapshot::merge`]): freeze the current layer
-/// (a pause of milliseconds), merge it into the snapshot below with the
-/// guest running, relink (milliseconds); once the current layer holds
-/// little, merge it with I/O held. Every pause is logged and reported.
-fn consolidate_online(path: &str, disk: &VirtualDisk, all: bool) -> Result<DiskDone> {
-    use snapshot::merge;
-    let store = disk.store().clone();
-    let name = disk.name().to_string();
-    let mut pauses: Vec<Duration> = Vec::new();
-    let mut held = |what: &str, d: Duration| {
-        tracing::info!(
-            "{path}: consolidate: {what} with the guest's I/O held for {:.1} ms",
-            d.as_secs_f64() * 1000.0
-        );
-        pauses.push(d);
-    };
-    let (mut online, mut closed, mut levels) = (0u64, 0u64, 0usize);
-    // Merged into the layer below with the guest running, then relinked.
-    let merge_down = |frozen: &str, held: &mut dyn FnMut(&str, Duration)| -> Result<u64> {
-        let t = std::time::Instant::now();
-        let n = disk
-            .with_open(|d| merge::merge_frozen(d, frozen, Some(disk.closing())))
-            .map_err(ops::disk_err)?;
-        tracing::info!(
-            "{path}: consolidate: {} of {frozen} merged with the guest running, in {:.1} s",
-            mib(n),
-            t.elapsed().as_secs_f64()
-        );
-        let (r, d) = disk.with_closed(|| merge::relink(store.clone(), &name, frozen));
-        held("relink", d);
-        r.map_err(ops::disk_err)?;
-        Ok(n)
-    };
-    // A merge its host did not finish (it died): continued here, running.
-    let unfinished = disk
-        .with_open(|d| {
-            for w in d.layers.windows(2).skip(1) {
-                if merge::merging_into(&*store, &w[1].name)?.as_deref() == Some(&w[0].name) {
-                    return Ok(Some(w[0].name.clone()));
-                }
-            }
-            Ok(None)
-        })
-        .map_err(ops::disk_err)?;
-    if let Some(f) = unfinished {
-        tracing::warn!("{path}: finishing an interrupted merge of {f}");
-        online += merge_down(&f, &mut held)?;
-    }
-    if disk.depth() == 0 {
-        return Err(ops::disk_err(snapshot::DiskError::Invalid(format!(
-            "{path} has no snapshot to consolidate"
-        ))));
-    }
-    loop {
-        let mut round = 0;
-        loop {
-            let left = disk.top_bytes().map_err(ops::disk_err)?;
-            if left <= MERGE_HELD_MAX
-                || round == MERGE_ROUNDS
-                || disk.depth() >= snapshot::disk::MAX_DEPTH
-            {
-                if round == MERGE_ROUNDS {
-                    tracing::warn!(
-                        "{path}: the guest writes about as fast as the datastore merges: merging the last {left} bytes with its I/O held"
-                    );
-                }
-                let (r, d) = disk.with_closed(|| snapshot::ops::consolidate(store.clone(), &name));
-                held("the last merge", d);
-                closed += r.map_err(ops::disk_err)?;
-                break;
-            }
-            let (r, d) = disk.with_closed(|| merge::freeze(store.clone(), &name));
-            held("freeze", d);
-            let frozen = r.map_err(ops::disk_err)?;
-            match merge_down(&frozen, &mut held) {
-                Ok(n) => online += n,
-                Err(e) => {
-                    // Refused before anything was copied (the layer below
-                    // is read elsewhere): the frozen layer takes back what
-                    // was written since, and the chain is as it was.
-                    let below_marked = disk
-                        .with_open(|d| {
-                            let k = d.layers.iter().position(|l| l.name == frozen);
-                            Ok(match k.and_then(|k| d.layers.get(k + 1)) {
-                                Some(b) => merge::merging_into(&*store, &b.name)?.is_some(),
-                                None => false,
-                            })
-                        })
-                        .unwrap_or(true);
-                    if !below_marked {
-                        let (r, d) =
-                            disk.with_closed(|| snapshot::ops::consolidate(store.clone(), &name));
-                        held("undoing the freeze", d);
-                        if let Err(u) = r {
-                            tracing::error!("{path}: undoing the freeze: {u}");
-                        }
-                    }
-                    return Err(e);
-                }
-            }
-            round += 1;
-        }
-        levels += 1;
-        if !all || disk.depth() == 0 {
-            break;
-        }
-    }
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let longest = pauses.iter().max().copied().unwrap_or_default();
-    let total: Duration = pauses.iter().sum();
-    tracing::info!(
-        "{path}: {levels} snapshot(s) consolidated: {online} bytes merged with the guest running, {closed} with its I/O held; {} pauses, the longest {:.1} ms, {:.1} ms in all",
-        pauses.len(),
-        ms(longest),
-        ms(total)
-    );
-    Ok(DiskDone {
-        path: path.to_string(),
-        said: format!(
-            "{levels} snapshot(s) consolidated: {} merged with the guest running, {} with its I/O held (guest I/O held {} times, the longest {:.1} ms, {:.1} ms in all)",
-            mib(online),
-            mib(closed),
-            pauses.len(),
-            ms(longest),
-            ms(total)
-        ),
-        depth: disk.depth(),
-        change_id: None,
-    })
-}
-
-fn mib(n: u64) -> String {
-    format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64)
-}
-
 /// Close every disk of a stopped controller (each is tried; the first
 /// failure is returned).
 fn close_all(luns: &[Lun]) -> Result<()> {
@@ -614,6 +521,7 @@ fn info(socket: &Path, a: &Attached) -> ControllerInfo {
         connected: a.ctl.connected(),
         connections: s.connections.load(Ordering::Relaxed),
         inflight: s.inflight.count(),
+        guest_agent: a.agent.as_ref().map(|p| p.display().to_string()),
         luns: a
             .luns
             .iter()

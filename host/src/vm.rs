@@ -1,0 +1,411 @@
+//! What a backup asks of the host that serves a VM's disks: snapshot all of
+//! them at one moment, quiesced through the guest's agent when it has one
+//! (`vm-snapshot`), and later delete those snapshots while the guest runs
+//! (`vm-consolidate`).
+//!
+//! The whole freeze happens inside one `vm-snapshot`: freeze, hold every
+//! disk's I/O, snapshot each, resume, thaw. Whoever asked can die at any
+//! moment without leaving the guest frozen; and a watchdog thaws the guest
+//! at the freeze deadline even if a snapshot hangs (the result then says
+//! the snapshots are only crash-consistent).
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hypervisor_io::vdisk::VirtualDisk;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{HostError, Result};
+use crate::ops::{self, DiskDone};
+use crate::qga;
+use crate::scsi::Scsi;
+
+fn yes() -> bool {
+    true
+}
+
+fn default_deadline() -> u64 {
+    10_000
+}
+
+/// `vm-snapshot`'s arguments.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotArgs {
+    /// Every disk of the VM (datastore paths); each attached here, or not
+    /// in use by any host (the VM is off).
+    pub disks: Vec<String>,
+    /// Freeze the guest's filesystems through its agent (when its
+    /// controller names one).
+    #[serde(default = "yes")]
+    pub quiesce: bool,
+    /// The longest the guest may stay frozen; past it the host thaws it
+    /// whatever is still running.
+    #[serde(default = "default_deadline")]
+    pub freeze_deadline_ms: u64,
+}
+
+/// One disk's snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Frozen {
+    pub path: String,
+    /// The frozen layer's descriptor (beside the disk's).
+    pub frozen: String,
+    /// The change ID the disk froze at (`None`: tracking is off).
+    pub change_id: Option<String>,
+}
+
+/// `vm-snapshot`'s result.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub disks: Vec<Frozen>,
+    /// Whether the guest's filesystems were frozen through its agent for
+    /// the whole of the snapshot (else crash-consistent).
+    pub quiesced: bool,
+    /// How, for a person: "guest agent (2 filesystems frozen)", or why not.
+    pub how: String,
+    /// How long the guest's filesystems were frozen (0 when not).
+    pub frozen_ms: f64,
+    /// How long the disks' I/O was held.
+    pub held_ms: f64,
+}
+
+/// `vm-consolidate`'s arguments: the snapshots a `vm-snapshot` took.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConsolidateArgs {
+    pub disks: Vec<Frozen>,
+}
+
+/// The file beside disk `path` that names the snapshot a backup took of it
+/// until the backup deletes it (`DIR/NAME.vmdk.backup`; JSON: a [`Frozen`]):
+/// a backup that was killed leaves it, and the next one deletes that
+/// snapshot first.
+pub fn marker_of(path: &str) -> String {
+    format!("{}.backup", path.trim_end_matches('/'))
+}
+
+fn write_marker(fs: &Arc<vmfs::Fs>, f: &Frozen) -> Result<()> {
+    let (store, name) = ops::store_for(fs, &f.path)?;
+    let m = format!("{name}.backup");
+    let tmp = format!("{m}.new");
+    let text = serde_json::to_vec_pretty(f).map_err(|e| HostError::Agent(e.to_string()))?;
+    let io = |e: snapshot::error::StoreError| {
+        ops::disk_err(snapshot::DiskError::Store {
+            file: m.clone(),
+            source: e,
+        })
+    };
+    store.remove_if_there(&tmp).map_err(io)?;
+    let file = store.create(&tmp).map_err(io)?;
+    file.write_at(&text, 0).map_err(io)?;
+    file.flush().map_err(io)?;
+    drop(file);
+    store.rename(&tmp, &m).map_err(io)
+}
+
+/// The snapshot a backup left on disk `path` (its marker), if any.
+pub fn left_by_backup(fs: &Arc<vmfs::Fs>, path: &str) -> Result<Option<Frozen>> {
+    let (store, name) = ops::store_for(fs, path)?;
+    let m = format!("{name}.backup");
+    let io = |e: snapshot::error::StoreError| {
+        ops::disk_err(snapshot::DiskError::Store {
+            file: m.clone(),
+            source: e,
+        })
+    };
+    if !store.exists(&m).map_err(io)? {
+        return Ok(None);
+    }
+    let f = store.open(&m, false).map_err(io)?;
+    let len = f.len().map_err(io)?.min(64 << 10) as usize;
+    let mut b = vec![0u8; len];
+    f.read_full(&mut b, 0).map_err(io)?;
+    match serde_json::from_slice::<Frozen>(&b) {
+        Ok(fr) => Ok(Some(fr)),
+        Err(e) => {
+            tracing::warn!("{path}: ignoring a damaged backup marker {m}: {e}");
+            Ok(None)
+        }
+    }
+}
+
+fn remove_marker(fs: &Arc<vmfs::Fs>, f: &Frozen) {
+    let r = ops::store_for(fs, &f.path).and_then(|(store, name)| {
+        store
+            .remove_if_there(&format!("{name}.backup"))
+            .map_err(|e| HostError::Agent(e.to_string()))
+    });
+    if let Err(e) = r {
+        tracing::warn!("{}: removing its backup marker: {e}", f.path);
+    }
+}
+
+/// The guest agent frozen for a snapshot, and the watchdog that thaws it at
+/// the deadline.
+struct Freeze {
+    agent: Arc<Mutex<qga::Agent>>,
+    stop: mpsc::Sender<()>,
+    watchdog: std::thread::JoinHandle<bool>,
+    started: Instant,
+    count: u64,
+}
+
+impl Freeze {
+    fn start(path: &PathBuf, deadline: Duration) -> Result<Freeze> {
+        let started = Instant::now();
+        let mut a = qga::Agent::connect(path, Duration::from_secs(5))?;
+        let agent_deadline = deadline.min(Duration::from_secs(60));
+        let count = match a.freeze(agent_deadline) {
+            Ok(n) => n,
+            Err(e) => {
+                // Some filesystems may be frozen: thaw whatever is.
+                let _ = a.thaw(Duration::from_secs(10));
+                return Err(e);
+            }
+        };
+        let agent = Arc::new(Mutex::new(a));
+        let (stop, stopped) = mpsc::channel();
+        let dog = agent.clone();
+        let left = deadline.saturating_sub(started.elapsed());
+        let watchdog = std::thread::spawn(move || {
+            if stopped.recv_timeout(left) == Err(mpsc::RecvTimeoutError::Timeout) {
+                tracing::error!(
+                    "the guest stayed frozen to its deadline of {} ms: thawing it now",
+                    deadline.as_millis()
+                );
+                let mut a = dog.lock().unwrap_or_else(|p| p.into_inner());
+                if let Err(e) = a.thaw(Duration::from_secs(10)) {
+                    tracing::error!("thawing the guest at its deadline: {e}");
+                }
+                return true;
+            }
+            false
+        });
+        Ok(Freeze {
+            agent,
+            stop,
+            watchdog,
+            started,
+            count,
+        })
+    }
+
+    /// Thaw; whether the freeze held until now (the watchdog did not thaw
+    /// first), and how long the guest was frozen.
+    fn thaw(self) -> (bool, Duration, Result<u64>) {
+        let _ = self.stop.send(());
+        let fired = self.watchdog.join().unwrap_or(true);
+        let r = if fired {
+            Ok(0)
+        } else {
+            let mut a = self.agent.lock().unwrap_or_else(|p| p.into_inner());
+            a.thaw(Duration::from_secs(10))
+        };
+        (!fired, self.started.elapsed(), r)
+    }
+}
+
+impl Scsi {
+    /// `vm-snapshot` (see the module doc).
+    pub fn vm_snapshot(&self, a: &SnapshotArgs) -> Result<Snapshot> {
+        if a.disks.is_empty() {
+            return Err(HostError::BadRequest("vm-snapshot: no disk given".into()));
+        }
+        for d in &a.disks {
+            if let Some(f) = left_by_backup(self.fs(), d)? {
+                return Err(HostError::Busy(format!(
+                    "{d}: the snapshot {} of an earlier backup is still there (a backup running, or one that was killed): `vm-consolidate` it first",
+                    f.frozen
+                )));
+            }
+        }
+        // Each disk: attached here (its controller's agent), or opened here.
+        let mut attached: Vec<(String, Arc<VirtualDisk>)> = Vec::new();
+        let mut agents: Vec<PathBuf> = Vec::new();
+        let mut off: Vec<String> = Vec::new();
+        for d in &a.disks {
+            match self.attached_disk(d)? {
+                Some((p, disk, agent)) => {
+                    attached.push((p, disk));
+                    agents.extend(agent.filter(|g| !agents.contains(g)));
+                }
+                None => off.push(d.clone()),
+            }
+        }
+        let mut ops_held = Vec::new();
+        for (p, d) in &attached {
+            match d.begin_op() {
+                Some(op) => ops_held.push(op),
+                None => {
+                    return Err(HostError::Busy(format!(
+                        "{p}: another snapshot, consolidation or resize of it is running; try again when it ends"
+                    )))
+                }
+            }
+        }
+        // Quiesce.
+        let deadline = Duration::from_millis(a.freeze_deadline_ms.clamp(100, 600_000));
+        let mut freezes = Vec::new();
+        let mut how = Vec::new();
+        if !a.quiesce {
+            how.push("crash-consistent (quiescing not asked)".to_string());
+        } else if agents.is_empty() {
+            how.push(if attached.is_empty() {
+                "the VM is off (no host serves its disks)".to_string()
+            } else {
+                "crash-consistent (no guest agent named: `vmfs scsi add --guest-agent`)".to_string()
+            });
+        }
+        if a.quiesce {
+            for g in &agents {
+                match Freeze::start(g, deadline) {
+                    Ok(f) => freezes.push(f),
+                    Err(e) => {
+                        tracing::warn!("quiescing through {}: {e}", g.display());
+                        how.push(format!("crash-consistent ({e})"));
+                    }
+                }
+            }
+        }
+        // Every disk held at once, then each snapshotted.
+        let t = Instant::now();
+        let mut done = Vec::new();
+        let r: Result<()> = (|| {
+            let mut held = Vec::new();
+            for (p, d) in &attached {
+                held.push(
+                    d.hold()
+                        .map_err(|e| HostError::Agent(format!("{p}: holding its I/O: {e}")))?,
+                );
+            }
+            let mut r = Ok(());
+            for (p, d) in &attached {
+                match snapshot::ops::snapshot(d.store().clone(), d.name()) {
+                    Ok(s) => done.push(Frozen {
+                        path: p.clone(),
+                        frozen: s.frozen,
+                        change_id: s.change_id.map(|i| i.to_string()),
+                    }),
+                    Err(e) => {
+                        r = Err(ops::disk_err(e));
+                        break;
+                    }
+                }
+            }
+            for h in held {
+                h.reopen();
+            }
+            r
+        })();
+        let held_for = t.elapsed();
+        // Thaw (always, whatever happened).
+        let mut quiesced = !freezes.is_empty() && how.is_empty();
+        let mut frozen_for = Duration::ZERO;
+        let mut count = 0;
+        for f in freezes {
+            count += f.count;
+            let (held, d, tr) = f.thaw();
+            frozen_for = frozen_for.max(d);
+            if !held {
+                quiesced = false;
+                how.push(format!(
+                    "crash-consistent (the freeze outlasted its deadline of {} ms and was undone)",
+                    deadline.as_millis()
+                ));
+            }
+            if let Err(e) = tr {
+                tracing::error!("thawing the guest: {e}");
+                how.push(format!("thawing: {e}"));
+            }
+        }
+        if let Err(e) = r {
+            self.undo(&done);
+            return Err(e);
+        }
+        // Disks no host serves: nothing writes them, no pause needed.
+        for p in &off {
+            let r = ops::store_for(self.fs(), p).and_then(|(store, name)| {
+                snapshot::ops::snapshot(store, &name).map_err(ops::disk_err)
+            });
+            match r {
+                Ok(s) => done.push(Frozen {
+                    path: p.clone(),
+                    frozen: s.frozen,
+                    change_id: s.change_id.map(|i| i.to_string()),
+                }),
+                Err(e) => {
+                    self.undo(&done);
+                    return Err(e);
+                }
+            }
+        }
+        for f in &done {
+            if let Err(e) = write_marker(self.fs(), f) {
+                self.undo(&done);
+                return Err(e);
+            }
+        }
+        if quiesced {
+            how.insert(0, format!("guest agent ({count} filesystem(s) frozen)"));
+        }
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        tracing::info!(
+            "vm-snapshot of {} disk(s): {}; guest frozen {:.1} ms, I/O held {:.1} ms",
+            done.len(),
+            how.join("; "),
+            ms(frozen_for),
+            ms(held_for)
+        );
+        Ok(Snapshot {
+            disks: done,
+            quiesced,
+            how: how.join("; "),
+            frozen_ms: ms(frozen_for),
+            held_ms: ms(held_for),
+        })
+    }
+
+    /// Delete snapshots a failed `vm-snapshot` took (logged, not raised).
+    fn undo(&self, done: &[Frozen]) {
+        if let Err(e) = self.vm_consolidate(&ConsolidateArgs {
+            disks: done.to_vec(),
+        }) {
+            tracing::error!("deleting the snapshots of a failed vm-snapshot: {e}");
+        }
+    }
+
+    /// `vm-consolidate`: delete each snapshot named (with its guest running
+    /// when attached here).
+    pub fn vm_consolidate(&self, a: &ConsolidateArgs) -> Result<Vec<DiskDone>> {
+        let mut out = Vec::new();
+        let mut first_err = None;
+        for f in &a.disks {
+            let r = match self.attached_disk(&f.path)? {
+                Some((p, disk, _)) => match disk.begin_op() {
+                    Some(op) => crate::online::delete_snapshot(&p, &op, &f.frozen),
+                    None => Err(HostError::Busy(format!(
+                        "{p}: another snapshot, consolidation or resize of it is running; try again when it ends"
+                    ))),
+                },
+                None => ops::disk_delete_snapshot(self.fs(), &f.path, &f.frozen),
+            };
+            match r {
+                Ok(d) => {
+                    if left_by_backup(self.fs(), &f.path)?.as_ref() == Some(f) {
+                        remove_marker(self.fs(), f);
+                    }
+                    out.push(d)
+                }
+                Err(e) => {
+                    tracing::error!("{}: deleting snapshot {}: {e}", f.path, f.frozen);
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+}
