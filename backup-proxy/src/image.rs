@@ -36,7 +36,7 @@ pub trait Source: Send + Sync {
 }
 
 /// A name for a path, fit for a backup's disk name.
-fn name_of(p: &Path, strip: &str) -> String {
+pub(crate) fn name_of(p: &Path, strip: &str) -> String {
     let n = p
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())
@@ -207,6 +207,12 @@ fn split(path: &Path) -> Result<(PathBuf, String)> {
 }
 
 impl VDisk {
+    /// A disk opened elsewhere (through the datastore's file API), named
+    /// `path` in messages.
+    pub fn from_disk(disk: snapshot::Disk, path: PathBuf) -> VDisk {
+        VDisk { disk, path }
+    }
+
     /// Open a disk read-only: its current descriptor (`NAME.vmdk`) or a
     /// frozen layer, with every layer below it.
     pub fn open(path: &Path) -> Result<VDisk> {
