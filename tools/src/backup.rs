@@ -96,6 +96,50 @@ pub enum BackupCmd {
         workers: Option<usize>,
         source: PathBuf,
     },
+    /// Back up a running VM's disks, with no agent of ours in the guest:
+    /// the host serving them (this machine's `vmfs mount`) freezes the
+    /// guest's filesystems through its qemu-guest-agent (`vmfs scsi add
+    /// --guest-agent`; else the snapshots are crash-consistent), snapshots
+    /// every disk at one moment and thaws; the frozen layers are read (only
+    /// what changed since the VM's last backup) into the repository; the
+    /// snapshots are deleted while the guest runs, whatever happened. A
+    /// disk no host uses (the VM is off) is snapshotted as it is.
+    Vm {
+        #[command(flatten)]
+        r: RepoArgs,
+        /// The backup's name [default: the directory of the first disk,
+        /// the VM's folder].
+        #[arg(long)]
+        name: Option<String>,
+        /// Do not freeze the guest's filesystems: crash-consistent.
+        #[arg(long)]
+        no_quiesce: bool,
+        /// The longest the guest may stay frozen; the host thaws it then
+        /// whatever is still running.
+        #[arg(long, default_value_t = 10_000, value_name = "MS")]
+        freeze_deadline_ms: u64,
+        /// Run (sh -c) before the guest is frozen; failing stops the backup.
+        #[arg(long, value_name = "CMD")]
+        pre_freeze: Option<String>,
+        /// Run after the guest is thawed.
+        #[arg(long, value_name = "CMD")]
+        post_thaw: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Back up from the datastore's LUNs, as a host of its own (a proxy
+        /// that does not mount the datastore): the host running the VM is
+        /// asked through the datastore, and DISKs are paths inside it.
+        #[arg(long, value_name = "LUN")]
+        datastore: Vec<String>,
+        #[command(flatten)]
+        host: crate::HostArgs,
+        /// Every disk of the VM: MOUNTPOINT/.../NAME.vmdk (or, with
+        /// --datastore, DIR/NAME.vmdk inside it).
+        #[arg(required = true)]
+        disks: Vec<PathBuf>,
+    },
     /// The backups in the repository (and this machine's failed runs).
     List {
         #[command(flatten)]
@@ -200,6 +244,47 @@ fn summary(m: &backup_proxy::manifest::Manifest) {
     );
 }
 
+/// `backup vm` through this machine's host agent, or (`--datastore`) as a
+/// host of the datastore of its own.
+fn vm_job(
+    repo: Arc<Repo>,
+    job: &backup_proxy::job::VmJob,
+    datastore: &[String],
+    host: &crate::HostArgs,
+    opts: &Options,
+) -> Result<backup_proxy::job::VmReport> {
+    if datastore.is_empty() {
+        let (agent, paths) = backup_proxy::job::LocalAgent::for_disks(&job.disks, &job.state_dir)?;
+        return Ok(backup_proxy::job::backup_vm(
+            repo, job, &agent, &paths, opts,
+        )?);
+    }
+    let t = vmfs::cluster::Timeouts::new(host.heartbeat_ms, host.lease_ms)?;
+    let luns = crate::open_luns_for(datastore, &t)?;
+    let fs = Arc::new(vmfs::Fs::mount(luns, host.uuid()?, t)?);
+    let paths: Vec<String> = job
+        .disks
+        .iter()
+        .map(|d| d.to_string_lossy().trim_start_matches('/').to_string())
+        .collect();
+    let r = backup_proxy::san::SanProxy::new(
+        fs.clone(),
+        &paths,
+        std::time::Duration::from_millis(job.freeze_deadline_ms),
+    )
+    .and_then(|san| {
+        match san.holder() {
+            Some(h) => eprintln!("the VM's disks are held by {h}: asking it through the datastore"),
+            None => eprintln!("no host holds the VM's disks (it is off): snapshotting them here"),
+        }
+        backup_proxy::job::backup_vm(repo, job, &san, &paths, opts)
+    });
+    if let Err(e) = fs.unmount() {
+        eprintln!("vmfs: warning: leaving the datastore: {e}");
+    }
+    Ok(r?)
+}
+
 pub fn run(cmd: BackupCmd) -> Result<ExitCode> {
     // Chunks are 4 MiB buffers made and dropped by the thousand: keep them
     // in the heap rather than a fresh mmap each (whose page faults cost a
@@ -285,6 +370,83 @@ pub fn run(cmd: BackupCmd) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&m)?);
             } else {
                 summary(&m);
+            }
+        }
+        BackupCmd::Vm {
+            r,
+            name,
+            no_quiesce,
+            freeze_deadline_ms,
+            pre_freeze,
+            post_thaw,
+            json,
+            workers,
+            datastore,
+            host,
+            disks,
+        } => {
+            let opts = Options {
+                workers: workers.unwrap_or(opts.workers).clamp(1, 256),
+                ..opts
+            };
+            let name = match name {
+                Some(n) => n,
+                None => {
+                    let p = if datastore.is_empty() {
+                        disks[0].canonicalize().ok()
+                    } else {
+                        Some(disks[0].clone())
+                    };
+                    p.and_then(|p| p.parent()?.file_name()?.to_str().map(String::from))
+                        .context("no --name, and the first disk's directory has no usable name")?
+                }
+            };
+            let job = backup_proxy::job::VmJob {
+                name: name.clone(),
+                disks,
+                quiesce: !no_quiesce,
+                freeze_deadline_ms,
+                pre_freeze,
+                post_thaw,
+                state_dir: host.state_dir(),
+            };
+            let repo = r.open()?;
+            let cat = r.catalog();
+            let run = cat.as_ref().and_then(|c| c.begin(&repo, &name).ok());
+            let res = vm_job(repo.clone(), &job, &datastore, &host, &opts);
+            if let (Some(c), Some(run)) = (&cat, run) {
+                let rec = match &res {
+                    Ok(rep) => match &rep.manifest {
+                        Some(m) => c.finish_ok(run, m),
+                        None => c.finish_failed(run, "no manifest"),
+                    },
+                    Err(e) => c.finish_failed(run, &e.to_string()),
+                };
+                if let Err(e) = rec {
+                    eprintln!("vmfs: warning: {e}");
+                }
+            }
+            let rep = res?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rep)?);
+            } else {
+                for c in &rep.cleaned {
+                    println!("deleted the snapshot a killed backup left: {c}");
+                }
+                println!(
+                    "snapshot of {} disk(s): {}; guest frozen {:.0} ms, I/O held {:.1} ms; snapshots kept {:.1} s",
+                    rep.snapshot.disks.len(),
+                    rep.snapshot.how,
+                    rep.snapshot.frozen_ms,
+                    rep.snapshot.held_ms,
+                    rep.snapshot_lifetime_ms / 1000.0
+                );
+                if let Some(m) = &rep.manifest {
+                    summary(m);
+                }
+                for w in &rep.warnings {
+                    eprintln!("vmfs: warning: {w}");
+                }
             }
         }
         BackupCmd::List { r, json } => {

@@ -708,14 +708,14 @@ pub(crate) struct HostArgs {
 
 impl HostArgs {
     /// The state directory in effect.
-    fn state_dir(&self) -> PathBuf {
+    pub(crate) fn state_dir(&self) -> PathBuf {
         host::socket::state_dir(
             self.state_dir.as_deref(),
             self.host_uuid.map(|u| u.to_string()).as_deref(),
         )
     }
 
-    fn uuid(&self) -> Result<[u8; 16]> {
+    pub(crate) fn uuid(&self) -> Result<[u8; 16]> {
         if let Some(u) = self.host_uuid {
             return Ok(*u.as_bytes());
         }

@@ -23,6 +23,12 @@ pub(crate) enum ScsiCmd {
         /// served): sizes the I/O threads.
         #[arg(long, default_value_t = 1)]
         queues: usize,
+        /// The guest's qemu-guest-agent socket (QEMU's
+        /// `-chardev socket,path=QGA-SOCKET,server=on,wait=off,id=qga0
+        /// -device virtio-serial -device virtserialport,chardev=qga0,name=org.qemu.guest_agent.0`):
+        /// snapshots a backup takes freeze the guest's filesystems through it.
+        #[arg(long, value_name = "QGA-SOCKET")]
+        guest_agent: Option<PathBuf>,
         #[arg(required = true)]
         disks: Vec<PathBuf>,
         #[arg(long)]
@@ -70,6 +76,7 @@ pub(crate) fn run(c: ScsiCmd) -> Result<std::process::ExitCode> {
         ScsiCmd::Add {
             socket,
             queues,
+            guest_agent,
             disks,
             state_dir,
         } => {
@@ -97,7 +104,12 @@ pub(crate) fn run(c: ScsiCmd) -> Result<std::process::ExitCode> {
             let mut agent = agent.context("no disk given")?;
             let i: ControllerInfo = agent.call(
                 "scsi-add",
-                json!({"socket": abs(&socket)?, "queues": queues, "disks": inner}),
+                json!({
+                    "socket": abs(&socket)?,
+                    "queues": queues,
+                    "disks": inner,
+                    "guest_agent": guest_agent.as_deref().map(abs).transpose()?,
+                }),
             )?;
             print(&i);
         }
@@ -145,14 +157,18 @@ pub(crate) fn run(c: ScsiCmd) -> Result<std::process::ExitCode> {
 
 fn print(i: &ControllerInfo) {
     println!(
-        "controller {}  {} queue(s)  {}",
+        "controller {}  {} queue(s)  {}{}",
         i.socket,
         i.queues,
         if i.connected {
             "connected"
         } else {
             "waiting for QEMU"
-        }
+        },
+        i.guest_agent
+            .as_ref()
+            .map(|g| format!("  guest agent {g}"))
+            .unwrap_or_default()
     );
     for l in &i.luns {
         println!(

@@ -1,6 +1,8 @@
 //! Helpers shared by the `vmfs` command's integration tests.
 #![allow(dead_code)]
 
+pub mod guest;
+
 use std::path::Path;
 use std::process::{Command, Output};
 

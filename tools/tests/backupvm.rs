@@ -1,0 +1,404 @@
+//! The agentless backup of a running VM (`vmfs backup vm`) with a real
+//! guest: two disks with ext4 being written all along, a qemu-guest-agent
+//! channel whose freeze hook leaves a marker; full then incremental
+//! backups, a job killed after its snapshots, a second job of the same VM
+//! refused, and restores that fsck clean and hold the files as of each
+//! freeze.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+mod common;
+use common::guest::*;
+use common::text;
+
+/// `vmfs backup ARGS` with the test's catalog.
+fn backup(ds: &Ds, args: &[&str]) -> std::process::Output {
+    let mut a = vec!["backup"];
+    a.extend(args);
+    if args[0] == "vm" {
+        a.extend(["--state-dir", &ds.st]);
+    }
+    Command::new(common::VMFS)
+        .args(&a)
+        .env("VMFS_BACKUP_CATALOG", ds.p("catalog.sqlite"))
+        .env(
+            "VMFS_LOG",
+            std::env::var("VMFS_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .output()
+        .unwrap()
+}
+
+fn backup_ok(ds: &Ds, args: &[&str]) -> String {
+    let o = backup(ds, args);
+    assert!(o.status.success(), "vmfs backup {args:?}: {}", text(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A file of an ext4 image, by debugfs (empty when absent).
+fn cat(raw: &Path, f: &str) -> Vec<u8> {
+    let o = Command::new("debugfs")
+        .args(["-R", &format!("cat {f}")])
+        .arg(raw)
+        .output()
+        .unwrap();
+    o.stdout
+}
+
+fn fsck_clean(raw: &Path) {
+    let o = Command::new("e2fsck").arg("-fn").arg(raw).output().unwrap();
+    assert!(o.status.success(), "e2fsck {}: {}", raw.display(), text(&o));
+}
+
+#[test]
+fn a_running_vm_is_backed_up_quiesced_full_then_incremental_and_restored() {
+    let ds = Ds::new(1 << 30);
+    let d0 = ds.disk("d0.vmdk");
+    let d1 = ds.disk("d1.vmdk");
+    for d in [&d0, &d1] {
+        ds.run(&["disk", "create", "--size", "96M", d]);
+    }
+    let sock = ds.p("vus.sock");
+    let q = ds.p("qga.sock");
+    ds.run(&[
+        "scsi",
+        "add",
+        "--socket",
+        sock.to_str().unwrap(),
+        "--guest-agent",
+        q.to_str().unwrap(),
+        &d0,
+        &d1,
+    ]);
+    let repo = ds.p("repo");
+    let r = repo.to_str().unwrap();
+    backup_ok(&ds, &["init", "--repo", r, "--chunk-size", "64K"]);
+
+    // The freeze hook lists, in each filesystem, the files there as it
+    // freezes (so a restore must hold every one of them).
+    let hook = ds.p("hook");
+    std::fs::write(
+        &hook,
+        "#!/bin/sh\nif [ \"$1\" = freeze ]; then for m in /mnt/a /mnt/b; do ls $m | grep '^f[0-9]' > $m/frozen-marker; done; sync; fi\nexit 0\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = r#"#!/bin/sh
+set -eux
+mkdir -p /mnt/a /mnt/b
+mkfs.ext4 -q /dev/sda
+mkfs.ext4 -q /dev/sdb
+mount /dev/sda /mnt/a
+mount /dev/sdb /mnt/b
+echo WRITER-START
+i=0
+while [ $i -lt 200 ] && [ ! -e /tmp/stop ]; do
+  for m in /mnt/a /mnt/b; do
+    dd if=/dev/urandom of=$m/f$i bs=64k count=2 2>/dev/null
+  done
+  sync
+  i=$((i+1))
+  sleep 0.2
+done
+umount /mnt/a
+umount /mnt/b
+echo WRITER-DONE
+"#;
+    let mut g = Guest::start_with(
+        ds.dir.path(),
+        "bvm",
+        script,
+        &[(&hook, "/etc/qemu/fsfreeze-hook")],
+        &sock,
+        Some(&q),
+        &[],
+    );
+    g.wait_for("WRITER-START", Duration::from_secs(180));
+    std::thread::sleep(Duration::from_secs(3));
+
+    // 1: full.
+    let one = backup_ok(
+        &ds,
+        &["vm", "--repo", r, "--name", "vm1", "--json", &d0, &d1],
+    );
+    let one: serde_json::Value = serde_json::from_str(&one).unwrap();
+    eprintln!(
+        "full: {} frozen {} ms, held {} ms, snapshots kept {} ms",
+        one["snapshot"]["how"],
+        one["snapshot"]["frozen_ms"],
+        one["snapshot"]["held_ms"],
+        one["snapshot_lifetime_ms"]
+    );
+    assert_eq!(one["snapshot"]["quiesced"], true, "{one}");
+    assert!(
+        one["snapshot"]["how"]
+            .as_str()
+            .unwrap()
+            .contains("2 filesystem(s) frozen"),
+        "{one}"
+    );
+    let id1 = one["manifest"]["id"].as_str().unwrap().to_string();
+    for d in one["manifest"]["disks"].as_array().unwrap() {
+        assert!(d["since"].is_null(), "{d}");
+        assert!(d["change_id"].is_string(), "{d}");
+    }
+
+    // A job killed once its snapshots are taken; a second job of the same
+    // VM meanwhile is refused.
+    std::thread::sleep(Duration::from_secs(2));
+    let mut killed = Command::new(common::VMFS)
+        .args([
+            "backup",
+            "vm",
+            "--repo",
+            r,
+            "--name",
+            "vm1",
+            "--state-dir",
+            &ds.st,
+            &d0,
+            &d1,
+        ])
+        .env("VMFS_BACKUP_CATALOG", ds.p("catalog.sqlite"))
+        .env("VMFS_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let marker = format!("{d0}.backup");
+    let t = Instant::now();
+    while !Path::new(&marker).exists() {
+        assert!(t.elapsed() < Duration::from_secs(60), "no snapshot taken");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = backup(&ds, &["vm", "--repo", r, "--name", "vm1", &d0, &d1]);
+    assert!(
+        !o.status.success() && text(&o).contains("running on this machine already"),
+        "{}",
+        text(&o)
+    );
+    common::signal(&killed, libc::SIGKILL);
+    let _ = killed.wait();
+
+    // 2: incremental; it deletes what the killed job left first.
+    std::thread::sleep(Duration::from_secs(2));
+    let o = backup(
+        &ds,
+        &["vm", "--repo", r, "--name", "vm1", "--json", &d0, &d1],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let two: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(two["cleaned"].as_array().map(|a| a.len()), Some(2), "{two}");
+    assert_eq!(two["snapshot"]["quiesced"], true, "{two}");
+    let id2 = two["manifest"]["id"].as_str().unwrap().to_string();
+    let disks1 = one["manifest"]["disks"].as_array().unwrap();
+    for d in two["manifest"]["disks"].as_array().unwrap() {
+        let name = d["name"].as_str().unwrap();
+        let prev = disks1.iter().find(|x| x["name"] == name).unwrap();
+        assert_eq!(d["since"], prev["change_id"], "{d}");
+        // Only what changed between the two change IDs was read.
+        let path = ds.disk(&format!("{name}.vmdk"));
+        let c: serde_json::Value = serde_json::from_str(&ds.run(&[
+            "disk",
+            "changed",
+            "--json",
+            "--since",
+            prev["change_id"].as_str().unwrap(),
+            "--until",
+            d["change_id"].as_str().unwrap(),
+            &path,
+        ]))
+        .unwrap();
+        let read = d["stats"]["read"].as_u64().unwrap();
+        let changed = c["bytes"].as_u64().unwrap();
+        eprintln!(
+            "{name}: incremental read {read} bytes, changed {changed}, disk {}",
+            96 << 20
+        );
+        assert!(
+            read > 0 && read <= changed,
+            "read {read}, changed {changed}: {d}"
+        );
+        assert!(read < (96 << 20) / 2, "{d}");
+    }
+    // No snapshot left behind, no marker.
+    for d in [&d0, &d1] {
+        let info: serde_json::Value =
+            serde_json::from_str(&ds.run(&["disk", "info", "--json", d])).unwrap();
+        assert_eq!(info["layers"].as_array().unwrap().len(), 1, "{info}");
+        assert!(!Path::new(&format!("{d}.backup")).exists());
+    }
+
+    let (rc, console) = g.finish();
+    assert_eq!(rc, 0, "{console}");
+    assert!(console.contains("WRITER-DONE"), "{console}");
+    let o = backup(&ds, &["verify", "--repo", r]);
+    assert!(o.status.success(), "verify: {}", text(&o));
+
+    // Restores: clean filesystems holding every file listed at the freeze.
+    for (id, tag) in [(&id1, "one"), (&id2, "two")] {
+        for disk in ["d0", "d1"] {
+            let raw = ds.p(&format!("{tag}-{disk}.raw"));
+            backup_ok(
+                &ds,
+                &[
+                    "restore",
+                    "--repo",
+                    r,
+                    "--disk",
+                    disk,
+                    id,
+                    raw.to_str().unwrap(),
+                ],
+            );
+            fsck_clean(&raw);
+            let listed = String::from_utf8_lossy(&cat(&raw, "/frozen-marker")).into_owned();
+            assert!(!listed.trim().is_empty(), "{tag} {disk}: no freeze marker");
+            for f in listed.lines() {
+                assert_eq!(
+                    cat(&raw, &format!("/{f}")).len(),
+                    128 << 10,
+                    "{tag} {disk}: {f}, listed at the freeze, is not whole"
+                );
+            }
+        }
+    }
+}
+
+/// A proxy that only sees the LUNs (host B, its own state directory): a
+/// VM that is off is snapshotted by the proxy itself; a running one's host
+/// (A) is asked through the datastore and answers within heartbeats; an
+/// incremental with nothing changed reads nothing; a host that does not
+/// answer (SIGSTOP) is a clear error naming it, and nothing is left behind.
+#[test]
+fn a_proxy_on_the_luns_asks_the_vms_host_through_the_datastore() {
+    let mut ds = Ds::new(1 << 30);
+    let data = vmfs_tests::pattern(5, 24 << 20);
+    let mut raw = vec![0u8; 32 << 20];
+    raw[4 << 20..28 << 20].copy_from_slice(&data);
+    std::fs::write(ds.p("in.raw"), &raw).unwrap();
+    let d0 = ds.disk("d0.vmdk");
+    ds.run(&["disk", "import", ds.p("in.raw").to_str().unwrap(), &d0]);
+    let repo = ds.p("repo");
+    let r = repo.to_str().unwrap().to_string();
+    backup_ok(&ds, &["init", "--repo", &r, "--chunk-size", "64K"]);
+    let b = ds.p("b").to_str().unwrap().to_string();
+    let proxy = |extra: &[&str]| {
+        let mut a = vec![
+            "backup",
+            "vm",
+            "--repo",
+            &r,
+            "--name",
+            "vm",
+            "--datastore",
+            &ds.lun,
+            "--state-dir",
+            &b,
+            "--lease-ms",
+            "800",
+            "--json",
+        ];
+        a.extend(extra);
+        a.push("vm/d0.vmdk");
+        Command::new(common::VMFS)
+            .args(&a)
+            .env("VMFS_BACKUP_CATALOG", ds.p("catalog.sqlite"))
+            .env("VMFS_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let restored = |id: &str, tag: &str| {
+        let out = ds.p(&format!("{tag}.raw"));
+        backup_ok(
+            &ds,
+            &[
+                "restore",
+                "--repo",
+                &r,
+                "--disk",
+                "d0",
+                id,
+                out.to_str().unwrap(),
+            ],
+        );
+        assert!(
+            std::fs::read(&out).unwrap() == raw,
+            "{tag}: the restore differs"
+        );
+    };
+
+    // Off: no host holds the disk; the proxy snapshots it itself.
+    let o = proxy(&[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("it is off"), "{}", text(&o));
+    let one: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(one["snapshot"]["quiesced"], false, "{one}");
+    restored(one["manifest"]["id"].as_str().unwrap(), "off");
+
+    // Running on host A (a controller; no guest needed): asked through
+    // the datastore.
+    let sock = ds.p("vus.sock");
+    ds.run(&["scsi", "add", "--socket", sock.to_str().unwrap(), &d0]);
+    let t = Instant::now();
+    let o = proxy(&[]);
+    assert!(o.status.success(), "{}", text(&o));
+    eprintln!("through the datastore: {:?}", t.elapsed());
+    assert!(
+        text(&o).contains("asking it through the datastore"),
+        "{}",
+        text(&o)
+    );
+    let two: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let d = &two["manifest"]["disks"][0];
+    assert_eq!(
+        d["since"], one["manifest"]["disks"][0]["change_id"],
+        "{two}"
+    );
+    assert_eq!(
+        d["stats"]["read"].as_u64(),
+        Some(0),
+        "nothing changed: {two}"
+    );
+    restored(two["manifest"]["id"].as_str().unwrap(), "running");
+    let info: serde_json::Value =
+        serde_json::from_str(&ds.run(&["disk", "info", "--json", &d0])).unwrap();
+    assert_eq!(info["layers"].as_array().unwrap().len(), 1, "{info}");
+
+    // Host A stops (SIGSTOP, by the pre-freeze hook: once the proxy has
+    // joined and found A holding the disk): a clear error naming it,
+    // within about a lease.
+    let stop = format!("kill -STOP {}", ds.host.child.id());
+    let t = Instant::now();
+    let o = proxy(&["--pre-freeze", &stop]);
+    common::signal(&ds.host.child, libc::SIGCONT);
+    let e = text(&o);
+    assert!(!o.status.success(), "{e}");
+    assert!(
+        e.contains("slot 0") && (e.contains("stopped") || e.contains("did not take")),
+        "{e}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    // Nothing was snapshotted: once A is gone, the disk has one layer.
+    ds.host.kill();
+    std::thread::sleep(Duration::from_secs(2));
+    let o = Command::new(common::VMFS)
+        .args([
+            "disk",
+            "info",
+            "--json",
+            "--datastore",
+            &ds.lun,
+            "--state-dir",
+            &b,
+            "--lease-ms",
+            "800",
+            "vm/d0.vmdk",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let info: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(info["layers"].as_array().unwrap().len(), 1, "{info}");
+}
