@@ -77,6 +77,8 @@ pub trait Coordinator: Send + Sync {
     fn open_layer(&self, disk: &str, frozen: &str) -> Result<VDisk>;
     /// The snapshot an earlier backup left on `disk` (its marker).
     fn left(&self, disk: &str) -> Result<Option<Frozen>>;
+    /// This job as the host knows it (whose snapshots are whose).
+    fn job(&self) -> host::vm::Job;
 }
 
 fn call<T: serde::de::DeserializeOwned>(
@@ -139,6 +141,8 @@ impl Source for FrozenSource<'_> {
 /// layers through its mount.
 pub struct LocalAgent {
     client: Mutex<host::Client>,
+    /// The agent's host UUID.
+    host: String,
     /// The mountpoint, for reading.
     mount: PathBuf,
 }
@@ -186,6 +190,7 @@ impl LocalAgent {
         };
         Ok((
             LocalAgent {
+                host: client.greeting.host.clone(),
                 client: Mutex::new(client),
                 mount,
             },
@@ -213,6 +218,13 @@ impl Coordinator for LocalAgent {
         Ok(std::fs::read(&m)
             .ok()
             .and_then(|t| serde_json::from_slice::<Frozen>(&t).ok()))
+    }
+    fn job(&self) -> host::vm::Job {
+        host::vm::Job {
+            host: self.host.clone(),
+            pid: std::process::id(),
+            slot: None,
+        }
     }
 }
 
@@ -320,6 +332,7 @@ pub fn backup_vm(
             "vm-consolidate",
             ConsolidateArgs {
                 disks: vec![f.clone()],
+                job: Some(host.job()),
             },
         )
         .map_err(|e| {
@@ -338,6 +351,7 @@ pub fn backup_vm(
             disks: paths.to_vec(),
             quiesce: job.quiesce,
             freeze_deadline_ms: job.freeze_deadline_ms,
+            job: Some(host.job()),
         },
     )
     .map_err(|e| BackupError::Invalid(format!("snapshotting the VM: {e}")))?;
@@ -355,6 +369,7 @@ pub fn backup_vm(
         "vm-consolidate",
         ConsolidateArgs {
             disks: snap.disks.clone(),
+            job: Some(host.job()),
         },
     );
     let lifetime = taken.elapsed();

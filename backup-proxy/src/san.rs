@@ -189,4 +189,15 @@ impl Coordinator for SanProxy {
     fn left(&self, disk: &str) -> Result<Option<Frozen>> {
         host::vm::left_by_backup(&self.fs, disk).map_err(herr)
     }
+
+    fn job(&self) -> host::vm::Job {
+        let m = self.fs.member();
+        host::vm::Job {
+            host: m
+                .map(|m| vmfs::volume::uuid_str(&m.host))
+                .unwrap_or_default(),
+            pid: std::process::id(),
+            slot: m.map(|m| (m.slot, m.slot_state().generation)),
+        }
+    }
 }

@@ -132,6 +132,11 @@ impl Scsi {
         &self.fs
     }
 
+    /// This host's UUID.
+    pub(crate) fn host(&self) -> &str {
+        &self.host
+    }
+
     /// The virtual disk `path` as attached here (its path as attached,
     /// the disk, its controller's guest agent), `None` when not attached;
     /// an error for a raw device mapping (which has no snapshots).

@@ -44,6 +44,9 @@ pub struct SnapshotArgs {
     /// whatever is still running.
     #[serde(default = "default_deadline")]
     pub freeze_deadline_ms: u64,
+    /// The job asking (recorded in each disk's marker).
+    #[serde(default)]
+    pub job: Option<Job>,
 }
 
 /// One disk's snapshot.
@@ -54,6 +57,54 @@ pub struct Frozen {
     pub frozen: String,
     /// The change ID the disk froze at (`None`: tracking is off).
     pub change_id: Option<String>,
+    /// The backup job that took it.
+    #[serde(default)]
+    pub job: Option<Job>,
+}
+
+/// A backup job: the host of the datastore it runs as (its UUID: the
+/// proxy's own slot, or the host agent it goes through), and its process
+/// on that host's machine. While it lives, its snapshots are its own.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Job {
+    pub host: String,
+    pub pid: u32,
+    /// A proxy's heartbeat slot and its generation (a proxy is a host of
+    /// the datastore for the job's time: a new job of the same proxy has
+    /// another generation).
+    #[serde(default)]
+    pub slot: Option<(u32, u64)>,
+}
+
+impl Job {
+    /// Whether the job still runs, as far as host `me` (this host's UUID)
+    /// of datastore `fs` can tell: a job of this machine by its process, a
+    /// proxy's by its heartbeat slot (a proxy is a host of the datastore
+    /// for the job's time).
+    pub fn alive(&self, fs: &Arc<vmfs::Fs>, me: &str) -> bool {
+        let slots = match ops::disk_slots(&fs.vol()) {
+            Ok(s) => s,
+            // Unknown: as if it ran (nothing deleted under a live job).
+            Err(_) => return true,
+        };
+        let live = |s: &vmfs::Result<vmfs::format::HostSlot>| {
+            s.as_ref()
+                .ok()
+                .filter(|s| s.state == vmfs::format::SLOT_LIVE)
+                .cloned()
+        };
+        if let Some((slot, gen)) = self.slot {
+            return slots
+                .iter()
+                .any(|(n, s)| *n == slot && live(s).is_some_and(|s| s.generation == gen));
+        }
+        if self.host == me {
+            return std::path::Path::new(&format!("/proc/{}", self.pid)).exists();
+        }
+        slots
+            .iter()
+            .any(|(_, s)| live(s).is_some_and(|s| vmfs::volume::uuid_str(&s.host) == self.host))
+    }
 }
 
 /// `vm-snapshot`'s result.
@@ -75,6 +126,10 @@ pub struct Snapshot {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConsolidateArgs {
     pub disks: Vec<Frozen>,
+    /// The job asking: a snapshot another job took is deleted only once
+    /// that job is gone (a killed job's leftovers).
+    #[serde(default)]
+    pub job: Option<Job>,
 }
 
 /// The file beside disk `path` that names the snapshot a backup took of it
@@ -214,10 +269,16 @@ impl Scsi {
         }
         for d in &a.disks {
             if let Some(f) = left_by_backup(self.fs(), d)? {
-                return Err(HostError::Busy(format!(
-                    "{d}: the snapshot {} of an earlier backup is still there (a backup running, or one that was killed): `vm-consolidate` it first",
-                    f.frozen
-                )));
+                return Err(HostError::Busy(match &f.job {
+                    Some(j) if j.alive(self.fs(), self.host()) => format!(
+                        "{d}: a backup is running (its job: host {}, process {}); a second one is refused",
+                        j.host, j.pid
+                    ),
+                    _ => format!(
+                        "{d}: the snapshot {} of a backup that was killed is still there: `vm-consolidate` it first",
+                        f.frozen
+                    ),
+                }));
             }
         }
         // Each disk: attached here (its controller's agent), or opened here.
@@ -286,6 +347,7 @@ impl Scsi {
                         path: p.clone(),
                         frozen: s.frozen,
                         change_id: s.change_id.map(|i| i.to_string()),
+                        job: a.job.clone(),
                     }),
                     Err(e) => {
                         r = Err(ops::disk_err(e));
@@ -333,6 +395,7 @@ impl Scsi {
                     path: p.clone(),
                     frozen: s.frozen,
                     change_id: s.change_id.map(|i| i.to_string()),
+                    job: a.job.clone(),
                 }),
                 Err(e) => {
                     self.undo(&done);
@@ -370,6 +433,7 @@ impl Scsi {
     fn undo(&self, done: &[Frozen]) {
         if let Err(e) = self.vm_consolidate(&ConsolidateArgs {
             disks: done.to_vec(),
+            job: done.first().and_then(|f| f.job.clone()),
         }) {
             tracing::error!("deleting the snapshots of a failed vm-snapshot: {e}");
         }
@@ -381,6 +445,22 @@ impl Scsi {
         let mut out = Vec::new();
         let mut first_err = None;
         for f in &a.disks {
+            // Another job's snapshot, while that job runs: not deleted.
+            if let Some(m) = left_by_backup(self.fs(), &f.path)? {
+                if let Some(j) = &m.job {
+                    if m.frozen == f.frozen
+                        && a.job.as_ref() != Some(j)
+                        && j.alive(self.fs(), self.host())
+                    {
+                        let e = HostError::Busy(format!(
+                            "{}: its snapshot {} belongs to a backup that is running (host {}, process {})",
+                            f.path, f.frozen, j.host, j.pid
+                        ));
+                        first_err.get_or_insert(e);
+                        continue;
+                    }
+                }
+            }
             let r = match self.attached_disk(&f.path)? {
                 Some((p, disk, _)) => match disk.begin_op() {
                     Some(op) => crate::online::delete_snapshot(&p, &op, &f.frozen),
@@ -392,7 +472,7 @@ impl Scsi {
             };
             match r {
                 Ok(d) => {
-                    if left_by_backup(self.fs(), &f.path)?.as_ref() == Some(f) {
+                    if left_by_backup(self.fs(), &f.path)?.is_some_and(|m| m.frozen == f.frozen) {
                         remove_marker(self.fs(), f);
                     }
                     out.push(d)

@@ -17,7 +17,7 @@ use common::text;
 fn backup(ds: &Ds, args: &[&str]) -> std::process::Output {
     let mut a = vec!["backup"];
     a.extend(args);
-    if args[0] == "vm" {
+    if args[0] == "vm" && !args.contains(&"--state-dir") {
         a.extend(["--state-dir", &ds.st]);
     }
     Command::new(common::VMFS)
@@ -119,11 +119,30 @@ echo WRITER-DONE
     g.wait_for("WRITER-START", Duration::from_secs(180));
     std::thread::sleep(Duration::from_secs(3));
 
-    // 1: full.
-    let one = backup_ok(
-        &ds,
-        &["vm", "--repo", r, "--name", "vm1", "--json", &d0, &d1],
-    );
+    // The proxy: host B, another process with a state directory of its
+    // own, that sees only the LUN and asks host A through the datastore.
+    let b = ds.p("b").to_str().unwrap().to_string();
+    let lun = ds.lun.clone();
+    let on_b: Vec<&str> = vec![
+        "vm",
+        "--repo",
+        r,
+        "--name",
+        "vm1",
+        "--datastore",
+        &lun,
+        "--state-dir",
+        &b,
+        "--lease-ms",
+        "800",
+    ];
+    let with = |head: &[&str], tail: &[&'static str]| -> Vec<String> {
+        head.iter().chain(tail).map(|x| x.to_string()).collect()
+    };
+
+    // 1: full, by the proxy on the LUN.
+    let args = with(&on_b, &["--json", "vm/d0.vmdk", "vm/d1.vmdk"]);
+    let one = backup_ok(&ds, &args.iter().map(String::as_str).collect::<Vec<_>>());
     let one: serde_json::Value = serde_json::from_str(&one).unwrap();
     eprintln!(
         "full: {} frozen {} ms, held {} ms, snapshots kept {} ms",
@@ -146,22 +165,12 @@ echo WRITER-DONE
         assert!(d["change_id"].is_string(), "{d}");
     }
 
-    // A job killed once its snapshots are taken; a second job of the same
-    // VM meanwhile is refused.
+    // A proxy job killed once its snapshots are taken; a second job of the
+    // same VM meanwhile (through host A's agent) is refused.
     std::thread::sleep(Duration::from_secs(2));
     let mut killed = Command::new(common::VMFS)
-        .args([
-            "backup",
-            "vm",
-            "--repo",
-            r,
-            "--name",
-            "vm1",
-            "--state-dir",
-            &ds.st,
-            &d0,
-            &d1,
-        ])
+        .arg("backup")
+        .args(with(&on_b, &["vm/d0.vmdk", "vm/d1.vmdk"]))
         .env("VMFS_BACKUP_CATALOG", ds.p("catalog.sqlite"))
         .env("VMFS_LOG", "warn")
         .spawn()
@@ -174,14 +183,15 @@ echo WRITER-DONE
     }
     let o = backup(&ds, &["vm", "--repo", r, "--name", "vm1", &d0, &d1]);
     assert!(
-        !o.status.success() && text(&o).contains("running on this machine already"),
+        !o.status.success() && text(&o).contains("a backup that is running"),
         "{}",
         text(&o)
     );
     common::signal(&killed, libc::SIGKILL);
     let _ = killed.wait();
 
-    // 2: incremental; it deletes what the killed job left first.
+    // 2: incremental, through host A's agent this time (the change IDs are
+    // the disk's, whoever reads); it deletes what the killed job left first.
     std::thread::sleep(Duration::from_secs(2));
     let o = backup(
         &ds,
@@ -284,6 +294,7 @@ fn a_proxy_on_the_luns_asks_the_vms_host_through_the_datastore() {
     let r = repo.to_str().unwrap().to_string();
     backup_ok(&ds, &["init", "--repo", &r, "--chunk-size", "64K"]);
     let b = ds.p("b").to_str().unwrap().to_string();
+    let (lun, catalog) = (ds.lun.clone(), ds.p("catalog.sqlite"));
     let proxy = |extra: &[&str]| {
         let mut a = vec![
             "backup",
@@ -293,7 +304,7 @@ fn a_proxy_on_the_luns_asks_the_vms_host_through_the_datastore() {
             "--name",
             "vm",
             "--datastore",
-            &ds.lun,
+            &lun,
             "--state-dir",
             &b,
             "--lease-ms",
@@ -304,12 +315,12 @@ fn a_proxy_on_the_luns_asks_the_vms_host_through_the_datastore() {
         a.push("vm/d0.vmdk");
         Command::new(common::VMFS)
             .args(&a)
-            .env("VMFS_BACKUP_CATALOG", ds.p("catalog.sqlite"))
+            .env("VMFS_BACKUP_CATALOG", &catalog)
             .env("VMFS_LOG", "warn")
             .output()
             .unwrap()
     };
-    let restored = |id: &str, tag: &str| {
+    let restored = |ds: &Ds, id: &str, tag: &str| {
         let out = ds.p(&format!("{tag}.raw"));
         backup_ok(
             &ds,
@@ -335,7 +346,7 @@ fn a_proxy_on_the_luns_asks_the_vms_host_through_the_datastore() {
     assert!(text(&o).contains("it is off"), "{}", text(&o));
     let one: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(one["snapshot"]["quiesced"], false, "{one}");
-    restored(one["manifest"]["id"].as_str().unwrap(), "off");
+    restored(&ds, one["manifest"]["id"].as_str().unwrap(), "off");
 
     // Running on host A (a controller; no guest needed): asked through
     // the datastore.
@@ -361,10 +372,37 @@ fn a_proxy_on_the_luns_asks_the_vms_host_through_the_datastore() {
         Some(0),
         "nothing changed: {two}"
     );
-    restored(two["manifest"]["id"].as_str().unwrap(), "running");
+    restored(&ds, two["manifest"]["id"].as_str().unwrap(), "running");
     let info: serde_json::Value =
         serde_json::from_str(&ds.run(&["disk", "info", "--json", &d0])).unwrap();
     assert_eq!(info["layers"].as_array().unwrap().len(), 1, "{info}");
+
+    // Host A dies once the snapshot is taken (the post-thaw hook kills it):
+    // the job fails with an error naming A (it can neither answer what
+    // changed nor delete the snapshot); the next job, A being dead (its
+    // disks held by nobody), deletes the snapshot itself and backs up.
+    let kill = format!("kill -9 {}", ds.host.child.id());
+    let o = proxy(&["--post-thaw", &kill]);
+    let e = text(&o);
+    assert!(!o.status.success(), "{e}");
+    assert!(e.contains("slot 0) stopped"), "{e}");
+    ds.host.kill();
+    std::thread::sleep(Duration::from_secs(1));
+    let o = proxy(&[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let four: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        four["cleaned"].as_array().map(|a| a.len()),
+        Some(1),
+        "{four}"
+    );
+    restored(&ds, four["manifest"]["id"].as_str().unwrap(), "after-death");
+    // A comes back (a new mount as the same host) and serves the disk again.
+    let mnt = ds.host.mnt.clone();
+    let new = common::Host::mount(&["--state-dir", &ds.st, &ds.lun], &mnt);
+    // (The dead one's drop would detach the mountpoint, the new mount's now.)
+    std::mem::forget(std::mem::replace(&mut ds.host, new));
+    ds.run(&["scsi", "add", "--socket", sock.to_str().unwrap(), &d0]);
 
     // Host A stops (SIGSTOP, by the pre-freeze hook: once the proxy has
     // joined and found A holding the disk): a clear error naming it,
