@@ -2,7 +2,7 @@
 # A short run of every cargo-fuzz target (the on-disk and wire parsers:
 # volume header, descriptors, lock sectors, journal replay, directory
 # buckets, RDM and VMDK descriptors, sparse extents, change tracking, the
-# control protocol, SCSI data, the SCSI target, virtio-scsi descriptor
+# control protocol, heartbeat slots with their mailbox, SCSI data, the SCSI target, virtio-scsi descriptor
 # chains, LUN URLs, backup
 # repository objects). SECONDS per target (default 10).
 # cargo-fuzz needs nightly's -Z flags: the machine's one (stable) toolchain

@@ -62,6 +62,17 @@ pub struct Frozen {
     pub job: Option<Job>,
 }
 
+impl Frozen {
+    fn of(path: &str, s: snapshot::ops::Snapshot, job: &Option<Job>) -> Frozen {
+        Frozen {
+            path: path.to_string(),
+            frozen: s.frozen,
+            change_id: s.change_id.map(|i| i.to_string()),
+            job: job.clone(),
+        }
+    }
+}
+
 /// A backup job: the host of the datastore it runs as (its UUID: the
 /// proxy's own slot, or the host agent it goes through), and its process
 /// on that host's machine. While it lives, its snapshots are its own.
@@ -343,12 +354,7 @@ impl Scsi {
             let mut r = Ok(());
             for (p, d) in &attached {
                 match snapshot::ops::snapshot(d.store().clone(), d.name()) {
-                    Ok(s) => done.push(Frozen {
-                        path: p.clone(),
-                        frozen: s.frozen,
-                        change_id: s.change_id.map(|i| i.to_string()),
-                        job: a.job.clone(),
-                    }),
+                    Ok(s) => done.push(Frozen::of(p, s, &a.job)),
                     Err(e) => {
                         r = Err(ops::disk_err(e));
                         break;
@@ -391,12 +397,7 @@ impl Scsi {
                 snapshot::ops::snapshot(store, &name).map_err(ops::disk_err)
             });
             match r {
-                Ok(s) => done.push(Frozen {
-                    path: p.clone(),
-                    frozen: s.frozen,
-                    change_id: s.change_id.map(|i| i.to_string()),
-                    job: a.job.clone(),
-                }),
+                Ok(s) => done.push(Frozen::of(p, s, &a.job)),
                 Err(e) => {
                     self.undo(&done);
                     return Err(e);

@@ -244,6 +244,23 @@ fn summary(m: &backup_proxy::manifest::Manifest) {
     );
 }
 
+/// Record how a run ended in the catalog (a warning when it cannot).
+fn record(
+    cat: &Option<Catalog>,
+    run: Option<i64>,
+    res: std::result::Result<&backup_proxy::manifest::Manifest, String>,
+) {
+    if let (Some(c), Some(run)) = (cat, run) {
+        let rec = match res {
+            Ok(m) => c.finish_ok(run, m),
+            Err(e) => c.finish_failed(run, &e),
+        };
+        if let Err(e) = rec {
+            eprintln!("vmfs: warning: {e}");
+        }
+    }
+}
+
 /// `backup vm` through this machine's host agent, or (`--datastore`) as a
 /// host of the datastore of its own.
 fn vm_job(
@@ -356,15 +373,7 @@ pub fn run(cmd: BackupCmd) -> Result<ExitCode> {
                 since,
             };
             let res = backup_proxy::backup::backup(repo.clone(), &name, &[job], &opts);
-            if let (Some(c), Some(run)) = (&cat, run) {
-                let rec = match &res {
-                    Ok(m) => c.finish_ok(run, m),
-                    Err(e) => c.finish_failed(run, &e.to_string()),
-                };
-                if let Err(e) = rec {
-                    eprintln!("vmfs: warning: {e}");
-                }
-            }
+            record(&cat, run, res.as_ref().map_err(|e| e.to_string()));
             let m = res?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&m)?);
@@ -414,18 +423,17 @@ pub fn run(cmd: BackupCmd) -> Result<ExitCode> {
             let cat = r.catalog();
             let run = cat.as_ref().and_then(|c| c.begin(&repo, &name).ok());
             let res = vm_job(repo.clone(), &job, &datastore, &host, &opts);
-            if let (Some(c), Some(run)) = (&cat, run) {
-                let rec = match &res {
-                    Ok(rep) => match &rep.manifest {
-                        Some(m) => c.finish_ok(run, m),
-                        None => c.finish_failed(run, "no manifest"),
-                    },
-                    Err(e) => c.finish_failed(run, &e.to_string()),
-                };
-                if let Err(e) = rec {
-                    eprintln!("vmfs: warning: {e}");
-                }
-            }
+            record(
+                &cat,
+                run,
+                match &res {
+                    Ok(rep) => rep
+                        .manifest
+                        .as_ref()
+                        .ok_or_else(|| "no manifest".to_string()),
+                    Err(e) => Err(e.to_string()),
+                },
+            );
             let rep = res?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rep)?);
