@@ -104,7 +104,11 @@ fn job(cmd: &mut Command) -> Result<Job> {
     let v: serde_json::Value = serde_json::from_str(&out)?;
     let read = v["manifest"]["disks"]
         .as_array()
-        .map(|d| d.iter().map(|x| x["stats"]["read"].as_u64().unwrap_or(0)).sum())
+        .map(|d| {
+            d.iter()
+                .map(|x| x["stats"]["read"].as_u64().unwrap_or(0))
+                .sum()
+        })
         .unwrap_or(0);
     Ok(Job {
         secs,
@@ -202,7 +206,9 @@ fn main() -> Result<()> {
         );
         wait_for(&log, "READY", Duration::from_secs(300))?;
         let repo = d.join("repo");
-        run(Command::new(&vmfs).args(["backup", "init", "--repo"]).arg(&repo))?;
+        run(Command::new(&vmfs)
+            .args(["backup", "init", "--repo"])
+            .arg(&repo))?;
         let catalog = d.join("catalog.sqlite");
         let bst = d.join("b");
         let backup = || {
@@ -250,7 +256,11 @@ fn main() -> Result<()> {
             "VM backup of a running {} MiB disk ({}), proxy: {}",
             a.size,
             full.how,
-            if a.local { "host A's agent" } else { "host B on the LUN" }
+            if a.local {
+                "host A's agent"
+            } else {
+                "host B on the LUN"
+            }
         );
         println!(
             "  {:<12} {:>8} {:>12} {:>8} {:>10} {:>10} {:>14}",
