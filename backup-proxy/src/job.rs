@@ -10,21 +10,19 @@
 //! marker beside its disk): the next job of the VM deletes them first.
 //! Two jobs of one VM on this machine at once: the second is refused.
 //!
-//! Where the job runs (the proxy) decides how it reaches the disks
-//! ([`Coordinator`]): on the machine that hosts the datastore
-//! (`vmfs mount`), through that host's control socket and mount; anywhere
-//! else that sees the LUNs, as a host of the datastore of its own, asking
-//! the host that holds the disks through the datastore itself
-//! (`vmfs::mailbox`) and reading the frozen layers straight from the LUNs
-//! (a disk no host holds, the VM being off, it snapshots itself).
+//! Where the job runs (the proxy) decides how it reaches the disks: a
+//! [`Coordinator`] (the host crate has both: through this machine's host
+//! agent and mount, or as a host of the datastore of its own that asks
+//! the VM's host through the datastore and reads the LUNs). This module
+//! knows only the requests and answers (the types below, which the host
+//! agent answers with).
 
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
-use host::vm::{ConsolidateArgs, Frozen, Snapshot, SnapshotArgs};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::backup::{DiskJob, Options};
@@ -63,8 +61,91 @@ pub struct VmReport {
     pub warnings: Vec<String>,
 }
 
-fn host_err(what: &str, e: host::HostError) -> BackupError {
-    BackupError::Invalid(format!("{what}: {e}"))
+fn yes() -> bool {
+    true
+}
+
+fn default_deadline() -> u64 {
+    10_000
+}
+
+/// `vm-snapshot`'s arguments (the host agent's command).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotArgs {
+    /// Every disk of the VM (datastore paths); each attached to a
+    /// controller of the host asked, or in use by no host (the VM is off).
+    pub disks: Vec<String>,
+    /// Freeze the guest's filesystems through its agent (when its
+    /// controller names one).
+    #[serde(default = "yes")]
+    pub quiesce: bool,
+    /// The longest the guest may stay frozen; past it the host thaws it
+    /// whatever is still running.
+    #[serde(default = "default_deadline")]
+    pub freeze_deadline_ms: u64,
+    /// The job asking (recorded in each disk's marker).
+    #[serde(default)]
+    pub job: Option<Job>,
+}
+
+/// One disk's snapshot, as `vm-snapshot` answers and the marker beside
+/// the disk keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Frozen {
+    pub path: String,
+    /// The frozen layer's descriptor (beside the disk's).
+    pub frozen: String,
+    /// The change ID the disk froze at (`None`: tracking is off).
+    pub change_id: Option<String>,
+    /// The backup job that took it.
+    #[serde(default)]
+    pub job: Option<Job>,
+}
+
+/// A backup job: the host of the datastore it runs as (its UUID: the
+/// proxy's own slot, or the host agent it goes through), and its process
+/// on that host's machine. While it lives, its snapshots are its own.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Job {
+    pub host: String,
+    pub pid: u32,
+    /// A proxy's heartbeat slot and its generation (a proxy is a host of
+    /// the datastore for the job's time: a new job of the same proxy has
+    /// another generation).
+    #[serde(default)]
+    pub slot: Option<(u32, u64)>,
+}
+
+/// `vm-snapshot`'s answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub disks: Vec<Frozen>,
+    /// Whether the guest's filesystems were frozen through its agent for
+    /// the whole of the snapshot (else crash-consistent).
+    pub quiesced: bool,
+    /// How, for a person: "guest agent (2 filesystems frozen)", or why not.
+    pub how: String,
+    /// How long the guest's filesystems were frozen (0 when not).
+    pub frozen_ms: f64,
+    /// How long the disks' I/O was held.
+    pub held_ms: f64,
+}
+
+/// `vm-consolidate`'s arguments: the snapshots a `vm-snapshot` took.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConsolidateArgs {
+    pub disks: Vec<Frozen>,
+    /// The job asking: a snapshot another job took is deleted only once
+    /// that job is gone (a killed job's leftovers).
+    #[serde(default)]
+    pub job: Option<Job>,
+}
+
+/// What `disk-changed` answers that a backup uses.
+#[derive(Debug, Clone, Deserialize)]
+struct ChangedAnswer {
+    ranges: Vec<(u64, u64)>,
+    whole_disk: Option<String>,
 }
 
 /// How the job reaches the host serving the VM's disks, and the disks.
@@ -78,7 +159,7 @@ pub trait Coordinator: Send + Sync {
     /// The snapshot an earlier backup left on `disk` (its marker).
     fn left(&self, disk: &str) -> Result<Option<Frozen>>;
     /// This job as the host knows it (whose snapshots are whose).
-    fn job(&self) -> host::vm::Job;
+    fn job(&self) -> Job;
 }
 
 fn call<T: serde::de::DeserializeOwned>(
@@ -116,7 +197,7 @@ impl Source for FrozenSource<'_> {
         let Some(until) = &self.change_id else {
             return self.layer.changed_since(since);
         };
-        let c: host::ops::DiskChanges = call(
+        let c: ChangedAnswer = call(
             self.host,
             "disk-changed",
             serde_json::json!({"path": self.disk, "since": since, "until": until}),
@@ -134,97 +215,6 @@ impl Source for FrozenSource<'_> {
     }
     fn disk_name(&self) -> String {
         self.layer.disk_name()
-    }
-}
-
-/// The host agent of this machine: its control socket, and the frozen
-/// layers through its mount.
-pub struct LocalAgent {
-    client: Mutex<host::Client>,
-    /// The agent's host UUID.
-    host: String,
-    /// The mountpoint, for reading.
-    mount: PathBuf,
-}
-
-impl LocalAgent {
-    /// The agent serving the disks at `disks` (under one vmfs mount of this
-    /// machine); the disks' paths inside the datastore.
-    pub fn for_disks(disks: &[PathBuf], state_dir: &Path) -> Result<(LocalAgent, Vec<String>)> {
-        let mut client: Option<host::Client> = None;
-        let mut mount = None;
-        let mut paths = Vec::new();
-        for d in disks {
-            let Some((mp, _)) = host::client::mount_of(d) else {
-                return Err(BackupError::Invalid(format!(
-                    "{} is not under a vmfs mount of this machine (give --datastore LUN... to back up from the LUNs)",
-                    d.display()
-                )));
-            };
-            let Some((c, inner)) = host::client::at_path(d, state_dir)
-                .map_err(|e| host_err(&d.display().to_string(), e))?
-            else {
-                return Err(BackupError::Invalid(format!(
-                    "{} is not under a vmfs mount of this machine",
-                    d.display()
-                )));
-            };
-            match &client {
-                None => {
-                    client = Some(c);
-                    mount = Some(mp);
-                }
-                Some(a) if a.greeting.datastore != c.greeting.datastore => {
-                    return Err(BackupError::Invalid(format!(
-                        "{} is on another datastore than {}: one job backs up the disks of one datastore",
-                        d.display(),
-                        disks[0].display()
-                    )))
-                }
-                Some(_) => {}
-            }
-            paths.push(inner);
-        }
-        let (Some(client), Some(mount)) = (client, mount) else {
-            return Err(BackupError::Invalid("no disk given".into()));
-        };
-        Ok((
-            LocalAgent {
-                host: client.greeting.host.clone(),
-                client: Mutex::new(client),
-                mount,
-            },
-            paths,
-        ))
-    }
-
-    fn local(&self, disk: &str) -> PathBuf {
-        self.mount.join(disk.trim_start_matches('/'))
-    }
-}
-
-impl Coordinator for LocalAgent {
-    fn call(&self, command: &str, args: Value) -> Result<Value> {
-        let mut c = self.client.lock().unwrap_or_else(|p| p.into_inner());
-        c.call_value(command, args)
-            .map_err(|e| host_err(command, e))
-    }
-    fn open_layer(&self, disk: &str, frozen: &str) -> Result<VDisk> {
-        let p = self.local(disk);
-        VDisk::open(&p.parent().unwrap_or(Path::new("/")).join(frozen))
-    }
-    fn left(&self, disk: &str) -> Result<Option<Frozen>> {
-        let m = PathBuf::from(host::vm::marker_of(&self.local(disk).display().to_string()));
-        Ok(std::fs::read(&m)
-            .ok()
-            .and_then(|t| serde_json::from_slice::<Frozen>(&t).ok()))
-    }
-    fn job(&self) -> host::vm::Job {
-        host::vm::Job {
-            host: self.host.clone(),
-            pid: std::process::id(),
-            slot: None,
-        }
     }
 }
 
@@ -327,7 +317,7 @@ pub fn backup_vm(
             "{p}: deleting the snapshot {} a killed backup left",
             f.frozen
         );
-        let _: Vec<host::ops::DiskDone> = call(
+        let _: Value = call(
             host,
             "vm-consolidate",
             ConsolidateArgs {
@@ -364,7 +354,7 @@ pub fn backup_vm(
     }
     let stored = store(&repo, job, host, paths, &snap, opts);
     // Deleted whatever happened.
-    let deleted: Result<Vec<host::ops::DiskDone>> = call(
+    let deleted: Result<Value> = call(
         host,
         "vm-consolidate",
         ConsolidateArgs {

@@ -14,7 +14,6 @@ pub mod error;
 pub mod gc;
 pub mod image;
 pub mod index;
-#[cfg(feature = "job")]
 pub mod job;
 pub mod keys;
 pub mod manifest;
@@ -22,8 +21,6 @@ pub mod manifest;
 pub mod mount;
 pub mod repo;
 pub mod restore;
-#[cfg(feature = "job")]
-pub mod san;
 pub mod session;
 pub mod util;
 pub mod verify;

@@ -12,6 +12,7 @@ pub mod error;
 pub mod online;
 pub mod ops;
 pub mod proto;
+pub mod proxy;
 pub mod qga;
 pub mod scsi;
 pub mod socket;

@@ -15,132 +15,49 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hypervisor_io::vdisk::VirtualDisk;
-use serde::{Deserialize, Serialize};
 
 use crate::error::{HostError, Result};
 use crate::ops::{self, DiskDone};
 use crate::qga;
 use crate::scsi::Scsi;
 
-fn yes() -> bool {
-    true
-}
+pub use backup_proxy::job::{ConsolidateArgs, Frozen, Job, Snapshot, SnapshotArgs};
 
-fn default_deadline() -> u64 {
-    10_000
-}
-
-/// `vm-snapshot`'s arguments.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SnapshotArgs {
-    /// Every disk of the VM (datastore paths); each attached here, or not
-    /// in use by any host (the VM is off).
-    pub disks: Vec<String>,
-    /// Freeze the guest's filesystems through its agent (when its
-    /// controller names one).
-    #[serde(default = "yes")]
-    pub quiesce: bool,
-    /// The longest the guest may stay frozen; past it the host thaws it
-    /// whatever is still running.
-    #[serde(default = "default_deadline")]
-    pub freeze_deadline_ms: u64,
-    /// The job asking (recorded in each disk's marker).
-    #[serde(default)]
-    pub job: Option<Job>,
-}
-
-/// One disk's snapshot.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Frozen {
-    pub path: String,
-    /// The frozen layer's descriptor (beside the disk's).
-    pub frozen: String,
-    /// The change ID the disk froze at (`None`: tracking is off).
-    pub change_id: Option<String>,
-    /// The backup job that took it.
-    #[serde(default)]
-    pub job: Option<Job>,
-}
-
-impl Frozen {
-    fn of(path: &str, s: snapshot::ops::Snapshot, job: &Option<Job>) -> Frozen {
-        Frozen {
-            path: path.to_string(),
-            frozen: s.frozen,
-            change_id: s.change_id.map(|i| i.to_string()),
-            job: job.clone(),
-        }
+fn frozen_of(path: &str, s: snapshot::ops::Snapshot, job: &Option<Job>) -> Frozen {
+    Frozen {
+        path: path.to_string(),
+        frozen: s.frozen,
+        change_id: s.change_id.map(|i| i.to_string()),
+        job: job.clone(),
     }
 }
 
-/// A backup job: the host of the datastore it runs as (its UUID: the
-/// proxy's own slot, or the host agent it goes through), and its process
-/// on that host's machine. While it lives, its snapshots are its own.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Job {
-    pub host: String,
-    pub pid: u32,
-    /// A proxy's heartbeat slot and its generation (a proxy is a host of
-    /// the datastore for the job's time: a new job of the same proxy has
-    /// another generation).
-    #[serde(default)]
-    pub slot: Option<(u32, u64)>,
-}
-
-impl Job {
-    /// Whether the job still runs, as far as host `me` (this host's UUID)
-    /// of datastore `fs` can tell: a job of this machine by its process, a
-    /// proxy's by its heartbeat slot (a proxy is a host of the datastore
-    /// for the job's time).
-    pub fn alive(&self, fs: &Arc<vmfs::Fs>, me: &str) -> bool {
-        let slots = match ops::disk_slots(&fs.vol()) {
-            Ok(s) => s,
-            // Unknown: as if it ran (nothing deleted under a live job).
-            Err(_) => return true,
-        };
-        let live = |s: &vmfs::Result<vmfs::format::HostSlot>| {
-            s.as_ref()
-                .ok()
-                .filter(|s| s.state == vmfs::format::SLOT_LIVE)
-                .cloned()
-        };
-        if let Some((slot, gen)) = self.slot {
-            return slots
-                .iter()
-                .any(|(n, s)| *n == slot && live(s).is_some_and(|s| s.generation == gen));
-        }
-        if self.host == me {
-            return std::path::Path::new(&format!("/proc/{}", self.pid)).exists();
-        }
-        slots
+/// Whether job `j` still runs, as far as host `me` (this host's UUID) of
+/// datastore `fs` can tell: a proxy's by its heartbeat slot and
+/// generation, a job of this machine by its process.
+pub fn job_alive(j: &Job, fs: &Arc<vmfs::Fs>, me: &str) -> bool {
+    let slots = match ops::disk_slots(&fs.vol()) {
+        Ok(s) => s,
+        // Unknown: as if it ran (nothing deleted under a live job).
+        Err(_) => return true,
+    };
+    let live = |s: &vmfs::Result<vmfs::format::HostSlot>| {
+        s.as_ref()
+            .ok()
+            .filter(|s| s.state == vmfs::format::SLOT_LIVE)
+            .cloned()
+    };
+    if let Some((slot, gen)) = j.slot {
+        return slots
             .iter()
-            .any(|(_, s)| live(s).is_some_and(|s| vmfs::volume::uuid_str(&s.host) == self.host))
+            .any(|(n, s)| *n == slot && live(s).is_some_and(|s| s.generation == gen));
     }
-}
-
-/// `vm-snapshot`'s result.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Snapshot {
-    pub disks: Vec<Frozen>,
-    /// Whether the guest's filesystems were frozen through its agent for
-    /// the whole of the snapshot (else crash-consistent).
-    pub quiesced: bool,
-    /// How, for a person: "guest agent (2 filesystems frozen)", or why not.
-    pub how: String,
-    /// How long the guest's filesystems were frozen (0 when not).
-    pub frozen_ms: f64,
-    /// How long the disks' I/O was held.
-    pub held_ms: f64,
-}
-
-/// `vm-consolidate`'s arguments: the snapshots a `vm-snapshot` took.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ConsolidateArgs {
-    pub disks: Vec<Frozen>,
-    /// The job asking: a snapshot another job took is deleted only once
-    /// that job is gone (a killed job's leftovers).
-    #[serde(default)]
-    pub job: Option<Job>,
+    if j.host == me {
+        return std::path::Path::new(&format!("/proc/{}", j.pid)).exists();
+    }
+    slots
+        .iter()
+        .any(|(_, s)| live(s).is_some_and(|s| vmfs::volume::uuid_str(&s.host) == j.host))
 }
 
 /// The file beside disk `path` that names the snapshot a backup took of it
@@ -281,7 +198,7 @@ impl Scsi {
         for d in &a.disks {
             if let Some(f) = left_by_backup(self.fs(), d)? {
                 return Err(HostError::Busy(match &f.job {
-                    Some(j) if j.alive(self.fs(), self.host()) => format!(
+                    Some(j) if job_alive(j, self.fs(), self.host()) => format!(
                         "{d}: a backup is running (its job: host {}, process {}); a second one is refused",
                         j.host, j.pid
                     ),
@@ -354,7 +271,7 @@ impl Scsi {
             let mut r = Ok(());
             for (p, d) in &attached {
                 match snapshot::ops::snapshot(d.store().clone(), d.name()) {
-                    Ok(s) => done.push(Frozen::of(p, s, &a.job)),
+                    Ok(s) => done.push(frozen_of(p, s, &a.job)),
                     Err(e) => {
                         r = Err(ops::disk_err(e));
                         break;
@@ -397,7 +314,7 @@ impl Scsi {
                 snapshot::ops::snapshot(store, &name).map_err(ops::disk_err)
             });
             match r {
-                Ok(s) => done.push(Frozen::of(p, s, &a.job)),
+                Ok(s) => done.push(frozen_of(p, s, &a.job)),
                 Err(e) => {
                     self.undo(&done);
                     return Err(e);
@@ -451,7 +368,7 @@ impl Scsi {
                 if let Some(j) = &m.job {
                     if m.frozen == f.frozen
                         && a.job.as_ref() != Some(j)
-                        && j.alive(self.fs(), self.host())
+                        && job_alive(j, self.fs(), self.host())
                     {
                         let e = HostError::Busy(format!(
                             "{}: its snapshot {} belongs to a backup that is running (host {}, process {})",

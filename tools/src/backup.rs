@@ -271,7 +271,7 @@ fn vm_job(
     opts: &Options,
 ) -> Result<backup_proxy::job::VmReport> {
     if datastore.is_empty() {
-        let (agent, paths) = backup_proxy::job::LocalAgent::for_disks(&job.disks, &job.state_dir)?;
+        let (agent, paths) = host::proxy::LocalAgent::for_disks(&job.disks, &job.state_dir)?;
         return Ok(backup_proxy::job::backup_vm(
             repo, job, &agent, &paths, opts,
         )?);
@@ -284,7 +284,7 @@ fn vm_job(
         .iter()
         .map(|d| d.to_string_lossy().trim_start_matches('/').to_string())
         .collect();
-    let r = backup_proxy::san::SanProxy::new(
+    let r = host::proxy::SanProxy::new(
         fs.clone(),
         &paths,
         std::time::Duration::from_millis(job.freeze_deadline_ms),

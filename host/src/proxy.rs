@@ -1,23 +1,123 @@
-//! The job's [`Coordinator`] on a machine that sees only the datastore's
-//! LUNs (VCB's SAN transport): the proxy is a host of the datastore of its
-//! own; it asks the host that holds the VM's disks through the datastore
-//! itself (`vmfs::mailbox`: the request in the proxy's heartbeat sector,
-//! taken and answered by that host within a few heartbeats), and reads the
-//! frozen layers straight from the LUNs with the file API (read-only
-//! locks: the host cannot merge into a layer while the proxy reads it).
-//! Disks no host holds (the VM is off) the proxy snapshots itself.
+//! The backup job's ways to the host serving a VM's disks
+//! ([`backup_proxy::job::Coordinator`]):
+//!
+//! - [`LocalAgent`]: on the machine that hosts the datastore: its host
+//!   agent's control socket, and the frozen layers read through its mount;
+//! - [`SanProxy`]: on a machine that sees only the datastore's LUNs (VCB's
+//!   SAN transport): the proxy is a host of the datastore of its own; it
+//!   asks the host that holds the VM's disks through the datastore itself
+//!   (`vmfs::mailbox`: the request in the proxy's heartbeat sector, taken
+//!   and answered by that host within a few heartbeats), and reads the
+//!   frozen layers straight from the LUNs with the file API (read-only
+//!   locks: the host cannot merge into a layer while the proxy reads it).
+//!   Disks no host holds (the VM is off) the proxy snapshots itself.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use host::vm::Frozen;
+use backup_proxy::error::{BackupError, Result};
+use backup_proxy::image::VDisk;
+use backup_proxy::job::{Coordinator, Frozen, Job};
 use serde_json::Value;
 use vmfs::Fs;
 
-use crate::error::{BackupError, Result};
-use crate::image::VDisk;
-use crate::job::Coordinator;
+fn host_err(what: &str, e: crate::HostError) -> BackupError {
+    BackupError::Invalid(format!("{what}: {e}"))
+}
+
+/// The host agent of this machine: its control socket, and the frozen
+/// layers through its mount.
+pub struct LocalAgent {
+    client: Mutex<crate::Client>,
+    /// The agent's host UUID.
+    host: String,
+    /// The mountpoint, for reading.
+    mount: PathBuf,
+}
+
+impl LocalAgent {
+    /// The agent serving the disks at `disks` (under one vmfs mount of this
+    /// machine); the disks' paths inside the datastore.
+    pub fn for_disks(disks: &[PathBuf], state_dir: &Path) -> Result<(LocalAgent, Vec<String>)> {
+        let mut client: Option<crate::Client> = None;
+        let mut mount = None;
+        let mut paths = Vec::new();
+        for d in disks {
+            let Some((mp, _)) = crate::client::mount_of(d) else {
+                return Err(BackupError::Invalid(format!(
+                    "{} is not under a vmfs mount of this machine (give --datastore LUN... to back up from the LUNs)",
+                    d.display()
+                )));
+            };
+            let Some((c, inner)) = crate::client::at_path(d, state_dir)
+                .map_err(|e| host_err(&d.display().to_string(), e))?
+            else {
+                return Err(BackupError::Invalid(format!(
+                    "{} is not under a vmfs mount of this machine",
+                    d.display()
+                )));
+            };
+            match &client {
+                None => {
+                    client = Some(c);
+                    mount = Some(mp);
+                }
+                Some(a) if a.greeting.datastore != c.greeting.datastore => {
+                    return Err(BackupError::Invalid(format!(
+                        "{} is on another datastore than {}: one job backs up the disks of one datastore",
+                        d.display(),
+                        disks[0].display()
+                    )))
+                }
+                Some(_) => {}
+            }
+            paths.push(inner);
+        }
+        let (Some(client), Some(mount)) = (client, mount) else {
+            return Err(BackupError::Invalid("no disk given".into()));
+        };
+        Ok((
+            LocalAgent {
+                host: client.greeting.host.clone(),
+                client: Mutex::new(client),
+                mount,
+            },
+            paths,
+        ))
+    }
+
+    fn local(&self, disk: &str) -> PathBuf {
+        self.mount.join(disk.trim_start_matches('/'))
+    }
+}
+
+impl Coordinator for LocalAgent {
+    fn call(&self, command: &str, args: Value) -> Result<Value> {
+        let mut c = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        c.call_value(command, args)
+            .map_err(|e| host_err(command, e))
+    }
+    fn open_layer(&self, disk: &str, frozen: &str) -> Result<VDisk> {
+        let p = self.local(disk);
+        VDisk::open(&p.parent().unwrap_or(Path::new("/")).join(frozen))
+    }
+    fn left(&self, disk: &str) -> Result<Option<Frozen>> {
+        let m = PathBuf::from(crate::vm::marker_of(
+            &self.local(disk).display().to_string(),
+        ));
+        Ok(std::fs::read(&m)
+            .ok()
+            .and_then(|t| serde_json::from_slice::<Frozen>(&t).ok()))
+    }
+    fn job(&self) -> Job {
+        Job {
+            host: self.host.clone(),
+            pid: std::process::id(),
+            slot: None,
+        }
+    }
+}
 
 pub struct SanProxy {
     fs: Arc<Fs>,
@@ -25,11 +125,11 @@ pub struct SanProxy {
     /// no host holds them.
     holder: Option<(u32, String)>,
     /// For disks no host holds: the host operations, run here.
-    here: host::scsi::Scsi,
+    here: crate::scsi::Scsi,
     freeze_deadline: Duration,
 }
 
-fn herr(e: host::HostError) -> BackupError {
+fn herr(e: crate::HostError) -> BackupError {
     BackupError::Invalid(e.to_string())
 }
 
@@ -40,11 +140,11 @@ impl SanProxy {
     /// one host).
     pub fn new(fs: Arc<Fs>, paths: &[String], freeze_deadline: Duration) -> Result<SanProxy> {
         let me = fs.member().map(|m| m.slot);
-        let slots = host::ops::disk_slots(&fs.vol()).map_err(herr)?;
+        let slots = crate::ops::disk_slots(&fs.vol()).map_err(herr)?;
         let mut holder: Option<(u32, String)> = None;
         let mut first = None;
         for p in paths {
-            let (store, name) = host::ops::store_for(&fs, p).map_err(herr)?;
+            let (store, name) = crate::ops::store_for(&fs, p).map_err(herr)?;
             let d = snapshot::disk::read_descriptor(&*store, &name)
                 .map_err(|e| BackupError::Invalid(e.to_string()))?;
             let dir = p
@@ -101,7 +201,7 @@ impl SanProxy {
             .map(|m| vmfs::volume::uuid_str(&m.host))
             .unwrap_or_default();
         Ok(SanProxy {
-            here: host::scsi::Scsi::new(fs.clone(), me_name),
+            here: crate::scsi::Scsi::new(fs.clone(), me_name),
             fs,
             holder,
             freeze_deadline,
@@ -141,7 +241,7 @@ impl Coordinator for SanProxy {
                         return Err(BackupError::Invalid("disk-changed: path, since".into()));
                     };
                     serde_json::to_value(
-                        host::ops::disk_changed(&self.fs, &path, &since, s("until").as_deref())
+                        crate::ops::disk_changed(&self.fs, &path, &since, s("until").as_deref())
                             .map_err(herr)?,
                     )
                 }
@@ -159,14 +259,14 @@ impl Coordinator for SanProxy {
             "vm-consolidate" => Duration::from_secs(6 * 3600),
             _ => Duration::from_secs(300),
         };
-        let body = serde_json::to_vec(&host::agent::MailCommand {
+        let body = serde_json::to_vec(&crate::agent::MailCommand {
             command: command.to_string(),
             arguments: args,
         })
         .map_err(|e| BackupError::Invalid(e.to_string()))?;
         let out = self
             .fs
-            .ask(*slot, host::agent::MAIL_COMMAND, &body, take, answer)
+            .ask(*slot, crate::agent::MAIL_COMMAND, &body, take, answer)
             .map_err(|e| BackupError::Invalid(format!("asking {who} for {command}: {e}")))?;
         serde_json::from_slice(&out)
             .map_err(|e| BackupError::Invalid(format!("{who}'s answer to {command}: {e}")))
@@ -187,12 +287,12 @@ impl Coordinator for SanProxy {
     }
 
     fn left(&self, disk: &str) -> Result<Option<Frozen>> {
-        host::vm::left_by_backup(&self.fs, disk).map_err(herr)
+        crate::vm::left_by_backup(&self.fs, disk).map_err(herr)
     }
 
-    fn job(&self) -> host::vm::Job {
+    fn job(&self) -> Job {
         let m = self.fs.member();
-        host::vm::Job {
+        Job {
             host: m
                 .map(|m| vmfs::volume::uuid_str(&m.host))
                 .unwrap_or_default(),
