@@ -407,3 +407,75 @@ impl Scsi {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, Write};
+
+    /// A fake guest agent: answers sync, freeze (2 filesystems) and thaw,
+    /// and counts the thaws.
+    fn fake_agent(p: &std::path::Path) -> Arc<std::sync::atomic::AtomicUsize> {
+        let thaws = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let l = std::os::unix::net::UnixListener::bind(p).unwrap();
+        let t = thaws.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { return };
+                let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+                let mut line = Vec::new();
+                loop {
+                    line.clear();
+                    if r.read_until(b'\n', &mut line).unwrap_or(0) == 0 {
+                        break;
+                    }
+                    line.retain(|&b| b != 0xff);
+                    let v: serde_json::Value = match serde_json::from_slice(&line) {
+                        Ok(v) => v,
+                        Err(_) => continue,
+                    };
+                    let reply = match v["execute"].as_str().unwrap_or("") {
+                        "guest-sync-delimited" => {
+                            let _ = s.write_all(&[0xff]);
+                            format!("{{\"return\": {}}}\n", v["arguments"]["id"])
+                        }
+                        "guest-fsfreeze-freeze" => "{\"return\": 2}\n".into(),
+                        "guest-fsfreeze-thaw" => {
+                            t.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            "{\"return\": 2}\n".into()
+                        }
+                        _ => "{\"error\": {\"desc\": \"?\"}}\n".into(),
+                    };
+                    let _ = s.write_all(reply.as_bytes());
+                }
+            }
+        });
+        thaws
+    }
+
+    /// A freeze that outlasts its deadline (a snapshot that hangs) is thawed
+    /// by the watchdog on time, once, and says so.
+    #[test]
+    fn the_watchdog_thaws_a_guest_at_its_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("qga.sock");
+        let thaws = fake_agent(&p);
+        let f = Freeze::start(&p, Duration::from_millis(300)).unwrap();
+        assert_eq!(f.count, 2);
+        let t = Instant::now();
+        while thaws.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(t.elapsed() < Duration::from_secs(5), "never thawed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (held, frozen_for, r) = f.thaw();
+        assert!(!held, "the freeze is reported as undone");
+        assert!(r.is_ok());
+        assert!(frozen_for >= Duration::from_millis(300));
+        assert_eq!(thaws.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // In time: thawed by the snapshot's end, not the watchdog.
+        let f = Freeze::start(&p, Duration::from_secs(30)).unwrap();
+        let (held, _, r) = f.thaw();
+        assert!(held && r.is_ok());
+        assert_eq!(thaws.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+}
