@@ -60,8 +60,9 @@ pub struct Mailbox {
     handler: Mutex<Option<Handler>>,
     /// Per asker (slot, generation): the last request number taken.
     taken: Mutex<HashMap<(u32, u64), u64>>,
-    /// One request of this host at a time.
-    asking: Mutex<()>,
+    /// One request of this host at a time; true once this host's leftovers
+    /// (bodies of requests an earlier run of it did not finish) are gone.
+    asking: Mutex<bool>,
     next_id: AtomicU64,
 }
 
@@ -233,7 +234,7 @@ impl Fs {
         if body.len() > MAX_BODY {
             return Err(FsError::Invalid("a request body over 4 MiB".into()));
         }
-        let _one = self
+        let mut swept = self
             .mailbox
             .asking
             .lock()
@@ -251,6 +252,10 @@ impl Fs {
         let who = format!("host {} (slot {to})", uuid_str(&target.host));
         let gen = target.generation;
         ensure_dir(self)?;
+        if !*swept {
+            self.sweep_mail(&m.host);
+            *swept = true;
+        }
         let id = self.mailbox.next_id.fetch_add(1, Ordering::SeqCst) + 1;
         let req_path = body_path(&m.host, id, "req");
         let rep_path = body_path(&m.host, id, "rep");
@@ -291,6 +296,26 @@ impl Fs {
                 String::from_utf8_lossy(e)
             ))),
             None => Err(FsError::Invalid(format!("{who} wrote an empty answer"))),
+        }
+    }
+
+    /// Remove the bodies and answers of requests an earlier run of host
+    /// `me` left (it was killed while asking): at its first request.
+    fn sweep_mail(&self, me: &[u8; 16]) {
+        let prefix = format!("{}-", uuid_str(me));
+        let Ok(dir) = self.resolve(DIR) else {
+            return;
+        };
+        let Ok(entries) = self.readdir(dir) else {
+            return;
+        };
+        for e in entries {
+            let name = String::from_utf8_lossy(&e.name).into_owned();
+            if name.starts_with(&prefix) {
+                if let Err(err) = self.unlink_path(&format!("{DIR}/{name}")) {
+                    tracing::warn!("removing {DIR}/{name}, left by a request of this host: {err}");
+                }
+            }
         }
     }
 

@@ -22,6 +22,21 @@ fn two_hosts() -> (Arc<Fs>, Arc<Fs>, Timeouts) {
 #[test]
 fn a_request_is_taken_and_answered_within_heartbeats() {
     let (a, b, _) = two_hosts();
+    // What an earlier run of B left (killed while asking): swept at its
+    // first request.
+    let bid = vmfs::volume::uuid_str(&b.member().unwrap().host);
+    b.mkdir_path(vmfs::mailbox::DIR, 0o700).unwrap();
+    for ext in ["req", "rep"] {
+        let f = b
+            .create_file(
+                &format!("{}/{bid}-9.{ext}", vmfs::mailbox::DIR),
+                0o600,
+                vmfs::file::LockMode::Exclusive,
+            )
+            .unwrap();
+        f.write_at(b"old", 0).unwrap();
+        f.close().unwrap();
+    }
     a.set_mail_handler(Arc::new(|r: vmfs::mailbox::Request| {
         if r.kind == 7 {
             return Err("kind 7 is refused".into());
