@@ -334,7 +334,7 @@ pub fn backup_vm(
     if let Some(cmd) = &job.pre_freeze {
         hook("pre-freeze", cmd, job).map_err(BackupError::Invalid)?;
     }
-    let snap: Snapshot = call(
+    let snap: Result<Snapshot> = call(
         host,
         "vm-snapshot",
         SnapshotArgs {
@@ -343,15 +343,17 @@ pub fn backup_vm(
             freeze_deadline_ms: job.freeze_deadline_ms,
             job: Some(host.job()),
         },
-    )
-    .map_err(|e| BackupError::Invalid(format!("snapshotting the VM: {e}")))?;
+    );
     let taken = Instant::now();
+    // After the thaw, whether the snapshot worked or not (what the
+    // pre-freeze hook began must end).
     if let Some(cmd) = &job.post_thaw {
         if let Err(e) = hook("post-thaw", cmd, job) {
             tracing::warn!("{e}");
             warnings.push(e);
         }
     }
+    let snap = snap.map_err(|e| BackupError::Invalid(format!("snapshotting the VM: {e}")))?;
     let stored = store(&repo, job, host, paths, &snap, opts);
     // Deleted whatever happened.
     let deleted: Result<Value> = call(

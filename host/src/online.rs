@@ -220,6 +220,14 @@ pub fn delete_snapshot(path: &str, disk: &VirtualDisk, frozen: &str) -> Result<D
     Ok(run.done(format!("snapshot {frozen} deleted")))
 }
 
+/// Finish a merge of an attached disk that its host did not finish (it died
+/// mid-consolidation), with the guest running: before any operation that
+/// holds the guest's I/O (which would otherwise finish it while held).
+pub fn finish_interrupted(path: &str, disk: &VirtualDisk) -> Result<()> {
+    let mut run = Run::new(path, disk);
+    run.finish_interrupted()
+}
+
 fn mib(n: u64) -> String {
     format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64)
 }

@@ -737,6 +737,7 @@ pub fn disk_check(fs: &Arc<Fs>, path: &str, repair: bool) -> Result<DiskCheck> {
 }
 
 pub fn disk_consolidate(fs: &Arc<Fs>, path: &str, all: bool) -> Result<DiskDone> {
+    crate::vm::refuse_while_backed_up(fs, path)?;
     let (store, name) = store_for(fs, path)?;
     let mut merged = 0;
     let mut n = 0;

@@ -429,8 +429,15 @@ impl Scsi {
         };
         if matches!(
             c,
-            "disk-revert" | "disk-delete" | "disk-import" | "disk-tracking" | "disk-share"
+            "disk-revert"
+                | "disk-delete"
+                | "disk-import"
+                | "disk-tracking"
+                | "disk-share"
+                | "disk-check"
         ) {
+            // (A check would read, or with --repair finish, the merge a
+            // running consolidation is making.)
             return busy();
         }
         if !matches!(c, "disk-snapshot" | "disk-consolidate" | "disk-resize") {
@@ -441,12 +448,19 @@ impl Scsi {
                 "{path}: another snapshot, consolidation or resize of it is running; try again when it ends"
             ))));
         };
+        // A merge its host did not finish: with the guest running first.
+        if let Err(e) = crate::online::finish_interrupted(&l.path, &op) {
+            return Some(Err(e));
+        }
         let r = match c {
             "disk-snapshot" => self.paused(l, &op, "snapshot", |store, name| {
                 let s = snapshot::ops::snapshot(store, name)?;
                 Ok((s.said(), s.change_id.map(|i| i.to_string())))
             }),
             "disk-consolidate" => {
+                if let Err(e) = crate::vm::refuse_while_backed_up(&self.fs, path) {
+                    return Some(Err(e));
+                }
                 let all = args.get("all").and_then(|v| v.as_bool()).unwrap_or(false);
                 // Merging can take minutes: the registry is not held (the
                 // operation keeps the controller from being removed).

@@ -113,6 +113,25 @@ pub fn left_by_backup(fs: &Arc<vmfs::Fs>, path: &str) -> Result<Option<Frozen>> 
     }
 }
 
+/// Refuse to consolidate disk `path` while a backup that still runs reads
+/// its snapshot (the merge would go into the layer being read; a reader on
+/// this host does not hold the layer's lock against this host).
+pub fn refuse_while_backed_up(fs: &Arc<vmfs::Fs>, path: &str) -> Result<()> {
+    let me = fs
+        .member()
+        .map(|m| vmfs::volume::uuid_str(&m.host))
+        .unwrap_or_default();
+    if let Some(m) = left_by_backup(fs, path)? {
+        if let Some(j) = m.job.as_ref().filter(|j| job_alive(j, fs, &me)) {
+            return Err(HostError::Busy(format!(
+                "{path}: a backup is reading its snapshot {} (job: host {}, process {}): consolidate once it ends (the backup deletes its snapshot itself)",
+                m.frozen, j.host, j.pid
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn remove_marker(fs: &Arc<vmfs::Fs>, f: &Frozen) {
     let r = ops::store_for(fs, &f.path).and_then(|(store, name)| {
         store
@@ -182,8 +201,18 @@ impl Freeze {
         let r = if fired {
             Ok(0)
         } else {
+            // Tried again: a guest left frozen is the one outcome to avoid.
             let mut a = self.agent.lock().unwrap_or_else(|p| p.into_inner());
-            a.thaw(Duration::from_secs(10))
+            let mut r = a.thaw(Duration::from_secs(10));
+            for _ in 0..2 {
+                if r.is_ok() {
+                    break;
+                }
+                tracing::warn!("thawing the guest: {:?}; trying again", r.as_ref().err());
+                std::thread::sleep(Duration::from_millis(500));
+                r = a.thaw(Duration::from_secs(10));
+            }
+            r
         };
         (!fired, self.started.elapsed(), r)
     }
@@ -232,6 +261,11 @@ impl Scsi {
                     )))
                 }
             }
+        }
+        // A merge its host did not finish (it died mid-consolidation) is
+        // finished now with the guest running, not inside the hold below.
+        for ((p, _), op) in attached.iter().zip(&ops_held) {
+            crate::online::finish_interrupted(p, op)?;
         }
         // Quiesce.
         let deadline = Duration::from_millis(a.freeze_deadline_ms.clamp(100, 600_000));
@@ -304,6 +338,9 @@ impl Scsi {
                 how.push(format!("thawing: {e}"));
             }
         }
+        // The disks' operations end here: deleting what a failure left
+        // starts operations of its own.
+        drop(ops_held);
         if let Err(e) = r {
             self.undo(&done);
             return Err(e);

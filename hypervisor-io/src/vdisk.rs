@@ -228,14 +228,26 @@ impl VirtualDisk {
                 return Err(e);
             }
         }
-        Ok(Held { vd: self, g })
+        Ok(Held {
+            vd: self,
+            g,
+            reopened: false,
+        })
     }
 }
 
-/// A [`VirtualDisk`] closed with its I/O held ([`VirtualDisk::hold`]).
+/// A [`VirtualDisk`] closed with its I/O held ([`VirtualDisk::hold`]);
+/// dropped without [`Held::reopen`] (an error on the way), it reopens too.
 pub struct Held<'a> {
     vd: &'a VirtualDisk,
     g: std::sync::RwLockWriteGuard<'a, Option<Disk>>,
+    reopened: bool,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.reopen_now();
+    }
 }
 
 impl Held<'_> {
@@ -243,6 +255,13 @@ impl Held<'_> {
     /// I/O resume. A failure to open is logged: I/O then fails until the
     /// controller is removed.
     pub fn reopen(mut self) {
+        self.reopen_now();
+    }
+
+    fn reopen_now(&mut self) {
+        if std::mem::replace(&mut self.reopened, true) {
+            return;
+        }
         let vd = self.vd;
         if vd.closing.load(Ordering::Acquire) {
             return;

@@ -282,10 +282,14 @@ impl Disk {
         }
         if layers.len() > 1 && !merging {
             let below = &layers[1].name;
-            if store
-                .exists(&consolidating_marker(below))
-                .map_err(at(below))?
-                && write
+            // (A merge marker naming a layer no longer in the chain is
+            // what a finished merge failed to remove: not in the way.)
+            if write
+                && store
+                    .exists(&consolidating_marker(below))
+                    .map_err(at(below))?
+                && !crate::merge::merging_into(&*store, below)?
+                    .is_some_and(|f| !layers.iter().any(|l| l.name == f))
             {
                 // Reads are right (the current layer covers what was
                 // merged), but nothing may write before it is finished.

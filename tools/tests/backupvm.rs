@@ -88,11 +88,15 @@ fn a_running_vm_is_backed_up_quiesced_full_then_incremental_and_restored() {
     std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
     let script = r#"#!/bin/sh
 set -eux
+# Disks by LUN (sdX names follow the order probes finish, not LUNs).
+lun() { for d in /sys/class/scsi_disk/*:$1; do ls "$d/device/block"; done; }
+A=$(lun 0)
+B=$(lun 1)
 mkdir -p /mnt/a /mnt/b
-mkfs.ext4 -q /dev/sda
-mkfs.ext4 -q /dev/sdb
-mount /dev/sda /mnt/a
-mount /dev/sdb /mnt/b
+mkfs.ext4 -q /dev/$A
+mkfs.ext4 -q /dev/$B
+mount /dev/$A /mnt/a
+mount /dev/$B /mnt/b
 echo WRITER-START
 i=0
 while [ $i -lt 200 ] && [ ! -e /tmp/stop ]; do

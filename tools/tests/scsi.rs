@@ -68,39 +68,44 @@ fn a_guest_probes_reads_writes_and_trims_its_virtual_disks() {
 
     let script = r#"#!/bin/sh
 set -eux
+# Disks by LUN (sdX names follow the order probes finish, not LUNs).
+lun() { for d in /sys/class/scsi_disk/*:$1; do ls "$d/device/block"; done; }
+A=$(lun 0)
+B=$(lun 1)
+C=$(lun 2)
 fail() { echo "FAIL: $*"; exit 1; }
 for d in sda sdb sdc; do [ -b /dev/$d ] || fail "no /dev/$d"; done
-sg_inq /dev/sda | grep -q "Vendor identification: VMFS" || fail inquiry
-echo "NAA0=$(sg_vpd -p 0x83 /dev/sda | sed -n '/NAA/{n;p}' | tr -d ' ')"
-echo "NAA1=$(sg_vpd -p 0x83 /dev/sdb | sed -n '/NAA/{n;p}' | tr -d ' ')"
-sg_vpd -p 0xb0 /dev/sdb | grep -q "Maximum unmap LBA count: [1-9]" || fail "block limits"
-sg_vpd -p 0xb2 /dev/sdb | grep -q "(LBPU): 1" || fail provisioning
-sg_readcap -l /dev/sdb | grep -q "lbpme=1, lbprz=1" || fail readcap
-sg_readcap -l /dev/sdb | grep -q "Number of logical blocks=524288" || fail size
-sg_opcodes /dev/sdb | grep -q "Unmap" || fail opcodes
-sg_opcodes /dev/sdb | grep -q "Persistent reserve out" || fail opcodes-pr
-sg_modes -p 8 /dev/sdb | grep -q Caching || fail "caching page"
-sg_modes -p 0x3f /dev/sdb | grep -q Control || fail "control page"
-test "$(cat /sys/block/sdb/queue/discard_max_bytes)" -gt 0 || fail "no discard"
+sg_inq /dev/$A | grep -q "Vendor identification: VMFS" || fail inquiry
+echo "NAA0=$(sg_vpd -p 0x83 /dev/$A | sed -n '/NAA/{n;p}' | tr -d ' ')"
+echo "NAA1=$(sg_vpd -p 0x83 /dev/$B | sed -n '/NAA/{n;p}' | tr -d ' ')"
+sg_vpd -p 0xb0 /dev/$B | grep -q "Maximum unmap LBA count: [1-9]" || fail "block limits"
+sg_vpd -p 0xb2 /dev/$B | grep -q "(LBPU): 1" || fail provisioning
+sg_readcap -l /dev/$B | grep -q "lbpme=1, lbprz=1" || fail readcap
+sg_readcap -l /dev/$B | grep -q "Number of logical blocks=524288" || fail size
+sg_opcodes /dev/$B | grep -q "Unmap" || fail opcodes
+sg_opcodes /dev/$B | grep -q "Persistent reserve out" || fail opcodes-pr
+sg_modes -p 8 /dev/$B | grep -q Caching || fail "caching page"
+sg_modes -p 0x3f /dev/$B | grep -q Control || fail "control page"
+test "$(cat /sys/block/$B/queue/discard_max_bytes)" -gt 0 || fail "no discard"
 # A bad CDB is refused with sense, nothing else happens.
-sg_raw -r 16 /dev/sdb c0 00 00 00 00 00 2>&1 | grep -qi "illegal request" || fail "bad opcode accepted"
-sg_raw -r 8 /dev/sdb 25 00 ff ff ff ff 00 00 00 00 >/dev/null 2>&1 || true
+sg_raw -r 16 /dev/$B c0 00 00 00 00 00 2>&1 | grep -qi "illegal request" || fail "bad opcode accepted"
+sg_raw -r 8 /dev/$B 25 00 ff ff ff ff 00 00 00 00 >/dev/null 2>&1 || true
 # Task management: a LUN reset completes, and the LUN works after it.
-sg_reset -d /dev/sdb || fail "LUN reset"
-dd if=/dev/sdb of=/dev/null bs=4k count=1 iflag=direct || fail "read after the reset"
+sg_reset -d /dev/$B || fail "LUN reset"
+dd if=/dev/$B of=/dev/null bs=4k count=1 iflag=direct || fail "read after the reset"
 # 3 TiB: READ CAPACITY(16), and a pattern 2.5 TiB in (WRITE/READ(16)).
-sg_readcap -l /dev/sdc | grep -q "Number of logical blocks=6442450944" || fail "3 TiB size"
-test "$(blockdev --getsize64 /dev/sdc)" = 3298534883328 || fail "3 TiB block device"
-dd if=/guestpat of=/dev/sdc bs=1M seek=2621440 count=8 oflag=direct conv=fsync
-dd if=/dev/sdc of=/tmp/far bs=1M skip=2621440 count=8 iflag=direct
+sg_readcap -l /dev/$C | grep -q "Number of logical blocks=6442450944" || fail "3 TiB size"
+test "$(blockdev --getsize64 /dev/$C)" = 3298534883328 || fail "3 TiB block device"
+dd if=/guestpat of=/dev/$C bs=1M seek=2621440 count=8 oflag=direct conv=fsync
+dd if=/dev/$C of=/tmp/far bs=1M skip=2621440 count=8 iflag=direct
 cmp /tmp/far /guestpat || fail "pattern past 2 TiB differs"
 # The host's pattern, and ours with O_DIRECT.
-dd if=/dev/sda of=/tmp/h bs=1M skip=32 count=8 iflag=direct
+dd if=/dev/$A of=/tmp/h bs=1M skip=32 count=8 iflag=direct
 cmp /tmp/h /hostpat || fail "host pattern differs"
-dd if=/guestpat of=/dev/sda bs=1M count=8 oflag=direct conv=fsync
+dd if=/guestpat of=/dev/$A bs=1M count=8 oflag=direct conv=fsync
 # ext4 with files, fsync; 96 MiB written then deleted and trimmed.
-mkfs.ext4 -q /dev/sdb
-mount /dev/sdb /mnt
+mkfs.ext4 -q /dev/$B
+mount /dev/$B /mnt
 echo "kept by the guest" > /mnt/kept
 dd if=/dev/urandom of=/mnt/big bs=1M count=96 conv=fsync
 rm /mnt/big
@@ -531,20 +536,24 @@ fn raw_device_mappings_are_luns_of_the_guest() {
     std::fs::write(ds.p("pat"), &pat).unwrap();
     let script = r#"#!/bin/sh
 set -eux
-sg_inq /dev/sda | grep -q "Raw mapping"
-test "$(cat /sys/block/sda/size)" = 65536
-dd if=/pat of=/dev/sda bs=1M seek=1 oflag=direct conv=fsync
-dd if=/dev/sda of=/tmp/back bs=1M skip=1 count=2 iflag=direct
+# Disks by LUN (sdX names follow the order probes finish, not LUNs).
+lun() { for d in /sys/class/scsi_disk/*:$1; do ls "$d/device/block"; done; }
+A=$(lun 0)
+B=$(lun 1)
+sg_inq /dev/$A | grep -q "Raw mapping"
+test "$(cat /sys/block/$A/size)" = 65536
+dd if=/pat of=/dev/$A bs=1M seek=1 oflag=direct conv=fsync
+dd if=/dev/$A of=/tmp/back bs=1M skip=1 count=2 iflag=direct
 cmp /tmp/back /pat
 # The physical-mode LUN is tgt's own.
-sg_inq /dev/sdb | grep -q "Vendor identification: IET"
-test "$(cat /sys/block/sdb/size)" = 32768
-dd if=/pat of=/dev/sdb bs=1M seek=2 oflag=direct conv=fsync
-dd if=/dev/sdb of=/tmp/back2 bs=1M skip=2 count=2 iflag=direct
+sg_inq /dev/$B | grep -q "Vendor identification: IET"
+test "$(cat /sys/block/$B/size)" = 32768
+dd if=/pat of=/dev/$B bs=1M seek=2 oflag=direct conv=fsync
+dd if=/dev/$B of=/tmp/back2 bs=1M skip=2 count=2 iflag=direct
 cmp /tmp/back2 /pat
-sg_persist --out --register --param-sark=0x77 /dev/sdb
-sg_persist --in --read-keys /dev/sdb | grep -qi 0x77
-sg_persist --out --register --param-rk=0x77 --param-sark=0 /dev/sdb
+sg_persist --out --register --param-sark=0x77 /dev/$B
+sg_persist --in --read-keys /dev/$B | grep -qi 0x77
+sg_persist --out --register --param-rk=0x77 --param-sark=0 /dev/$B
 echo RDM-OK
 "#;
     boot(

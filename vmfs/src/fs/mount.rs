@@ -458,11 +458,6 @@ impl Fs {
         }
     }
 
-    /// Cluster housekeeping, every heartbeat interval (the mount runs it on
-    /// a thread of its own): watch the other slots; give the volume lock
-    /// back when another host has arrived; recover hosts that died (journal
-    /// replay, slot freed, their locks with it), then free the files they
-    /// had unlinked while open.
     /// Every slot as housekeeping last read it.
     pub(crate) fn last_slots(&self) -> Vec<crate::format::HostSlot> {
         match self.shared.get() {
@@ -476,6 +471,11 @@ impl Fs {
         }
     }
 
+    /// Cluster housekeeping, every heartbeat interval (the mount runs it on
+    /// a thread of its own): watch the other slots; give the volume lock
+    /// back when another host has arrived; recover hosts that died (journal
+    /// replay, slot freed, their locks with it), then free the files they
+    /// had unlinked while open.
     pub fn housekeep(&self) -> Result<()> {
         let (Some(sh), Some(m)) = (self.shared.get(), self.member.get()) else {
             return Ok(());
