@@ -100,6 +100,9 @@ pub struct Frozen {
     /// The backup job that took it.
     #[serde(default)]
     pub job: Option<Job>,
+    /// The frozen layer's CID (hex): a later snapshot may reuse the name.
+    #[serde(default)]
+    pub cid: Option<String>,
 }
 
 /// A backup job: the host of the datastore it runs as (its UUID: the

@@ -23,13 +23,27 @@ use crate::scsi::Scsi;
 
 pub use backup_proxy::job::{ConsolidateArgs, Frozen, Job, Snapshot, SnapshotArgs};
 
-fn frozen_of(path: &str, s: snapshot::ops::Snapshot, job: &Option<Job>) -> Frozen {
+fn frozen_of(
+    fs: &Arc<vmfs::Fs>,
+    path: &str,
+    s: snapshot::ops::Snapshot,
+    job: &Option<Job>,
+) -> Frozen {
     Frozen {
+        cid: layer_cid(fs, path, &s.frozen),
         path: path.to_string(),
         frozen: s.frozen,
         change_id: s.change_id.map(|i| i.to_string()),
         job: job.clone(),
     }
+}
+
+/// The CID of layer `frozen` beside disk `path` (`None`: unreadable).
+fn layer_cid(fs: &Arc<vmfs::Fs>, path: &str, frozen: &str) -> Option<String> {
+    let (store, _) = ops::store_for(fs, path).ok()?;
+    snapshot::disk::read_descriptor(&*store, frozen)
+        .ok()
+        .map(|d| format!("{:08x}", d.cid))
 }
 
 /// Whether job `j` still runs, as far as host `me` (this host's UUID) of
@@ -305,7 +319,7 @@ impl Scsi {
             let mut r = Ok(());
             for (p, d) in &attached {
                 match snapshot::ops::snapshot(d.store().clone(), d.name()) {
-                    Ok(s) => done.push(frozen_of(p, s, &a.job)),
+                    Ok(s) => done.push(frozen_of(self.fs(), p, s, &a.job)),
                     Err(e) => {
                         r = Err(ops::disk_err(e));
                         break;
@@ -351,7 +365,7 @@ impl Scsi {
                 snapshot::ops::snapshot(store, &name).map_err(ops::disk_err)
             });
             match r {
-                Ok(s) => done.push(frozen_of(p, s, &a.job)),
+                Ok(s) => done.push(frozen_of(self.fs(), p, s, &a.job)),
                 Err(e) => {
                     self.undo(&done);
                     return Err(e);
@@ -415,6 +429,14 @@ impl Scsi {
                         continue;
                     }
                 }
+            }
+            // A layer of that name that is another snapshot now (the
+            // backup's was deleted, a later one took its name): not ours.
+            if f.cid.is_some() && layer_cid(self.fs(), &f.path, &f.frozen) != f.cid {
+                if left_by_backup(self.fs(), &f.path)?.is_some_and(|m| m.frozen == f.frozen) {
+                    remove_marker(self.fs(), f);
+                }
+                continue;
             }
             let r = match self.attached_disk(&f.path)? {
                 Some((p, disk, _)) => match disk.begin_op() {
