@@ -14,12 +14,13 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Parser;
 use hypervisor_io::backend::NullBackend;
 use hypervisor_io::scsi::disk::{Buffers, DiskUnit};
 use hypervisor_io::scsi::pr::MemPrStore;
 use hypervisor_io::scsi::target::Target;
+use vmfs_tools::benchutil::{mount, run, vmfs_bin};
 
 #[derive(Parser)]
 #[command(about = "paravirtual SCSI vs. its baselines")]
@@ -95,26 +96,6 @@ fn target_rate(threads: usize, secs: f64) -> f64 {
         hs.into_iter().map(|h| h.join().unwrap_or(0)).collect()
     });
     counts.iter().sum::<u64>() as f64 / secs
-}
-
-fn vmfs_bin() -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(|d| d.join("vmfs")))
-        .filter(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from("vmfs"))
-}
-
-fn run(cmd: &mut Command) -> Result<String> {
-    let o = cmd.output().with_context(|| format!("{cmd:?}"))?;
-    if !o.status.success() {
-        bail!(
-            "{cmd:?}: {}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
 /// The fio jobs, in the order run: writes first so the reads read data.
@@ -206,22 +187,7 @@ fn main() -> Result<()> {
     let mnt = d.join("m");
     std::fs::create_dir(&mnt)?;
     let st = d.join("state");
-    let mut host = Command::new(&vmfs)
-        .args(["mount", "--foreground", "--state-dir"])
-        .arg(&st)
-        .arg(&lun)
-        .arg(&mnt)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let t = Instant::now();
-    while !std::fs::read_to_string("/proc/self/mountinfo")?.contains(mnt.to_str().unwrap_or("?")) {
-        if t.elapsed() > Duration::from_secs(30) {
-            let _ = host.kill();
-            bail!("the datastore did not mount");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut host = mount(&vmfs, &st, &lun, &mnt)?;
     let result = (|| -> Result<()> {
         let disk = mnt.join("bench.vmdk");
         run(Command::new(&vmfs)

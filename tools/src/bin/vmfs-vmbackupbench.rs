@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Parser;
+use vmfs_tools::benchutil::{mount, run, vmfs_bin};
 
 #[derive(Parser)]
 #[command(about = "the agentless VM backup: freeze, snapshot lifetime, full and incremental")]
@@ -34,26 +35,6 @@ struct Args {
 }
 
 const MIB: u64 = 1 << 20;
-
-fn vmfs_bin() -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(|d| d.join("vmfs")))
-        .filter(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from("vmfs"))
-}
-
-fn run(cmd: &mut Command) -> Result<String> {
-    let o = cmd.output().with_context(|| format!("{cmd:?}"))?;
-    if !o.status.success() {
-        bail!(
-            "{cmd:?}: {}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
-}
 
 /// A raw image of `size` MiB of incompressible data (a cheap generator).
 fn fill(p: &Path, size: u64) -> Result<()> {
@@ -133,22 +114,7 @@ fn main() -> Result<()> {
     let mnt = d.join("m");
     std::fs::create_dir(&mnt)?;
     let st = d.join("a");
-    let mut host = Command::new(&vmfs)
-        .args(["mount", "--foreground", "--lease-ms", "8000", "--state-dir"])
-        .arg(&st)
-        .arg(&lun)
-        .arg(&mnt)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let t = Instant::now();
-    while !std::fs::read_to_string("/proc/self/mountinfo")?.contains(mnt.to_str().unwrap_or("?")) {
-        if t.elapsed() > Duration::from_secs(60) {
-            let _ = host.kill();
-            bail!("the datastore did not mount");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut host = mount(&vmfs, &st, &lun, &mnt)?;
     let mut guest = None;
     let result = (|| -> Result<()> {
         std::fs::create_dir(mnt.join("vm"))?;
