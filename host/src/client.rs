@@ -243,13 +243,18 @@ pub fn mount_of(path: &Path) -> Option<(PathBuf, String)> {
 /// serves it and the path inside the datastore. Err when it lies under one
 /// whose host does not answer in `state_dir`.
 pub fn at_path(path: &Path, state_dir: &Path) -> Result<Option<(Client, String)>> {
+    Ok(at_mount(path, state_dir)?.map(|(c, _, inner)| (c, inner)))
+}
+
+/// [`at_path`], with the mountpoint.
+fn at_mount(path: &Path, state_dir: &Path) -> Result<Option<(Client, PathBuf, String)>> {
     let Some((mp, inner)) = mount_of(path) else {
         return Ok(None);
     };
     for st in all(state_dir)?.into_iter().flatten() {
         if Path::new(&st.mountpoint) == mp {
             if let Some(c) = find(state_dir, &st.datastore)? {
-                return Ok(Some((c, inner)));
+                return Ok(Some((c, mp, inner)));
             }
         }
     }
@@ -259,4 +264,34 @@ pub fn at_path(path: &Path, state_dir: &Path) -> Result<Option<(Client, String)>
         mp.display(),
         crate::socket::run_dir(state_dir).display()
     )))
+}
+
+/// The host agent serving every one of `paths` (under vmfs mounts of this
+/// machine, all of one datastore), its mountpoint, and each path inside the
+/// datastore, in order.
+pub fn at_paths(paths: &[PathBuf], state_dir: &Path) -> Result<(Client, PathBuf, Vec<String>)> {
+    let mut agent: Option<(Client, PathBuf)> = None;
+    let mut inner = Vec::new();
+    for p in paths {
+        let Some((c, mp, i)) = at_mount(p, state_dir)? else {
+            return Err(HostError::NotFound(format!(
+                "{} is not under a vmfs mount of this machine",
+                p.display()
+            )));
+        };
+        match &agent {
+            None => agent = Some((c, mp)),
+            Some((a, _)) if a.greeting.datastore != c.greeting.datastore => {
+                return Err(HostError::BadRequest(format!(
+                    "{} is on another datastore than {}: give the disks of one datastore",
+                    p.display(),
+                    paths[0].display()
+                )))
+            }
+            Some(_) => {}
+        }
+        inner.push(i);
+    }
+    let (c, mp) = agent.ok_or_else(|| HostError::BadRequest("no disk given".into()))?;
+    Ok((c, mp, inner))
 }

@@ -40,43 +40,12 @@ impl LocalAgent {
     /// The agent serving the disks at `disks` (under one vmfs mount of this
     /// machine); the disks' paths inside the datastore.
     pub fn for_disks(disks: &[PathBuf], state_dir: &Path) -> Result<(LocalAgent, Vec<String>)> {
-        let mut client: Option<crate::Client> = None;
-        let mut mount = None;
-        let mut paths = Vec::new();
-        for d in disks {
-            let Some((mp, _)) = crate::client::mount_of(d) else {
-                return Err(BackupError::Invalid(format!(
-                    "{} is not under a vmfs mount of this machine (give --datastore LUN... to back up from the LUNs)",
-                    d.display()
-                )));
-            };
-            let Some((c, inner)) = crate::client::at_path(d, state_dir)
-                .map_err(|e| host_err(&d.display().to_string(), e))?
-            else {
-                return Err(BackupError::Invalid(format!(
-                    "{} is not under a vmfs mount of this machine",
-                    d.display()
-                )));
-            };
-            match &client {
-                None => {
-                    client = Some(c);
-                    mount = Some(mp);
-                }
-                Some(a) if a.greeting.datastore != c.greeting.datastore => {
-                    return Err(BackupError::Invalid(format!(
-                        "{} is on another datastore than {}: one job backs up the disks of one datastore",
-                        d.display(),
-                        disks[0].display()
-                    )))
-                }
-                Some(_) => {}
-            }
-            paths.push(inner);
-        }
-        let (Some(client), Some(mount)) = (client, mount) else {
-            return Err(BackupError::Invalid("no disk given".into()));
-        };
+        let (client, mount, paths) = crate::client::at_paths(disks, state_dir).map_err(|e| {
+            host_err(
+                "the VM's disks (give --datastore LUN... to back up from the LUNs)",
+                e,
+            )
+        })?;
         Ok((
             LocalAgent {
                 host: client.greeting.host.clone(),

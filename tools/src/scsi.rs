@@ -81,27 +81,9 @@ pub(crate) fn run(c: ScsiCmd) -> Result<std::process::ExitCode> {
             state_dir,
         } => {
             let state_dir = host::socket::state_dir(state_dir.as_deref(), None);
-            let mut agent = None;
-            let mut inner = Vec::new();
-            for d in &disks {
-                let Some((c, path)) = host::client::at_path(d, &state_dir)? else {
-                    bail!(
-                        "{} is not under a vmfs mount of this machine: a controller is served by the host that has the datastore mounted",
-                        d.display()
-                    );
-                };
-                match &agent {
-                    None => agent = Some(c),
-                    Some(a) if a.greeting.datastore != c.greeting.datastore => bail!(
-                        "{} is on another datastore than {}: one controller serves disks of one datastore",
-                        d.display(),
-                        disks[0].display()
-                    ),
-                    Some(_) => {}
-                }
-                inner.push(path);
-            }
-            let mut agent = agent.context("no disk given")?;
+            let (mut agent, _, inner) = host::client::at_paths(&disks, &state_dir).context(
+                "a controller is served by the host that has the datastore of its disks mounted",
+            )?;
             let i: ControllerInfo = agent.call(
                 "scsi-add",
                 json!({
