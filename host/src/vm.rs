@@ -84,40 +84,17 @@ pub fn marker_of(path: &str) -> String {
 
 fn write_marker(fs: &Arc<vmfs::Fs>, f: &Frozen) -> Result<()> {
     let (store, name) = ops::store_for(fs, &f.path)?;
-    let m = format!("{name}.backup");
-    let tmp = format!("{m}.new");
     let text = serde_json::to_vec_pretty(f).map_err(|e| HostError::Agent(e.to_string()))?;
-    let io = |e: snapshot::error::StoreError| {
-        ops::disk_err(snapshot::DiskError::Store {
-            file: m.clone(),
-            source: e,
-        })
-    };
-    store.remove_if_there(&tmp).map_err(io)?;
-    let file = store.create(&tmp).map_err(io)?;
-    file.write_at(&text, 0).map_err(io)?;
-    file.flush().map_err(io)?;
-    drop(file);
-    store.rename(&tmp, &m).map_err(io)
+    snapshot::ops::replace_file(&*store, &format!("{name}.backup"), &text).map_err(ops::disk_err)
 }
 
 /// The snapshot a backup left on disk `path` (its marker), if any.
 pub fn left_by_backup(fs: &Arc<vmfs::Fs>, path: &str) -> Result<Option<Frozen>> {
     let (store, name) = ops::store_for(fs, path)?;
     let m = format!("{name}.backup");
-    let io = |e: snapshot::error::StoreError| {
-        ops::disk_err(snapshot::DiskError::Store {
-            file: m.clone(),
-            source: e,
-        })
-    };
-    if !store.exists(&m).map_err(io)? {
+    let Some(b) = snapshot::ops::read_small(&*store, &m, 64 << 10).map_err(ops::disk_err)? else {
         return Ok(None);
-    }
-    let f = store.open(&m, false).map_err(io)?;
-    let len = f.len().map_err(io)?.min(64 << 10) as usize;
-    let mut b = vec![0u8; len];
-    f.read_full(&mut b, 0).map_err(io)?;
+    };
     match serde_json::from_slice::<Frozen>(&b) {
         Ok(fr) => Ok(Some(fr)),
         Err(e) => {

@@ -58,14 +58,9 @@ fn chain(store: &dyn Store, name: &str) -> Result<Vec<(String, Descriptor)>> {
 /// The frozen layer a [`merge_frozen`] marker beside layer `below` names,
 /// `None` when there is no marker or it is a consolidation's.
 pub fn merging_into(store: &dyn Store, below: &str) -> Result<Option<String>> {
-    let m = consolidating_marker(below);
-    if !store.exists(&m).map_err(at(&m))? {
+    let Some(b) = crate::ops::read_small(store, &consolidating_marker(below), 4096)? else {
         return Ok(None);
-    }
-    let f = store.open(&m, false).map_err(at(&m))?;
-    let len = f.len().map_err(at(&m))?.min(4096) as usize;
-    let mut b = vec![0u8; len];
-    f.read_full(&mut b, 0).map_err(at(&m))?;
+    };
     let text = String::from_utf8_lossy(&b);
     Ok(text
         .strip_prefix(MERGING)

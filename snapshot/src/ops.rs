@@ -72,20 +72,40 @@ pub fn stem(name: &str) -> Result<&str> {
         .ok_or_else(|| DiskError::Invalid(format!("a disk's name ends in .vmdk: {name:?}")))
 }
 
-pub(crate) fn write_new(store: &dyn Store, name: &str, text: &str) -> Result<()> {
+pub(crate) fn write_new(store: &dyn Store, name: &str, text: impl AsRef<[u8]>) -> Result<()> {
     store.remove_if_there(name).map_err(at(name))?;
     let f = store.create(name).map_err(at(name))?;
-    f.write_at(text.as_bytes(), 0).map_err(at(name))?;
+    f.write_at(text.as_ref(), 0).map_err(at(name))?;
     f.flush().map_err(at(name))?;
     Ok(())
+}
+
+/// Replace file `name` with `bytes` at once: written beside it
+/// (`NAME.new`), then renamed over it.
+pub fn replace_file(store: &dyn Store, name: &str, bytes: &[u8]) -> Result<()> {
+    let tmp = format!("{name}.new");
+    write_new(store, &tmp, bytes)?;
+    store.rename(&tmp, name).map_err(at(name))
+}
+
+/// The first `max` bytes of small file `name` (a marker), `None` when it
+/// is not there.
+pub fn read_small(store: &dyn Store, name: &str, max: u64) -> Result<Option<Vec<u8>>> {
+    let f = match store.open(name, false) {
+        Ok(f) => f,
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(e) => return Err(at(name)(e)),
+    };
+    let len = f.len().map_err(at(name))?.min(max) as usize;
+    let mut b = vec![0u8; len];
+    f.read_full(&mut b, 0).map_err(at(name))?;
+    Ok(Some(b))
 }
 
 /// Commit `desc` as the current descriptor `name`: written beside it, then
 /// renamed over it.
 pub(crate) fn commit(store: &dyn Store, name: &str, desc: &Descriptor) -> Result<()> {
-    let tmp = format!("{name}.new");
-    write_new(store, &tmp, &desc.to_text())?;
-    store.rename(&tmp, name).map_err(at(name))
+    replace_file(store, name, desc.to_text().as_bytes())
 }
 
 fn geometry(size: u64) -> (u64, u64, u64) {
