@@ -10,10 +10,16 @@ use std::time::{Duration, Instant};
 mod common;
 use common::{digest, mounted, signal, text, vmfs, VMFS};
 
-const LEASE: &str = "800";
+/// The hosts' lease. Short, so that takeovers are quick, but with a safe
+/// window (half of it) wide enough that a heartbeat starved for a few
+/// hundred milliseconds on a loaded 2-core CI machine (nine of these tests,
+/// each with two hosts and an NBD server, run at once) does not fence a
+/// healthy host: with 800 ms, a 592 ms gap fenced one mid-write.
+const LEASE_MS: u32 = 2000;
+const LEASE: &str = "2000";
 
 fn mount_fg(lun: &str, mnt: &Path, host: &str) -> Child {
-    common::mount_foreground(&["--host-uuid", host, lun], mnt)
+    common::mount_foreground_lease(&["--host-uuid", host, lun], mnt, LEASE_MS)
 }
 
 /// SIGKILL a host and detach its dead FUSE mount.
@@ -161,7 +167,7 @@ fn share_and_takeover(sl: &str, ma: &Path, mb: &Path) {
     let took = t.elapsed();
     eprintln!("takeover after kill: {took:?} (lease {LEASE} ms)");
     assert!(
-        took < Duration::from_millis(800 + 100 + 1000),
+        took < Duration::from_millis(LEASE_MS as u64 * 9 / 8 + 1000),
         "takeover took {took:?}, more than lease + heartbeat (+1 s of slack)"
     );
     let mut got = Vec::new();
