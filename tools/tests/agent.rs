@@ -206,7 +206,7 @@ fn a_stale_socket_after_kill_is_replaced_and_never_trusted() {
         "--state-dir",
         st,
         "--lease-ms",
-        "800",
+        "2000",
         &s.lun,
         m2.to_str().unwrap(),
     ]);

@@ -138,7 +138,7 @@ echo WRITER-DONE
         "--state-dir",
         &b,
         "--lease-ms",
-        "800",
+        "2000",
     ];
     let with = |head: &[&str], tail: &[&'static str]| -> Vec<String> {
         head.iter().chain(tail).map(|x| x.to_string()).collect()
@@ -312,7 +312,7 @@ fn a_proxy_on_the_luns_asks_the_vms_host_through_the_datastore() {
             "--state-dir",
             &b,
             "--lease-ms",
-            "800",
+            "2000",
             "--json",
         ];
         a.extend(extra);
@@ -435,7 +435,7 @@ fn a_proxy_on_the_luns_asks_the_vms_host_through_the_datastore() {
             "--state-dir",
             &b,
             "--lease-ms",
-            "800",
+            "2000",
             "vm/d0.vmdk",
         ])
         .output()

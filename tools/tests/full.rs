@@ -10,7 +10,7 @@ mod common;
 use common::{text, vmfs, Host};
 
 /// Mount LUN on `mnt` as the host kept in `state`. The lease is 3 s, not
-/// the tests' usual 800 ms: filling a LUN over NBD beside a CPU hog queues
+/// the tests' usual 2 s: filling a LUN over NBD beside a CPU hog queues
 /// the heartbeat's write behind megabytes of data on the one connection,
 /// and a renewal 400 ms late fences the host (CI saw 718 ms).
 fn mount(lun: &str, mnt: &Path, state: &Path) -> Host {

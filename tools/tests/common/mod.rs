@@ -38,10 +38,13 @@ pub fn mounted(m: &Path) -> bool {
         .any(|l| l.split(' ').nth(4) == Some(m.to_str().unwrap()))
 }
 
-/// Start `vmfs mount --foreground ARGS MNT` (a short 800 ms lease, so that
-/// remounting after a kill waits little) and wait until it is mounted.
+/// Start `vmfs mount --foreground ARGS MNT` and wait until it is mounted.
+/// The lease is short (2 s), so that remounting after a kill waits little,
+/// yet its safe window (1 s) outlasts the heartbeat stalls of a loaded
+/// 2-core CI machine running TCG guests beside the tests: with 800 ms, a
+/// 592 ms stall fenced a healthy host mid-write.
 pub fn mount_foreground(args: &[&str], mnt: &Path) -> std::process::Child {
-    mount_foreground_lease(args, mnt, 800)
+    mount_foreground_lease(args, mnt, 2000)
 }
 
 /// [`mount_foreground`] with a lease of `lease_ms`.
