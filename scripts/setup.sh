@@ -22,6 +22,8 @@ command -v sfdisk      >/dev/null || need_apt+=(fdisk)
 command -v losetup     >/dev/null || need_apt+=(mount)
 command -v restic      >/dev/null || need_apt+=(restic)
 command -v borg        >/dev/null || need_apt+=(borgbackup)
+# Third-party readers of `vmfs backup attach --nbd` (nbdcopy, nbdinfo).
+command -v nbdcopy     >/dev/null || need_apt+=(libnbd-bin)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"
   $SUDO apt-get update -qq

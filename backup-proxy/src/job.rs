@@ -46,6 +46,9 @@ pub struct VmJob {
     pub post_thaw: Option<String>,
     /// This machine's state directory (where its host agents listen).
     pub state_dir: PathBuf,
+    /// The guest agent's socket on the VM's host, when its controller was
+    /// added without `--guest-agent`.
+    pub guest_agent: Option<String>,
 }
 
 /// What a job did.
@@ -86,6 +89,10 @@ pub struct SnapshotArgs {
     /// The job asking (recorded in each disk's marker).
     #[serde(default)]
     pub job: Option<Job>,
+    /// The guest agent's socket (on the host's machine) for disks whose
+    /// controller names none.
+    #[serde(default)]
+    pub guest_agent: Option<String>,
 }
 
 /// One disk's snapshot, as `vm-snapshot` answers and the marker beside
@@ -222,11 +229,11 @@ impl Source for FrozenSource<'_> {
 }
 
 /// This machine's lock on backing up VM `name` (released when dropped).
-struct JobLock {
+pub(crate) struct JobLock {
     _held: std::fs::File,
 }
 
-fn lock(state_dir: &Path, name: &str) -> Result<JobLock> {
+pub(crate) fn lock(state_dir: &Path, name: &str) -> Result<JobLock> {
     let dir = state_dir.join("backup").join("jobs");
     std::fs::create_dir_all(&dir)
         .map_err(|e| BackupError::Invalid(format!("{}: {e}", dir.display())))?;
@@ -294,6 +301,72 @@ pub fn last_change_id(repo: &Repo, name: &str, disk: &str) -> Result<Option<Stri
     Ok(None)
 }
 
+/// Delete the snapshots killed jobs left on the disks at `paths` (what
+/// each disk's marker names); what was deleted, for the report.
+pub(crate) fn clean_leftovers(host: &dyn Coordinator, paths: &[String]) -> Result<Vec<String>> {
+    let mut cleaned = Vec::new();
+    for p in paths {
+        let Some(f) = host.left(p)? else {
+            continue;
+        };
+        tracing::warn!(
+            "{p}: deleting the snapshot {} a killed backup left",
+            f.frozen
+        );
+        consolidate(host, std::slice::from_ref(&f)).map_err(|e| {
+            BackupError::Invalid(format!("{p}: deleting the snapshot {}: {e}", f.frozen))
+        })?;
+        cleaned.push(format!("{p}: {}", f.frozen));
+    }
+    Ok(cleaned)
+}
+
+/// The pre-freeze hook, `vm-snapshot` (freeze, snapshot every disk at one
+/// moment, thaw: all in the host), then the post-thaw hook whatever
+/// happened (what the pre-freeze hook began must end). A failing post-thaw
+/// hook is a warning.
+pub(crate) fn snapshot_vm(
+    job: &VmJob,
+    host: &dyn Coordinator,
+    paths: &[String],
+    warnings: &mut Vec<String>,
+) -> Result<Snapshot> {
+    if let Some(cmd) = &job.pre_freeze {
+        hook("pre-freeze", cmd, job).map_err(BackupError::Invalid)?;
+    }
+    let snap: Result<Snapshot> = call(
+        host,
+        "vm-snapshot",
+        SnapshotArgs {
+            disks: paths.to_vec(),
+            quiesce: job.quiesce,
+            freeze_deadline_ms: job.freeze_deadline_ms,
+            job: Some(host.job()),
+            guest_agent: job.guest_agent.clone(),
+        },
+    );
+    if let Some(cmd) = &job.post_thaw {
+        if let Err(e) = hook("post-thaw", cmd, job) {
+            tracing::warn!("{e}");
+            warnings.push(e);
+        }
+    }
+    snap.map_err(|e| BackupError::Invalid(format!("snapshotting the VM: {e}")))
+}
+
+/// Delete the snapshots `disks` (`vm-consolidate`).
+pub(crate) fn consolidate(host: &dyn Coordinator, disks: &[Frozen]) -> Result<()> {
+    let _: Value = call(
+        host,
+        "vm-consolidate",
+        ConsolidateArgs {
+            disks: disks.to_vec(),
+            job: Some(host.job()),
+        },
+    )?;
+    Ok(())
+}
+
 /// Run the job (see the module doc) through `host`, for the disks at
 /// datastore paths `paths` (in the job's order). The snapshots are deleted
 /// however the backup ends; the manifest exists only when every disk was
@@ -310,63 +383,13 @@ pub fn backup_vm(
         return Err(BackupError::Invalid("no disk given".into()));
     }
     let _lock = lock(&job.state_dir, &job.name)?;
-    // Snapshots a killed job left: deleted first.
-    let mut cleaned = Vec::new();
-    for p in paths {
-        let Some(f) = host.left(p)? else {
-            continue;
-        };
-        tracing::warn!(
-            "{p}: deleting the snapshot {} a killed backup left",
-            f.frozen
-        );
-        let _: Value = call(
-            host,
-            "vm-consolidate",
-            ConsolidateArgs {
-                disks: vec![f.clone()],
-                job: Some(host.job()),
-            },
-        )
-        .map_err(|e| {
-            BackupError::Invalid(format!("{p}: deleting the snapshot {}: {e}", f.frozen))
-        })?;
-        cleaned.push(format!("{p}: {}", f.frozen));
-    }
+    let cleaned = clean_leftovers(host, paths)?;
     let mut warnings = Vec::new();
-    if let Some(cmd) = &job.pre_freeze {
-        hook("pre-freeze", cmd, job).map_err(BackupError::Invalid)?;
-    }
-    let snap: Result<Snapshot> = call(
-        host,
-        "vm-snapshot",
-        SnapshotArgs {
-            disks: paths.to_vec(),
-            quiesce: job.quiesce,
-            freeze_deadline_ms: job.freeze_deadline_ms,
-            job: Some(host.job()),
-        },
-    );
+    let snap = snapshot_vm(job, host, paths, &mut warnings)?;
     let taken = Instant::now();
-    // After the thaw, whether the snapshot worked or not (what the
-    // pre-freeze hook began must end).
-    if let Some(cmd) = &job.post_thaw {
-        if let Err(e) = hook("post-thaw", cmd, job) {
-            tracing::warn!("{e}");
-            warnings.push(e);
-        }
-    }
-    let snap = snap.map_err(|e| BackupError::Invalid(format!("snapshotting the VM: {e}")))?;
     let stored = store(&repo, job, host, paths, &snap, opts);
     // Deleted whatever happened.
-    let deleted: Result<Value> = call(
-        host,
-        "vm-consolidate",
-        ConsolidateArgs {
-            disks: snap.disks.clone(),
-            job: Some(host.job()),
-        },
-    );
+    let deleted = consolidate(host, &snap.disks);
     let lifetime = taken.elapsed();
     let manifest = stored?;
     if let Err(e) = deleted {

@@ -5,12 +5,15 @@
 //! verify, prune and garbage collection, a SQLite catalog, and a read-only
 //! FUSE view for file-level restore. docs/FORMAT.md has every object.
 
+#[cfg(feature = "mount")]
+pub mod attach;
 pub mod backend;
 pub mod backup;
 pub mod blob;
 #[cfg(feature = "catalog")]
 pub mod catalog;
 pub mod error;
+pub mod export;
 pub mod gc;
 pub mod image;
 pub mod index;
@@ -19,6 +22,7 @@ pub mod keys;
 pub mod manifest;
 #[cfg(feature = "mount")]
 pub mod mount;
+pub mod nbd;
 pub mod repo;
 pub mod restore;
 pub mod session;

@@ -1,92 +1,44 @@
-//! `vmfs backup mount`: a backup's disks as read-only raw image files in
-//! a FUSE mount, each chunk fetched when first read and kept in a cache,
-//! so `losetup -r -P` and `mount -o ro` browse a guest's files without a
-//! full restore.
+//! Read-only raw image files in a FUSE mount ([`ImagesFs`], over any
+//! [`Export`]s): a stored backup's disks (`vmfs backup mount`: each chunk
+//! fetched when first read and kept in a cache, so `losetup -r -P` and
+//! `mount -o ro` browse a guest's files without a full restore) and a
+//! VM's frozen disks (`vmfs backup attach`). `lseek(SEEK_DATA/SEEK_HOLE)`
+//! and the block count tell where the data is.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, LockOwner,
-    MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, Request,
-    SessionACL,
+    MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyLseek,
+    ReplyOpen, Request, SessionACL,
 };
 
 use crate::error::{BackupError, Result};
+use crate::export::{DataMap, Export, ReadImage};
 use crate::index::{Digest, Index, ZERO};
 use crate::manifest::Manifest;
 use crate::repo::Repo;
 
 const TTL: Duration = Duration::from_secs(3600);
-/// Chunks kept decoded (4 MiB each by default).
+/// Chunks kept decoded (4 MiB each by default), for all of a backup's disks.
 const CACHE_CHUNKS: usize = 64;
-
-struct Image {
-    name: String,
-    index: Index,
-}
 
 struct Cache {
     map: HashMap<Digest, (Arc<Vec<u8>>, u64)>,
     tick: u64,
 }
 
-pub struct BackupFs {
+/// Decoded chunks of one repository, the least recently read dropped first.
+struct ChunkCache {
     repo: Arc<Repo>,
-    images: Vec<Image>,
-    time: std::time::SystemTime,
     cache: Mutex<Cache>,
 }
 
-impl BackupFs {
-    pub fn new(repo: Arc<Repo>, m: &Manifest) -> Result<BackupFs> {
-        let mut images = Vec::new();
-        for d in &m.disks {
-            images.push(Image {
-                name: format!("{}.img", d.name),
-                index: repo.index(d)?,
-            });
-        }
-        Ok(BackupFs {
-            repo,
-            images,
-            time: UNIX_EPOCH + Duration::from_secs(m.finished.max(0) as u64),
-            cache: Mutex::new(Cache {
-                map: HashMap::new(),
-                tick: 0,
-            }),
-        })
-    }
-
-    fn attr(&self, ino: u64) -> Option<FileAttr> {
-        let (kind, size, perm, nlink) = if ino == 1 {
-            (FileType::Directory, 0, 0o555, 2)
-        } else {
-            let im = self.images.get(ino as usize - 2)?;
-            (FileType::RegularFile, im.index.size, 0o444, 1)
-        };
-        Some(FileAttr {
-            ino: INodeNo(ino),
-            size,
-            blocks: size.div_ceil(512),
-            atime: self.time,
-            mtime: self.time,
-            ctime: self.time,
-            crtime: self.time,
-            kind,
-            perm,
-            nlink,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-            blksize: 1 << 16,
-            flags: 0,
-        })
-    }
-
+impl ChunkCache {
     fn chunk(&self, d: &Digest) -> Result<Arc<Vec<u8>>> {
         {
             let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
@@ -108,12 +60,22 @@ impl BackupFs {
         c.map.insert(*d, (data.clone(), t));
         Ok(data)
     }
+}
 
-    /// Read `[off, off+len)` of image `im`.
-    pub fn read_image(&self, im: usize, off: u64, len: usize) -> Result<Vec<u8>> {
-        let idx = &self.images[im].index;
-        let end = (off + len as u64).min(idx.size);
-        let mut out = Vec::with_capacity(end.saturating_sub(off) as usize);
+/// One disk of a stored backup, read chunk by chunk from the repository.
+struct RepoImage {
+    chunks: Arc<ChunkCache>,
+    index: Index,
+}
+
+impl ReadImage for RepoImage {
+    fn size(&self) -> u64 {
+        self.index.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        let idx = &self.index;
+        let end = (off + buf.len() as u64).min(idx.size);
         let cs = idx.chunk_size as u64;
         let mut pos = off;
         while pos < end {
@@ -121,10 +83,11 @@ impl BackupFs {
             let r = idx.range(i);
             let upto = end.min(r.end);
             let d = &idx.digests[i];
+            let dst = &mut buf[(pos - off) as usize..(upto - off) as usize];
             if *d == ZERO {
-                out.resize(out.len() + (upto - pos) as usize, 0);
+                dst.fill(0);
             } else {
-                let c = self.chunk(d)?;
+                let c = self.chunks.chunk(d)?;
                 let a = (pos - r.start) as usize;
                 let b = (upto - r.start) as usize;
                 let part = c.get(a..b).ok_or_else(|| {
@@ -133,20 +96,123 @@ impl BackupFs {
                         "shorter than its place in the index",
                     )
                 })?;
-                out.extend_from_slice(part);
+                dst.copy_from_slice(part);
             }
             pos = upto;
+        }
+        let past = (end.saturating_sub(off) as usize).min(buf.len());
+        buf[past..].fill(0);
+        Ok(())
+    }
+}
+
+/// Backup `m`'s disks as exports (`NAME` each, the file `NAME.img`); the
+/// chunks that are all zeros are holes.
+pub fn backup_exports(repo: Arc<Repo>, m: &Manifest) -> Result<Vec<Export>> {
+    let chunks = Arc::new(ChunkCache {
+        repo: repo.clone(),
+        cache: Mutex::new(Cache {
+            map: HashMap::new(),
+            tick: 0,
+        }),
+    });
+    let mut out = Vec::new();
+    for d in &m.disks {
+        let index = repo.index(d)?;
+        let data = (0..index.digests.len())
+            .filter(|&i| index.digests[i] != ZERO)
+            .map(|i| index.range(i))
+            .collect();
+        out.push(Export {
+            name: d.name.clone(),
+            map: Arc::new(DataMap::new(index.size, data)),
+            image: Arc::new(RepoImage {
+                chunks: chunks.clone(),
+                index,
+            }),
+        });
+    }
+    Ok(out)
+}
+
+/// Read-only raw image files, one per export, in one directory.
+pub struct ImagesFs {
+    exports: Vec<Export>,
+    time: std::time::SystemTime,
+}
+
+impl ImagesFs {
+    /// `exports` as files dated `time`.
+    pub fn new(exports: Vec<Export>, time: std::time::SystemTime) -> ImagesFs {
+        ImagesFs { exports, time }
+    }
+
+    fn export(&self, ino: u64) -> Option<&Export> {
+        (ino as usize)
+            .checked_sub(2)
+            .and_then(|k| self.exports.get(k))
+    }
+
+    fn attr(&self, ino: u64) -> Option<FileAttr> {
+        let (kind, size, perm, nlink, blocks) = if ino == 1 {
+            (FileType::Directory, 0, 0o555, 2, 0)
+        } else {
+            let e = self.export(ino)?;
+            let size = e.map.size();
+            // What may hold data, so `du` and `stat` tell a sparse image.
+            (
+                FileType::RegularFile,
+                size,
+                0o444,
+                1,
+                e.map.data_bytes().div_ceil(512),
+            )
+        };
+        Some(FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks,
+            atime: self.time,
+            mtime: self.time,
+            ctime: self.time,
+            crtime: self.time,
+            kind,
+            perm,
+            nlink,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 1 << 16,
+            flags: 0,
+        })
+    }
+
+    /// Read `len` bytes at `off` of export `k` (short at the end).
+    fn read_export(&self, k: &Export, off: u64, len: usize) -> Result<Vec<u8>> {
+        let end = (off + len as u64).min(k.map.size());
+        let mut out = vec![0u8; end.saturating_sub(off) as usize];
+        let mut at = 0usize;
+        for (l, data) in k.map.extents(off, out.len() as u64, usize::MAX) {
+            if data {
+                k.image
+                    .read_at(&mut out[at..at + l as usize], off + at as u64)?;
+            }
+            at += l as usize;
         }
         Ok(out)
     }
 }
 
-impl Filesystem for BackupFs {
+impl Filesystem for ImagesFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         if parent.0 != 1 {
             return reply.error(Errno::ENOENT);
         }
-        match self.images.iter().position(|i| OsStr::new(&i.name) == name) {
+        match self
+            .exports
+            .iter()
+            .position(|e| OsStr::new(&e.file_name()) == name)
+        {
             Some(k) => match self.attr(k as u64 + 2) {
                 Some(a) => reply.entry(&TTL, &a, fuser::Generation(0)),
                 None => reply.error(Errno::ENOENT),
@@ -183,18 +249,38 @@ impl Filesystem for BackupFs {
         _lo: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let Some(k) = (ino.0 as usize)
-            .checked_sub(2)
-            .filter(|k| *k < self.images.len())
-        else {
+        let Some(k) = self.export(ino.0) else {
             return reply.error(Errno::EISDIR);
         };
-        match self.read_image(k, offset, size as usize) {
+        match self.read_export(k, offset, size as usize) {
             Ok(v) => reply.data(&v),
             Err(e) => {
-                tracing::error!("{}: read at {offset}: {e}", self.images[k].name);
+                tracing::error!("{}: read at {offset}: {e}", k.file_name());
                 reply.error(Errno::EIO)
             }
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let (Some(k), Ok(off)) = (self.export(ino.0), u64::try_from(offset)) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let r = match whence {
+            libc::SEEK_DATA => k.map.seek_data(off),
+            libc::SEEK_HOLE => k.map.seek_hole(off),
+            _ => return reply.error(Errno::EINVAL),
+        };
+        match r {
+            Some(o) => reply.offset(o as i64),
+            None => reply.error(Errno::ENXIO),
         }
     }
 
@@ -235,8 +321,8 @@ impl Filesystem for BackupFs {
             (1u64, FileType::Directory, ".".to_string()),
             (1, FileType::Directory, "..".into()),
         ];
-        for (k, im) in self.images.iter().enumerate() {
-            list.push((k as u64 + 2, FileType::RegularFile, im.name.clone()));
+        for (k, e) in self.exports.iter().enumerate() {
+            list.push((k as u64 + 2, FileType::RegularFile, e.file_name()));
         }
         for (i, (ino, kind, name)) in list.into_iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(ino), i as u64 + 1, kind, OsStr::new(&name)) {
@@ -247,18 +333,17 @@ impl Filesystem for BackupFs {
     }
 }
 
-/// Mount backup `m` read-only on `mountpoint` until `stop` fires (then
-/// unmount) or someone unmounts it.
-pub fn serve(
-    repo: Arc<Repo>,
-    m: &Manifest,
-    mountpoint: &Path,
-    stop: std::sync::mpsc::Receiver<()>,
-) -> Result<()> {
-    let fs = BackupFs::new(repo, m)?;
+/// A mounted [`ImagesFs`].
+pub struct Mounted {
+    session: Option<fuser::BackgroundSession>,
+    mountpoint: PathBuf,
+}
+
+/// Mount `fs` read-only on `mountpoint`, named `fsname` in the mount table.
+pub fn mount(fs: ImagesFs, fsname: &str, mountpoint: &Path) -> Result<Mounted> {
     let mut cfg = Config::default();
     cfg.mount_options = vec![
-        MountOption::FSName(format!("vmfs-backup:{}", m.id)),
+        MountOption::FSName(fsname.to_string()),
         MountOption::Subtype("vmfs-backup".into()),
         MountOption::RO,
         MountOption::DefaultPermissions,
@@ -273,27 +358,79 @@ pub fn serve(
     let session = fuser::spawn_mount(fs, mountpoint, &cfg).map_err(|e| {
         BackupError::Invalid(format!("cannot mount on {}: {e}", mountpoint.display()))
     })?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    let waiter = std::thread::spawn(move || {
-        let _ = tx.send(session.join());
-    });
-    loop {
-        if stop.recv_timeout(Duration::from_millis(200)).is_ok() {
-            let _ = std::process::Command::new("fusermount3")
-                .arg("-u")
-                .arg("-z")
-                .arg(mountpoint)
-                .status();
+    Ok(Mounted {
+        session: Some(session),
+        mountpoint: mountpoint.to_path_buf(),
+    })
+}
+
+impl Mounted {
+    /// Unmount and wait for the filesystem to be dropped. Not `lazy`: Err
+    /// while a process uses the mount (it stays mounted); `lazy`: detached
+    /// now, gone when its last user leaves.
+    pub fn unmount(&mut self, lazy: bool) -> Result<()> {
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        let mut c = std::process::Command::new("fusermount3");
+        c.arg("-u");
+        if lazy {
+            c.arg("-z");
         }
-        match rx.recv_timeout(Duration::from_millis(10)) {
-            Ok(r) => {
-                let _ = waiter.join();
-                return r.map_err(|e| {
-                    BackupError::Invalid(format!("FUSE session ended with an error: {e}"))
-                });
+        let o = c.arg(&self.mountpoint).output();
+        let failed = match o {
+            Ok(o) if o.status.success() => None,
+            Ok(o) => Some(String::from_utf8_lossy(&o.stderr).trim().to_string()),
+            Err(e) => Some(format!("fusermount3: {e}")),
+        };
+        if let Some(why) = failed {
+            // Already gone (someone unmounted it): the session has ended.
+            if !session.guard.is_finished() {
+                self.session = Some(session);
+                return Err(BackupError::Invalid(format!(
+                    "cannot unmount {}: {why}",
+                    self.mountpoint.display()
+                )));
             }
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-            Err(_) => return Ok(()),
+        }
+        session
+            .join()
+            .map_err(|e| BackupError::Invalid(format!("FUSE session ended with an error: {e}")))
+    }
+
+    /// Whether it was unmounted (by [`Mounted::unmount`]).
+    pub fn is_unmounted(&self) -> bool {
+        self.session.is_none()
+    }
+
+    /// Wait until `stop` fires (then unmount, lazily) or someone unmounts it.
+    pub fn wait(mut self, stop: std::sync::mpsc::Receiver<()>) -> Result<()> {
+        loop {
+            if stop.recv_timeout(Duration::from_millis(200)).is_ok() {
+                return self.unmount(true);
+            }
+            if self.session.as_ref().is_none_or(|s| s.guard.is_finished()) {
+                return self.unmount(true);
+            }
         }
     }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = self.unmount(true);
+    }
+}
+
+/// Mount backup `m` read-only on `mountpoint` until `stop` fires (then
+/// unmount) or someone unmounts it.
+pub fn serve(
+    repo: Arc<Repo>,
+    m: &Manifest,
+    mountpoint: &Path,
+    stop: std::sync::mpsc::Receiver<()>,
+) -> Result<()> {
+    let time = UNIX_EPOCH + Duration::from_secs(m.finished.max(0) as u64);
+    let fs = ImagesFs::new(backup_exports(repo, m)?, time);
+    mount(fs, &format!("vmfs-backup:{}", m.id), mountpoint)?.wait(stop)
 }

@@ -64,6 +64,12 @@ impl LocalAgent {
 impl Coordinator for LocalAgent {
     fn call(&self, command: &str, args: Value) -> Result<Value> {
         let mut c = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        // A connection per call: the agent closes one idle for a minute
+        // (`agent::IDLE_TIMEOUT`), and a job reads for longer than that
+        // between its snapshot and its consolidation.
+        let fresh = crate::Client::connect(&c.socket, Some(&c.greeting.datastore))
+            .map_err(|e| host_err(command, e))?;
+        *c = fresh;
         c.call_value(command, args)
             .map_err(|e| host_err(command, e))
     }

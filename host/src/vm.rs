@@ -242,6 +242,10 @@ impl Scsi {
                 None => off.push(d.clone()),
             }
         }
+        // The job names the agent when the controllers do not.
+        if agents.is_empty() && !attached.is_empty() {
+            agents.extend(a.guest_agent.as_ref().map(PathBuf::from));
+        }
         let mut ops_held = Vec::new();
         for (p, d) in &attached {
             match d.begin_op() {
@@ -268,7 +272,7 @@ impl Scsi {
             how.push(if attached.is_empty() {
                 "the VM is off (no host serves its disks)".to_string()
             } else {
-                "crash-consistent (no guest agent named: `vmfs scsi add --guest-agent`)".to_string()
+                "crash-consistent (no guest agent named: `vmfs scsi add --guest-agent`, or the job's --guest-agent)".to_string()
             });
         }
         if a.quiesce {

@@ -18,6 +18,7 @@ mod file;
 pub mod iscsi;
 mod mem;
 pub mod nbd;
+pub mod nbd_proto;
 pub mod probe;
 mod tracked;
 mod url;

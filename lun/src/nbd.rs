@@ -21,48 +21,10 @@ use tokio::sync::oneshot;
 
 use crate::{check_range, Lun, LunError, NbdAddr, Result};
 
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
-const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
-
-const FLAG_FIXED_NEWSTYLE: u16 = 1;
-const FLAG_NO_ZEROES: u16 = 2;
-
-const OPT_ABORT: u32 = 2;
-const OPT_GO: u32 = 7;
-const OPT_STRUCTURED_REPLY: u32 = 8;
-const REP_ACK: u32 = 1;
-const REP_INFO: u32 = 3;
-const REP_ERR_BIT: u32 = 1 << 31;
-const INFO_EXPORT: u16 = 0;
-const INFO_BLOCK_SIZE: u16 = 3;
-
-/// Transmission flags advertised by the server.
-pub const TF_READ_ONLY: u16 = 1 << 1;
-pub const TF_SEND_FLUSH: u16 = 1 << 2;
-pub const TF_SEND_FUA: u16 = 1 << 3;
-pub const TF_SEND_TRIM: u16 = 1 << 5;
-pub const TF_SEND_WRITE_ZEROES: u16 = 1 << 6;
-
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
-const CMD_FLUSH: u16 = 3;
-const CMD_TRIM: u16 = 4;
-const CMD_WRITE_ZEROES: u16 = 6;
-const CMDF_FUA: u16 = 1;
-const CMDF_NO_HOLE: u16 = 2;
-
-const REPLY_FLAG_DONE: u16 = 1;
-const REPLY_NONE: u16 = 0;
-const REPLY_OFFSET_DATA: u16 = 1;
-const REPLY_OFFSET_HOLE: u16 = 2;
-const REPLY_ERROR: u16 = (1 << 15) + 1;
-const REPLY_ERROR_OFFSET: u16 = (1 << 15) + 2;
+use crate::nbd_proto::*;
+pub use crate::nbd_proto::{
+    TF_READ_ONLY, TF_SEND_FLUSH, TF_SEND_FUA, TF_SEND_TRIM, TF_SEND_WRITE_ZEROES,
+};
 
 /// The largest reply payload we accept; anything larger is a broken server.
 const MAX_PAYLOAD: u32 = 64 << 20;

@@ -107,38 +107,56 @@ pub enum BackupCmd {
     Vm {
         #[command(flatten)]
         r: RepoArgs,
-        /// The backup's name [default: the directory of the first disk,
-        /// the VM's folder].
-        #[arg(long)]
-        name: Option<String>,
-        /// Do not freeze the guest's filesystems: crash-consistent.
-        #[arg(long)]
-        no_quiesce: bool,
-        /// The longest the guest may stay frozen; the host thaws it then
-        /// whatever is still running.
-        #[arg(long, default_value_t = 10_000, value_name = "MS")]
-        freeze_deadline_ms: u64,
-        /// Run (sh -c) before the guest is frozen; failing stops the backup.
-        #[arg(long, value_name = "CMD")]
-        pre_freeze: Option<String>,
-        /// Run after the guest is thawed.
-        #[arg(long, value_name = "CMD")]
-        post_thaw: Option<String>,
+        #[command(flatten)]
+        vm: VmArgs,
         #[arg(long)]
         json: bool,
         #[arg(long)]
         workers: Option<usize>,
-        /// Back up from the datastore's LUNs, as a host of its own (a proxy
-        /// that does not mount the datastore): the host running the VM is
-        /// asked through the datastore, and DISKs are paths inside it.
-        #[arg(long, value_name = "LUN")]
-        datastore: Vec<String>,
+    },
+    /// Freeze and snapshot a running VM's disks as `backup vm` does, then
+    /// show each frozen disk read-only as a raw image file NAME.img under
+    /// MOUNTPOINT (and over NBD with --nbd), for any backup tool: `cp
+    /// --sparse`, `qemu-img convert nbd://...`, `nbdcopy`, or `losetup -r
+    /// -P` and `mount -o ro` for its files. A process stays in the
+    /// background (the job: no other backup of the VM runs meanwhile) until
+    /// `vmfs backup detach MOUNTPOINT` deletes the snapshots.
+    Attach {
+        #[command(flatten)]
+        vm: VmArgs,
+        /// An empty directory for the image files.
+        #[arg(long)]
+        mountpoint: PathBuf,
+        /// Also serve each disk over NBD (read-only; export NAME): at
+        /// unix:PATH (a UNIX socket, root only) or HOST:PORT (TCP, port 0:
+        /// any free one). NBD has no authentication here: over TCP, bind a
+        /// loopback or a private backup network.
+        #[arg(long, value_name = "ADDR")]
+        nbd: Option<String>,
+        /// Stay in the foreground (until interrupted, or detached from
+        /// another shell), logging to the terminal.
+        #[arg(long)]
+        foreground: bool,
+        #[arg(long)]
+        json: bool,
+        /// (Internal: the background process attach starts.)
+        #[arg(long, hide = true)]
+        background_child: bool,
+    },
+    /// End an attach: unmount its image files, stop its NBD server, delete
+    /// its snapshots. Refused while a process uses the files, unless
+    /// --force. If the attach process was killed, its leftovers are cleaned
+    /// up here.
+    Detach {
+        mountpoint: PathBuf,
+        /// Detach even while the files are in use (lazily) and cut NBD
+        /// clients off.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         host: crate::HostArgs,
-        /// Every disk of the VM: MOUNTPOINT/.../NAME.vmdk (or, with
-        /// --datastore, DIR/NAME.vmdk inside it).
-        #[arg(required = true)]
-        disks: Vec<PathBuf>,
     },
     /// The backups in the repository (and this machine's failed runs).
     List {
@@ -203,6 +221,59 @@ pub enum BackupCmd {
     },
 }
 
+/// What `backup vm` and `backup attach` share: the VM's disks, how to
+/// reach them, and how to quiesce.
+#[derive(Args, Clone)]
+pub struct VmArgs {
+    /// The backup's name [default: the directory of the first disk,
+    /// the VM's folder].
+    #[arg(long)]
+    pub(crate) name: Option<String>,
+    /// The guest agent's socket on the VM's host (when its controller
+    /// was added without `vmfs scsi add --guest-agent`).
+    #[arg(long, value_name = "QGA-SOCKET")]
+    pub(crate) guest_agent: Option<String>,
+    /// Do not freeze the guest's filesystems: crash-consistent.
+    #[arg(long)]
+    pub(crate) no_quiesce: bool,
+    /// The longest the guest may stay frozen; the host thaws it then
+    /// whatever is still running.
+    #[arg(long, default_value_t = 10_000, value_name = "MS")]
+    pub(crate) freeze_deadline_ms: u64,
+    /// Run (sh -c) before the guest is frozen; failing stops the job.
+    #[arg(long, value_name = "CMD")]
+    pub(crate) pre_freeze: Option<String>,
+    /// Run after the guest is thawed.
+    #[arg(long, value_name = "CMD")]
+    pub(crate) post_thaw: Option<String>,
+    /// Reach the disks from the datastore's LUNs, as a host of its own (a
+    /// proxy that does not mount the datastore): the host running the VM
+    /// is asked through the datastore, and DISKs are paths inside it.
+    #[arg(long, value_name = "LUN")]
+    pub(crate) datastore: Vec<String>,
+    #[command(flatten)]
+    pub(crate) host: crate::HostArgs,
+    /// Every disk of the VM: MOUNTPOINT/.../NAME.vmdk (or, with
+    /// --datastore, DIR/NAME.vmdk inside it).
+    #[arg(required = true)]
+    pub(crate) disks: Vec<PathBuf>,
+}
+
+impl VmArgs {
+    pub(crate) fn job(&self) -> Result<backup_proxy::job::VmJob> {
+        Ok(backup_proxy::job::VmJob {
+            name: vm_name(self.name.clone(), &self.disks, &self.datastore)?,
+            disks: self.disks.clone(),
+            quiesce: !self.no_quiesce,
+            freeze_deadline_ms: self.freeze_deadline_ms,
+            pre_freeze: self.pre_freeze.clone(),
+            post_thaw: self.post_thaw.clone(),
+            state_dir: self.host.state_dir(),
+            guest_agent: self.guest_agent.clone(),
+        })
+    }
+}
+
 fn parse_size(s: &str) -> Result<u32> {
     let (n, m) = match s.chars().last() {
         Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
@@ -261,6 +332,76 @@ fn record(
     }
 }
 
+/// How a job reaches the VM's disks: through this machine's host agent,
+/// or (`--datastore`) as a host of the datastore of its own.
+pub(crate) enum Reach {
+    Local(host::proxy::LocalAgent),
+    San(Arc<vmfs::Fs>, host::proxy::SanProxy),
+}
+
+impl Reach {
+    /// For `disks` (paths under a mount here, or inside the datastore on
+    /// `datastore`'s LUNs); the disks' paths inside the datastore.
+    pub(crate) fn open(
+        disks: &[PathBuf],
+        datastore: &[String],
+        host: &crate::HostArgs,
+        freeze_deadline_ms: u64,
+        say: bool,
+    ) -> Result<(Reach, Vec<String>)> {
+        if datastore.is_empty() {
+            let (agent, paths) = host::proxy::LocalAgent::for_disks(disks, &host.state_dir())?;
+            return Ok((Reach::Local(agent), paths));
+        }
+        let t = vmfs::cluster::Timeouts::new(host.heartbeat_ms, host.lease_ms)?;
+        let luns = crate::open_luns_for(datastore, &t)?;
+        let fs = Arc::new(vmfs::Fs::mount(luns, host.uuid()?, t)?);
+        let paths: Vec<String> = disks
+            .iter()
+            .map(|d| d.to_string_lossy().trim_start_matches('/').to_string())
+            .collect();
+        match host::proxy::SanProxy::new(
+            fs.clone(),
+            &paths,
+            std::time::Duration::from_millis(freeze_deadline_ms),
+        ) {
+            Ok(san) => {
+                match san.holder().filter(|_| say) {
+                    Some(h) => {
+                        eprintln!("the VM's disks are held by {h}: asking it through the datastore")
+                    }
+                    None if say => eprintln!(
+                        "no host holds the VM's disks (it is off): snapshotting them here"
+                    ),
+                    None => {}
+                }
+                Ok((Reach::San(fs, san), paths))
+            }
+            Err(e) => {
+                let _ = fs.unmount();
+                Err(e.into())
+            }
+        }
+    }
+
+    pub(crate) fn coordinator(&self) -> &dyn backup_proxy::job::Coordinator {
+        match self {
+            Reach::Local(a) => a,
+            Reach::San(_, s) => s,
+        }
+    }
+
+    /// Leave the datastore (a proxy of its own).
+    pub(crate) fn leave(self) {
+        if let Reach::San(fs, san) = self {
+            drop(san);
+            if let Err(e) = fs.unmount() {
+                eprintln!("vmfs: warning: leaving the datastore: {e}");
+            }
+        }
+    }
+}
+
 /// `backup vm` through this machine's host agent, or (`--datastore`) as a
 /// host of the datastore of its own.
 fn vm_job(
@@ -270,36 +411,25 @@ fn vm_job(
     host: &crate::HostArgs,
     opts: &Options,
 ) -> Result<backup_proxy::job::VmReport> {
-    if datastore.is_empty() {
-        let (agent, paths) = host::proxy::LocalAgent::for_disks(&job.disks, &job.state_dir)?;
-        return Ok(backup_proxy::job::backup_vm(
-            repo, job, &agent, &paths, opts,
-        )?);
-    }
-    let t = vmfs::cluster::Timeouts::new(host.heartbeat_ms, host.lease_ms)?;
-    let luns = crate::open_luns_for(datastore, &t)?;
-    let fs = Arc::new(vmfs::Fs::mount(luns, host.uuid()?, t)?);
-    let paths: Vec<String> = job
-        .disks
-        .iter()
-        .map(|d| d.to_string_lossy().trim_start_matches('/').to_string())
-        .collect();
-    let r = host::proxy::SanProxy::new(
-        fs.clone(),
-        &paths,
-        std::time::Duration::from_millis(job.freeze_deadline_ms),
-    )
-    .and_then(|san| {
-        match san.holder() {
-            Some(h) => eprintln!("the VM's disks are held by {h}: asking it through the datastore"),
-            None => eprintln!("no host holds the VM's disks (it is off): snapshotting them here"),
-        }
-        backup_proxy::job::backup_vm(repo, job, &san, &paths, opts)
-    });
-    if let Err(e) = fs.unmount() {
-        eprintln!("vmfs: warning: leaving the datastore: {e}");
-    }
+    let (reach, paths) = Reach::open(&job.disks, datastore, host, job.freeze_deadline_ms, true)?;
+    let r = backup_proxy::job::backup_vm(repo, job, reach.coordinator(), &paths, opts);
+    reach.leave();
     Ok(r?)
+}
+
+/// The backup's name: given, or the first disk's directory (the VM's
+/// folder).
+fn vm_name(name: Option<String>, disks: &[PathBuf], datastore: &[String]) -> Result<String> {
+    if let Some(n) = name {
+        return Ok(n);
+    }
+    let p = if datastore.is_empty() {
+        disks[0].canonicalize().ok()
+    } else {
+        Some(disks[0].clone())
+    };
+    p.and_then(|p| p.parent()?.file_name()?.to_str().map(String::from))
+        .context("no --name, and the first disk's directory has no usable name")
 }
 
 pub fn run(cmd: BackupCmd) -> Result<ExitCode> {
@@ -383,46 +513,20 @@ pub fn run(cmd: BackupCmd) -> Result<ExitCode> {
         }
         BackupCmd::Vm {
             r,
-            name,
-            no_quiesce,
-            freeze_deadline_ms,
-            pre_freeze,
-            post_thaw,
+            vm,
             json,
             workers,
-            datastore,
-            host,
-            disks,
         } => {
             let opts = Options {
                 workers: workers.unwrap_or(opts.workers).clamp(1, 256),
                 ..opts
             };
-            let name = match name {
-                Some(n) => n,
-                None => {
-                    let p = if datastore.is_empty() {
-                        disks[0].canonicalize().ok()
-                    } else {
-                        Some(disks[0].clone())
-                    };
-                    p.and_then(|p| p.parent()?.file_name()?.to_str().map(String::from))
-                        .context("no --name, and the first disk's directory has no usable name")?
-                }
-            };
-            let job = backup_proxy::job::VmJob {
-                name: name.clone(),
-                disks,
-                quiesce: !no_quiesce,
-                freeze_deadline_ms,
-                pre_freeze,
-                post_thaw,
-                state_dir: host.state_dir(),
-            };
+            let job = vm.job()?;
+            let name = job.name.clone();
             let repo = r.open()?;
             let cat = r.catalog();
             let run = cat.as_ref().and_then(|c| c.begin(&repo, &name).ok());
-            let res = vm_job(repo.clone(), &job, &datastore, &host, &opts);
+            let res = vm_job(repo.clone(), &job, &vm.datastore, &vm.host, &opts);
             record(
                 &cat,
                 run,
@@ -457,6 +561,29 @@ pub fn run(cmd: BackupCmd) -> Result<ExitCode> {
                 }
             }
         }
+        BackupCmd::Attach {
+            vm,
+            mountpoint,
+            nbd,
+            foreground,
+            json,
+            background_child,
+        } => {
+            return crate::attach::attach_cmd(
+                vm,
+                &mountpoint,
+                nbd.as_deref(),
+                foreground,
+                json,
+                background_child,
+            );
+        }
+        BackupCmd::Detach {
+            mountpoint,
+            force,
+            json,
+            host,
+        } => return crate::attach::detach_cmd(&mountpoint, force, json, &host),
         BackupCmd::List { r, json } => {
             let repo = r.open()?;
             let ids: Vec<String> = repo.list()?.into_iter().map(|l| l.id).collect();

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use vmfs::{Fs, MkfsOptions};
 
+mod attach;
 mod backup;
 mod hosted;
 mod scsi;

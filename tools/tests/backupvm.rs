@@ -195,8 +195,9 @@ echo WRITER-DONE
     let _ = killed.wait();
 
     // 2: incremental, through host A's agent this time (the change IDs are
-    // the disk's, whoever reads); it deletes what the killed job left first.
-    std::thread::sleep(Duration::from_secs(2));
+    // the disk's, whoever reads); it deletes what the killed job left first,
+    // once A knows that job dead: its heartbeat silent for a lease (2 s).
+    std::thread::sleep(Duration::from_secs(4));
     let o = backup(
         &ds,
         &["vm", "--repo", r, "--name", "vm1", "--json", &d0, &d1],
@@ -242,6 +243,111 @@ echo WRITER-DONE
             serde_json::from_str(&ds.run(&["disk", "info", "--json", d])).unwrap();
         assert_eq!(info["layers"].as_array().unwrap().len(), 1, "{info}");
         assert!(!Path::new(&format!("{d}.backup")).exists());
+    }
+
+    // 3: attached for third-party tools by proxy B (over NBD too): the
+    // copies equal the frozen layer as QEMU's own tools read it through
+    // host A's mount, and its ext4 mounts read-only (`losetup -r -P`,
+    // `mount -o ro`: clean, quiesced) with every file listed at the freeze.
+    let exp = ds.p("exp");
+    std::fs::create_dir(&exp).unwrap();
+    let o = Command::new(common::VMFS)
+        .args([
+            "backup",
+            "attach",
+            "--datastore",
+            &lun,
+            "--state-dir",
+            &b,
+            "--lease-ms",
+            "2000",
+            "--json",
+            "--nbd",
+            "127.0.0.1:0",
+            "--mountpoint",
+            exp.to_str().unwrap(),
+            "vm/d0.vmdk",
+            "vm/d1.vmdk",
+        ])
+        .env("VMFS_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let att: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(att["snapshot"]["quiesced"], true, "{att}");
+    for (k, disk) in [(0, &d0), (1, &d1)] {
+        let snap = att["record"]["snapshots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["path"] == format!("vm/d{k}.vmdk"))
+            .unwrap()
+            .clone();
+        let layer = Path::new(disk)
+            .parent()
+            .unwrap()
+            .join(snap["frozen"].as_str().unwrap());
+        let reference = ds.p(&format!("ref{k}.raw"));
+        let o = Command::new("qemu-img")
+            .args(["convert", "-f", "vmdk", "-O", "raw"])
+            .arg(&layer)
+            .arg(&reference)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        let want = std::fs::read(&reference).unwrap();
+        let img = &att["record"]["images"][k];
+        let over_nbd = ds.p(&format!("nbd{k}.raw"));
+        let o = Command::new("qemu-img")
+            .args(["convert", "-O", "raw", img["nbd"].as_str().unwrap()])
+            .arg(&over_nbd)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        assert!(std::fs::read(&over_nbd).unwrap() == want, "d{k}: NBD copy");
+        let file = img["file"].as_str().unwrap();
+        assert!(std::fs::read(file).unwrap() == want, "d{k}: the file");
+    }
+    let o = Command::new("losetup")
+        .args(["-r", "-P", "-f", "--show"])
+        .arg(exp.join("d1.img"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let dev = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let fsmnt = ds.p("fsmnt");
+    std::fs::create_dir(&fsmnt).unwrap();
+    let m = Command::new("mount")
+        .args(["-o", "ro", &dev])
+        .arg(&fsmnt)
+        .output()
+        .unwrap();
+    let listed = std::fs::read_to_string(fsmnt.join("frozen-marker")).unwrap_or_default();
+    let whole: Vec<(String, u64)> = listed
+        .lines()
+        .map(|f| {
+            let len = std::fs::metadata(fsmnt.join(f))
+                .map(|m| m.len())
+                .unwrap_or(0);
+            (f.to_string(), len)
+        })
+        .collect();
+    let _ = Command::new("umount").arg(&fsmnt).status();
+    let _ = Command::new("losetup").args(["-d", &dev]).status();
+    assert!(m.status.success(), "mount -o ro: {}", text(&m));
+    assert!(!whole.is_empty(), "no freeze marker in the attached d1");
+    for (f, len) in whole {
+        assert_eq!(len, 128 << 10, "{f}, listed at the freeze, is not whole");
+    }
+    let o = Command::new(common::VMFS)
+        .args(["backup", "detach", "--state-dir", &b, exp.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    for d in [&d0, &d1] {
+        let info: serde_json::Value =
+            serde_json::from_str(&ds.run(&["disk", "info", "--json", d])).unwrap();
+        assert_eq!(info["layers"].as_array().unwrap().len(), 1, "{info}");
     }
 
     let (rc, console) = g.finish();
@@ -443,4 +549,185 @@ fn a_proxy_on_the_luns_asks_the_vms_host_through_the_datastore() {
     assert!(o.status.success(), "{}", text(&o));
     let info: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(info["layers"].as_array().unwrap().len(), 1, "{info}");
+}
+
+/// A `vmfs backup ...` command of the test's, unchecked.
+fn vmfs_out(args: &[&str]) -> std::process::Output {
+    Command::new(common::VMFS)
+        .args(args)
+        .env("VMFS_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+/// `backup attach` for third-party tools: the frozen disks as raw image
+/// files (read by `cp --sparse` and `qemu-img`, holes kept) and over NBD
+/// (`qemu-img convert nbd://`, `nbdcopy`, `qemu-img map` sees the holes);
+/// no other job of the VM meanwhile; `detach` refused while a file is
+/// open, then deletes the snapshots. An attach process killed (a proxy on
+/// the LUNs): `detach` cleans up in its stead.
+#[test]
+fn attach_shows_the_frozen_disks_to_other_tools_and_detach_cleans_up() {
+    let ds = Ds::new(1 << 30);
+    // d0: data between 4 and 28 MiB of 32; d1: 8 MiB, all data.
+    let mut raw0 = vec![0u8; 32 << 20];
+    raw0[4 << 20..28 << 20].copy_from_slice(&vmfs_tests::pattern(11, 24 << 20));
+    let raw1 = vmfs_tests::pattern(12, 8 << 20);
+    std::fs::write(ds.p("in0.raw"), &raw0).unwrap();
+    std::fs::write(ds.p("in1.raw"), &raw1).unwrap();
+    let (d0, d1) = (ds.disk("d0.vmdk"), ds.disk("d1.vmdk"));
+    ds.run(&["disk", "import", ds.p("in0.raw").to_str().unwrap(), &d0]);
+    ds.run(&["disk", "import", ds.p("in1.raw").to_str().unwrap(), &d1]);
+    // Served by host A (a controller; no guest needed).
+    let vus = ds.p("vus.sock");
+    ds.run(&["scsi", "add", "--socket", vus.to_str().unwrap(), &d0, &d1]);
+    let exp = ds.p("exp");
+    std::fs::create_dir(&exp).unwrap();
+    let sock = ds.p("nbd.sock");
+    let nbd = format!("unix:{}", sock.display());
+    let a: serde_json::Value = serde_json::from_str(&ds.run(&[
+        "backup",
+        "attach",
+        "--json",
+        "--mountpoint",
+        exp.to_str().unwrap(),
+        "--nbd",
+        &nbd,
+        &d0,
+        &d1,
+    ]))
+    .unwrap();
+    let images = a["record"]["images"].as_array().unwrap();
+    assert_eq!(images.len(), 2, "{a}");
+    assert_eq!(images[0]["data"].as_u64(), Some(24 << 20), "{a}");
+    let uri0 = images[0]["nbd"].as_str().unwrap().to_string();
+    let uri1 = images[1]["nbd"].as_str().unwrap().to_string();
+    assert!(uri0.starts_with("nbd+unix:///d0?socket="), "{uri0}");
+    let f0 = exp.join("d0.img");
+    assert!(std::fs::read(&f0).unwrap() == raw0, "d0.img differs");
+    assert!(std::fs::read(exp.join("d1.img")).unwrap() == raw1);
+    // cp --sparse keeps the holes.
+    let c0 = ds.p("cp0.raw");
+    let o = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(&f0)
+        .arg(&c0)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(std::fs::read(&c0).unwrap() == raw0);
+    assert!(allocated(c0.to_str().unwrap()) <= 25 << 20);
+    // qemu-img over NBD, and its map of the export: the holes are known.
+    let q0 = ds.p("q0.raw");
+    let o = Command::new("qemu-img")
+        .args(["convert", "-O", "raw", &uri0])
+        .arg(&q0)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        std::fs::read(&q0).unwrap() == raw0,
+        "qemu-img nbd copy differs"
+    );
+    let o = Command::new("qemu-img")
+        .args(["map", "--output=json", &uri0])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let map: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let data: u64 = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum();
+    assert_eq!(data, 24 << 20, "{map}");
+    let n1 = ds.p("n1.raw");
+    let o = Command::new("nbdcopy")
+        .arg(&uri1)
+        .arg(&n1)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(std::fs::read(&n1).unwrap() == raw1, "nbdcopy differs");
+    // Read-only.
+    assert!(std::fs::OpenOptions::new().write(true).open(&f0).is_err());
+    // No other job of the VM while attached.
+    let o = vmfs_out(&[
+        "backup",
+        "attach",
+        "--state-dir",
+        &ds.st,
+        "--mountpoint",
+        ds.p("in0.raw").parent().unwrap().to_str().unwrap(),
+        &d0,
+    ]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("is running"), "{}", text(&o));
+    // Detach refused while a file is open; then done.
+    let held = std::fs::File::open(&f0).unwrap();
+    let o = vmfs_out(&[
+        "backup",
+        "detach",
+        "--state-dir",
+        &ds.st,
+        exp.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("busy"), "{}", text(&o));
+    assert!(common::mounted(&exp));
+    drop(held);
+    let o = ds.run(&["backup", "detach", exp.to_str().unwrap()]);
+    assert!(o.contains("deleted the snapshot"), "{o}");
+    assert!(!common::mounted(&exp));
+    assert!(!sock.exists());
+    for d in [&d0, &d1] {
+        assert_eq!(disk_info(&ds, d)["layers"].as_array().unwrap().len(), 1);
+        assert!(!Path::new(&format!("{d}.backup")).exists());
+    }
+
+    // A proxy on the LUNs (host B) attaches, and is killed.
+    let b = ds.p("b").to_str().unwrap().to_string();
+    let o = vmfs_out(&[
+        "backup",
+        "attach",
+        "--datastore",
+        &ds.lun,
+        "--state-dir",
+        &b,
+        "--lease-ms",
+        "2000",
+        "--json",
+        "--mountpoint",
+        exp.to_str().unwrap(),
+        "vm/d0.vmdk",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let a: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(std::fs::read(&f0).unwrap() == raw0);
+    assert_eq!(disk_info(&ds, &d0)["layers"].as_array().unwrap().len(), 2);
+    let pid = a["record"]["pid"].as_i64().unwrap() as i32;
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(300));
+    let o = vmfs_out(&[
+        "backup",
+        "detach",
+        "--state-dir",
+        &b,
+        "--lease-ms",
+        "2000",
+        exp.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("had died"), "{}", text(&o));
+    assert!(!common::mounted(&exp));
+    assert_eq!(disk_info(&ds, &d0)["layers"].as_array().unwrap().len(), 1);
+    assert!(!Path::new(&format!("{d0}.backup")).exists());
+    let o = vmfs_out(&["backup", "detach", "--state-dir", &b, exp.to_str().unwrap()]);
+    assert!(
+        !o.status.success() && text(&o).contains("nothing is attached"),
+        "{}",
+        text(&o)
+    );
 }
