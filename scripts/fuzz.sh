@@ -3,7 +3,7 @@
 # volume header, descriptors, lock sectors, journal replay, directory
 # buckets, RDM and VMDK descriptors, sparse extents, change tracking, the
 # control protocol, heartbeat slots with their mailbox, SCSI data, the SCSI target, virtio-scsi descriptor
-# chains, LUN URLs, backup
+# chains, LUN URLs, the read-only NBD server, backup
 # repository objects). SECONDS per target (default 10).
 # cargo-fuzz needs nightly's -Z flags: the machine's one (stable) toolchain
 # accepts them with RUSTC_BOOTSTRAP=1. Any crash fails the run; its input

@@ -731,3 +731,103 @@ fn attach_shows_the_frozen_disks_to_other_tools_and_detach_cleans_up() {
         text(&o)
     );
 }
+
+/// A proxy job (host B on the LUN; the disk served by host A) killed at
+/// moments spread over a whole job: joining, asking A, reading, before and
+/// while deleting its snapshot. Each time the next job succeeds, deletes
+/// whatever the killed one left, and leaves no snapshot behind; the
+/// repository verifies and lists no damaged backup.
+#[test]
+fn a_proxy_killed_at_any_moment_leaves_nothing_the_next_job_does_not_clean() {
+    let ds = Ds::new(1 << 30);
+    std::fs::write(ds.p("in.raw"), vmfs_tests::pattern(21, 256 << 20)).unwrap();
+    let d0 = ds.disk("d0.vmdk");
+    ds.run(&["disk", "import", ds.p("in.raw").to_str().unwrap(), &d0]);
+    let vus = ds.p("vus.sock");
+    ds.run(&["scsi", "add", "--socket", vus.to_str().unwrap(), &d0]);
+    let repo = ds.p("repo");
+    let r = repo.to_str().unwrap().to_string();
+    backup_ok(&ds, &["init", "--repo", &r, "--chunk-size", "64K"]);
+    let b = ds.p("b").to_str().unwrap().to_string();
+    let lun = ds.lun.clone();
+    // A new name each time: every job is a full one (it reads the disk).
+    let proxy = |name: &str| {
+        Command::new(common::VMFS)
+            .args([
+                "backup",
+                "vm",
+                "--repo",
+                &r,
+                "--name",
+                name,
+                "--datastore",
+                &lun,
+                "--state-dir",
+                &b,
+                "--lease-ms",
+                "2000",
+                "--json",
+                "vm/d0.vmdk",
+            ])
+            .env("VMFS_BACKUP_CATALOG", ds.p("catalog.sqlite"))
+            .env("VMFS_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // Timed as the killed jobs will run: with the data in the repository.
+    let o = proxy("first").wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let t = Instant::now();
+    let o = proxy("whole").wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let whole = t.elapsed();
+    eprintln!("a whole job: {whole:?}");
+    let no_snapshot = |when: &str| {
+        let info = disk_info(&ds, &d0);
+        assert_eq!(
+            info["layers"].as_array().unwrap().len(),
+            1,
+            "{when}: {info}"
+        );
+        assert!(!Path::new(&format!("{d0}.backup")).exists(), "{when}");
+    };
+    let mut cleaned = 0;
+    for k in 1..=8u32 {
+        let at = whole * k / 9;
+        let mut c = proxy(&format!("killed{k}"));
+        std::thread::sleep(at);
+        common::signal(&c, libc::SIGKILL);
+        let _ = c.wait();
+        // A knows B dead a lease after its last heartbeat; the next job
+        // joins as B again (the same state directory) meanwhile.
+        let o = proxy(&format!("next{k}")).wait_with_output().unwrap();
+        assert!(o.status.success(), "after a kill at {at:?}: {}", text(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let n = v["cleaned"].as_array().map_or(0, |a| a.len());
+        eprintln!("killed at {at:?}: the next job deleted {n} snapshot(s) left");
+        cleaned += n;
+        no_snapshot(&format!("after a kill at {at:?}"));
+    }
+    // Some kill landed while the snapshot existed.
+    assert!(
+        cleaned > 0,
+        "no kill hit a snapshot: spread them differently"
+    );
+    let o = backup(&ds, &["verify", "--repo", &r]);
+    assert!(o.status.success(), "verify: {}", text(&o));
+    let o = backup(&ds, &["list", "--repo", &r, "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let l: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(l["damaged"].as_array().map(|a| a.len()), Some(0), "{l}");
+    let names: Vec<&str> = l["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    for k in 1..=8 {
+        assert!(names.contains(&format!("next{k}").as_str()), "{names:?}");
+    }
+}
