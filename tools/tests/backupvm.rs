@@ -1,9 +1,13 @@
 //! The agentless backup of a running VM (`vmfs backup vm`) with a real
 //! guest: two disks with ext4 being written all along, a qemu-guest-agent
 //! channel whose freeze hook leaves a marker; full then incremental
-//! backups, a job killed after its snapshots, a second job of the same VM
-//! refused, and restores that fsck clean and hold the files as of each
-//! freeze.
+//! backups, a job killed after its snapshots and one killed while the
+//! guest is frozen, a second job of the same VM refused, restores that
+//! fsck clean and hold the files as of each freeze, and the frozen disks
+//! attached for other tools (files, NBD, a read-only loop mount). Without
+//! a guest: a proxy on the LUNs (VM off, running, host dead, host
+//! stopped), attach/detach, and proxies killed at moments spread over a
+//! job.
 
 use std::path::Path;
 use std::process::Command;
@@ -77,11 +81,12 @@ fn a_running_vm_is_backed_up_quiesced_full_then_incremental_and_restored() {
     backup_ok(&ds, &["init", "--repo", r, "--chunk-size", "64K"]);
 
     // The freeze hook lists, in each filesystem, the files there as it
-    // freezes (so a restore must hold every one of them).
+    // freezes (so a restore must hold every one of them), and says so on
+    // the console (then lingers a second: a window to kill a job in).
     let hook = ds.p("hook");
     std::fs::write(
         &hook,
-        "#!/bin/sh\nif [ \"$1\" = freeze ]; then for m in /mnt/a /mnt/b; do ls $m | grep '^f[0-9]' > $m/frozen-marker; done; sync; fi\nexit 0\n",
+        "#!/bin/sh\nif [ \"$1\" = freeze ]; then for m in /mnt/a /mnt/b; do ls $m | grep '^f[0-9]' > $m/frozen-marker; done; sync; echo FREEZE-HOOK > /dev/console; sleep 1; fi\nexit 0\n",
     )
     .unwrap();
     use std::os::unix::fs::PermissionsExt;
@@ -245,6 +250,35 @@ echo WRITER-DONE
         assert!(!Path::new(&format!("{d}.backup")).exists());
     }
 
+    // A proxy killed while the guest is frozen (its freeze hook runs): the
+    // host finishes the snapshot and thaws the guest all the same; the
+    // next job (the attach below) deletes what it left.
+    let hooks = g.console().matches("FREEZE-HOOK").count();
+    let mut killed = Command::new(common::VMFS)
+        .arg("backup")
+        .args(with(&on_b, &["vm/d0.vmdk", "vm/d1.vmdk"]))
+        .env("VMFS_BACKUP_CATALOG", ds.p("catalog.sqlite"))
+        .env("VMFS_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while g.console().matches("FREEZE-HOOK").count() == hooks {
+        assert!(t.elapsed() < Duration::from_secs(60), "no freeze");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    common::signal(&killed, libc::SIGKILL);
+    let _ = killed.wait();
+    let t = Instant::now();
+    while !Path::new(&marker).exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the host did not finish the snapshot"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let st = qga(&q, "guest-fsfreeze-status");
+    assert_eq!(st, "\"thawed\"", "the guest stayed frozen");
+
     // 3: attached for third-party tools by proxy B (over NBD too): the
     // copies equal the frozen layer as QEMU's own tools read it through
     // host A's mount, and its ext4 mounts read-only (`losetup -r -P`,
@@ -275,6 +309,7 @@ echo WRITER-DONE
     assert!(o.status.success(), "{}", text(&o));
     let att: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(att["snapshot"]["quiesced"], true, "{att}");
+    assert_eq!(att["cleaned"].as_array().map(|a| a.len()), Some(2), "{att}");
     for (k, disk) in [(0, &d0), (1, &d1)] {
         let snap = att["record"]["snapshots"]
             .as_array()
