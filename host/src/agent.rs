@@ -124,6 +124,18 @@ impl Agent {
                     .ok_or_else(|| "the host agent is stopping".to_string())?;
                 mail_command(&s, &r)
             }));
+        // Snapshots that killed backup jobs left on this host's disks.
+        let weak = Arc::downgrade(&shared);
+        let every = shared
+            .cfg
+            .fs
+            .member()
+            .map(|m| (m.timeouts.lease * 4).max(Duration::from_secs(5)))
+            .unwrap_or(Duration::from_secs(60));
+        std::thread::Builder::new()
+            .name("vmfs-janitor".into())
+            .spawn(move || janitor(weak, every))
+            .map_err(|e| HostError::io("starting the janitor thread", e))?;
         let listener_fd = listener.as_raw_fd();
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -142,6 +154,26 @@ impl Agent {
 
     pub fn socket(&self) -> &std::path::Path {
         &self.shared.socket
+    }
+}
+
+/// Every `every`, delete the snapshots killed backup jobs left on the
+/// disks attached here (`Scsi::clean_abandoned`), until the agent stops.
+fn janitor(shared: std::sync::Weak<Shared>, every: Duration) {
+    let mut dead = Vec::new();
+    loop {
+        let t = std::time::Instant::now();
+        while t.elapsed() < every {
+            std::thread::sleep(Duration::from_millis(200));
+            match shared.upgrade() {
+                Some(s) if !s.stop.load(Ordering::SeqCst) => {}
+                _ => return,
+            }
+        }
+        let Some(s) = shared.upgrade() else { return };
+        s.active.fetch_add(1, Ordering::SeqCst);
+        s.scsi.clean_abandoned(&mut dead);
+        s.active.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -163,6 +163,16 @@ impl Scsi {
         }
     }
 
+    /// The datastore paths of the virtual disks attached here.
+    pub(crate) fn attached_paths(&self) -> Vec<String> {
+        let map = self.lock();
+        map.values()
+            .flat_map(|a| a.luns.iter())
+            .filter(|l| matches!(l.storage, Storage::Disk(_)))
+            .map(|l| l.path.clone())
+            .collect()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<PathBuf, Attached>> {
         self.ctls.lock().unwrap_or_else(|p| p.into_inner())
     }

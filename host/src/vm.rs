@@ -391,6 +391,56 @@ impl Scsi {
 
     /// `vm-consolidate`: delete each snapshot named (with its guest running
     /// when attached here).
+    /// Delete the snapshots killed backup jobs left on the disks attached
+    /// here (their markers name a job that no longer runs), so a VM whose
+    /// backups stopped does not grow a delta for ever. A job is taken for
+    /// dead only when two calls in a row found it so (`dead`: what the
+    /// last call found), leaving its next run the time to clean up itself.
+    /// What was deleted, for the log.
+    pub fn clean_abandoned(&self, dead: &mut Vec<(String, String)>) -> Vec<String> {
+        let mut now = Vec::new();
+        let mut done = Vec::new();
+        for p in self.attached_paths() {
+            let Ok(Some(m)) = left_by_backup(self.fs(), &p) else {
+                continue;
+            };
+            // A snapshot someone took by hand (no job): theirs to delete.
+            let Some(j) = &m.job else { continue };
+            if job_alive(j, self.fs(), self.host()) {
+                continue;
+            }
+            let key = (p.clone(), m.frozen.clone());
+            if !dead.contains(&key) {
+                now.push(key);
+                continue;
+            }
+            let a = ConsolidateArgs {
+                disks: vec![m.clone()],
+                job: None,
+            };
+            match self.vm_consolidate(&a) {
+                Ok(_) => {
+                    tracing::warn!(
+                        "{p}: deleted the snapshot {} a killed backup left (job: host {}, process {})",
+                        m.frozen,
+                        j.host,
+                        j.pid
+                    );
+                    done.push(format!("{p}: {}", m.frozen));
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "{p}: deleting the snapshot {} a killed backup left: {e}",
+                        m.frozen
+                    );
+                    now.push(key);
+                }
+            }
+        }
+        *dead = now;
+        done
+    }
+
     pub fn vm_consolidate(&self, a: &ConsolidateArgs) -> Result<Vec<DiskDone>> {
         let mut out = Vec::new();
         let mut first_err = None;

@@ -157,14 +157,16 @@ fn create_unlinked(
     let st = stem(name)?;
     let part = part_name(name);
     if !store.exists(name).map_err(at(name))? && store.exists(&part).map_err(at(&part))? {
-        tracing::warn!(
-            "{}: removing the files of an interrupted clone or import",
-            store.describe(name)
-        );
         // (The .part itself stays: it marks these files until the new
         // disk is committed.)
         for f in [format!("{st}-flat.vmdk"), ctk_file(st)] {
-            store.remove_if_there(&f).map_err(at(&f))?;
+            if store.exists(&f).map_err(at(&f))? {
+                tracing::warn!(
+                    "{}: removing {f}, left by an interrupted clone or import",
+                    store.describe(name)
+                );
+                store.remove_if_there(&f).map_err(at(&f))?;
+            }
         }
     }
     if size == 0 || size > 62 << 40 {

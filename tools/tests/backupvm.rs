@@ -865,4 +865,30 @@ fn a_proxy_killed_at_any_moment_leaves_nothing_the_next_job_does_not_clean() {
     for k in 1..=8 {
         assert!(names.contains(&format!("next{k}").as_str()), "{names:?}");
     }
+
+    // A job killed with its snapshot taken, and no next job: host A, which
+    // serves the disk, deletes the snapshot on its own once it has seen
+    // the job dead for a while (a VM whose backups stop grows no delta).
+    let marker = format!("{d0}.backup");
+    let mut c = proxy("abandoned");
+    let t = Instant::now();
+    while !Path::new(&marker).exists() {
+        assert!(t.elapsed() < Duration::from_secs(30), "no snapshot taken");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    common::signal(&c, libc::SIGKILL);
+    let _ = c.wait();
+    let t = Instant::now();
+    while Path::new(&marker).exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "host A left the snapshot of a dead job"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "host A deleted the abandoned snapshot after {:?}",
+        t.elapsed()
+    );
+    no_snapshot("after host A's clean-up");
 }
