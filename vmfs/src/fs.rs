@@ -57,6 +57,8 @@ pub struct State {
     vl_held: Option<u64>,
     /// When this host got the volume lock (for [`LOCK_QUANTUM`]).
     vl_since: std::time::Instant,
+    /// How long the last checkpoint before giving the volume lock back took.
+    vl_checkpoint: std::time::Duration,
     /// The volume lock generation the metadata cache is valid for.
     cache_gen: Option<u64>,
     /// The allocation summaries must be re-read under the volume lock.

@@ -235,6 +235,7 @@ impl Fs {
                 next_gen: (seed.0 as u64) << 20 ^ u64::from(seed.1),
                 vl_held: None,
                 vl_since: std::time::Instant::now(),
+                vl_checkpoint: std::time::Duration::ZERO,
                 cache_gen: None,
                 alloc_stale: false,
                 flocks: HashMap::new(),

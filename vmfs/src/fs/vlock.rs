@@ -52,7 +52,23 @@ impl Fs {
         self.check_mounted()?;
         loop {
             let mut st = self.lock_with_volume_lock()?;
-            match self.op_locked(&mut st, &mut f) {
+            let t0 = std::time::Instant::now();
+            st.vl_checkpoint = std::time::Duration::ZERO;
+            let r = self.op_locked(&mut st, &mut f);
+            // Other hosts can take the volume lock only between operations
+            // (an idle holder gives it back when asked): an operation that
+            // ran this long under it held every waiting host up that long.
+            if let (Some(sh), Some(m)) = (self.shared.get(), self.member.get()) {
+                if sh.contended.load(std::sync::atomic::Ordering::SeqCst)
+                    && t0.elapsed() > m.timeouts.lease / 4
+                {
+                    tracing::warn!(
+                        "an operation held the volume lock for {} ms while other hosts may wait",
+                        t0.elapsed().as_millis()
+                    );
+                }
+            }
+            match r {
                 Err(FsError::Retry(Retry(RetryKind::ClusterBusy { addr, slot }))) => {
                     // Its holder needs the volume lock to give it back.
                     self.vl_leave(&mut st, true)?;
@@ -61,6 +77,17 @@ impl Fs {
                 }
                 r => {
                     let left = self.vl_leave(&mut st, false);
+                    let slow = st.vl_checkpoint;
+                    if self
+                        .member
+                        .get()
+                        .is_some_and(|m| slow > m.timeouts.lease / 4)
+                    {
+                        tracing::warn!(
+                            "flushing the checkpoint to the LUN took {} ms before the volume lock could go to a waiting host",
+                            slow.as_millis()
+                        );
+                    }
                     let r = r?;
                     left?;
                     return Ok(r);
@@ -390,15 +417,7 @@ impl Fs {
         // and only a replay of this host's journal may fix it.
         let t0 = std::time::Instant::now();
         st.meta.checkpoint(&self.vol())?;
-        // Every waiting host waits for this turn: say when it was long (a
-        // slow operation, or a flush of the LUN that took this long).
-        if contended && st.vl_since.elapsed() > m.timeouts.lease / 4 {
-            tracing::warn!(
-                "held the volume lock for {} ms, of which {} ms flushing the checkpoint to the LUN, while other hosts may wait",
-                st.vl_since.elapsed().as_millis(),
-                t0.elapsed().as_millis()
-            );
-        }
+        st.vl_checkpoint = t0.elapsed();
         // Handed to the next host that waits, in turn by slot: fair.
         let next = match table {
             Some(t) => Self::next_waiter(&t, m.slot),
