@@ -290,7 +290,7 @@ fn summary(m: &backup_proxy::manifest::Manifest) {
     println!("backup {} is whole", m.id);
     for d in &m.disks {
         println!(
-            "  disk {}: {} from {}{}{}",
+            "  disk {}: {} from {}{}{}; read {}, new {} ({} stored)",
             d.name,
             human_bytes(d.size),
             d.source,
@@ -301,7 +301,10 @@ fn summary(m: &backup_proxy::manifest::Manifest) {
             d.change_id
                 .as_ref()
                 .map(|c| format!(", at change ID {c}"))
-                .unwrap_or_default()
+                .unwrap_or_default(),
+            human_bytes(d.stats.read),
+            human_bytes(d.stats.new),
+            human_bytes(d.stats.stored)
         );
     }
     println!(
