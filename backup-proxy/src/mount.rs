@@ -139,12 +139,22 @@ pub fn backup_exports(repo: Arc<Repo>, m: &Manifest) -> Result<Vec<Export>> {
 pub struct ImagesFs {
     exports: Vec<Export>,
     time: std::time::SystemTime,
+    /// Who mounted it: the files' owner.
+    uid: u32,
+    gid: u32,
 }
 
 impl ImagesFs {
     /// `exports` as files dated `time`.
     pub fn new(exports: Vec<Export>, time: std::time::SystemTime) -> ImagesFs {
-        ImagesFs { exports, time }
+        // SAFETY: geteuid and getegid have no preconditions.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        ImagesFs {
+            exports,
+            time,
+            uid,
+            gid,
+        }
     }
 
     fn export(&self, ino: u64) -> Option<&Export> {
@@ -153,9 +163,11 @@ impl ImagesFs {
             .and_then(|k| self.exports.get(k))
     }
 
+    /// Readable by whoever mounted it alone (root, as a rule): a disk's
+    /// bytes are every file of the guest, whatever their modes inside.
     fn attr(&self, ino: u64) -> Option<FileAttr> {
         let (kind, size, perm, nlink, blocks) = if ino == 1 {
-            (FileType::Directory, 0, 0o555, 2, 0)
+            (FileType::Directory, 0, 0o500, 2, 0)
         } else {
             let e = self.export(ino)?;
             let size = e.map.size();
@@ -163,7 +175,7 @@ impl ImagesFs {
             (
                 FileType::RegularFile,
                 size,
-                0o444,
+                0o400,
                 1,
                 e.map.data_bytes().div_ceil(512),
             )
@@ -179,8 +191,8 @@ impl ImagesFs {
             kind,
             perm,
             nlink,
-            uid: 0,
-            gid: 0,
+            uid: self.uid,
+            gid: self.gid,
             rdev: 0,
             blksize: 1 << 16,
             flags: 0,
