@@ -17,16 +17,7 @@ use backup_proxy::util::human_bytes;
 use crate::backup::{Reach, VmArgs};
 
 fn print_attach(r: &AttachReport) {
-    for c in &r.cleaned {
-        println!("deleted the snapshot a killed backup left: {c}");
-    }
-    println!(
-        "snapshot of {} disk(s): {}; guest frozen {:.0} ms, I/O held {:.1} ms",
-        r.snapshot.disks.len(),
-        r.snapshot.how,
-        r.snapshot.frozen_ms,
-        r.snapshot.held_ms
-    );
+    crate::backup::print_snapshot(&r.cleaned, &r.snapshot);
     println!(
         "attached on {} (process {}), read-only:",
         r.record.mountpoint.display(),

@@ -284,6 +284,21 @@ fn parse_size(s: &str) -> Result<u32> {
     u32::try_from(v * m).with_context(|| format!("{s} is too large"))
 }
 
+/// What a VM job's snapshot did: the leftovers it deleted first, how the
+/// guest was quiesced, how long it was frozen and its I/O held.
+pub(crate) fn print_snapshot(cleaned: &[String], s: &backup_proxy::job::Snapshot) {
+    for c in cleaned {
+        println!("deleted the snapshot a killed backup left: {c}");
+    }
+    println!(
+        "snapshot of {} disk(s): {}; guest frozen {:.0} ms, I/O held {:.1} ms",
+        s.disks.len(),
+        s.how,
+        s.frozen_ms,
+        s.held_ms
+    );
+}
+
 fn summary(m: &backup_proxy::manifest::Manifest) {
     let t = m.totals();
     let secs = t.millis as f64 / 1000.0;
@@ -545,17 +560,8 @@ pub fn run(cmd: BackupCmd) -> Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&rep)?);
             } else {
-                for c in &rep.cleaned {
-                    println!("deleted the snapshot a killed backup left: {c}");
-                }
-                println!(
-                    "snapshot of {} disk(s): {}; guest frozen {:.0} ms, I/O held {:.1} ms; snapshots kept {:.1} s",
-                    rep.snapshot.disks.len(),
-                    rep.snapshot.how,
-                    rep.snapshot.frozen_ms,
-                    rep.snapshot.held_ms,
-                    rep.snapshot_lifetime_ms / 1000.0
-                );
+                print_snapshot(&rep.cleaned, &rep.snapshot);
+                println!("snapshots kept {:.1} s", rep.snapshot_lifetime_ms / 1000.0);
                 if let Some(m) = &rep.manifest {
                     summary(m);
                 }

@@ -148,6 +148,16 @@ echo WRITER-DONE
     let with = |head: &[&str], tail: &[&'static str]| -> Vec<String> {
         head.iter().chain(tail).map(|x| x.to_string()).collect()
     };
+    // A backup of both disks by B, running (to be killed).
+    let job_on_b = || {
+        Command::new(common::VMFS)
+            .arg("backup")
+            .args(with(&on_b, &["vm/d0.vmdk", "vm/d1.vmdk"]))
+            .env("VMFS_BACKUP_CATALOG", ds.p("catalog.sqlite"))
+            .env("VMFS_LOG", "warn")
+            .spawn()
+            .unwrap()
+    };
 
     // 1: full, by the proxy on the LUN.
     let args = with(&on_b, &["--json", "vm/d0.vmdk", "vm/d1.vmdk"]);
@@ -177,13 +187,7 @@ echo WRITER-DONE
     // A proxy job killed once its snapshots are taken; a second job of the
     // same VM meanwhile (through host A's agent) is refused.
     std::thread::sleep(Duration::from_secs(2));
-    let mut killed = Command::new(common::VMFS)
-        .arg("backup")
-        .args(with(&on_b, &["vm/d0.vmdk", "vm/d1.vmdk"]))
-        .env("VMFS_BACKUP_CATALOG", ds.p("catalog.sqlite"))
-        .env("VMFS_LOG", "warn")
-        .spawn()
-        .unwrap();
+    let mut killed = job_on_b();
     let marker = format!("{d0}.backup");
     let t = Instant::now();
     while !Path::new(&marker).exists() {
@@ -254,13 +258,7 @@ echo WRITER-DONE
     // host finishes the snapshot and thaws the guest all the same; the
     // next job (the attach below) deletes what it left.
     let hooks = g.console().matches("FREEZE-HOOK").count();
-    let mut killed = Command::new(common::VMFS)
-        .arg("backup")
-        .args(with(&on_b, &["vm/d0.vmdk", "vm/d1.vmdk"]))
-        .env("VMFS_BACKUP_CATALOG", ds.p("catalog.sqlite"))
-        .env("VMFS_LOG", "warn")
-        .spawn()
-        .unwrap();
+    let mut killed = job_on_b();
     let t = Instant::now();
     while g.console().matches("FREEZE-HOOK").count() == hooks {
         assert!(t.elapsed() < Duration::from_secs(60), "no freeze");

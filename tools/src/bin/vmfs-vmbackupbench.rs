@@ -177,11 +177,8 @@ fn main() -> Result<()> {
             .arg(&repo))?;
         let catalog = d.join("catalog.sqlite");
         let bst = d.join("b");
-        let backup = || {
-            let mut c = Command::new(&vmfs);
-            c.args(["backup", "vm", "--json", "--name", "vm", "--repo"])
-                .arg(&repo)
-                .env("VMFS_BACKUP_CATALOG", &catalog);
+        // The proxy's way to the disk: host A's agent, or host B on the LUN.
+        let reach = |c: &mut Command| {
             if a.local {
                 c.arg("--state-dir").arg(&st).arg(&disk);
             } else {
@@ -191,6 +188,13 @@ fn main() -> Result<()> {
                     .arg(&bst)
                     .args(["--lease-ms", "8000", "vm/d.vmdk"]);
             }
+        };
+        let backup = || {
+            let mut c = Command::new(&vmfs);
+            c.args(["backup", "vm", "--json", "--name", "vm", "--repo"])
+                .arg(&repo)
+                .env("VMFS_BACKUP_CATALOG", &catalog);
+            reach(&mut c);
             c
         };
         let full = job(&mut backup())?;
@@ -227,15 +231,7 @@ fn main() -> Result<()> {
             .arg(&exp)
             .arg("--nbd")
             .arg(format!("unix:{}", nbd.display()));
-        if a.local {
-            c.arg("--state-dir").arg(&st).arg(&disk);
-        } else {
-            c.arg("--datastore")
-                .arg(&lun)
-                .arg("--state-dir")
-                .arg(&bst)
-                .args(["--lease-ms", "8000", "vm/d.vmdk"]);
-        }
+        reach(&mut c);
         let t = Instant::now();
         let o = c.output()?;
         if !o.status.success() {
