@@ -222,7 +222,21 @@ fn main() -> Result<()> {
         let whole = t.elapsed().as_secs_f64();
         std::fs::remove_file(&out)?;
         // The same disk frozen for another tool (`backup attach`): copied
-        // whole over our NBD server and from the FUSE file.
+        // whole over our NBD server and from the FUSE file. The VM has four
+        // disks by then (two more hot-plugged): the freeze covers them all.
+        for n in ["s2", "s3"] {
+            let p = mnt.join(format!("vm/{n}.vmdk"));
+            run(Command::new(&vmfs)
+                .args(["disk", "create", "--size", "16M", "--state-dir"])
+                .arg(&st)
+                .arg(&p))?;
+            run(Command::new(&vmfs)
+                .args(["scsi", "add", "--state-dir"])
+                .arg(&st)
+                .arg("--socket")
+                .arg(&sock)
+                .arg(&p))?;
+        }
         let exp = d.join("exp");
         std::fs::create_dir(&exp)?;
         let nbd = d.join("nbd.sock");
@@ -232,6 +246,13 @@ fn main() -> Result<()> {
             .arg("--nbd")
             .arg(format!("unix:{}", nbd.display()));
         reach(&mut c);
+        for n in ["s", "s2", "s3"] {
+            if a.local {
+                c.arg(mnt.join(format!("vm/{n}.vmdk")));
+            } else {
+                c.arg(format!("vm/{n}.vmdk"));
+            }
+        }
         let t = Instant::now();
         let o = c.output()?;
         if !o.status.success() {
@@ -239,6 +260,11 @@ fn main() -> Result<()> {
         }
         let attach = t.elapsed().as_secs_f64();
         let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+        let four = (
+            v["snapshot"]["frozen_ms"].as_f64().unwrap_or(-1.0),
+            v["snapshot"]["held_ms"].as_f64().unwrap_or(-1.0),
+            v["snapshot"]["how"].as_str().unwrap_or("").to_string(),
+        );
         let uri = v["record"]["images"][0]["nbd"]
             .as_str()
             .unwrap_or_default()
@@ -290,6 +316,10 @@ fn main() -> Result<()> {
             "  qemu-img convert of the whole disk through the mount: {whole:.1} s, {} MiB read ({:.2}x the incremental's time)",
             a.size,
             whole / incr.secs.max(0.001)
+        );
+        println!(
+            "  backup attach of the VM's 4 disks: guest frozen {:.0} ms, I/O held {:.1} ms ({})",
+            four.0, four.1, four.2
         );
         println!(
             "  backup attach (freeze, snapshot, expose): {attach:.1} s; the frozen disk copied whole with qemu-img over NBD: {over_nbd:.1} s ({:.2}x the baseline), with cp --sparse from the file: {over_file:.1} s ({:.2}x)",
