@@ -168,6 +168,8 @@ pub struct Attached {
     server: Option<NbdServer>,
     taken: Instant,
     _lock: job::JobLock,
+    /// The mountpoint's lock (`KEY.lock`), held for the attach's life.
+    _place: std::fs::File,
 }
 
 /// Freeze and snapshot the VM's disks at `paths` through `host` (see
@@ -207,6 +209,29 @@ pub fn attach(
     }
     let dir = records_dir(&job.state_dir);
     std::fs::create_dir_all(&dir).map_err(|e| invalid(format!("{}: {e}", dir.display())))?;
+    let k = key(&mountpoint);
+    // One attach per mountpoint, from here to its end (two attaches of
+    // different VMs would otherwise race for the record and the socket).
+    let place = dir.join(format!("{k}.lock"));
+    let place = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&place)
+        .map_err(|e| invalid(format!("{}: {e}", place.display())))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&place),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    } != 0
+    {
+        return Err(invalid(format!(
+            "{}: another attach is using this mountpoint",
+            mountpoint.display()
+        )));
+    }
     let lock = job::lock(&job.state_dir, &job.name)?;
     let cleaned = job::clean_leftovers(host, paths)?;
     let mut warnings = Vec::new();
@@ -222,7 +247,6 @@ pub fn attach(
             return Err(e);
         }
     };
-    let k = key(&mountpoint);
     let uris = server.as_ref().map(|s| s.uris()).unwrap_or_default();
     let images = exports
         .iter()
@@ -258,6 +282,7 @@ pub fn attach(
         server,
         taken,
         _lock: lock,
+        _place: place,
     };
     Ok((
         a,
@@ -334,6 +359,18 @@ impl Attached {
     /// refused (and nothing changed) while a process uses the mount;
     /// `force`: the mount is detached lazily, NBD clients cut off.
     fn detach(&mut self, host: &dyn Coordinator, force: bool) -> Result<DetachReport> {
+        if !force {
+            if let Some(n) = self
+                .server
+                .as_ref()
+                .map(|s| s.connections())
+                .filter(|n| *n > 0)
+            {
+                return Err(invalid(format!(
+                    "{n} NBD client(s) are reading the disks: detach once they are done (or --force)"
+                )));
+            }
+        }
         self.mounted.unmount(force)?;
         if let Some(s) = self.server.take() {
             s.stop();
@@ -365,17 +402,18 @@ impl Attached {
         ready: impl FnOnce(),
     ) -> Result<DetachReport> {
         let sock = self.record.socket.clone();
-        let _ = std::fs::remove_file(&sock);
-        let l =
-            UnixListener::bind(&sock).map_err(|e| invalid(format!("{}: {e}", sock.display())))?;
-        let _ = std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600));
-        l.set_nonblocking(true)
-            .map_err(|e| invalid(format!("{}: {e}", sock.display())))?;
-        let text = serde_json::to_vec_pretty(&self.record).map_err(|e| invalid(e.to_string()))?;
-        let tmp = self.record_path.with_extension("json.tmp");
-        std::fs::write(&tmp, text)
-            .and_then(|_| std::fs::rename(&tmp, &self.record_path))
-            .map_err(|e| invalid(format!("{}: {e}", self.record_path.display())))?;
+        let l = match self.publish() {
+            Ok(l) => l,
+            // Nobody could find this attach to end it: end it now.
+            Err(e) => {
+                if let Err(d) = self.detach(host, true) {
+                    tracing::error!("undoing the attach: {d}");
+                }
+                let _ = std::fs::remove_file(&sock);
+                let _ = std::fs::remove_file(&self.record_path);
+                return Err(e);
+            }
+        };
         ready();
         let done = loop {
             if stop.load(Ordering::SeqCst) {
@@ -459,6 +497,23 @@ impl Attached {
         done
     }
 
+    /// The control socket (listening) and the record beside it.
+    fn publish(&self) -> Result<UnixListener> {
+        let sock = &self.record.socket;
+        let _ = std::fs::remove_file(sock);
+        let l = crate::nbd::with_private_umask(|| UnixListener::bind(sock))
+            .map_err(|e| invalid(format!("{}: {e}", sock.display())))?;
+        let _ = std::fs::set_permissions(sock, std::fs::Permissions::from_mode(0o600));
+        l.set_nonblocking(true)
+            .map_err(|e| invalid(format!("{}: {e}", sock.display())))?;
+        let text = serde_json::to_vec_pretty(&self.record).map_err(|e| invalid(e.to_string()))?;
+        let tmp = self.record_path.with_extension("json.tmp");
+        std::fs::write(&tmp, text)
+            .and_then(|_| std::fs::rename(&tmp, &self.record_path))
+            .map_err(|e| invalid(format!("{}: {e}", self.record_path.display())))?;
+        Ok(l)
+    }
+
     fn mounted_gone(&self) -> bool {
         self.mounted.is_unmounted()
     }
@@ -483,7 +538,23 @@ pub fn detach(state_dir: &Path, dir: &Path, force: bool) -> Result<Asked> {
     };
     let mut s = match UnixStream::connect(&r.socket) {
         Ok(s) => s,
-        Err(_) => return Ok(Asked::Dead(path, r)),
+        Err(e) => {
+            // Dead only when nobody listens and its process is gone (a
+            // socket we may not open is not a dead attach).
+            let refused = matches!(
+                e.raw_os_error(),
+                Some(libc::ECONNREFUSED) | Some(libc::ENOENT)
+            );
+            if refused && process_gone(r.pid) {
+                return Ok(Asked::Dead(path, r));
+            }
+            return Err(invalid(format!(
+                "the attach process {} of {} does not answer on {}: {e}",
+                r.pid,
+                r.mountpoint.display(),
+                r.socket.display()
+            )));
+        }
     };
     let mut req = serde_json::to_vec(&Request {
         command: "detach".into(),
@@ -520,12 +591,15 @@ pub fn cleanup_dead(
     r: &Record,
     host: &dyn Coordinator,
 ) -> Result<DetachReport> {
-    let _ = std::process::Command::new("fusermount3")
-        .arg("-u")
-        .arg("-z")
-        .arg(&r.mountpoint)
-        .stderr(std::process::Stdio::null())
-        .status();
+    // Only our own dead mount (the path may hold something else by now).
+    if ours_mounted_at(&r.mountpoint) {
+        let _ = std::process::Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(&r.mountpoint)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
     let mut done = Vec::new();
     for f in &r.snapshots {
         match host.left(&f.path)? {
@@ -546,4 +620,32 @@ pub fn cleanup_dead(
         snapshot_lifetime_ms: 0.0,
         after_crash: true,
     })
+}
+
+/// Whether an attach's view (mount source `vmfs-attach:NAME`) is mounted
+/// at `dir`.
+fn ours_mounted_at(dir: &Path) -> bool {
+    let Ok(t) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = dir.as_os_str().to_string_lossy();
+    t.lines().any(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        // After " - ": the type, then the source.
+        let source = l.split(" - ").nth(1).and_then(|x| x.split(' ').nth(1));
+        f.get(4) == Some(&want.as_ref()) && source.is_some_and(|s| s.starts_with("vmfs-attach:"))
+    })
+}
+
+/// Whether process `pid` has ended: no such process, or a zombie nobody
+/// has reaped yet (a killed attach's parent exited long ago).
+fn process_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command's closing parenthesis.
+        Ok(st) => st
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X"),
+        Err(_) => true,
+    }
 }

@@ -137,7 +137,9 @@ pub fn backup_exports(repo: Arc<Repo>, m: &Manifest) -> Result<Vec<Export>> {
 
 /// Read-only raw image files, one per export, in one directory.
 pub struct ImagesFs {
-    exports: Vec<Export>,
+    /// Emptied by [`Mounted::unmount`] when the mount outlives its
+    /// unmounting (a file still open): the images are let go at once.
+    exports: Arc<std::sync::RwLock<Vec<Export>>>,
     time: std::time::SystemTime,
     /// Who mounted it: the files' owner.
     uid: u32,
@@ -150,17 +152,21 @@ impl ImagesFs {
         // SAFETY: geteuid and getegid have no preconditions.
         let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
         ImagesFs {
-            exports,
+            exports: Arc::new(std::sync::RwLock::new(exports)),
             time,
             uid,
             gid,
         }
     }
 
-    fn export(&self, ino: u64) -> Option<&Export> {
+    fn exports(&self) -> std::sync::RwLockReadGuard<'_, Vec<Export>> {
+        self.exports.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn export(&self, ino: u64) -> Option<Export> {
         (ino as usize)
             .checked_sub(2)
-            .and_then(|k| self.exports.get(k))
+            .and_then(|k| self.exports().get(k).cloned())
     }
 
     /// Readable by whoever mounted it alone (root, as a rule): a disk's
@@ -220,11 +226,11 @@ impl Filesystem for ImagesFs {
         if parent.0 != 1 {
             return reply.error(Errno::ENOENT);
         }
-        match self
-            .exports
+        let found = self
+            .exports()
             .iter()
-            .position(|e| OsStr::new(&e.file_name()) == name)
-        {
+            .position(|e| OsStr::new(&e.file_name()) == name);
+        match found {
             Some(k) => match self.attr(k as u64 + 2) {
                 Some(a) => reply.entry(&TTL, &a, fuser::Generation(0)),
                 None => reply.error(Errno::ENOENT),
@@ -262,9 +268,14 @@ impl Filesystem for ImagesFs {
         reply: ReplyData,
     ) {
         let Some(k) = self.export(ino.0) else {
-            return reply.error(Errno::EISDIR);
+            // The directory; or an image let go (unmounted while open).
+            return reply.error(if ino.0 == 1 {
+                Errno::EISDIR
+            } else {
+                Errno::EIO
+            });
         };
-        match self.read_export(k, offset, size as usize) {
+        match self.read_export(&k, offset, size as usize) {
             Ok(v) => reply.data(&v),
             Err(e) => {
                 tracing::error!("{}: read at {offset}: {e}", k.file_name());
@@ -333,7 +344,7 @@ impl Filesystem for ImagesFs {
             (1u64, FileType::Directory, ".".to_string()),
             (1, FileType::Directory, "..".into()),
         ];
-        for (k, e) in self.exports.iter().enumerate() {
+        for (k, e) in self.exports().iter().enumerate() {
             list.push((k as u64 + 2, FileType::RegularFile, e.file_name()));
         }
         for (i, (ino, kind, name)) in list.into_iter().enumerate().skip(offset as usize) {
@@ -349,10 +360,17 @@ impl Filesystem for ImagesFs {
 pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
     mountpoint: PathBuf,
+    /// The kernel's number for this FUSE connection
+    /// (`/sys/fs/fuse/connections/N`): the minor of the mount's device.
+    connection: Option<u64>,
+    /// Unmounted (lazily), the session perhaps still alive.
+    detached: bool,
+    exports: Arc<std::sync::RwLock<Vec<Export>>>,
 }
 
 /// Mount `fs` read-only on `mountpoint`, named `fsname` in the mount table.
 pub fn mount(fs: ImagesFs, fsname: &str, mountpoint: &Path) -> Result<Mounted> {
+    let exports = fs.exports.clone();
     let mut cfg = Config::default();
     cfg.mount_options = vec![
         MountOption::FSName(fsname.to_string()),
@@ -370,9 +388,16 @@ pub fn mount(fs: ImagesFs, fsname: &str, mountpoint: &Path) -> Result<Mounted> {
     let session = fuser::spawn_mount(fs, mountpoint, &cfg).map_err(|e| {
         BackupError::Invalid(format!("cannot mount on {}: {e}", mountpoint.display()))
     })?;
+    let connection = std::os::unix::fs::MetadataExt::dev(
+        &std::fs::metadata(mountpoint)
+            .map_err(|e| BackupError::Invalid(format!("{}: {e}", mountpoint.display())))?,
+    );
     Ok(Mounted {
         session: Some(session),
         mountpoint: mountpoint.to_path_buf(),
+        connection: Some(libc::minor(connection) as u64),
+        detached: false,
+        exports,
     })
 }
 
@@ -384,26 +409,67 @@ impl Mounted {
         let Some(session) = self.session.take() else {
             return Ok(());
         };
-        let mut c = std::process::Command::new("fusermount3");
-        c.arg("-u");
-        if lazy {
-            c.arg("-z");
-        }
-        let o = c.arg(&self.mountpoint).output();
-        let failed = match o {
-            Ok(o) if o.status.success() => None,
-            Ok(o) => Some(String::from_utf8_lossy(&o.stderr).trim().to_string()),
-            Err(e) => Some(format!("fusermount3: {e}")),
-        };
-        if let Some(why) = failed {
-            // Already gone (someone unmounted it): the session has ended.
-            if !session.guard.is_finished() {
-                self.session = Some(session);
-                return Err(BackupError::Invalid(format!(
-                    "cannot unmount {}: {why}",
-                    self.mountpoint.display()
-                )));
+        // Not when it has gone already (someone unmounted it), nor twice: the
+        // path may hold another filesystem by now.
+        if !session.guard.is_finished() && !self.detached {
+            let mut c = std::process::Command::new("fusermount3");
+            c.arg("-u");
+            if lazy {
+                c.arg("-z");
             }
+            let o = c.arg(&self.mountpoint).output();
+            let failed = match o {
+                Ok(o) if o.status.success() => None,
+                Ok(o) => Some(String::from_utf8_lossy(&o.stderr).trim().to_string()),
+                Err(e) => Some(format!("fusermount3: {e}")),
+            };
+            if let Some(why) = failed {
+                if !session.guard.is_finished() {
+                    self.session = Some(session);
+                    return Err(BackupError::Invalid(format!(
+                        "cannot unmount {}: {why}",
+                        self.mountpoint.display()
+                    )));
+                }
+            }
+            self.detached = true;
+        }
+        // Detached lazily, the connection lives on while a file is open
+        // (a loop device, say): abort it, so those files fail from now on
+        // and the images are let go.
+        if lazy && !session.guard.is_finished() {
+            if let Some(c) = self.connection {
+                let _ = std::fs::write(format!("/sys/fs/fuse/connections/{c}/abort"), "1");
+            }
+        }
+        // The images are let go here whatever happens next (this handle
+        // shares them with the filesystem).
+        self.exports
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        // Unmounted for good: the session ends as soon as the kernel says so.
+        if !lazy {
+            return session.join().map_err(|e| {
+                BackupError::Invalid(format!("FUSE session ended with an error: {e}"))
+            });
+        }
+        let t = std::time::Instant::now();
+        while !session.guard.is_finished() && t.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !session.guard.is_finished() {
+            // Still in use (and no fusectl to abort it): its files fail
+            // from now on (the images were let go above), and the session
+            // ends on its own when its last user closes.
+            tracing::warn!(
+                "{}: unmounted while a file of it is open; that file reads nothing more",
+                self.mountpoint.display()
+            );
+            std::thread::spawn(move || {
+                let _ = session.join();
+            });
+            return Ok(());
         }
         session
             .join()

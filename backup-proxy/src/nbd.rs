@@ -46,6 +46,8 @@ const MAX_WRITE: u32 = 64 << 20;
 const MAX_DESCRIPTORS: usize = 4096;
 /// Connections served at once; more are closed at once.
 const MAX_CONNECTIONS: usize = 64;
+/// How long a client may take over its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The id of `base:allocation` on every connection.
 const BASE_ALLOCATION_ID: u32 = 1;
 const BASE_ALLOCATION: &str = "base:allocation";
@@ -130,8 +132,8 @@ fn handshake(
     }
     let no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
     let mut structured = false;
-    // The export `base:allocation` was selected for.
-    let mut meta: Option<String> = None;
+    // The export (index) `base:allocation` was selected for.
+    let mut meta: Option<usize> = None;
     let find = |name: &str| {
         // The default export ("") is the first.
         if name.is_empty() && !exports.is_empty() {
@@ -168,15 +170,15 @@ fn handshake(
                     return Err(bad(unknown(&name)));
                 };
                 w.write_all(&exports[k].map.size().to_be_bytes())?;
-                w.write_all(&transmission_flags(false).to_be_bytes())?;
+                w.write_all(&transmission_flags(structured).to_be_bytes())?;
                 if !no_zeroes {
                     w.write_all(&[0u8; 124])?;
                 }
                 w.flush()?;
                 return Ok(Some(Session {
                     export: k,
-                    structured: false,
-                    allocation: false,
+                    structured,
+                    allocation: structured && meta == Some(k),
                 }));
             }
             OPT_ABORT => {
@@ -236,7 +238,7 @@ fn handshake(
                     return Ok(Some(Session {
                         export: k,
                         structured,
-                        allocation: structured && meta.as_deref() == Some(e.name.as_str()),
+                        allocation: structured && meta == Some(k),
                     }));
                 }
             }
@@ -274,9 +276,7 @@ fn handshake(
                         b"NBD_OPT_SET_META_CONTEXT needs NBD_OPT_STRUCTURED_REPLY first",
                     )?;
                 } else if let Some((name, queries)) = parsed {
-                    if find(&name).is_none() {
-                        opt_reply(w, opt, REP_ERR_UNKNOWN, unknown(&name).as_bytes())?;
-                    } else {
+                    if let Some(k) = find(&name) {
                         let ours = if set {
                             queries.iter().any(|q| q == BASE_ALLOCATION)
                         } else {
@@ -289,9 +289,11 @@ fn handshake(
                             opt_reply(w, opt, REP_META_CONTEXT, &d)?;
                         }
                         if set {
-                            meta = ours.then_some(name);
+                            meta = ours.then_some(k);
                         }
                         opt_reply(w, opt, REP_ACK, &[])?;
+                    } else {
+                        opt_reply(w, opt, REP_ERR_UNKNOWN, unknown(&name).as_bytes())?;
                     }
                 } else {
                     opt_reply(w, opt, REP_ERR_INVALID, b"malformed meta context option")?;
@@ -467,17 +469,33 @@ fn transmission(r: &mut impl Read, w: &mut impl Write, e: &Export, s: &Session) 
             _ => error_reply(w, s, cookie, EINVAL, "unknown command")?,
         }
         w.flush()?;
+        // One large read does not pin its buffer for the connection's life.
+        if buf.capacity() > 4 << 20 {
+            buf = Vec::new();
+        }
     }
 }
 
 /// Serve one connection (reading `r`, writing `w`) to its end: Ok when the
 /// client left as the protocol allows, Err naming what was wrong.
 pub fn serve_connection(r: impl Read, w: impl Write, exports: &[Export]) -> IoResult<()> {
+    serve_connection_then(r, w, exports, || {})
+}
+
+/// [`serve_connection`], calling `negotiated` once the handshake is over
+/// (the server lifts the handshake's time limit there).
+fn serve_connection_then(
+    r: impl Read,
+    w: impl Write,
+    exports: &[Export],
+    negotiated: impl FnOnce(),
+) -> IoResult<()> {
     let mut r = BufReader::with_capacity(64 << 10, r);
     let mut w = BufWriter::with_capacity(256 << 10, w);
     let Some(s) = handshake(&mut r, &mut w, exports)? else {
         return Ok(());
     };
+    negotiated();
     transmission(&mut r, &mut w, &exports[s.export], &s)
 }
 
@@ -499,6 +517,12 @@ enum Conn {
 }
 
 impl Conn {
+    fn set_read_timeout(&self, t: Option<Duration>) {
+        let _ = match self {
+            Conn::Unix(s) => s.set_read_timeout(t),
+            Conn::Tcp(s) => s.set_read_timeout(t),
+        };
+    }
     fn shutdown(&self) {
         let _ = match self {
             Conn::Unix(s) => s.shutdown(std::net::Shutdown::Both),
@@ -533,6 +557,17 @@ fn parse_addr(a: &str) -> Result<Addr> {
     Ok(Addr::Tcp(sa))
 }
 
+/// Run `f` (which creates a file) with umask 077: the file is never open
+/// to other users, not even between its creation and a chmod.
+pub fn with_private_umask<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: umask only swaps the process's file mode mask.
+    let old = unsafe { libc::umask(0o077) };
+    let r = f();
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    r
+}
+
 impl NbdServer {
     /// Listen on `addr` (see [`parse_addr`]) and serve `exports`.
     pub fn start(addr: &str, exports: Vec<Export>) -> Result<NbdServer> {
@@ -556,8 +591,8 @@ impl NbdServer {
                     // Left by a server that was killed.
                     let _ = std::fs::remove_file(p);
                 }
-                let l = UnixListener::bind(p).map_err(err)?;
-                // The disks' contents: the owner (root) only.
+                // The disks' contents: the owner (root) only, from the start.
+                let l = with_private_umask(|| UnixListener::bind(p)).map_err(err)?;
                 std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
                 l.set_nonblocking(true).map_err(err)?;
                 Listener::Unix(l)
@@ -597,6 +632,16 @@ impl NbdServer {
                 Addr::Tcp(a) => format!("nbd://{a}/{n}"),
             })
             .collect()
+    }
+
+    /// Connections being served now.
+    pub fn connections(&self) -> usize {
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, t)| t.as_ref().is_some_and(|t| !t.is_finished()))
+            .count()
     }
 
     /// Stop listening, end every connection and wait for their threads
@@ -681,7 +726,11 @@ fn accept_loop(
                 let t = std::thread::Builder::new()
                     .name("nbd-conn".into())
                     .spawn(move || {
-                        if let Err(e) = serve_connection(r, w, &ex) {
+                        // A client that never finishes its handshake does not
+                        // keep one of the connections for ever.
+                        own.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+                        let r = serve_connection_then(r, w, &ex, || own.set_read_timeout(None));
+                        if let Err(e) = r {
                             if e.kind() != std::io::ErrorKind::BrokenPipe
                                 && e.kind() != std::io::ErrorKind::ConnectionReset
                             {
@@ -835,6 +884,36 @@ mod tests {
         assert_eq!(u16_at(t, 6), Some(REPLY_OFFSET_DATA));
         assert_eq!(u16_at(t, 4), Some(REPLY_FLAG_DONE));
         assert_eq!(u32_at(t, 16), Some(8 + 4096));
+    }
+
+    /// The default export ("") named in SET_META_CONTEXT and GO: block
+    /// status works (the context is the export's, whatever it was called).
+    #[test]
+    fn the_default_export_keeps_its_meta_context() {
+        let mut i = FLAG_C_FIXED_NEWSTYLE.to_be_bytes().to_vec();
+        opt(&mut i, OPT_STRUCTURED_REPLY, &[]);
+        let mut m = 0u32.to_be_bytes().to_vec();
+        m.extend_from_slice(&1u32.to_be_bytes());
+        m.extend_from_slice(&(BASE_ALLOCATION.len() as u32).to_be_bytes());
+        m.extend_from_slice(BASE_ALLOCATION.as_bytes());
+        opt(&mut i, OPT_SET_META_CONTEXT, &m);
+        let mut g = 0u32.to_be_bytes().to_vec();
+        g.extend_from_slice(&0u16.to_be_bytes());
+        opt(&mut i, OPT_GO, &g);
+        req(&mut i, CMDF_REQ_ONE, CMD_BLOCK_STATUS, 1, 0, 8192);
+        req(&mut i, 0, CMD_DISC, 2, 0, 0);
+        let (r, o) = run(&i);
+        r.unwrap();
+        let p = o
+            .windows(4)
+            .position(|w| w == STRUCTURED_REPLY_MAGIC.to_be_bytes())
+            .expect("a structured reply");
+        let t = &o[p..];
+        assert_eq!(u16_at(t, 6), Some(REPLY_BLOCK_STATUS));
+        // One descriptor (REQ_ONE): the hole at 0..4096.
+        assert_eq!(u32_at(t, 16), Some(4 + 8));
+        assert_eq!(u32_at(t, 24), Some(4096));
+        assert_eq!(u32_at(t, 28), Some(STATE_HOLE | STATE_ZERO));
     }
 
     #[test]

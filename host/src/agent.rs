@@ -172,7 +172,11 @@ fn janitor(shared: std::sync::Weak<Shared>, every: Duration) {
         }
         let Some(s) = shared.upgrade() else { return };
         s.active.fetch_add(1, Ordering::SeqCst);
-        s.scsi.clean_abandoned(&mut dead);
+        // (Counted first, then checked: a stopping agent that saw no
+        // request running has set `stop` before this looks.)
+        if !s.stop.load(Ordering::SeqCst) {
+            s.scsi.clean_abandoned(&mut dead);
+        }
         s.active.fetch_sub(1, Ordering::SeqCst);
     }
 }

@@ -151,6 +151,11 @@ pub fn attach_cmd(
         job.freeze_deadline_ms,
         true,
     )?;
+    // Before the snapshots: a signal from here on ends the attach cleanly.
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    ctrlc::set_handler(move || s.store(true, Ordering::SeqCst))
+        .context("installing the signal handler")?;
     let r = (|| -> Result<DetachReport> {
         let (attached, report) = attach::attach(
             &job,
@@ -160,10 +165,6 @@ pub fn attach_cmd(
             nbd,
             &vm.datastore,
         )?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        ctrlc::set_handler(move || s.store(true, Ordering::SeqCst))
-            .context("installing the signal handler")?;
         let d = attached.serve(reach.coordinator(), stop, || {
             if background_child {
                 // One line for the parent, then nothing more on stdout (the
