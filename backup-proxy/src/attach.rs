@@ -139,27 +139,6 @@ pub fn log_path(state_dir: &Path, mountpoint: &Path) -> PathBuf {
     records_dir(state_dir).join(format!("{}.log", key(&normal(mountpoint))))
 }
 
-/// Every attach recorded on this machine.
-pub fn list(state_dir: &Path) -> Vec<(Record, bool)> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(records_dir(state_dir)) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.extension().is_some_and(|x| x == "json") {
-                if let Some(r) = std::fs::read(&p)
-                    .ok()
-                    .and_then(|t| serde_json::from_slice::<Record>(&t).ok())
-                {
-                    let alive = UnixStream::connect(&r.socket).is_ok();
-                    out.push((r, alive));
-                }
-            }
-        }
-    }
-    out.sort_by(|a, b| a.0.mountpoint.cmp(&b.0.mountpoint));
-    out
-}
-
 /// A VM's frozen disks, exposed.
 pub struct Attached {
     record: Record,
@@ -212,26 +191,12 @@ pub fn attach(
     let k = key(&mountpoint);
     // One attach per mountpoint, from here to its end (two attaches of
     // different VMs would otherwise race for the record and the socket).
-    let place = dir.join(format!("{k}.lock"));
-    let place = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&place)
-        .map_err(|e| invalid(format!("{}: {e}", place.display())))?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe {
-        libc::flock(
-            std::os::fd::AsRawFd::as_raw_fd(&place),
-            libc::LOCK_EX | libc::LOCK_NB,
-        )
-    } != 0
-    {
+    let Some(place) = crate::util::try_lock_file(&dir.join(format!("{k}.lock")))? else {
         return Err(invalid(format!(
             "{}: another attach is using this mountpoint",
             mountpoint.display()
         )));
-    }
+    };
     let lock = job::lock(&job.state_dir, &job.name)?;
     let cleaned = job::clean_leftovers(host, paths)?;
     let mut warnings = Vec::new();
@@ -351,10 +316,6 @@ struct Reply {
 }
 
 impl Attached {
-    pub fn record(&self) -> &Record {
-        &self.record
-    }
-
     /// Stop showing the disks and delete their snapshots. Not `force`:
     /// refused (and nothing changed) while a process uses the mount;
     /// `force`: the mount is detached lazily, NBD clients cut off.
@@ -449,7 +410,7 @@ impl Attached {
                         Some(Ok(rep)),
                     ),
                     // Not unmounted (busy): nothing changed, still attached.
-                    Err(e) if self.server.is_some() || !self.mounted_gone() => (
+                    Err(e) if self.server.is_some() || !self.mounted.is_unmounted() => (
                         Reply {
                             ok: None,
                             error: Some(e.to_string()),
@@ -512,10 +473,6 @@ impl Attached {
             .and_then(|_| std::fs::rename(&tmp, &self.record_path))
             .map_err(|e| invalid(format!("{}: {e}", self.record_path.display())))?;
         Ok(l)
-    }
-
-    fn mounted_gone(&self) -> bool {
-        self.mounted.is_unmounted()
     }
 }
 

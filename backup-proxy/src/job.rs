@@ -17,7 +17,6 @@
 //! knows only the requests and answers (the types below, which the host
 //! agent answers with).
 
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -238,21 +237,13 @@ pub(crate) fn lock(state_dir: &Path, name: &str) -> Result<JobLock> {
     std::fs::create_dir_all(&dir)
         .map_err(|e| BackupError::Invalid(format!("{}: {e}", dir.display())))?;
     let p = dir.join(format!("{name}.lock"));
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&p)
-        .map_err(|e| BackupError::Invalid(format!("{}: {e}", p.display())))?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    let Some(f) = crate::util::try_lock_file(&p)? else {
         let who = std::fs::read_to_string(&p).unwrap_or_default();
         return Err(BackupError::Invalid(format!(
             "a backup of {name} is running on this machine already ({}): refused",
             who.trim()
         )));
-    }
+    };
     let _ = f.set_len(0);
     let _ = std::io::Write::write_all(&mut &f, format!("pid {}", std::process::id()).as_bytes());
     Ok(JobLock { _held: f })

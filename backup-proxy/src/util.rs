@@ -171,3 +171,24 @@ mod tests {
         assert!(check_name("backup", "a/b").is_err() && check_name("backup", ".x").is_err());
     }
 }
+
+/// Open (creating) `path` and take an exclusive `flock` on it without
+/// waiting: `Some` while this process holds it (until the file is dropped),
+/// `None` when another holds it.
+pub fn try_lock_file(path: &std::path::Path) -> Result<Option<std::fs::File>> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| BackupError::Invalid(format!("{}: {e}", path.display())))?;
+    // SAFETY: flock on a descriptor we own.
+    let got = unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    } == 0;
+    Ok(got.then_some(f))
+}

@@ -13,7 +13,7 @@
 //!   Disks no host holds (the VM is off) the proxy snapshots itself.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use backup_proxy::error::{BackupError, Result};
@@ -29,7 +29,12 @@ fn host_err(what: &str, e: crate::HostError) -> BackupError {
 /// The host agent of this machine: its control socket, and the frozen
 /// layers through its mount.
 pub struct LocalAgent {
-    client: Mutex<crate::Client>,
+    /// The agent's control socket, and the datastore it must answer for
+    /// (a connection per call: the agent closes one idle for a minute,
+    /// `agent::IDLE_TIMEOUT`, and a job reads for longer than that between
+    /// its snapshot and its consolidation).
+    socket: PathBuf,
+    datastore: String,
     /// The agent's host UUID.
     host: String,
     /// The mountpoint, for reading.
@@ -49,7 +54,8 @@ impl LocalAgent {
         Ok((
             LocalAgent {
                 host: client.greeting.host.clone(),
-                client: Mutex::new(client),
+                socket: client.socket.clone(),
+                datastore: client.greeting.datastore.clone(),
                 mount,
             },
             paths,
@@ -63,14 +69,8 @@ impl LocalAgent {
 
 impl Coordinator for LocalAgent {
     fn call(&self, command: &str, args: Value) -> Result<Value> {
-        let mut c = self.client.lock().unwrap_or_else(|p| p.into_inner());
-        // A connection per call: the agent closes one idle for a minute
-        // (`agent::IDLE_TIMEOUT`), and a job reads for longer than that
-        // between its snapshot and its consolidation.
-        let fresh = crate::Client::connect(&c.socket, Some(&c.greeting.datastore))
-            .map_err(|e| host_err(command, e))?;
-        *c = fresh;
-        c.call_value(command, args)
+        crate::Client::connect(&self.socket, Some(&self.datastore))
+            .and_then(|mut c| c.call_value(command, args))
             .map_err(|e| host_err(command, e))
     }
     fn open_layer(&self, disk: &str, frozen: &str) -> Result<VDisk> {
